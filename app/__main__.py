@@ -1,0 +1,22 @@
+"""Entry point: ``python -m app`` opens the window; ``python -m app chat|history|bench`` is the CLI."""
+
+from __future__ import annotations
+
+import sys
+
+CLI_COMMANDS = {"chat", "history", "bench"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in CLI_COMMANDS:
+        from app.cli import main as cli_main
+
+        return cli_main(args)
+    from app.ui.app import main as gui_main
+
+    return gui_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Headless command line: ``python -m app chat|history|bench``.
+
+Errors are one line on stderr and a non-zero exit code; stdout carries only the
+reply (or one JSON object with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from app.engine.engine import Engine, EngineError, GenerationOptions
+from app.engine.llama_backend import KV_TYPES
+from app.engine.models import ModelFileError
+from app.storage.store import LAYOUTS, TRIM_MODES, StorageError, Store
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class CliError(Exception):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from error
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return value
+
+
+def _variable(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return name.strip(), value
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="GGUF file (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--kv-type", choices=sorted(KV_TYPES), default="f16", help="KV cache type")
+    parser.add_argument("--n-ctx", type=_positive_int, help="context size in tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description="KV Chat command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    chat = commands.add_parser("chat", help="append one turn to a chat")
+    chat.add_argument("--db", required=True, help="SQLite database file (created if missing)")
+    chat.add_argument("--chat", required=True, help="chat name (created if missing)")
+    _add_model_options(chat)
+    chat.add_argument("--layout", choices=LAYOUTS, help="prompt layout for this chat")
+    source = chat.add_mutually_exclusive_group()
+    source.add_argument("--instructions", help="instruction block text (new version if changed)")
+    source.add_argument("--instructions-file", help="read the instruction block from a file")
+    chat.add_argument("--var", action="append", type=_variable, default=[], metavar="KEY=VALUE",
+                      help="instruction variable; fills {{KEY}} in the block")
+    chat.add_argument("--max-tokens", type=_positive_int, default=128)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--trim-tokens", type=_positive_int, help="limit of cached history tokens")
+    chat.add_argument("--trim-mode", choices=TRIM_MODES, help="how trimmed turns leave the cache")
+    chat.add_argument("--json", action="store_true", help="print one JSON object")
+    chat.add_argument("message", help="the user's message ('-' reads standard input)")
+
+    history = commands.add_parser("history", help="print a chat's messages and instructions")
+    history.add_argument("--db", required=True)
+    history.add_argument("--chat", required=True)
+    history.add_argument("--json", action="store_true")
+
+    from app.engine.bench import add_bench_arguments  # local: keeps start-up light
+
+    bench = commands.add_parser("bench", help="compare caching strategies on one scripted chat")
+    _add_model_options(bench)
+    add_bench_arguments(bench)
+    return parser
+
+
+def _open_store(path: str) -> Store:
+    db_path = Path(path).expanduser()
+    if db_path.parent and not db_path.parent.exists():
+        raise CliError(f"folder does not exist: {db_path.parent}")
+    return Store(db_path, exclusive=True)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    message = sys.stdin.read() if args.message == "-" else args.message
+    if not message.strip():
+        raise CliError("the message is empty")
+    instructions = args.instructions
+    if args.instructions_file:
+        try:
+            instructions = Path(args.instructions_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise CliError(f"cannot read instructions file: {error}") from error
+    with _open_store(args.db) as store:
+        chat = store.chat_by_name(args.chat) or store.create_chat(
+            args.chat, args.layout or "history-first"
+        )
+        if args.layout and chat.layout != args.layout:
+            chat = store.update_chat(chat.id, layout=args.layout)
+        variables = dict(args.var)
+        current = store.current_instructions(chat.id)
+        if instructions is not None or variables:
+            text = instructions if instructions is not None else (current.text if current else "")
+            if current is None or current.text != text or current.variables != variables:
+                store.add_instruction_version(chat.id, text, variables)
+        engine = Engine(store, args.model, n_ctx=args.n_ctx, kv_type=args.kv_type)
+        try:
+            if args.trim_tokens is not None or args.trim_mode is not None:
+                engine.activate(chat.id)
+                engine.set_trim(
+                    chat.id,
+                    args.trim_tokens if args.trim_tokens is not None else chat.trim_tokens,
+                    args.trim_mode,
+                )
+            options = GenerationOptions(args.max_tokens, args.temperature, args.seed)
+            result = engine.send(chat.id, message, options)
+            metrics = engine.after_reply(chat.id) or result.metrics
+        finally:
+            engine.close()
+    if args.json:
+        print(json.dumps({"reply": result.reply, "metrics": metrics.as_dict()}, ensure_ascii=False))
+    else:
+        print(result.reply)
+        print(
+            f"[reused {metrics.reused_tokens}, prefilled {metrics.prefill_tokens}, "
+            f"background {metrics.background_tokens} tokens; TTFT {metrics.ttft_ms:.0f} ms]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def history_payload(store: Store, name: str) -> dict[str, Any]:
+    chat = store.chat_by_name(name)
+    if chat is None:
+        raise CliError(f"no chat named {name!r}")
+    return {
+        "chat": {
+            "name": chat.name,
+            "layout": chat.layout,
+            "trim_tokens": chat.trim_tokens,
+            "trim_mode": chat.trim_mode,
+            "cache_start_seq": chat.cache_start_seq,
+        },
+        "messages": [
+            {
+                "seq": m.seq,
+                "role": m.role,
+                "text": m.text,
+                "status": m.status,
+                "tokens": len(m.token_ids),
+                "instruction_version": m.instruction_version,
+                "in_cache": m.seq >= chat.cache_start_seq,
+                "created_at": m.created_at,
+                "finished_at": m.finished_at,
+            }
+            for m in store.messages(chat.id)
+        ],
+        "instructions": [
+            {"version": v.version, "text": v.text, "variables": v.variables, "created_at": v.created_at}
+            for v in store.instruction_versions(chat.id)
+        ],
+        "metrics": [row.data for row in store.metrics(chat.id)],
+    }
+
+
+def run_history(args: argparse.Namespace) -> int:
+    if not Path(args.db).expanduser().exists():
+        raise CliError(f"database not found: {args.db}")
+    with Store(Path(args.db).expanduser()) as store:
+        payload = history_payload(store, args.chat)
+    if args.json:
+        print(json.dumps(payload, ensure_ascii=False))
+        return 0
+    for version in payload["instructions"]:
+        print(f"[instructions v{version['version']}] {version['text']}")
+    for message in payload["messages"]:
+        print(f"{message['role']}: {message['text']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "chat":
+            return run_chat(args)
+        if args.command == "history":
+            return run_history(args)
+        from app.engine.bench import run_bench
+
+        return run_bench(args)
+    except (CliError, EngineError, ModelFileError, StorageError, ValueError) as error:
+        print(f"kvchat: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("kvchat: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

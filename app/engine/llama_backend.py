@@ -1,0 +1,365 @@
+"""A thin, typed layer over llama.cpp's C API (llama-cpp-python's ctypes bindings).
+
+Only this module touches llama.cpp. It owns one model, one context and one
+sequence (id 0), and exposes what the cache logic needs: tokenize, decode a run of
+tokens at given positions, sample, remove/shift cells, and get/set the sequence's
+state. It is not thread-safe: the engine's single worker thread owns it.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+from app.engine.models import ModelFileError, check_gguf_file
+
+SEQ = 0
+KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+
+_log_lines: collections.deque[str] = collections.deque(maxlen=40)
+_log_lock = threading.Lock()
+_backend_ready = False
+
+
+@llama_cpp.llama_log_callback
+def _log_to_buffer(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """Keep llama.cpp's chatter off stderr but remember it for error messages."""
+    del level, user_data
+    with _log_lock:
+        _log_lines.append(text.decode("utf-8", errors="replace"))
+
+
+def _ensure_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_log_set(_log_to_buffer, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def recent_log(lines: int = 6) -> str:
+    with _log_lock:
+        text = "".join(list(_log_lines)[-lines:])
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def llama_cpp_version() -> str:
+    return str(getattr(llama_cpp, "__version__", "unknown"))
+
+
+class ModelLoadError(ModelFileError):
+    pass
+
+
+class DecodeError(RuntimeError):
+    pass
+
+
+class ContextFullError(DecodeError):
+    """The context has no free cells for the tokens asked for."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    description: str
+    n_params: int
+    size_bytes: int
+    n_ctx_train: int
+    n_layer: int
+    n_embd: int
+    chat_template: str | None
+    bos_token: str
+    eos_token: str
+
+
+class LlamaBackend:
+    """One model + one context + sequence 0, driven through llama.cpp's C API."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        n_ctx: int | None = None,
+        kv_type: str = "f16",
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        progress: Callable[[float], None] | None = None,
+    ) -> None:
+        path = check_gguf_file(model_path)
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"unknown KV cache type {kv_type!r}; use one of {', '.join(KV_TYPES)}")
+        _ensure_backend()
+        self.path = path
+        self.kv_type = kv_type
+        self._model = None
+        self._ctx = None
+        self._batch = None
+
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        if progress is not None:
+
+            def report(fraction: float, user_data: ctypes.c_void_p) -> bool:
+                progress(float(fraction))
+                return True
+
+            self._progress_cb = llama_cpp.llama_progress_callback(report)
+            model_params.progress_callback = self._progress_cb
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load {path.name}: {recent_log() or 'unknown error'}")
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+
+        n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
+        wanted_ctx = n_ctx or min(n_ctx_train or 8192, 8192)
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = wanted_ctx
+        ctx_params.n_batch = n_batch
+        ctx_params.n_ubatch = n_batch
+        ctx_params.n_seq_max = 1
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
+        ctx_params.type_k = KV_TYPES[kv_type]
+        ctx_params.type_v = KV_TYPES[kv_type]
+        if kv_type != "f16":
+            # llama.cpp needs flash attention for a quantized V cache.
+            ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        ctx = llama_cpp.llama_init_from_model(model, ctx_params)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            self._model = None
+            raise ModelLoadError(
+                f"llama.cpp could not create a context (n_ctx={wanted_ctx}, kv={kv_type}) for "
+                f"{path.name}: {recent_log() or 'unknown error'}"
+            )
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        self.n_batch = n_batch
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.info = self._read_info(n_ctx_train)
+
+    # -- model facts ----------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        buffer = ctypes.create_string_buffer(1 << 16)
+        length = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buffer, len(buffer))
+        if length < 0:
+            return None
+        if length >= len(buffer):
+            buffer = ctypes.create_string_buffer(length + 1)
+            llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buffer, len(buffer))
+        return buffer.value.decode("utf-8", errors="replace")
+
+    def _read_info(self, n_ctx_train: int) -> ModelInfo:
+        description = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self._model, description, len(description))
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        eos = llama_cpp.llama_vocab_eos(self._vocab)
+        return ModelInfo(
+            path=self.path,
+            description=description.value.decode("utf-8", errors="replace"),
+            n_params=int(llama_cpp.llama_model_n_params(self._model)),
+            size_bytes=int(llama_cpp.llama_model_size(self._model)),
+            n_ctx_train=n_ctx_train,
+            n_layer=int(llama_cpp.llama_model_n_layer(self._model)),
+            n_embd=int(llama_cpp.llama_model_n_embd(self._model)),
+            chat_template=self._meta("tokenizer.chat_template"),
+            bos_token=self.token_text(bos) if bos >= 0 else "",
+            eos_token=self.token_text(eos) if eos >= 0 else "",
+        )
+
+    def token_text(self, token: int) -> str:
+        raw = llama_cpp.llama_vocab_get_text(self._vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    @property
+    def bos_token_id(self) -> int:
+        return int(llama_cpp.llama_vocab_bos(self._vocab))
+
+    @property
+    def adds_bos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    @property
+    def can_shift(self) -> bool:
+        return bool(llama_cpp.llama_memory_can_shift(self._memory))
+
+    # -- text <-> tokens ------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        """Tokens of ``text``; ``special`` parses markup such as <|im_start|> into control tokens.
+
+        User text is always tokenized with ``special=False`` so it can never inject markup.
+        """
+        if not text:
+            return []
+        data = text.encode("utf-8", errors="surrogatepass")
+        capacity = len(data) + 16
+        buffer = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, False, special)
+        if count < 0:
+            capacity = -count
+            buffer = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), buffer, capacity, False, special
+            )
+        if count < 0:
+            raise ValueError("the tokenizer rejected the text")
+        return list(buffer[:count])
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        length = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
+        if length < 0:
+            buffer = ctypes.create_string_buffer(-length)
+            length = llama_cpp.llama_token_to_piece(
+                self._vocab, token, buffer, len(buffer), 0, special
+            )
+        return buffer.raw[:length]
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        data = b"".join(self.token_bytes(token, special=special) for token in tokens)
+        return data.decode("utf-8", errors="replace")
+
+    # -- KV cache of sequence 0 -------------------------------------------------------
+
+    def decode(
+        self, tokens: list[int], start_pos: int, *, logits_for_last: bool
+    ) -> None:
+        """Evaluate ``tokens`` at positions start_pos.. in one llama_decode call (≤ n_batch)."""
+        count = len(tokens)
+        if count == 0:
+            return
+        if count > self.n_batch:
+            raise ValueError("decode() takes at most n_batch tokens; split the run")
+        if start_pos + count > self.n_ctx:
+            raise ContextFullError(
+                f"{start_pos + count - self.n_ctx} tokens over the context size {self.n_ctx}"
+            )
+        batch = self._batch
+        for index, token in enumerate(tokens):
+            batch.token[index] = token
+            batch.pos[index] = start_pos + index
+            batch.n_seq_id[index] = 1
+            batch.seq_id[index][0] = SEQ
+            batch.logits[index] = 0
+        if logits_for_last:
+            batch.logits[count - 1] = 1
+        batch.n_tokens = count
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status == 1:
+            raise ContextFullError(f"no free KV cells for {count} tokens ({recent_log(2)})")
+        if status != 0:
+            raise DecodeError(f"llama_decode failed with status {status}: {recent_log(2)}")
+
+    def remove_cells(self, start: int, end: int = -1) -> None:
+        """Drop sequence 0's cells with positions in [start, end) (end < 0: to the end)."""
+        if not llama_cpp.llama_memory_seq_rm(self._memory, SEQ, start, end):
+            raise DecodeError(f"llama.cpp refused to remove cells [{start}, {end})")
+
+    def shift_cells(self, start: int, end: int, delta: int) -> None:
+        llama_cpp.llama_memory_seq_add(self._memory, SEQ, start, end, delta)
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+
+    def last_position(self) -> int:
+        """Largest position held for sequence 0, -1 when empty."""
+        return int(llama_cpp.llama_memory_seq_pos_max(self._memory, SEQ))
+
+    def first_position(self) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_min(self._memory, SEQ))
+
+    def state_size(self) -> int:
+        return int(llama_cpp.llama_state_seq_get_size(self._ctx, SEQ))
+
+    def get_state(self) -> bytes:
+        size = self.state_size()
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx, buffer, size, SEQ)
+        if written <= 0:
+            raise DecodeError("llama.cpp could not serialize the sequence state")
+        return bytes(memoryview(buffer)[:written])
+
+    def set_state(self, data: bytes) -> bool:
+        """Load a sequence state; False (cache left empty) if llama.cpp rejects it."""
+        self.clear()
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        read = llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(data), SEQ)
+        if read == 0:
+            self.clear()
+            return False
+        return True
+
+    # -- sampling -------------------------------------------------------------------
+
+    def make_sampler(self, temperature: float, seed: int) -> Sampler:
+        return Sampler(self, temperature, seed)
+
+    def _sample(self, sampler_ptr: int) -> int:
+        return int(llama_cpp.llama_sampler_sample(sampler_ptr, self._ctx, -1))
+
+    # -- lifetime -------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Sampler:
+    """A llama.cpp sampler chain: greedy at temperature 0, else temperature + seeded dist."""
+
+    def __init__(self, backend: LlamaBackend, temperature: float, seed: int) -> None:
+        self._backend = backend
+        params = llama_cpp.llama_sampler_chain_default_params()
+        chain = llama_cpp.llama_sampler_chain_init(params)
+        if temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(40))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(0.95, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        self._chain = chain
+
+    def sample(self) -> int:
+        return self._backend._sample(self._chain)
+
+    def close(self) -> None:
+        if self._chain is not None:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __enter__(self) -> Sampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,139 @@
+"""Token-level prompt plans for the two layouts.
+
+``system-first``:  [instruction block | preamble] history... new-message generation-prompt
+``history-first``: [preamble] history... [instruction block] new-message generation-prompt
+
+Every piece is a token segment; a prompt is their concatenation. Message segments
+are computed once and stored, so the history is append-only by construction and
+a reply keeps the token ids it was generated with.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from app.engine.chat_template import BLOCK_ACK, BlockPlacement, ChatMarkup, Wrapper
+from app.engine.llama_backend import LlamaBackend
+
+LAYOUTS = ("history-first", "system-first")
+_VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def render_instructions(text: str, variables: dict[str, str] | None) -> str:
+    """The block's text: ``{{name}}`` placeholders filled, other variables listed after."""
+    variables = variables or {}
+    used: set[str] = set()
+
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in variables:
+            used.add(name)
+            return variables[name]
+        return match.group(0)
+
+    rendered = _VARIABLE.sub(fill, text)
+    extra = [f"{name}: {value}" for name, value in variables.items() if name not in used]
+    if extra:
+        rendered = rendered.rstrip() + ("\n\n" if rendered.strip() else "") + "\n".join(extra)
+    return rendered
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of prompt tokens with a meaning the inspector can show."""
+
+    kind: str  # preamble | message | block | pending | generation
+    tokens: tuple[int, ...]
+    message_id: int | None = None
+    role: str = ""
+
+
+@dataclass
+class PromptPlan:
+    layout: str
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        out: list[int] = []
+        for segment in self.segments:
+            out.extend(segment.tokens)
+        return out
+
+    def count(self, *kinds: str) -> int:
+        return sum(len(s.tokens) for s in self.segments if s.kind in kinds)
+
+    def prefix_before(self, kind: str) -> list[int]:
+        """Tokens up to (not including) the first segment of ``kind``; all tokens if absent."""
+        out: list[int] = []
+        for segment in self.segments:
+            if segment.kind == kind:
+                break
+            out.extend(segment.tokens)
+        return out
+
+
+class PromptBuilder:
+    """Turns texts into token segments with the model's probed chat markup."""
+
+    def __init__(self, backend: LlamaBackend, markup: ChatMarkup) -> None:
+        self.backend = backend
+        self.markup = markup
+        self._markup_cache: dict[str, tuple[int, ...]] = {}
+
+    def _special(self, text: str) -> tuple[int, ...]:
+        cached = self._markup_cache.get(text)
+        if cached is None:
+            cached = tuple(self.backend.tokenize(text, special=True))
+            self._markup_cache[text] = cached
+        return cached
+
+    def _text(self, text: str) -> list[int]:
+        return self.backend.tokenize(text, special=False)
+
+    def wrap(self, wrapper: Wrapper, content_tokens: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+        return (*self._special(wrapper.before), *content_tokens, *self._special(wrapper.after))
+
+    def user_segment(self, text: str) -> tuple[int, ...]:
+        return self.wrap(self.markup.user, self._text(text))
+
+    def assistant_segment(self, content_tokens: list[int]) -> tuple[int, ...]:
+        return self.wrap(self.markup.assistant, content_tokens)
+
+    def assistant_segment_from_text(self, text: str) -> tuple[int, ...]:
+        return self.assistant_segment(self._text(text))
+
+    def generation_prompt(self) -> tuple[int, ...]:
+        return self._special(self.markup.generation_prompt)
+
+    def content_tokens(self, text: str) -> int:
+        return len(self._text(text))
+
+    def block_segment(self, text: str, placement: BlockPlacement) -> tuple[int, ...]:
+        body = self._text(placement.label_open + text + placement.label_close)
+        tokens = self.wrap(placement.wrapper, body)
+        if placement.ack is not None:
+            tokens = (*tokens, *self.wrap(placement.ack, self._text(BLOCK_ACK)))
+        return tokens
+
+    def opening(self, layout: str, block_text: str) -> Segment:
+        """What starts every prompt: the block (system-first, when set) or the preamble."""
+        if layout == "system-first" and block_text:
+            tokens = self.block_segment(block_text, self.markup.block_first)
+            kind = "block"
+        else:
+            tokens = self._special(self.markup.preamble)
+            kind = "preamble"
+        if self.backend.adds_bos and (not tokens or tokens[0] != self.backend.bos_token_id):
+            tokens = (self.backend.bos_token_id, *tokens)
+        return Segment(kind, tokens)
+
+    def later_block(self, block_text: str) -> Segment | None:
+        if not block_text:
+            return None
+        return Segment("block", self.block_segment(block_text, self.markup.block_later))
+
+    def rendered_text(self, tokens: list[int]) -> str:
+        """The prompt as text, markup included (for the inspector's prompt view)."""
+        return self.backend.detokenize(tokens, special=True)

@@ -1,0 +1,95 @@
+"""Ordered schema migrations.
+
+The schema version lives in ``PRAGMA user_version``. Each migration moves the
+database from version ``i`` to ``i + 1`` and runs inside one transaction together
+with the version bump, so a crash leaves the database at a whole version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+
+def _v1_initial(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE chats (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            layout TEXT NOT NULL DEFAULT 'history-first'
+                CHECK (layout IN ('history-first', 'system-first')),
+            trim_tokens INTEGER CHECK (trim_tokens IS NULL OR trim_tokens > 0),
+            trim_mode TEXT NOT NULL DEFAULT 'exact' CHECK (trim_mode IN ('exact', 'shift')),
+            cache_start_seq INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE instruction_versions (
+            id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+            version INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            variables TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            UNIQUE (chat_id, version)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+            text TEXT NOT NULL,
+            token_ids BLOB,
+            token_format TEXT,
+            status TEXT NOT NULL DEFAULT 'complete'
+                CHECK (status IN ('complete', 'cancelled', 'error')),
+            instruction_version INTEGER,
+            created_at REAL NOT NULL,
+            finished_at REAL,
+            UNIQUE (chat_id, seq)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE saved_states (
+            chat_id INTEGER PRIMARY KEY REFERENCES chats(id) ON DELETE CASCADE,
+            format_version INTEGER NOT NULL,
+            fingerprint TEXT NOT NULL,
+            token_ids BLOB NOT NULL,
+            history_tokens INTEGER NOT NULL,
+            state BLOB NOT NULL,
+            checksum INTEGER NOT NULL,
+            saved_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE turn_metrics (
+            id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+            message_id INTEGER REFERENCES messages(id) ON DELETE SET NULL,
+            created_at REAL NOT NULL,
+            data TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX messages_by_chat ON messages(chat_id, seq)")
+    db.execute("CREATE INDEX metrics_by_chat ON turn_metrics(chat_id, id)")
+
+
+#: MIGRATIONS[i] upgrades a database at version i to version i + 1.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial]
+
+SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,109 @@
+"""Plain records returned by the store (no SQL, no model code)."""
+
+from __future__ import annotations
+
+import json
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def pack_tokens(token_ids: list[int] | tuple[int, ...]) -> bytes:
+    """Token ids as little-endian int32: compact and exact (a reply is never re-tokenized)."""
+    packed = array("i", token_ids)
+    return packed.tobytes()
+
+
+def unpack_tokens(blob: bytes | None) -> list[int]:
+    if not blob:
+        return []
+    tokens = array("i")
+    tokens.frombytes(blob)
+    return tokens.tolist()
+
+
+@dataclass(frozen=True)
+class Chat:
+    id: int
+    name: str
+    layout: str
+    trim_tokens: int | None
+    trim_mode: str
+    cache_start_seq: int
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class InstructionVersion:
+    id: int
+    chat_id: int
+    version: int
+    text: str
+    variables: dict[str, str]
+    created_at: float
+
+    @staticmethod
+    def from_row(row: dict[str, Any]) -> InstructionVersion:
+        return InstructionVersion(
+            id=row["id"],
+            chat_id=row["chat_id"],
+            version=row["version"],
+            text=row["text"],
+            variables=json.loads(row["variables"] or "{}"),
+            created_at=row["created_at"],
+        )
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    chat_id: int
+    seq: int
+    role: str
+    text: str
+    token_ids: list[int]
+    token_format: str | None
+    status: str
+    instruction_version: int | None
+    created_at: float
+    finished_at: float | None
+
+    @staticmethod
+    def from_row(row: dict[str, Any]) -> Message:
+        return Message(
+            id=row["id"],
+            chat_id=row["chat_id"],
+            seq=row["seq"],
+            role=row["role"],
+            text=row["text"],
+            token_ids=unpack_tokens(row["token_ids"]),
+            token_format=row["token_format"],
+            status=row["status"],
+            instruction_version=row["instruction_version"],
+            created_at=row["created_at"],
+            finished_at=row["finished_at"],
+        )
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """A chat's saved KV cache: the llama.cpp sequence state plus what it must match."""
+
+    chat_id: int
+    format_version: int
+    fingerprint: dict[str, Any]
+    token_ids: list[int]
+    history_tokens: int
+    state: bytes
+    checksum: int
+    saved_at: float = 0.0
+
+
+@dataclass
+class TurnMetricsRow:
+    id: int
+    chat_id: int
+    message_id: int | None
+    created_at: float
+    data: dict[str, Any] = field(default_factory=dict)
