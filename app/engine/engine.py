@@ -434,10 +434,29 @@ class Engine:
                 self.cache_dirty = True
         return updated, len(_turns(dropped)) if dropped else 0, dropped_tokens
 
+    def _drop_oldest_turn(self, chat: Chat, exclude: int | None = None) -> tuple[Chat, int, int]:
+        history = [
+            m for m in self.store.messages(chat.id)
+            if m.seq >= chat.cache_start_seq and m.id != exclude
+        ]
+        if not history:
+            return chat, 0, 0
+        groups = _turns(history)
+        next_start = groups[1][0].seq if len(groups) > 1 else history[-1].seq + 1
+        return self._move_cache_start(chat, next_start)
+
     def _enforce_limit(self, chat: Chat) -> tuple[Chat, int, int]:
+        """Apply the chat's trim limit, and keep history + block within the context."""
         messages = [m for m in self.store.messages(chat.id) if m.seq >= chat.cache_start_seq]
         start = max(chat.cache_start_seq, self._trim_start(chat, messages, chat.trim_tokens))
-        return self._move_cache_start(chat, start)
+        chat, turns, tokens = self._move_cache_start(chat, start)
+        while len(self._history_plan(chat, with_block=True).tokens) + 2 * MIN_REPLY_ROOM > self.n_ctx:
+            chat, more_turns, more_tokens = self._drop_oldest_turn(chat)
+            if not more_turns:
+                break
+            turns += more_turns
+            tokens += more_tokens
+        return chat, turns, tokens
 
     def preview_trim(self, chat_id: int, limit: int | None, mode: str | None = None) -> TrimPreview:
         chat = self.store.chat(chat_id)
@@ -555,12 +574,9 @@ class Engine:
             over = len(plan.tokens) + room - self.n_ctx
             if over <= 0:
                 return chat, turns, tokens
-            history = [m for m in messages if m.seq >= chat.cache_start_seq]
-            if not history:
+            chat, more_turns, more_tokens = self._drop_oldest_turn(chat, exclude)
+            if not more_turns:
                 raise ContextOverflowError(over, self.n_ctx)
-            groups = _turns(history)
-            next_start = groups[1][0].seq if len(groups) > 1 else history[-1].seq + 1
-            chat, more_turns, more_tokens = self._move_cache_start(chat, next_start)
             turns += more_turns
             tokens += more_tokens
 

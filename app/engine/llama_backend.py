@@ -131,9 +131,14 @@ class LlamaBackend:
         ctx_params.n_threads_batch = threads
         ctx_params.type_k = KV_TYPES[kv_type]
         ctx_params.type_v = KV_TYPES[kv_type]
-        if kv_type != "f16":
-            # llama.cpp needs flash attention for a quantized V cache.
-            ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        # Without flash attention, llama.cpp's CPU results for a token do not depend on how
+        # the prompt was split into batches, so a reply computed on a reused cache is the
+        # reply of a cold evaluation. A quantized V cache needs flash attention, though.
+        ctx_params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            if kv_type == "f16"
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        )
         ctx = llama_cpp.llama_init_from_model(model, ctx_params)
         if not ctx:
             llama_cpp.llama_model_free(model)
@@ -299,8 +304,11 @@ class LlamaBackend:
     def set_state(self, data: bytes) -> bool:
         """Load a sequence state; False (cache left empty) if llama.cpp rejects it."""
         self.clear()
-        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        read = llama_cpp.llama_state_seq_set_data(self._ctx, buffer, len(data), SEQ)
+        if not data:
+            return False
+        # Point llama.cpp at the bytes object itself: a saved state can be tens of MB.
+        pointer = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        read = llama_cpp.llama_state_seq_set_data(self._ctx, pointer, len(data), SEQ)
         if read == 0:
             self.clear()
             return False

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real embedded model and real SQLite files under tmp_path."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+from app.engine.engine import Engine, GenerationOptions  # noqa: E402
+from app.engine.models import default_model_path  # noqa: E402
+from app.storage.store import Store  # noqa: E402
+
+TEST_CTX = 2048
+GREEDY = GenerationOptions(max_tokens=12, temperature=0.0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "chats.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    with Store(db_path) as opened:
+        yield opened
+
+
+@pytest.fixture
+def engine(store: Store, model_path: Path) -> Iterator[Engine]:
+    made = Engine(store, model_path, n_ctx=TEST_CTX)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def make_engine(model_path: Path) -> Iterator:
+    """Engines on any store, closed at teardown (a restart is a new engine on the same file)."""
+    made: list[Engine] = []
+
+    def factory(on_store: Store, **options: object) -> Engine:
+        options.setdefault("n_ctx", TEST_CTX)
+        instance = Engine(on_store, model_path, **options)
+        made.append(instance)
+        return instance
+
+    yield factory
+    for instance in made:
+        instance.close()

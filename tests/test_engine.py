@@ -1,0 +1,334 @@
+"""The cache logic on the real model: reuse, commit, warm-up, saved states, trim, metrics."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+from conftest import GREEDY, TEST_CTX
+
+from app.engine.engine import ContextOverflowError, Engine, GenerationOptions, common_prefix_length
+from app.storage.store import Store
+
+INSTRUCTIONS = "You are a terse assistant. Answer in one short sentence."
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a large animal.",
+    "What colour is the sky?",
+    "Say something about rivers.",
+]
+
+
+def _chat(store: Store, name: str, layout: str = "history-first", instructions: str = INSTRUCTIONS) -> int:
+    chat = store.create_chat(name, layout)
+    if instructions:
+        store.add_instruction_version(chat.id, instructions)
+    return chat.id
+
+
+def _turn(engine: Engine, chat_id: int, text: str, options: GenerationOptions = GREEDY):
+    result = engine.send(chat_id, text, options)
+    engine.after_reply(chat_id)
+    return result
+
+
+def _block_tokens(engine: Engine, text: str) -> list[int]:
+    return list(engine.builder.block_segment(text, engine.markup.block_later))
+
+
+def _contains(haystack: list[int], needle: list[int]) -> bool:
+    n = len(needle)
+    return any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
+
+
+def test_second_turn_reuses_history_and_block(engine: Engine, store: Store) -> None:
+    chat_id = _chat(store, "reuse")
+    first = _turn(engine, chat_id, QUESTIONS[0])
+    assert first.metrics.reused_tokens == 0
+    history = len(engine._history_plan(store.chat(chat_id)).tokens)
+    second = engine.send(chat_id, QUESTIONS[1], GREEDY)
+    pending = len(store.messages(chat_id)[-2].token_ids)  # the new user message's segment
+    assert second.metrics.reused_tokens >= history
+    assert second.metrics.prefill_tokens <= pending + 8
+    assert second.metrics.prompt_tokens == second.metrics.reused_tokens + second.metrics.prefill_tokens
+
+
+def test_commit_leaves_only_history_and_warm_up_adds_the_block(engine: Engine, store: Store) -> None:
+    chat_id = _chat(store, "commit")
+    result = engine.send(chat_id, QUESTIONS[0], GREEDY)
+    block = _block_tokens(engine, INSTRUCTIONS)
+    assert _contains(engine.cache, block)  # the reply was generated with the block in view
+
+    before_commit = list(engine.cache)
+    commit = engine.commit(chat_id)
+    chat = store.chat(chat_id)
+    history = engine._history_plan(chat).tokens
+    assert commit.completed
+    assert engine.cache == history
+    assert not _contains(engine.cache, block)
+    assert engine.backend.last_position() + 1 == len(engine.cache)
+    user, reply = store.messages(chat_id)[-2:]
+    # Everything after the history is evaluated again, minus tokens that happen to match
+    # (e.g. the <|im_start|> that opened the block also opens the user message).
+    shared = common_prefix_length(before_commit, history)
+    assert shared <= len(history) - len(user.token_ids) - len(reply.token_ids) + 1
+    assert commit.tokens == len(history) - shared
+    assert reply.token_ids == list(engine.builder.assistant_segment(reply.token_ids[4:-2]))
+
+    warm = engine.warm_up(chat_id)
+    assert engine.cache == history + block
+    assert warm.tokens == len(block)
+    metrics = engine.finish_turn(chat_id)
+    assert metrics is not None
+    assert metrics.commit_tokens == commit.tokens
+    assert metrics.warmup_tokens == warm.tokens
+    assert metrics.background_tokens == commit.tokens + warm.tokens
+    assert result.metrics.prefill_tokens > 0
+    stored = store.metrics(chat_id)[-1].data
+    assert stored["background_tokens"] == metrics.background_tokens
+    assert stored["state_bytes"] == len(store.load_state(chat_id).state)
+
+
+def test_saved_state_restores_in_a_new_engine(store: Store, make_engine: Callable) -> None:
+    chat_id = _chat(store, "restart")
+    first = make_engine(store)
+    _turn(first, chat_id, QUESTIONS[0])
+    _turn(first, chat_id, QUESTIONS[1])
+    saved_tokens = list(first.cache)
+    first.close()
+
+    second = make_engine(store)
+    result = second.send(chat_id, QUESTIONS[2], GREEDY)
+    history = store.load_state(chat_id)
+    assert result.metrics.state_load_ms is not None
+    assert result.metrics.state_rejected is None
+    assert result.metrics.reused_tokens >= len(saved_tokens)
+    assert history.token_ids == saved_tokens
+
+
+def test_instruction_edit_costs_only_the_block_in_history_first(
+    store: Store, make_engine: Callable
+) -> None:
+    chat_id = _chat(store, "edit-hf")
+    engine = make_engine(store)
+    for question in QUESTIONS[:2]:
+        _turn(engine, chat_id, question)
+    history = len(engine._history_plan(store.chat(chat_id)).tokens)
+    store.add_instruction_version(chat_id, "Always answer like a pirate.")
+    result = engine.send(chat_id, QUESTIONS[2], GREEDY)
+    block = len(_block_tokens(engine, "Always answer like a pirate."))
+    pending = len(store.messages(chat_id)[-2].token_ids)
+    assert result.metrics.reused_tokens >= history
+    assert result.metrics.prefill_tokens <= block + pending + 8
+
+
+def test_instruction_edit_recomputes_everything_in_system_first(
+    store: Store, make_engine: Callable
+) -> None:
+    chat_id = _chat(store, "edit-sf", layout="system-first")
+    engine = make_engine(store)
+    for question in QUESTIONS[:2]:
+        _turn(engine, chat_id, question)
+    steady = engine.send(chat_id, QUESTIONS[2], GREEDY)
+    engine.after_reply(chat_id)
+    assert steady.metrics.reused_tokens >= steady.metrics.history_tokens  # prefix caching works
+    store.add_instruction_version(chat_id, "Always answer like a pirate.")
+    edited = engine.send(chat_id, QUESTIONS[3], GREEDY)
+    assert edited.metrics.reused_tokens < 8  # the block opens the prompt: nothing survives
+    assert edited.metrics.prefill_tokens >= edited.metrics.history_tokens
+    assert any("recomputed" in note for note in edited.metrics.notes)
+
+
+def test_greedy_reply_with_reuse_matches_cold_evaluation(store: Store, make_engine: Callable) -> None:
+    options = GenerationOptions(max_tokens=24, temperature=0.0)
+    chat_id = _chat(store, "greedy")
+    warm = make_engine(store)
+    for question in QUESTIONS[:2]:
+        _turn(warm, chat_id, question, options)
+    store.add_instruction_version(chat_id, "Describe things with colours.")
+    reused = warm.send(chat_id, QUESTIONS[2], options)
+    assert reused.metrics.reused_tokens > 0
+    reused_tokens = store.message(reused.reply_message_id).token_ids
+    warm.close()
+
+    store.delete_state(chat_id)
+    cold = make_engine(store)
+    again = cold.regenerate(chat_id, options)
+    assert again.metrics.reused_tokens == 0
+    cold_tokens = store.message(again.reply_message_id).token_ids
+    content = slice(4, 4 + 16)  # after "<|im_start|>assistant\n": the first 16 reply tokens
+    assert len(reused_tokens) >= 4 + 16 or reused_tokens == cold_tokens
+    assert reused_tokens[content] == cold_tokens[content]
+    assert again.reply.startswith(reused.reply[:20])
+
+
+@pytest.mark.parametrize("change", ["n_ctx", "kv_type", "template", "model"])
+def test_state_with_another_fingerprint_is_discarded_and_recomputed(
+    store: Store, make_engine: Callable, change: str
+) -> None:
+    chat_id = _chat(store, f"fingerprint-{change}")
+    first = make_engine(store)
+    _turn(first, chat_id, QUESTIONS[0])
+    clean = first.send(chat_id, QUESTIONS[1], GREEDY)
+    clean_reply = store.message(clean.reply_message_id).token_ids
+    first.regenerate(chat_id, GREEDY)  # same reply again; leaves the cache as before
+    first.after_reply(chat_id)
+    first.close()
+    saved = store.load_state(chat_id)
+    fingerprint = dict(saved.fingerprint)
+    if change == "n_ctx":
+        second = make_engine(store, n_ctx=TEST_CTX + 512)
+    elif change == "kv_type":
+        second = make_engine(store, kv_type="q8_0")
+    else:
+        fingerprint[change] = "something-else"
+        store.save_state(type(saved)(**{**saved.__dict__, "fingerprint": fingerprint}))
+        second = make_engine(store)
+    result = second.regenerate(chat_id, GREEDY)
+    assert result.metrics.state_rejected is not None
+    assert change in result.metrics.state_rejected
+    assert result.metrics.reused_tokens == 0
+    assert store.load_state(chat_id) is None  # discarded, not kept around
+    if change != "kv_type":  # a q8_0 cache computes (slightly) different numbers
+        assert store.message(result.reply_message_id).token_ids == clean_reply
+
+
+def test_flipped_bytes_in_state_are_detected(store: Store, make_engine: Callable) -> None:
+    chat_id = _chat(store, "flipped")
+    first = make_engine(store)
+    _turn(first, chat_id, QUESTIONS[0])
+    first.close()
+    saved = store.load_state(chat_id)
+    damaged = bytearray(saved.state)
+    damaged[len(damaged) // 2] ^= 0xFF
+    store.save_state(type(saved)(**{**saved.__dict__, "state": bytes(damaged)}))
+    second = make_engine(store)
+    load = second.activate(chat_id)
+    assert not load.restored
+    assert "checksum" in load.rejected
+    assert second.cache == []
+    assert store.load_state(chat_id) is None
+
+
+def _fill(engine: Engine, chat_id: int, turns: int) -> None:
+    for index in range(turns):
+        _turn(engine, chat_id, QUESTIONS[index % len(QUESTIONS)])
+
+
+def test_exact_trim_drops_oldest_turns_and_recomputes_what_is_kept(engine: Engine, store: Store) -> None:
+    chat_id = _chat(store, "trim-exact")
+    _fill(engine, chat_id, 3)
+    messages = store.messages(chat_id)
+    last_turn = sum(len(m.token_ids) for m in messages[-2:])
+    preview = engine.preview_trim(chat_id, last_turn + 1, "exact")
+    assert preview.turns_change == 2
+    assert preview.dropped_message_ids == [m.id for m in messages[:4]]
+    assert preview.recompute_tokens == last_turn
+    engine.set_trim(chat_id, last_turn + 1, "exact")
+    chat = store.chat(chat_id)
+    assert chat.trim_tokens == last_turn + 1 and chat.cache_start_seq == messages[-2].seq
+    warm = engine.warm_up(chat_id)
+    anchor = len(engine._history_plan(chat).segments[0].tokens)
+    assert warm.tokens >= last_turn  # everything after the anchor is evaluated again
+    assert engine.cache[:anchor] == engine._history_plan(chat).tokens[:anchor]
+    result = engine.send(chat_id, QUESTIONS[3], GREEDY)
+    engine.after_reply(chat_id)
+    assert result.metrics.history_tokens <= anchor + last_turn + 1
+    after = store.metrics(chat_id)[-1].data
+    assert after["trimmed_turns"] >= 1  # the limit keeps holding as the chat grows
+    kept = [m for m in store.messages(chat_id) if m.seq >= store.chat(chat_id).cache_start_seq]
+    assert sum(len(m.token_ids) for m in kept) <= last_turn + 1
+
+
+def test_shift_trim_moves_cells_without_recompute(engine: Engine, store: Store) -> None:
+    chat_id = _chat(store, "trim-shift")
+    _fill(engine, chat_id, 3)
+    before = list(engine.cache)
+    messages = store.messages(chat_id)
+    dropped = sum(len(m.token_ids) for m in messages[:2])
+    keep = sum(len(m.token_ids) for m in messages[2:])
+    preview = engine.set_trim(chat_id, keep, "shift")
+    assert preview.recompute_tokens == 0 and preview.turns_change == 1
+    assert len(engine.cache) == len(before) - dropped
+    assert engine.backend.last_position() + 1 == len(engine.cache)
+    warm = engine.warm_up(chat_id)
+    assert warm.tokens == 0  # the block is still on top, shifted with the history
+    cached = engine._history_plan(store.chat(chat_id), with_block=True).tokens
+    assert engine.cache == cached
+    result = engine.send(chat_id, QUESTIONS[3], GREEDY)
+    assert result.metrics.reused_tokens == len(cached)
+    assert result.reply
+
+
+def test_metrics_are_complete_and_consistent(engine: Engine, store: Store) -> None:
+    chat_id = _chat(store, "metrics")
+    result = engine.send(chat_id, QUESTIONS[0], GREEDY)
+    metrics = engine.after_reply(chat_id)
+    data = metrics.as_dict()
+    for key in (
+        "reused_tokens", "prefill_tokens", "background_tokens", "prefill_ms", "ttft_ms",
+        "decode_tokens", "decode_tokens_per_s", "cache_tokens", "state_bytes", "state_save_ms",
+        "state_load_ms", "layout", "trimmed_turns",
+    ):
+        assert key in data
+    assert data["ttft_ms"] >= data["prefill_ms"] > 0
+    assert data["decode_tokens"] == len(store.message(result.reply_message_id).token_ids) - 6
+    assert data["cache_tokens"] == len(engine.cache)
+    assert data["state_bytes"] > 1000 * data["cache_tokens"]
+    assert data["state_load_ms"] is None  # nothing was loaded in this process
+    assert store.metrics(chat_id)[-1].data == data
+
+
+def test_q8_0_cache_stores_fewer_bytes_per_token(store: Store, make_engine: Callable) -> None:
+    sizes = {}
+    for kv_type in ("f16", "q8_0"):
+        chat_id = _chat(store, f"kv-{kv_type}")
+        engine = make_engine(store, kv_type=kv_type)
+        _turn(engine, chat_id, QUESTIONS[0])
+        sizes[kv_type] = engine.bytes_per_token
+        engine.close()
+    assert sizes["q8_0"] < 0.6 * sizes["f16"]
+
+
+def test_cancel_keeps_partial_reply_and_a_consistent_cache(engine: Engine, store: Store) -> None:
+    chat_id = _chat(store, "cancel")
+    stop = threading.Event()
+    pieces: list[str] = []
+
+    def on_token(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            stop.set()
+
+    options = GenerationOptions(max_tokens=64, temperature=0.0)
+    result = engine.send(chat_id, "Write a long story about a dragon.", options, on_token=on_token, cancel=stop)
+    assert result.metrics.finish_reason == "cancelled"
+    reply = store.message(result.reply_message_id)
+    assert reply.status == "cancelled" and reply.text == "".join(pieces)
+    assert engine.backend.last_position() + 1 == len(engine.cache)
+    engine.after_reply(chat_id)
+    assert engine.cache == engine._history_plan(store.chat(chat_id), with_block=True).tokens
+    follow = engine.send(chat_id, QUESTIONS[0], GREEDY)
+    assert follow.metrics.reused_tokens > 0
+
+
+def test_context_overflow_is_refused_with_the_excess(store: Store, make_engine: Callable) -> None:
+    chat_id = _chat(store, "overflow")
+    engine = make_engine(store, n_ctx=256)
+    with pytest.raises(ContextOverflowError) as raised:
+        engine.send(chat_id, "word " * 400, GREEDY)
+    assert raised.value.over > 0
+    assert f"{raised.value.over} tokens over" in str(raised.value)
+    assert store.messages(chat_id) == []  # refused before anything was stored
+
+
+def test_history_over_the_context_drops_oldest_turns(store: Store, make_engine: Callable) -> None:
+    chat_id = _chat(store, "overflow-history")
+    engine = make_engine(store, n_ctx=256)
+    for index in range(10):
+        result = engine.send(chat_id, QUESTIONS[index % 4] + " Explain in detail.", GREEDY)
+        engine.after_reply(chat_id)
+        assert result.metrics.prompt_tokens + GREEDY.max_tokens <= 256
+    assert store.chat(chat_id).cache_start_seq > 0
+    assert len(store.messages(chat_id)) == 20  # nothing lost from the chat itself
