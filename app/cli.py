@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from app.engine.engine import Engine, EngineError, GenerationOptions
 from app.engine.llama_backend import KV_TYPES
@@ -23,6 +23,13 @@ EXIT_FAILURE = 1
 
 class CliError(Exception):
     pass
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, like every other error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"kvchat: error: {message} (see --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -49,8 +56,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m app", description="KV Chat command line")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="python -m app", description="KV Chat command line")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     chat = commands.add_parser("chat", help="append one turn to a chat")
     chat.add_argument("--db", required=True, help="SQLite database file (created if missing)")
@@ -60,8 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     source = chat.add_mutually_exclusive_group()
     source.add_argument("--instructions", help="instruction block text (new version if changed)")
     source.add_argument("--instructions-file", help="read the instruction block from a file")
-    chat.add_argument("--var", action="append", type=_variable, default=[], metavar="KEY=VALUE",
-                      help="instruction variable; fills {{KEY}} in the block")
+    chat.add_argument(
+        "--var",
+        action="append",
+        type=_variable,
+        default=[],
+        metavar="KEY=VALUE",
+        help="instruction variable; fills {{KEY}} in the block",
+    )
     chat.add_argument("--max-tokens", type=_positive_int, default=128)
     chat.add_argument("--seed", type=int, default=0)
     chat.add_argument("--temperature", type=float, default=0.7)
@@ -165,7 +178,12 @@ def history_payload(store: Store, name: str) -> dict[str, Any]:
             for m in store.messages(chat.id)
         ],
         "instructions": [
-            {"version": v.version, "text": v.text, "variables": v.variables, "created_at": v.created_at}
+            {
+                "version": v.version,
+                "text": v.text,
+                "variables": v.variables,
+                "created_at": v.created_at,
+            }
             for v in store.instruction_versions(chat.id)
         ],
         "metrics": [row.data for row in store.metrics(chat.id)],

@@ -10,9 +10,9 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from app.engine.engine import Engine, GenerationOptions  # noqa: E402
-from app.engine.models import default_model_path  # noqa: E402
-from app.storage.store import Store  # noqa: E402
+from app.engine.engine import Engine, GenerationOptions
+from app.engine.models import default_model_path
+from app.storage.store import Store
 
 TEST_CTX = 2048
 GREEDY = GenerationOptions(max_tokens=12, temperature=0.0, seed=0)

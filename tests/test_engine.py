@@ -20,7 +20,9 @@ QUESTIONS = [
 ]
 
 
-def _chat(store: Store, name: str, layout: str = "history-first", instructions: str = INSTRUCTIONS) -> int:
+def _chat(
+    store: Store, name: str, layout: str = "history-first", instructions: str = INSTRUCTIONS
+) -> int:
     chat = store.create_chat(name, layout)
     if instructions:
         store.add_instruction_version(chat.id, instructions)
@@ -51,10 +53,14 @@ def test_second_turn_reuses_history_and_block(engine: Engine, store: Store) -> N
     pending = len(store.messages(chat_id)[-2].token_ids)  # the new user message's segment
     assert second.metrics.reused_tokens >= history
     assert second.metrics.prefill_tokens <= pending + 8
-    assert second.metrics.prompt_tokens == second.metrics.reused_tokens + second.metrics.prefill_tokens
+    assert (
+        second.metrics.prompt_tokens == second.metrics.reused_tokens + second.metrics.prefill_tokens
+    )
 
 
-def test_commit_leaves_only_history_and_warm_up_adds_the_block(engine: Engine, store: Store) -> None:
+def test_commit_leaves_only_history_and_warm_up_adds_the_block(
+    engine: Engine, store: Store
+) -> None:
     chat_id = _chat(store, "commit")
     result = engine.send(chat_id, QUESTIONS[0], GREEDY)
     block = _block_tokens(engine, INSTRUCTIONS)
@@ -140,7 +146,9 @@ def test_instruction_edit_recomputes_everything_in_system_first(
     assert any("recomputed" in note for note in edited.metrics.notes)
 
 
-def test_greedy_reply_with_reuse_matches_cold_evaluation(store: Store, make_engine: Callable) -> None:
+def test_greedy_reply_with_reuse_matches_cold_evaluation(
+    store: Store, make_engine: Callable
+) -> None:
     options = GenerationOptions(max_tokens=24, temperature=0.0)
     chat_id = _chat(store, "greedy")
     warm = make_engine(store)
@@ -216,7 +224,9 @@ def _fill(engine: Engine, chat_id: int, turns: int) -> None:
         _turn(engine, chat_id, QUESTIONS[index % len(QUESTIONS)])
 
 
-def test_exact_trim_drops_oldest_turns_and_recomputes_what_is_kept(engine: Engine, store: Store) -> None:
+def test_exact_trim_drops_oldest_turns_and_recomputes_what_is_kept(
+    engine: Engine, store: Store
+) -> None:
     chat_id = _chat(store, "trim-exact")
     _fill(engine, chat_id, 3)
     messages = store.messages(chat_id)
@@ -267,9 +277,19 @@ def test_metrics_are_complete_and_consistent(engine: Engine, store: Store) -> No
     metrics = engine.after_reply(chat_id)
     data = metrics.as_dict()
     for key in (
-        "reused_tokens", "prefill_tokens", "background_tokens", "prefill_ms", "ttft_ms",
-        "decode_tokens", "decode_tokens_per_s", "cache_tokens", "state_bytes", "state_save_ms",
-        "state_load_ms", "layout", "trimmed_turns",
+        "reused_tokens",
+        "prefill_tokens",
+        "background_tokens",
+        "prefill_ms",
+        "ttft_ms",
+        "decode_tokens",
+        "decode_tokens_per_s",
+        "cache_tokens",
+        "state_bytes",
+        "state_save_ms",
+        "state_load_ms",
+        "layout",
+        "trimmed_turns",
     ):
         assert key in data
     assert data["ttft_ms"] >= data["prefill_ms"] > 0
@@ -302,7 +322,9 @@ def test_cancel_keeps_partial_reply_and_a_consistent_cache(engine: Engine, store
             stop.set()
 
     options = GenerationOptions(max_tokens=64, temperature=0.0)
-    result = engine.send(chat_id, "Write a long story about a dragon.", options, on_token=on_token, cancel=stop)
+    result = engine.send(
+        chat_id, "Write a long story about a dragon.", options, on_token=on_token, cancel=stop
+    )
     assert result.metrics.finish_reason == "cancelled"
     reply = store.message(result.reply_message_id)
     assert reply.status == "cancelled" and reply.text == "".join(pieces)

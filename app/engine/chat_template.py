@@ -128,7 +128,9 @@ def _msg(role: str, key: str) -> dict[str, str]:
     return {"role": role, "content": _SENTINELS[key]}
 
 
-def _delta(renderer: TemplateRenderer, before: list[dict[str, str]], after: list[dict[str, str]]) -> str:
+def _delta(
+    renderer: TemplateRenderer, before: list[dict[str, str]], after: list[dict[str, str]]
+) -> str:
     """Text that rendering ``after`` adds to rendering ``before``; it must only append."""
     head = renderer.render(before) if before else ""
     full = renderer.render(after)
@@ -153,7 +155,9 @@ def _probe_block(
         text = _delta(renderer, history, [*history, _msg("system", "S")])
         wrapper = _split(text, "S")
         follow = _delta(
-            renderer, [*history, _msg("system", "S")], [*history, _msg("system", "S"), _msg("user", "C")]
+            renderer,
+            [*history, _msg("system", "S")],
+            [*history, _msg("system", "S"), _msg("user", "C")],
         )
         if not history or _split(follow, "C") == user:
             return BlockPlacement("system", wrapper)
@@ -188,7 +192,9 @@ def probe_markup(source: str, bos_token: str, eos_token: str, origin: str = "ggu
     base = [_msg("user", "A"), _msg("assistant", "B")]
     user = _split(_delta(renderer, base, [*base, _msg("user", "C")]), "C")
     assistant = _split(
-        _delta(renderer, [*base, _msg("user", "C")], [*base, _msg("user", "C"), _msg("assistant", "D")]),
+        _delta(
+            renderer, [*base, _msg("user", "C")], [*base, _msg("user", "C"), _msg("assistant", "D")]
+        ),
         "D",
     )
     if not first_user.before.endswith(user.before) or first_user.after != user.after:

@@ -380,7 +380,9 @@ class Engine:
         chat = self.store.chat(chat_id)
         messages = self.store.messages(chat_id)
         if new_message is None and messages and messages[-1].role == "user":
-            pending = Segment("pending", self._message_tokens(messages[-1]), messages[-1].id, "user")
+            pending = Segment(
+                "pending", self._message_tokens(messages[-1]), messages[-1].id, "user"
+            )
             messages = messages[:-1]
         else:
             pending = Segment("pending", self.builder.user_segment(new_message or ""), None, "user")
@@ -436,7 +438,8 @@ class Engine:
 
     def _drop_oldest_turn(self, chat: Chat, exclude: int | None = None) -> tuple[Chat, int, int]:
         history = [
-            m for m in self.store.messages(chat.id)
+            m
+            for m in self.store.messages(chat.id)
             if m.seq >= chat.cache_start_seq and m.id != exclude
         ]
         if not history:
@@ -450,7 +453,9 @@ class Engine:
         messages = [m for m in self.store.messages(chat.id) if m.seq >= chat.cache_start_seq]
         start = max(chat.cache_start_seq, self._trim_start(chat, messages, chat.trim_tokens))
         chat, turns, tokens = self._move_cache_start(chat, start)
-        while len(self._history_plan(chat, with_block=True).tokens) + 2 * MIN_REPLY_ROOM > self.n_ctx:
+        while (
+            len(self._history_plan(chat, with_block=True).tokens) + 2 * MIN_REPLY_ROOM > self.n_ctx
+        ):
             chat, more_turns, more_tokens = self._drop_oldest_turn(chat)
             if not more_turns:
                 break
@@ -470,12 +475,8 @@ class Engine:
         turns_change = len(_turns(moved)) if moved else 0
         if start < chat.cache_start_seq:
             turns_change = -turns_change  # turns come back into the cache
-        if start == chat.cache_start_seq:
-            recompute = 0
-        elif mode == "shift" and start > chat.cache_start_seq and self.backend.can_shift:
-            recompute = 0
-        else:
-            recompute = kept_tokens
+        shifts = mode == "shift" and start > chat.cache_start_seq and self.backend.can_shift
+        recompute = 0 if start == chat.cache_start_seq or shifts else kept_tokens
         seconds = recompute / self.prefill_tokens_per_s if self.prefill_tokens_per_s else None
         return TrimPreview(
             limit=limit,
@@ -528,8 +529,16 @@ class Engine:
             instruction_version=instructions.version if instructions else None,
         )
         return self._respond(
-            chat, user, load, options, started, trimmed_turns, trimmed_tokens,
-            on_token=on_token, progress=progress, cancel=cancel,
+            chat,
+            user,
+            load,
+            options,
+            started,
+            trimmed_turns,
+            trimmed_tokens,
+            on_token=on_token,
+            progress=progress,
+            cancel=cancel,
         )
 
     def regenerate(
@@ -552,10 +561,20 @@ class Engine:
             raise EngineError("there is no message to reply to")
         chat = self.store.chat(chat_id)
         user = messages[-1]
-        chat, trimmed_turns, trimmed_tokens = self._fit(chat, self._message_tokens(user), options, exclude=user.id)
+        chat, trimmed_turns, trimmed_tokens = self._fit(
+            chat, self._message_tokens(user), options, exclude=user.id
+        )
         return self._respond(
-            chat, user, load, options, started, trimmed_turns, trimmed_tokens,
-            on_token=on_token, progress=progress, cancel=cancel,
+            chat,
+            user,
+            load,
+            options,
+            started,
+            trimmed_turns,
+            trimmed_tokens,
+            on_token=on_token,
+            progress=progress,
+            cancel=cancel,
         )
 
     def _fit(
@@ -622,7 +641,11 @@ class Engine:
         metrics.prefill_ms = (time.perf_counter() - prefill_started) * 1000
         if metrics.prefill_ms > 0 and evaluated:
             metrics.prefill_tokens_per_s = evaluated / (metrics.prefill_ms / 1000)
-        if chat.layout == "system-first" and reused < metrics.history_tokens and metrics.history_tokens:
+        if (
+            chat.layout == "system-first"
+            and reused < metrics.history_tokens
+            and metrics.history_tokens
+        ):
             metrics.notes.append(
                 f"system-first: {metrics.history_tokens - reused} history tokens recomputed"
             )
@@ -630,7 +653,9 @@ class Engine:
         text_parts: list[str] = []
         finish = "cancelled"
         if completed:
-            finish = self._generate(options, content, text_parts, metrics, started, on_token, cancel)
+            finish = self._generate(
+                options, content, text_parts, metrics, started, on_token, cancel
+            )
         metrics.finish_reason = finish
         reply_text = "".join(text_parts)
         reply_id = None
@@ -752,7 +777,9 @@ class Engine:
         self._open_turn = None
         return metrics
 
-    def after_reply(self, chat_id: int, cancel: threading.Event | None = None) -> TurnMetrics | None:
+    def after_reply(
+        self, chat_id: int, cancel: threading.Event | None = None
+    ) -> TurnMetrics | None:
         """Commit, warm up and save: what the CLI runs before exiting."""
         self.commit(chat_id, cancel)
         self.warm_up(chat_id, cancel)
@@ -776,7 +803,9 @@ class Engine:
 
     # -- inspector helpers ------------------------------------------------------------
 
-    def edit_cost(self, chat_id: int, block_text: str, layout: str | None = None) -> tuple[int, float | None]:
+    def edit_cost(
+        self, chat_id: int, block_text: str, layout: str | None = None
+    ) -> tuple[int, float | None]:
         """Tokens (and seconds at the measured speed) a new instruction block would recompute."""
         chat = self.store.chat(chat_id)
         if layout and layout != chat.layout:
@@ -797,7 +826,9 @@ class Engine:
         held = self.cache if self.cache_chat_id == chat_id else []
         segments: list[tuple[str, int]] = []
         for segment in plan.segments:
-            label = {"preamble": "preamble", "block": "instruction block"}.get(segment.kind, "history")
+            label = {"preamble": "preamble", "block": "instruction block"}.get(
+                segment.kind, "history"
+            )
             if segments and segments[-1][0] == label:
                 segments[-1] = (label, segments[-1][1] + len(segment.tokens))
             else:

@@ -9,6 +9,7 @@ state. It is not thread-safe: the engine's single worker thread owns it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import threading
@@ -115,7 +116,9 @@ class LlamaBackend:
             model_params.progress_callback = self._progress_cb
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not model:
-            raise ModelLoadError(f"llama.cpp could not load {path.name}: {recent_log() or 'unknown error'}")
+            raise ModelLoadError(
+                f"llama.cpp could not load {path.name}: {recent_log() or 'unknown error'}"
+            )
         self._model = model
         self._vocab = llama_cpp.llama_model_get_vocab(model)
 
@@ -216,7 +219,9 @@ class LlamaBackend:
         data = text.encode("utf-8", errors="surrogatepass")
         capacity = len(data) + 16
         buffer = (llama_cpp.llama_token * capacity)()
-        count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, False, special)
+        count = llama_cpp.llama_tokenize(
+            self._vocab, data, len(data), buffer, capacity, False, special
+        )
         if count < 0:
             capacity = -count
             buffer = (llama_cpp.llama_token * capacity)()
@@ -243,9 +248,7 @@ class LlamaBackend:
 
     # -- KV cache of sequence 0 -------------------------------------------------------
 
-    def decode(
-        self, tokens: list[int], start_pos: int, *, logits_for_last: bool
-    ) -> None:
+    def decode(self, tokens: list[int], start_pos: int, *, logits_for_last: bool) -> None:
         """Evaluate ``tokens`` at positions start_pos.. in one llama_decode call (≤ n_batch)."""
         count = len(tokens)
         if count == 0:
@@ -336,10 +339,8 @@ class LlamaBackend:
             self._model = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 class Sampler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import os
@@ -59,10 +60,8 @@ def project_models_dir() -> Path:
 def available_models(models_dir: Path | None = None) -> list[ModelChoice]:
     """The embedded default first, then every *.gguf in models/ (sorted by name)."""
     choices: list[ModelChoice] = []
-    try:
+    with contextlib.suppress(ModelFileError):
         choices.append(ModelChoice("SmolLM2-135M-Instruct (embedded)", default_model_path(), True))
-    except ModelFileError:
-        pass
     folder = models_dir or project_models_dir()
     if folder.is_dir():
         for path in sorted(folder.glob("*.gguf"), key=lambda p: p.name.lower()):

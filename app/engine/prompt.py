@@ -92,7 +92,9 @@ class PromptBuilder:
     def _text(self, text: str) -> list[int]:
         return self.backend.tokenize(text, special=False)
 
-    def wrap(self, wrapper: Wrapper, content_tokens: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    def wrap(
+        self, wrapper: Wrapper, content_tokens: list[int] | tuple[int, ...]
+    ) -> tuple[int, ...]:
         return (*self._special(wrapper.before), *content_tokens, *self._special(wrapper.after))
 
     def user_segment(self, text: str) -> tuple[int, ...]:

@@ -68,7 +68,9 @@ def _describe(error: sqlite3.Error, path: Path) -> StorageError:
     if "readonly" in text or "read-only" in text:
         return StorageWriteError(f"cannot write {path}: the file or its folder is read-only")
     if "unable to open" in text:
-        return StorageWriteError(f"cannot open {path}: check that the folder exists and is writable")
+        return StorageWriteError(
+            f"cannot open {path}: check that the folder exists and is writable"
+        )
     if "locked" in text or "busy" in text:
         return DatabaseInUse(f"{path} is locked by another process; try again")
     return StorageError(f"database error in {path}: {error}")
