@@ -203,6 +203,9 @@ class LlamaBackend:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
+    def is_control(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_control(self._vocab, token))
+
     @property
     def can_shift(self) -> bool:
         return bool(llama_cpp.llama_memory_can_shift(self._memory))
@@ -216,7 +219,8 @@ class LlamaBackend:
         """
         if not text:
             return []
-        data = text.encode("utf-8", errors="surrogatepass")
+        # Unpaired surrogates (possible in Python strings) are not UTF-8: the model sees '?'.
+        data = text.encode("utf-8", errors="replace")
         capacity = len(data) + 16
         buffer = (llama_cpp.llama_token * capacity)()
         count = llama_cpp.llama_tokenize(

@@ -87,7 +87,7 @@ def check_gguf_file(path: str | os.PathLike[str]) -> Path:
 
 
 def model_file_identity(path: Path) -> str:
-    """A cheap, stable identity for a model file: name, size and hashes of both ends.
+    """A cheap, stable identity for a model file's content: size and hashes of both ends.
 
     Hashing the whole file would cost seconds on large models at every start; the
     ends hold the GGUF header/metadata and the last tensors, which differ between
@@ -102,4 +102,4 @@ def model_file_identity(path: Path) -> str:
         if size > chunk:
             handle.seek(max(size - chunk, chunk))
             digest.update(handle.read(chunk))
-    return f"{path.name}:{size}:{digest.hexdigest()[:16]}"
+    return f"{size}:{digest.hexdigest()[:16]}"

@@ -14,6 +14,24 @@ def pack_tokens(token_ids: list[int] | tuple[int, ...]) -> bytes:
     return packed.tobytes()
 
 
+def storable_text(text: str) -> str | bytes:
+    """Text as SQLite can hold it exactly: UTF-8 TEXT, or UTF-8 bytes when the text holds
+    unpaired surrogates (which Python strings allow and UTF-8 TEXT does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="surrogatepass")
+    return text
+
+
+def loaded_text(value: str | bytes | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="surrogatepass")
+    return value
+
+
 def unpack_tokens(blob: bytes | None) -> list[int]:
     if not blob:
         return []
@@ -49,7 +67,7 @@ class InstructionVersion:
             id=row["id"],
             chat_id=row["chat_id"],
             version=row["version"],
-            text=row["text"],
+            text=loaded_text(row["text"]),
             variables=json.loads(row["variables"] or "{}"),
             created_at=row["created_at"],
         )
@@ -76,7 +94,7 @@ class Message:
             chat_id=row["chat_id"],
             seq=row["seq"],
             role=row["role"],
-            text=row["text"],
+            text=loaded_text(row["text"]),
             token_ids=unpack_tokens(row["token_ids"]),
             token_format=row["token_format"],
             status=row["status"],

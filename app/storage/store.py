@@ -28,6 +28,7 @@ from app.storage.records import (
     SavedState,
     TurnMetricsRow,
     pack_tokens,
+    storable_text,
     unpack_tokens,
 )
 
@@ -76,12 +77,71 @@ def _describe(error: sqlite3.Error, path: Path) -> StorageError:
     return StorageError(f"database error in {path}: {error}")
 
 
+def _valid_name(name: str) -> str:
+    name = name.strip()
+    if not name:
+        raise ValueError("a chat needs a name")
+    if isinstance(storable_text(name), bytes) or "\x00" in name:
+        raise ValueError("a chat name cannot contain NUL or unpaired surrogate characters")
+    return name
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_file_header(path: Path) -> None:
+    """Catch a foreign or truncated file before SQLite half-reads it."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise StorageWriteError(f"cannot open {path}: {error.strerror}") from error
+    if size == 0:
+        return
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(100)
+    except OSError as error:
+        raise StorageError(f"cannot read {path}: {error.strerror}") from error
+    if not header.startswith(SQLITE_MAGIC) or len(header) < 100:
+        raise DatabaseCorrupt(f"{path} is not a SQLite database")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    if page_size * pages > size:
+        raise DatabaseCorrupt(
+            f"{path} is truncated ({size} of {page_size * pages} bytes); it cannot be read safely"
+        )
+
+
+def set_aside(path: str | os.PathLike[str]) -> Path:
+    """Rename an unreadable database (and its WAL/SHM files) out of the way, never delete it.
+
+    Returns the new name of the old file; ``path`` is then free for a fresh database.
+    """
+    source = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = source.with_name(f"{source.name}.unreadable-{stamp}")
+    counter = 1
+    while target.exists():
+        counter += 1
+        target = source.with_name(f"{source.name}.unreadable-{stamp}-{counter}")
+    for suffix in ("-wal", "-shm"):
+        companion = source.with_name(source.name + suffix)
+        if companion.exists():
+            companion.rename(target.with_name(target.name + suffix))
+    source.rename(target)
+    return target
+
+
 class Store:
     """One open database. Not shared between threads: the engine worker owns it."""
 
     def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False) -> None:
         self.path = Path(path)
         self._lock_file: int | None = None
+        _check_file_header(self.path)
         if exclusive:
             self._take_process_lock()
         try:
@@ -205,9 +265,7 @@ class Store:
     # -- chats ----------------------------------------------------------------------
 
     def create_chat(self, name: str, layout: str = "history-first") -> Chat:
-        name = name.strip()
-        if not name:
-            raise ValueError("a chat needs a name")
+        name = _valid_name(name)
         if layout not in LAYOUTS:
             raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
         now = time.time()
@@ -267,9 +325,7 @@ class Store:
         return self.chat(chat_id)
 
     def rename_chat(self, chat_id: int, name: str) -> Chat:
-        name = name.strip()
-        if not name:
-            raise ValueError("a chat needs a name")
+        name = _valid_name(name)
         existing = self.chat_by_name(name)
         if existing is not None and existing.id != chat_id:
             raise ValueError(f"a chat named {name!r} already exists")
@@ -296,7 +352,13 @@ class Store:
             self._write(
                 "INSERT INTO instruction_versions (chat_id, version, text, variables, created_at)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (chat_id, row[0] + 1, text, json.dumps(variables or {}), time.time()),
+                (
+                    chat_id,
+                    row[0] + 1,
+                    storable_text(text),
+                    json.dumps(variables or {}),
+                    time.time(),
+                ),
             )
         current = self.current_instructions(chat_id)
         assert current is not None
@@ -342,7 +404,7 @@ class Store:
                     chat_id,
                     seq,
                     role,
-                    text,
+                    storable_text(text),
                     pack_tokens(token_ids) if token_ids is not None else None,
                     token_format,
                     status,

@@ -1,0 +1,186 @@
+"""SQLite store: schema versions, migrations, corruption, locking, exact text, write failures."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from app.storage import migrations
+from app.storage.records import SavedState
+from app.storage.store import (
+    DatabaseCorrupt,
+    DatabaseInUse,
+    SchemaTooNew,
+    StorageWriteError,
+    Store,
+    set_aside,
+)
+
+
+def _state(chat_id: int, payload: bytes) -> SavedState:
+    return SavedState(chat_id, 1, {"model": "m"}, [1, 2, 3], 3, payload, 0)
+
+
+def test_fresh_database_is_versioned_wal_with_foreign_keys(store: Store) -> None:
+    assert store.schema_version() == migrations.SCHEMA_VERSION
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_failed_migration_leaves_the_previous_version(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "m.db"
+    Store(path).close()
+
+    def broken(db) -> None:
+        db.execute("CREATE TABLE half_done (x INTEGER)")
+        raise RuntimeError("migration failed midway")
+
+    monkeypatch.setattr("app.storage.store.MIGRATIONS", [*migrations.MIGRATIONS, broken])
+    monkeypatch.setattr("app.storage.store.SCHEMA_VERSION", len(migrations.MIGRATIONS) + 1)
+    with pytest.raises(RuntimeError, match="midway"):
+        Store(path)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == migrations.SCHEMA_VERSION
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert "half_done" not in tables
+    conn.close()
+
+
+def test_newer_schema_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    Store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(SchemaTooNew, match="newer KV Chat"):
+        Store(path)
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated", "empty-header"])
+def test_corrupt_file_is_refused_and_can_be_set_aside(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "bad.db"
+    with Store(path) as store:
+        chat = store.create_chat("keep me")
+        for index in range(300):
+            store.add_message(chat.id, "user", f"message {index} " + "x" * 200)
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    if damage == "random":
+        path.write_bytes(os.urandom(50_000))
+    elif damage == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"SQLite format 3\x00" + b"\x00" * 10)
+    original = path.read_bytes()
+    with pytest.raises(DatabaseCorrupt) as raised:
+        Store(path)
+    assert str(path) in str(raised.value)
+    moved = set_aside(path)
+    assert moved.read_bytes() == original  # the old file is kept, byte for byte
+    assert not path.exists()
+    with Store(path) as fresh:
+        assert fresh.chats() == []
+
+
+def test_second_process_on_the_same_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys, time
+                from app.storage.store import Store
+                store = Store({str(path)!r}, exclusive=True)
+                print("ready", flush=True)
+                sys.stdin.readline()
+                """
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(DatabaseInUse, match="already open"):
+            Store(path, exclusive=True)
+    finally:
+        holder.communicate("\n", timeout=30)
+    with Store(path, exclusive=True) as store:  # free again once the holder exits
+        assert store.chats() == []
+
+
+def test_deleting_a_chat_removes_its_messages_state_and_metrics(store: Store) -> None:
+    chat = store.create_chat("gone")
+    store.add_message(chat.id, "user", "hi")
+    store.add_metrics(chat.id, None, {"x": 1})
+    store.save_state(_state(chat.id, b"abc"))
+    store.delete_chat(chat.id)
+    for table in ("messages", "saved_states", "turn_metrics", "instruction_versions"):
+        assert store.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "emoji 👩‍👩‍👧 and flags 🇫🇷",
+        "עברית RTL \u202e reversed",
+        "zero\u200bwidth\ufeff",
+        "nul \x00 inside",
+        "lone \ud800 surrogate",
+        "",
+    ],
+)
+def test_message_text_is_stored_exactly(store: Store, text: str) -> None:
+    chat = store.create_chat("exact")
+    message = store.add_message(chat.id, "user", text)
+    assert store.message(message.id).text == text
+    version = store.add_instruction_version(chat.id, text)
+    assert store.current_instructions(chat.id).text == text
+    assert version.version == 1
+
+
+def test_bad_chat_names_are_refused(store: Store) -> None:
+    for name in ("", "   ", "bad\x00name", "half \udc80"):
+        with pytest.raises(ValueError):
+            store.create_chat(name)
+    store.create_chat("dup")
+    with pytest.raises(ValueError, match="already exists"):
+        store.create_chat("dup")
+
+
+def test_disk_full_keeps_the_previous_state_and_messages(store: Store) -> None:
+    chat = store.create_chat("full")
+    store.add_message(chat.id, "user", "before")
+    store.save_state(_state(chat.id, b"old state"))
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count = {pages + 2}")  # SQLite's real SQLITE_FULL path
+    with pytest.raises(StorageWriteError, match="disk is full"):
+        store.save_state(_state(chat.id, os.urandom(2_000_000)))
+    with pytest.raises(StorageWriteError, match="disk is full"):
+        store.add_message(chat.id, "user", "y" * 200_000)
+    assert store.load_state(chat.id).state == b"old state"
+    assert [m.text for m in store.messages(chat.id)] == ["before"]
+    assert store.db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+
+
+def test_read_only_database_gives_a_clear_message(store: Store) -> None:
+    chat = store.create_chat("ro")
+    store.db.execute("PRAGMA query_only = ON")
+    with pytest.raises(StorageWriteError, match="read-only"):
+        store.add_message(chat.id, "user", "hello")
+    store.db.execute("PRAGMA query_only = OFF")
+    assert store.messages(chat.id) == []
+
+
+def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageWriteError, match="cannot open"):
+        Store(tmp_path / "no" / "such" / "dir" / "x.db")
