@@ -1,4 +1,4 @@
-"""Entry point: ``python -m app`` opens the window; ``python -m app chat|history|bench`` is the CLI."""
+"""Entry point: `python -m app` opens the window; `python -m app chat|history|bench` is the CLI."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ def main(argv: list[str] | None = None) -> int:
         from app.cli import main as cli_main
 
         return cli_main(args)
+    if args and args[0] == "--self-test":  # Qt-free check of an install (the bundle's smoke test)
+        from app.selftest import run_self_test
+
+        return run_self_test(args[1:])
     from app.ui.app import main as gui_main
 
     return gui_main(args)
