@@ -300,21 +300,31 @@ class LlamaBackend:
     def state_size(self) -> int:
         return int(llama_cpp.llama_state_seq_get_size(self._ctx, SEQ))
 
-    def get_state(self) -> bytes:
+    def get_state(self) -> bytearray:
+        """The sequence's serialized KV cells, written by llama.cpp straight into the result.
+
+        A state is ~23 KB per token; copying it again would hold the GIL for tens of ms.
+        """
         size = self.state_size()
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self._ctx, buffer, size, SEQ)
+        data = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(data)
+        written = llama_cpp.llama_state_seq_get_data(self._ctx, view, size, SEQ)
+        del view  # release the export so the bytearray may be resized
         if written <= 0:
             raise DecodeError("llama.cpp could not serialize the sequence state")
-        return bytes(memoryview(buffer)[:written])
+        del data[written:]
+        return data
 
-    def set_state(self, data: bytes) -> bool:
+    def set_state(self, data: bytes | bytearray) -> bool:
         """Load a sequence state; False (cache left empty) if llama.cpp rejects it."""
         self.clear()
         if not data:
             return False
         # Point llama.cpp at the bytes object itself: a saved state can be tens of MB.
-        pointer = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        if isinstance(data, bytearray):
+            pointer = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        else:
+            pointer = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
         read = llama_cpp.llama_state_seq_set_data(self._ctx, pointer, len(data), SEQ)
         if read == 0:
             self.clear()

@@ -113,7 +113,7 @@ class SavedState:
     fingerprint: dict[str, Any]
     token_ids: list[int]
     history_tokens: int
-    state: bytes
+    state: bytes | bytearray
     checksum: int
     saved_at: float = 0.0
 

@@ -1,0 +1,112 @@
+"""``python -m app`` / ``kvchat``: parse options, open the database, show the window."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import platformdirs
+from PySide6.QtCore import QSettings
+from PySide6.QtGui import QIcon
+from PySide6.QtWidgets import QApplication, QMessageBox
+
+import app
+from app.resources import resource_path
+from app.storage.store import DatabaseInUse, StorageError
+
+APP_NAME = "kvchat"
+DB_FILE = "chats.db"
+
+
+def default_db_path() -> Path:
+    """chats.db in the per-user data folder (created if missing)."""
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / DB_FILE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvchat", description="KV Chat desktop app")
+    parser.add_argument("--db", help=f"database file (default: {default_db_path()})")
+    parser.add_argument("--model", help="GGUF model file (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--n-ctx", type=int, help="context size in tokens")
+    parser.add_argument("--kv-type", choices=("f16", "q8_0"), default="f16", help="KV cache type")
+    parser.add_argument(
+        "--self-test",
+        action="store_true",
+        help="check the install end to end without a window, then exit",
+    )
+    parser.add_argument("--version", action="version", version=f"KV Chat {app.__version__}")
+    return parser
+
+
+def _run_self_test(args: list[str]) -> int:
+    try:
+        selftest = importlib.import_module("app.selftest")
+    except ModuleNotFoundError:
+        print("kvchat: this build has no self-test", file=sys.stderr)
+        return 2
+    return int(selftest.run_self_test([a for a in args if a != "--self-test"]))
+
+
+def user_settings() -> QSettings:
+    """The user's settings (window geometry, generation options, first-run flag)."""
+    return QSettings(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, APP_NAME, APP_NAME)
+
+
+def _style_sheet() -> str:
+    path = resource_path("style.qss")
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+
+def create_application(argv: list[str] | None = None) -> QApplication:
+    """The QApplication with KV Chat's names, icon and style (reused by tests and scripts)."""
+    application = QApplication.instance() or QApplication(argv or [sys.argv[0]])
+    application.setApplicationName(APP_NAME)
+    application.setOrganizationName(APP_NAME)
+    application.setApplicationDisplayName("KV Chat")
+    application.setApplicationVersion(app.__version__)
+    icon = resource_path("icons", "kvchat-256.png")  # optional: shipped by the packaging
+    if icon.is_file():
+        application.setWindowIcon(QIcon(str(icon)))
+    application.setStyleSheet(_style_sheet())
+    return application  # type: ignore[return-value]
+
+
+def main(args: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if args is None else args)
+    if "--self-test" in argv:
+        return _run_self_test(argv)
+    options = build_parser().parse_args(argv)
+    db_path = Path(options.db).expanduser() if options.db else default_db_path()
+    application = create_application([sys.argv[0]])
+    try:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        QMessageBox.critical(
+            None, "KV Chat", f"Cannot create the data folder {db_path.parent}: {error}"
+        )
+        return 1
+
+    from app.ui.main_window import MainWindow  # after QApplication: pyqtgraph needs it
+
+    try:
+        window = MainWindow(
+            db_path,
+            model_path=options.model,
+            settings=user_settings(),
+            n_ctx=options.n_ctx,
+            kv_type=options.kv_type,
+        )
+    except DatabaseInUse as error:
+        QMessageBox.critical(
+            None,
+            "KV Chat is already open",
+            f"{error}.\n\nSwitch to the open window, or start KV Chat with another --db file.",
+        )
+        return 1
+    except StorageError as error:
+        QMessageBox.critical(None, "KV Chat cannot open its database", str(error))
+        return 1
+    window.show()
+    return int(application.exec())

@@ -1,0 +1,314 @@
+"""The conversation: one bubble per message, the streaming reply updated in place.
+
+A bubble per message (rather than one big HTML document) keeps streaming cheap: only
+the last bubble is re-rendered, at most every ``RENDER_INTERVAL_MS``, however long the
+chat is. Messages that left the cache (or would, in a trim preview) are greyed.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QSize, Qt, QTimer, Signal
+from PySide6.QtGui import QGuiApplication
+from PySide6.QtWidgets import (
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.storage.records import Message
+from app.ui.markdown import markdown_to_html, plain_to_html
+
+RENDER_INTERVAL_MS = 40
+
+
+class WrappedLabel(QLabel):
+    """A word-wrapped rich-text label that remembers its height for each width.
+
+    QLabel lays its text out again on every heightForWidth call, and the chat's layout
+    asks every bubble each time the streaming bubble grows: without the cache a long
+    chat would make each streamed update cost as much as laying out the whole chat.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._heights: dict[int, int] = {}
+
+    def setText(self, text: str) -> None:
+        self._heights.clear()
+        super().setText(text)
+
+    def minimumSizeHint(self) -> QSize:
+        """One line tall: QLabel's own hint is the height at its narrowest width, which
+        made the chat column (and its scroll range) far taller than the bubbles."""
+        hint = super().minimumSizeHint()
+        return QSize(hint.width(), self.fontMetrics().height())
+
+    def heightForWidth(self, width: int) -> int:
+        height = self._heights.get(width)
+        if height is None:
+            height = super().heightForWidth(width)
+            if len(self._heights) > 32:
+                self._heights.clear()
+            self._heights[width] = height
+        return height
+
+
+def _repolish(widget: QWidget) -> None:
+    """Re-apply the style sheet after a dynamic property changed (children's rules too)."""
+    for target in [widget, *widget.findChildren(QLabel)]:
+        target.style().unpolish(target)
+        target.style().polish(target)
+        target.update()
+
+
+class MessageBubble(QFrame):
+    """One message: role, status tags, a copy button and the rendered text."""
+
+    def __init__(
+        self,
+        role: str,
+        text: str,
+        *,
+        message_id: int | None = None,
+        status: str = "complete",
+        tokens: int = 0,
+    ) -> None:
+        super().__init__()
+        self.role = role
+        self.message_id = message_id
+        self.text = text
+        self.status = status
+        self.tokens = tokens
+        self.setObjectName("bubble")
+        self.setProperty("role", role)
+        self.setProperty("inCache", True)
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(10, 6, 10, 8)
+        layout.setSpacing(2)
+        header = QHBoxLayout()
+        header.setSpacing(6)
+        self.role_label = QLabel("You" if role == "user" else "Assistant")
+        self.role_label.setObjectName("bubbleRole")
+        header.addWidget(self.role_label)
+        self.tag_label = QLabel()
+        self.tag_label.setObjectName("bubbleTag")
+        header.addWidget(self.tag_label)
+        header.addStretch(1)
+        self.copy_button = QPushButton("Copy")
+        self.copy_button.setObjectName("bubbleCopy")
+        self.copy_button.setToolTip("Copy this message as plain text")
+        self.copy_button.setCursor(Qt.CursorShape.PointingHandCursor)
+        self.copy_button.clicked.connect(self.copy_text)
+        header.addWidget(self.copy_button)
+        layout.addLayout(header)
+        self.body = WrappedLabel()
+        self.body.setObjectName("bubbleBody")
+        self.body.setWordWrap(True)
+        self.body.setTextFormat(Qt.TextFormat.RichText)
+        self.body.setTextInteractionFlags(
+            Qt.TextInteractionFlag.TextSelectableByMouse
+            | Qt.TextInteractionFlag.LinksAccessibleByMouse
+        )
+        self.body.setOpenExternalLinks(True)
+        self.body.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        layout.addWidget(self.body)
+        self.in_cache = True
+        self.preview = False
+        self.set_text(text)
+        self._update_tags()
+
+    def set_text(self, text: str) -> None:
+        self.text = text
+        if self.role == "user":
+            self.body.setText(plain_to_html(text))
+        else:
+            self.body.setText(markdown_to_html(text) if text else "<i>…</i>")
+
+    def set_status(self, status: str) -> None:
+        self.status = status
+        self._update_tags()
+
+    def set_in_cache(self, in_cache: bool, *, preview: bool = False) -> None:
+        self.in_cache = in_cache
+        self.preview = preview and not in_cache
+        self.setProperty("inCache", in_cache)
+        _repolish(self)
+        self._update_tags()
+
+    def _update_tags(self) -> None:
+        tags = []
+        if self.status == "cancelled":
+            tags.append("stopped")
+        elif self.status == "streaming":
+            tags.append("writing…")
+        if not self.in_cache:
+            tags.append(
+                "would leave the cache" if self.preview else "not in cache"
+            )
+        if self.tokens:
+            tags.append(f"{self.tokens} tokens")
+        self.tag_label.setText(" · ".join(tags))
+
+    def refresh_tags(self) -> None:
+        self._update_tags()
+
+    def copy_text(self) -> None:
+        QGuiApplication.clipboard().setText(self.text)
+
+
+class ChatView(QScrollArea):
+    """Scrollable column of bubbles with a streaming reply at the end."""
+
+    copied = Signal(str)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("chatView")
+        self.setWidgetResizable(True)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self._column = QWidget()
+        self._column.setObjectName("chatColumn")
+        self._layout = QVBoxLayout(self._column)
+        self._layout.setContentsMargins(12, 12, 12, 12)
+        self._layout.setSpacing(10)
+        self._layout.addStretch(1)
+        self.setWidget(self._column)
+        self.bubbles: list[MessageBubble] = []
+        self.streaming: MessageBubble | None = None
+        self._stream_text = ""
+        self._render_timer = QTimer(self)
+        self._render_timer.setSingleShot(True)
+        self._render_timer.setInterval(RENDER_INTERVAL_MS)
+        self._render_timer.timeout.connect(self._render_stream)
+        self._scroll_timer = QTimer(self)  # owned by the view: stopped with it, never leaks
+        self._scroll_timer.setSingleShot(True)
+        self._scroll_timer.setInterval(0)
+        self._scroll_timer.timeout.connect(self._scroll_now)
+        self._placeholder = QLabel("No messages yet. Type below and press Ctrl+Enter to send.")
+        self._placeholder.setObjectName("placeholder")
+        self._placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self._layout.insertWidget(0, self._placeholder)
+
+    # -- whole chat -----------------------------------------------------------------
+
+    def clear(self) -> None:
+        self._render_timer.stop()
+        for bubble in self.bubbles:
+            self._layout.removeWidget(bubble)
+            bubble.deleteLater()
+        self.bubbles = []
+        self.streaming = None
+        self._stream_text = ""
+        self._placeholder.show()
+
+    def show_messages(self, messages: list[Message], cache_start_seq: int) -> None:
+        self.clear()
+        for message in messages:
+            bubble = self._add(
+                MessageBubble(
+                    message.role,
+                    message.text,
+                    message_id=message.id,
+                    status=message.status,
+                    tokens=len(message.token_ids),
+                )
+            )
+            bubble.set_in_cache(message.seq >= cache_start_seq)
+        self.scroll_to_end()
+
+    def sync_messages(self, messages: list[Message], cache_start_seq: int) -> None:
+        """Like show_messages, but keeps bubbles whose message is unchanged (cheap after a turn)."""
+        self._render_timer.stop()
+        if self.streaming is not None and self.streaming.text != self._stream_text:
+            self.streaming.set_text(self._stream_text)
+        keep = 0
+        for bubble, message in zip(self.bubbles, messages, strict=False):
+            same_text = bubble.role == message.role and bubble.text == message.text
+            if not same_text or bubble.message_id not in (None, message.id):
+                break
+            keep += 1
+        for bubble in self.bubbles[keep:]:
+            self._layout.removeWidget(bubble)
+            bubble.deleteLater()
+        self.bubbles = self.bubbles[:keep]
+        self.streaming = None
+        for message in messages[keep:]:
+            self._add(MessageBubble(message.role, message.text, message_id=message.id))
+        for bubble, message in zip(self.bubbles, messages, strict=True):
+            bubble.message_id = message.id
+            bubble.tokens = len(message.token_ids)
+            bubble.status = message.status
+            in_cache = message.seq >= cache_start_seq
+            if bubble.in_cache != in_cache or bubble.preview:
+                bubble.set_in_cache(in_cache)
+            else:
+                bubble.refresh_tags()
+        if not messages:
+            self._placeholder.show()
+        self.scroll_to_end()
+
+    def mark_leaving(self, message_ids: set[int], preview: bool) -> None:
+        """Grey the messages that are (or, in a preview, would be) outside the cache."""
+        for bubble in self.bubbles:
+            if bubble.message_id is None:
+                continue
+            bubble.set_in_cache(bubble.message_id not in message_ids, preview=preview)
+
+    def _add(self, bubble: MessageBubble) -> MessageBubble:
+        self._placeholder.hide()
+        self._layout.insertWidget(self._layout.count() - 1, bubble)
+        self.bubbles.append(bubble)
+        return bubble
+
+    # -- a turn in progress ---------------------------------------------------------
+
+    def add_pending_user(self, text: str) -> MessageBubble:
+        bubble = self._add(MessageBubble("user", text))
+        self.scroll_to_end()
+        return bubble
+
+    def begin_reply(self) -> MessageBubble:
+        self._stream_text = ""
+        self.streaming = self._add(MessageBubble("assistant", "", status="streaming"))
+        self.scroll_to_end()
+        return self.streaming
+
+    def append_token(self, piece: str) -> None:
+        if self.streaming is None:
+            self.begin_reply()
+        self._stream_text += piece
+        if not self._render_timer.isActive():
+            self._render_timer.start()
+
+    def _render_stream(self) -> None:
+        if self.streaming is not None:
+            bar = self.verticalScrollBar()
+            at_end = bar.value() >= bar.maximum() - 40
+            self.streaming.set_text(self._stream_text)
+            if at_end:
+                self.scroll_to_end()
+
+    def streamed_text(self) -> str:
+        return self._stream_text
+
+    def stop_rendering(self) -> None:
+        self._render_timer.stop()
+        self._scroll_timer.stop()
+
+    def scroll_to_top(self) -> None:
+        self._scroll_timer.stop()
+        self.verticalScrollBar().setValue(0)
+
+    def scroll_to_end(self) -> None:
+        """After the new bubble's layout is done, i.e. on the next event-loop turn."""
+        self._scroll_timer.start()
+
+    def _scroll_now(self) -> None:
+        bar = self.verticalScrollBar()
+        bar.setValue(bar.maximum())

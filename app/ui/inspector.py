@@ -1,0 +1,658 @@
+"""The cache inspector: what the cache holds now, what each turn reused or recomputed.
+
+Everything here is display: the numbers come from the worker's signals (TurnMetrics as
+dicts, CacheView, TrimPreview) and from the metrics rows in the store. The trim slider
+only emits requests; the window forwards them to the worker.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyqtgraph as pg
+from pyqtgraph.exporters import ImageExporter
+from PySide6.QtCore import QRectF, Qt, QTimer, Signal
+from PySide6.QtGui import QBrush, QColor, QPainter, QPen
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QSizePolicy,
+    QSlider,
+    QStyledItemDelegate,
+    QStyleOptionViewItem,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.engine.metrics import PHASES
+
+if TYPE_CHECKING:  # the worker sends these; only it imports the engine
+    from app.engine.engine import CacheView, TrimPreview
+
+pg.setConfigOptions(background="w", foreground="#24292f", antialias=True)
+
+COLOURS = {
+    "reused": "#2da44e",
+    "prefill": "#cf222e",
+    "background": "#8c959f",
+    "ttft": "#8250df",
+    "prefill_speed": "#bc4c00",
+    "decode_speed": "#0969da",
+    "preamble": "#6e7781",
+    "history": "#2da44e",
+    "instruction block": "#bf8700",
+    "new message + reply": "#0969da",
+}
+TRIM_PREVIEW_DEBOUNCE_MS = 120
+TRIM_APPLY_DEBOUNCE_MS = 500
+CSV_FIELDS = (
+    "turn",
+    "reused_tokens",
+    "prefill_tokens",
+    "background_tokens",
+    "commit_tokens",
+    "warmup_tokens",
+    "decode_tokens",
+    "prompt_tokens",
+    "cache_tokens",
+    "state_bytes",
+    "ttft_ms",
+    "prefill_ms",
+    "decode_ms",
+    "commit_ms",
+    "warmup_ms",
+    "state_load_ms",
+    "state_save_ms",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    "trimmed_turns",
+    "layout",
+    "trim_mode",
+    "finish_reason",
+)
+
+
+def format_bytes(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def _plot_title(title: str, *keys: tuple[str, str]) -> str:
+    """A chart title with its colour key: a legend inside the plot would cover the bars."""
+    legend = "&nbsp;&nbsp;".join(
+        f"<span style='color:{COLOURS[key]}'>&#9632;</span>"
+        f"<span style='color:#57606a'> {label}</span>"
+        for key, label in keys
+    )
+    text = f"<b>{title}</b>"
+    return f"<span style='font-size:9pt'>{text}&nbsp;&nbsp;&nbsp;{legend}</span>"
+
+
+def _axis_top(values: list[float]) -> float:
+    """Upper y bound: the data's maximum plus headroom, never below 1 (axes start at 0)."""
+    return max(max(values, default=0.0) * 1.15, 1.0)
+
+
+class SegmentBar(QWidget):
+    """The cache as one horizontal bar: plan segments, solid where held, pale where not."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setMinimumHeight(26)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.parts: list[tuple[str, int, bool]] = []  # label, tokens, held in cache
+
+    def set_view(self, view: CacheView | None) -> None:
+        self.parts = []
+        if view is not None:
+            position = 0
+            plan_parts = [s for s in view.segments if s[0] != "new message + reply"]
+            for label, tokens in plan_parts:
+                held = max(0, min(tokens, view.matching_tokens - position))
+                if held:
+                    self.parts.append((label, held, True))
+                if tokens - held:
+                    self.parts.append((label, tokens - held, False))
+                position += tokens
+            for label, tokens in view.segments:
+                if label == "new message + reply":
+                    self.parts.append((label, tokens, True))
+        self.update()
+
+    def paintEvent(self, _event: object) -> None:
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        rect = QRectF(self.rect()).adjusted(0.5, 0.5, -0.5, -0.5)
+        painter.setPen(QPen(QColor("#d0d7de")))
+        painter.setBrush(QBrush(QColor("#f6f8fa")))
+        painter.drawRoundedRect(rect, 4, 4)
+        total = sum(tokens for _, tokens, _ in self.parts)
+        if not total:
+            painter.setPen(QColor("#57606a"))
+            painter.drawText(rect, Qt.AlignmentFlag.AlignCenter, "cache empty")
+            return
+        x = rect.left()
+        for label, tokens, held in self.parts:
+            width = rect.width() * tokens / total
+            colour = QColor(COLOURS.get(label, "#6e7781"))
+            if not held:
+                colour.setAlpha(60)
+            painter.setPen(Qt.PenStyle.NoPen)
+            painter.setBrush(colour)
+            painter.drawRect(QRectF(x, rect.top() + 1, width, rect.height() - 2))
+            if width > 46:
+                painter.setPen(QColor("white") if held else QColor("#24292f"))
+                painter.drawText(
+                    QRectF(x, rect.top(), width, rect.height()),
+                    Qt.AlignmentFlag.AlignCenter,
+                    str(tokens),
+                )
+            x += width
+
+
+class ShareDelegate(QStyledItemDelegate):
+    """Draws a phase's share of the turn as a bar, like a profiler."""
+
+    def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: Any) -> None:
+        share = index.data(Qt.ItemDataRole.UserRole)
+        if share is None:
+            super().paint(painter, option, index)
+            return
+        rect = QRectF(option.rect).adjusted(4, 5, -4, -5)
+        painter.save()
+        painter.setPen(Qt.PenStyle.NoPen)
+        painter.setBrush(QColor("#eaeef2"))
+        painter.drawRect(rect)
+        painter.setBrush(QColor("#0969da"))
+        painter.drawRect(
+            QRectF(rect.left(), rect.top(), rect.width() * float(share), rect.height())
+        )
+        painter.setPen(QColor("#24292f"))
+        text_rect = rect.adjusted(4, 0, -4, 0)
+        painter.drawText(
+            text_rect,
+            Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter,
+            f"{float(share) * 100:.0f}%",
+        )
+        painter.restore()
+
+
+def phase_rows(turn: dict[str, Any]) -> list[tuple[str, float | None, str, str]]:
+    """(phase, ms, tokens, rate) for the profiler table, in the order phases happen."""
+    tokens = {
+        "prefill": turn.get("prefill_tokens"),
+        "decode": turn.get("decode_tokens"),
+        "commit": turn.get("commit_tokens"),
+        "warm-up": turn.get("warmup_tokens"),
+    }
+    rates = {
+        "prefill": turn.get("prefill_tokens_per_s"),
+        "decode": turn.get("decode_tokens_per_s"),
+    }
+    rows = []
+    for name, key in PHASES:
+        ms = turn.get(key)
+        count = tokens.get(name)
+        if name == "save state" and turn.get("state_bytes"):
+            size = format_bytes(float(turn["state_bytes"]))
+        else:
+            size = "" if count is None else str(count)
+        if name == "load state" and ms is not None:
+            size = "restored" if not turn.get("state_rejected") else "rejected"
+        rate = rates.get(name)
+        rows.append((name, None if ms is None else float(ms), size, f"{rate:.0f}" if rate else ""))
+    return rows
+
+
+class CacheInspector(QWidget):
+    """Live charts of the chat's turns, the cache's segments, the trim control, the phases."""
+
+    trim_preview_requested = Signal(object, str)  # limit (None = no limit), mode
+    trim_apply_requested = Signal(object, str)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("inspector")
+        self.turns: list[dict[str, Any]] = []
+        self.turn_ids: list[int] = []
+        self.view: CacheView | None = None
+        self._history_tokens = 0
+        self._loading = False
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(8, 8, 8, 8)
+        layout.setSpacing(6)
+
+        header = QHBoxLayout()
+        title = QLabel("Cache inspector")
+        title.setObjectName("panelTitle")
+        header.addWidget(title)
+        header.addStretch(1)
+        self.size_label = QLabel("")
+        self.size_label.setObjectName("cacheSize")
+        header.addWidget(self.size_label)
+        layout.addLayout(header)
+
+        self.segment_bar = SegmentBar()
+        layout.addWidget(self.segment_bar)
+        self.legend_label = QLabel("")
+        self.legend_label.setObjectName("legend")
+        self.legend_label.setTextFormat(Qt.TextFormat.RichText)
+        self.legend_label.setWordWrap(True)
+        layout.addWidget(self.legend_label)
+
+        trim_row = QHBoxLayout()
+        trim_row.addWidget(QLabel("Cached history"))
+        self.trim_slider = QSlider(Qt.Orientation.Horizontal)
+        self.trim_slider.setObjectName("trimSlider")
+        self.trim_slider.setToolTip(
+            "Limit of history tokens kept in the cache. Drag to preview which turns would"
+            " leave it; release to apply."
+        )
+        trim_row.addWidget(self.trim_slider, 1)
+        self.trim_value = QLabel("no limit")
+        self.trim_value.setMinimumWidth(84)
+        trim_row.addWidget(self.trim_value)
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItem("exact", "exact")
+        self.mode_combo.addItem("shift", "shift")
+        self.mode_combo.setToolTip(
+            "exact: turns that leave the cache make the rest recompute (same result as a"
+            " fresh prompt). shift: KV cells slide down instead (no recompute, approximate)."
+        )
+        trim_row.addWidget(self.mode_combo)
+        layout.addLayout(trim_row)
+        self.trim_preview_label = QLabel("")
+        self.trim_preview_label.setObjectName("trimPreview")
+        self.trim_preview_label.setWordWrap(True)
+        layout.addWidget(self.trim_preview_label)
+
+        self.tabs = QTabWidget()
+        layout.addWidget(self.tabs, 1)
+        self.charts = pg.GraphicsLayoutWidget()
+        self.charts.setObjectName("charts")
+        self._build_charts()
+        self.tabs.addTab(self.charts, "Turns")
+        phases = QWidget()
+        phases_layout = QVBoxLayout(phases)
+        phases_layout.setContentsMargins(4, 4, 4, 4)
+        turn_row = QHBoxLayout()
+        turn_row.addWidget(QLabel("Turn"))
+        self.turn_combo = QComboBox()
+        self.turn_combo.setMinimumWidth(110)
+        turn_row.addWidget(self.turn_combo)
+        self.turn_summary = QLabel("")
+        self.turn_summary.setWordWrap(True)
+        turn_row.addWidget(self.turn_summary, 1)
+        phases_layout.addLayout(turn_row)
+        self.phase_table = QTableWidget(0, 5)
+        self.phase_table.setObjectName("phaseTable")
+        self.phase_table.setHorizontalHeaderLabels(
+            ["Phase", "Time (ms)", "Tokens", "tok/s", "Share"]
+        )
+        self.phase_table.verticalHeader().setVisible(False)
+        self.phase_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.phase_table.setSelectionMode(QTableWidget.SelectionMode.NoSelection)
+        header_view = self.phase_table.horizontalHeader()
+        header_view.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header_view.setSectionResizeMode(4, QHeaderView.ResizeMode.Stretch)
+        self.phase_table.setItemDelegateForColumn(4, ShareDelegate(self.phase_table))
+        phases_layout.addWidget(self.phase_table, 1)
+        self.tabs.addTab(phases, "Phases")
+
+        export_row = QHBoxLayout()
+        self.turn_count_label = QLabel("")
+        export_row.addWidget(self.turn_count_label, 1)
+        self.export_png_button = QPushButton("Export PNG…")
+        self.export_csv_button = QPushButton("Export CSV…")
+        export_row.addWidget(self.export_png_button)
+        export_row.addWidget(self.export_csv_button)
+        layout.addLayout(export_row)
+
+        self._preview_timer = QTimer(self)
+        self._preview_timer.setSingleShot(True)
+        self._preview_timer.setInterval(TRIM_PREVIEW_DEBOUNCE_MS)
+        self._preview_timer.timeout.connect(self._emit_preview)
+        self._apply_timer = QTimer(self)
+        self._apply_timer.setSingleShot(True)
+        self._apply_timer.setInterval(TRIM_APPLY_DEBOUNCE_MS)
+        self._apply_timer.timeout.connect(self.apply_trim_now)
+        self.trim_slider.valueChanged.connect(self._on_slider_moved)
+        self.trim_slider.sliderReleased.connect(self.apply_trim_now)
+        self.mode_combo.currentIndexChanged.connect(self._on_mode_changed)
+        self.turn_combo.currentIndexChanged.connect(self._show_phases)
+        self.export_png_button.clicked.connect(self.ask_export_png)
+        self.export_csv_button.clicked.connect(self.ask_export_csv)
+        self.set_trim(None, "exact", 0)
+        self.set_cache_view(None)
+
+    # -- charts ---------------------------------------------------------------------
+
+    def _build_charts(self) -> None:
+        self.tokens_plot = self.charts.addPlot(
+            row=0,
+            col=0,
+            title=_plot_title(
+                "Tokens per turn",
+                ("reused", "reused"),
+                ("prefill", "recomputed"),
+                ("background", "background"),
+            ),
+        )
+        self.tokens_plot.setLabel("left", "tokens")
+        self.tokens_plot.showGrid(y=True, alpha=0.2)
+        self.bars = {}
+        for key, label in (
+            ("reused", "reused"),
+            ("prefill", "recomputed (critical path)"),
+            ("background", "background"),
+        ):
+            item = pg.BarGraphItem(
+                x=[],
+                height=[],
+                y0=[],
+                width=0.6,
+                brush=COLOURS[key],
+                pen=pg.mkPen(COLOURS[key]),
+                name=label,
+            )
+            self.tokens_plot.addItem(item)
+            self.bars[key] = item
+        self.ttft_plot = self.charts.addPlot(
+            row=1, col=0, title=_plot_title("Time to first token", ("ttft", "TTFT"))
+        )
+        self.ttft_plot.setLabel("left", "ms")
+        self.ttft_plot.showGrid(y=True, alpha=0.2)
+        self.ttft_curve = self.ttft_plot.plot(
+            [],
+            [],
+            pen=pg.mkPen(COLOURS["ttft"], width=2),
+            symbol="o",
+            symbolSize=6,
+            symbolBrush=COLOURS["ttft"],
+            name="TTFT",
+        )
+        self.speed_plot = self.charts.addPlot(
+            row=2,
+            col=0,
+            title=_plot_title("Speed", ("prefill_speed", "prefill"), ("decode_speed", "decode")),
+        )
+        self.speed_plot.setLabel("left", "tok/s")
+        self.speed_plot.setLabel("bottom", "turn")
+        self.speed_plot.showGrid(y=True, alpha=0.2)
+        self.prefill_speed_curve = self.speed_plot.plot(
+            [],
+            [],
+            pen=pg.mkPen(COLOURS["prefill_speed"], width=2),
+            symbol="o",
+            symbolSize=6,
+            symbolBrush=COLOURS["prefill_speed"],
+            name="prefill",
+        )
+        self.decode_speed_curve = self.speed_plot.plot(
+            [],
+            [],
+            pen=pg.mkPen(COLOURS["decode_speed"], width=2),
+            symbol="s",
+            symbolSize=6,
+            symbolBrush=COLOURS["decode_speed"],
+            name="decode",
+        )
+        for plot in (self.tokens_plot, self.ttft_plot, self.speed_plot):
+            plot.setMouseEnabled(x=False, y=False)
+            plot.hideButtons()
+            plot.getAxis("left").setWidth(56)
+            plot.setXLink(self.speed_plot)
+        for plot in (self.tokens_plot, self.ttft_plot):
+            plot.getAxis("bottom").setStyle(showValues=True)
+
+    def _refresh_charts(self) -> None:
+        turns = self.turns
+        xs = list(range(1, len(turns) + 1))
+        reused = [float(t.get("reused_tokens") or 0) for t in turns]
+        prefill = [float(t.get("prefill_tokens") or 0) for t in turns]
+        background = [float(t.get("background_tokens") or 0) for t in turns]
+        self.bars["reused"].setOpts(x=xs, height=reused, y0=[0.0] * len(xs))
+        self.bars["prefill"].setOpts(x=xs, height=prefill, y0=reused)
+        self.bars["background"].setOpts(
+            x=xs, height=background, y0=[a + b for a, b in zip(reused, prefill, strict=True)]
+        )
+        self.ttft_curve.setData(xs, [float(t.get("ttft_ms") or 0) for t in turns])
+        prefill_points = [
+            (x, float(t["prefill_tokens_per_s"]))
+            for x, t in zip(xs, turns, strict=True)
+            if t.get("prefill_tokens_per_s")
+        ]
+        decode_points = [
+            (x, float(t["decode_tokens_per_s"]))
+            for x, t in zip(xs, turns, strict=True)
+            if t.get("decode_tokens_per_s")
+        ]
+        self.prefill_speed_curve.setData(
+            [p[0] for p in prefill_points], [p[1] for p in prefill_points]
+        )
+        self.decode_speed_curve.setData(
+            [p[0] for p in decode_points], [p[1] for p in decode_points]
+        )
+        ticks = [[(x, str(x)) for x in xs]] if len(xs) <= 20 else None
+        tops = {
+            self.tokens_plot: _axis_top(
+                [a + b + c for a, b, c in zip(reused, prefill, background, strict=True)]
+            ),
+            self.ttft_plot: _axis_top([float(t.get("ttft_ms") or 0) for t in turns]),
+            self.speed_plot: _axis_top([p[1] for p in prefill_points + decode_points]),
+        }
+        for plot, top in tops.items():
+            plot.getAxis("bottom").setTicks(ticks)
+            plot.setXRange(0.4, max(len(xs), 1) + 0.6, padding=0)
+            plot.setYRange(0, top, padding=0)
+        self.turn_count_label.setText(f"{len(turns)} turns" if turns else "No turns yet")
+
+    # -- data in --------------------------------------------------------------------
+
+    def set_turns(self, rows: list[tuple[int, dict[str, Any]]]) -> None:
+        """All turns of a chat: (metrics row id, metrics dict), oldest first."""
+        self.turn_ids = [row_id for row_id, _ in rows]
+        self.turns = [dict(data) for _, data in rows]
+        self._refresh_charts()
+        self._refresh_turn_combo()
+
+    def upsert_turn(self, metrics_id: int, data: dict[str, Any]) -> None:
+        """A live update: a new turn, or the same turn completed by its background steps."""
+        if metrics_id in self.turn_ids:
+            self.turns[self.turn_ids.index(metrics_id)] = dict(data)
+        else:
+            self.turn_ids.append(metrics_id)
+            self.turns.append(dict(data))
+        self._refresh_charts()
+        self._refresh_turn_combo()
+
+    def turn_data(self, index: int) -> dict[str, Any]:
+        return self.turns[index]
+
+    def chart_series(self) -> dict[str, list[float]]:
+        """What the charts currently plot (tests compare it with the store's rows)."""
+
+        def heights(item: pg.BarGraphItem) -> list[float]:
+            return [float(v) for v in item.opts.get("height", [])]
+
+        return {
+            "reused": heights(self.bars["reused"]),
+            "prefill": heights(self.bars["prefill"]),
+            "background": heights(self.bars["background"]),
+            "ttft_ms": [
+                float(v)
+                for v in (self.ttft_curve.yData if self.ttft_curve.yData is not None else [])
+            ],
+        }
+
+    def set_cache_view(self, view: CacheView | None) -> None:
+        self.view = view
+        self.segment_bar.set_view(view)
+        if view is None:
+            self.size_label.setText("no model loaded")
+            self.legend_label.setText("")
+            return
+        size = view.cache_tokens * view.bytes_per_token
+        self.size_label.setText(f"{view.cache_tokens} / {view.n_ctx} tokens · {format_bytes(size)}")
+        self.size_label.setToolTip("Tokens held in the KV cache / context size · cache size")
+        parts = []
+        for label, tokens in view.segments:
+            colour = COLOURS.get(label, "#6e7781")
+            parts.append(f"<span style='color:{colour}'>■</span> {label} {tokens}")
+        pending = (
+            sum(t for _, t in view.segments if _ != "new message + reply") - view.matching_tokens
+        )
+        if view.cache_tokens == 0:
+            parts.append("<i>(not loaded: restored from the saved state at the next send)</i>")
+        elif pending > 0:
+            parts.append(f"<i>(pale: {pending} not cached yet)</i>")
+        self.legend_label.setText("&nbsp;&nbsp;".join(parts))
+
+    # -- trim -----------------------------------------------------------------------
+
+    def set_trim(self, limit: int | None, mode: str, history_tokens: int) -> None:
+        """Show a chat's limit without emitting requests."""
+        self._loading = True
+        try:
+            self._history_tokens = history_tokens
+            maximum = max(history_tokens, 1)
+            self.trim_slider.setRange(0, maximum)
+            self.trim_slider.setSingleStep(max(1, maximum // 50))
+            self.trim_slider.setPageStep(max(1, maximum // 10))
+            self.trim_slider.setValue(maximum if limit is None else min(limit, maximum))
+            index = self.mode_combo.findData(mode)
+            self.mode_combo.setCurrentIndex(max(index, 0))
+            self._show_limit()
+            self.trim_preview_label.setText("")
+        finally:
+            self._loading = False
+
+    def trim_limit(self) -> int | None:
+        """The slider's limit; the far right end means no limit."""
+        value = self.trim_slider.value()
+        return None if value >= self.trim_slider.maximum() else value
+
+    def trim_mode(self) -> str:
+        return str(self.mode_combo.currentData())
+
+    def _show_limit(self) -> None:
+        limit = self.trim_limit()
+        self.trim_value.setText("no limit" if limit is None else f"{limit} tokens")
+
+    def _on_slider_moved(self, _value: int) -> None:
+        self._show_limit()
+        if self._loading:
+            return
+        self._preview_timer.start()
+        if not self.trim_slider.isSliderDown():
+            self._apply_timer.start()  # keyboard or programmatic change: apply after a pause
+
+    def _on_mode_changed(self, _index: int) -> None:
+        if not self._loading:
+            self._emit_preview()
+            self.apply_trim_now()
+
+    def _emit_preview(self) -> None:
+        self.trim_preview_requested.emit(self.trim_limit(), self.trim_mode())
+
+    def apply_trim_now(self) -> None:
+        self._apply_timer.stop()
+        if not self._loading:
+            self.trim_apply_requested.emit(self.trim_limit(), self.trim_mode())
+
+    def show_trim_preview(self, preview: TrimPreview) -> None:
+        if preview.turns_change > 0:
+            change = f"{preview.turns_change} turn(s) leave the cache"
+        elif preview.turns_change < 0:
+            change = f"{-preview.turns_change} turn(s) come back into the cache"
+        else:
+            change = "no turn changes"
+        cost = f"recompute {preview.recompute_tokens} tokens"
+        if preview.recompute_seconds is not None and preview.recompute_tokens:
+            cost += f" (about {preview.recompute_seconds:.2f} s)"
+        self.trim_preview_label.setText(
+            f"{change}; {preview.kept_history_tokens} history tokens kept; {cost}"
+            f" · mode {preview.mode}"
+        )
+
+    # -- phases ---------------------------------------------------------------------
+
+    def _refresh_turn_combo(self) -> None:
+        self.turn_combo.blockSignals(True)
+        self.turn_combo.clear()
+        for index in range(len(self.turns)):
+            self.turn_combo.addItem(f"Turn {index + 1}", index)
+        self.turn_combo.setCurrentIndex(len(self.turns) - 1)
+        self.turn_combo.blockSignals(False)
+        self._show_phases()
+
+    def _show_phases(self, *_: object) -> None:
+        index = self.turn_combo.currentData()
+        self.phase_table.setRowCount(0)
+        if index is None or not self.turns:
+            self.turn_summary.setText("")
+            return
+        turn = self.turns[int(index)]
+        rows = phase_rows(turn)
+        # First token includes prefill, so shares are of the wall-clock sum without it.
+        total = sum(ms for name, ms, _, _ in rows if ms and name != "first token") or 1.0
+        self.phase_table.setRowCount(len(rows))
+        for row, (name, ms, tokens, rate) in enumerate(rows):
+            cells = [name, "—" if ms is None else f"{ms:.1f}", tokens, rate]
+            for column, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if column:
+                    item.setTextAlignment(
+                        Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
+                    )
+                self.phase_table.setItem(row, column, item)
+            share_item = QTableWidgetItem()
+            if ms is not None and name != "first token":
+                share_item.setData(Qt.ItemDataRole.UserRole, min(1.0, ms / total))
+            self.phase_table.setItem(row, 4, share_item)
+        self.turn_summary.setText(
+            f"{turn.get('layout', '')} · reused {turn.get('reused_tokens', 0)},"
+            f" recomputed {turn.get('prefill_tokens', 0)} · {turn.get('finish_reason', '')}"
+        )
+
+    # -- export ---------------------------------------------------------------------
+
+    def export_png(self, path: str | Path) -> Path:
+        exporter = ImageExporter(self.charts.ci)
+        exporter.parameters()["width"] = max(800, self.charts.width() * 2)
+        exporter.export(str(path))
+        return Path(path)
+
+    def export_csv(self, path: str | Path) -> Path:
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            for index, turn in enumerate(self.turns, start=1):
+                writer.writerow({**turn, "turn": index})
+        return Path(path)
+
+    def ask_export_png(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export charts", "kvchat-turns.png", "PNG (*.png)"
+        )
+        if path:
+            self.export_png(path)
+
+    def ask_export_csv(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export turn data", "kvchat-turns.csv", "CSV (*.csv)"
+        )
+        if path:
+            self.export_csv(path)

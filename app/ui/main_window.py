@@ -1,0 +1,843 @@
+"""The main window: chat list | conversation | instructions over the cache inspector.
+
+The window owns a non-exclusive Store for reads and light writes (chat list, messages,
+instruction versions, layout) and an :class:`EngineHost` whose worker thread does
+everything that touches the model. It never waits for the worker: every answer
+arrives as a signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from PySide6.QtCore import QByteArray, QSettings, QSize, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QToolBar,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.engine.models import ModelChoice, available_models
+from app.resources import resource_path
+from app.storage.records import Chat
+from app.storage.store import StorageError, Store
+from app.ui.chat_list import ChatListPanel
+from app.ui.chat_view import ChatView
+from app.ui.dialogs import InfoBanner, about_html, storage_note
+from app.ui.inspector import CacheInspector, format_bytes
+from app.ui.instructions import InstructionEditor, describe_edit_cost
+from app.ui.worker import (
+    BackgroundOutcome,
+    EngineHost,
+    GenerationOptions,
+    ModelStatus,
+    TurnOutcome,
+)
+
+DEFAULT_SIZE = (1400, 900)
+ICON_FILE = ("icons", "kvchat-256.png")  # from the packaging work; optional
+OPEN_GGUF = "__open__"
+_Slot = TypeVar("_Slot", bound=Callable[..., None])
+
+
+def _unless_closed(slot: _Slot) -> _Slot:
+    """Worker answers still queued when the window closed must not touch the closed store."""
+
+    @functools.wraps(slot)
+    def guarded(self: MainWindow, *args: Any) -> None:
+        if not self._closed:
+            slot(self, *args)
+
+    return guarded  # type: ignore[return-value]
+
+
+class MainWindow(QMainWindow):
+    """KV Chat's window. Signals below let tests (and scripts) wait for the worker."""
+
+    model_ready = Signal(object)  # ModelStatus
+    model_error = Signal(str)
+    reply_received = Signal(object)  # TurnOutcome
+    turn_error = Signal(str, str)  # kind, message
+    background_done = Signal(object)  # BackgroundOutcome
+    trim_preview_shown = Signal(object)  # TrimPreview
+    trim_changed = Signal(int, object)  # chat id, TrimPreview
+    edit_cost_shown = Signal(int, object)  # tokens, seconds
+    cache_view_shown = Signal(object)
+    chat_removed = Signal(int)
+    error_shown = Signal(str)
+
+    def __init__(
+        self,
+        db_path: str | Path,
+        *,
+        model_path: str | Path | None = None,
+        settings: QSettings | None = None,
+        n_ctx: int | None = None,
+        kv_type: str = "f16",
+        n_threads: int | None = None,
+        models_dir: Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.db_path = Path(db_path)
+        self.settings = settings if settings is not None else QSettings("kvchat", "kvchat")
+        self.models_dir = models_dir
+        # Exclusive store first: a second instance fails here, before anything else starts.
+        self.host = EngineHost(
+            self.db_path, n_ctx=n_ctx, kv_type=kv_type, n_threads=n_threads, parent=self
+        )
+        self.store = Store(self.db_path)
+        self.current_chat_id: int | None = None
+        self.model: ModelStatus | None = None
+        self.busy = False
+        self.pending_text: str | None = None
+        self.last_error: str | None = None
+        self._closed = False
+        self._edit_cost_request = 0
+        self._trim_request = 0
+        self._requested_model: str | None = str(model_path) if model_path else None
+
+        self.setWindowTitle("KV Chat")
+        icon = resource_path(*ICON_FILE)
+        if icon.is_file():
+            self.setWindowIcon(QIcon(str(icon)))
+        self._build_toolbar()
+        self._build_central()
+        self._build_status_bar()
+        self._build_menus()
+        self._build_shortcuts()
+        self._connect_worker()
+        self._restore_settings()
+        self._show_first_run_note()
+        self.refresh_chats()
+        first = self.chat_list.current_chat_id()
+        if first is None and self.store.chats():
+            first = self.store.chats()[0].id
+        if first is not None:
+            self.select_chat(first)
+        else:
+            self._update_actions()
+        self.model_status_label.setText("Loading model…")
+        self.host.load_model(self._requested_model)
+
+    # -- construction ---------------------------------------------------------------
+
+    def _build_toolbar(self) -> None:
+        toolbar = QToolBar("Main")
+        toolbar.setObjectName("mainToolbar")
+        toolbar.setMovable(False)
+        self.addToolBar(toolbar)
+        toolbar.addWidget(QLabel(" Model "))
+        self.model_combo = QComboBox()
+        self.model_combo.setObjectName("modelCombo")
+        self.model_combo.setMinimumWidth(260)
+        toolbar.addWidget(self.model_combo)
+        self._fill_model_combo()
+        self.model_combo.activated.connect(self._on_model_chosen)
+        toolbar.addSeparator()
+        toolbar.addWidget(QLabel(" Max tokens "))
+        self.max_tokens_spin = QSpinBox()
+        self.max_tokens_spin.setRange(1, 4096)
+        self.max_tokens_spin.setValue(int(self.settings.value("generation/max_tokens", 256)))
+        self.max_tokens_spin.setToolTip("Longest reply, in tokens")
+        toolbar.addWidget(self.max_tokens_spin)
+        toolbar.addWidget(QLabel(" Temperature "))
+        self.temperature_spin = QDoubleSpinBox()
+        self.temperature_spin.setRange(0.0, 2.0)
+        self.temperature_spin.setSingleStep(0.1)
+        self.temperature_spin.setDecimals(2)
+        self.temperature_spin.setValue(float(self.settings.value("generation/temperature", 0.7)))
+        self.temperature_spin.setToolTip("0 always picks the most likely token (repeatable)")
+        toolbar.addWidget(self.temperature_spin)
+
+    def _build_central(self) -> None:
+        self.chat_list = ChatListPanel()
+        self.chat_view = ChatView()
+        self.instructions = InstructionEditor()
+        self.inspector = CacheInspector()
+
+        chat_column = QWidget()
+        chat_column.setObjectName("chatColumnPanel")
+        column = QVBoxLayout(chat_column)
+        column.setContentsMargins(0, 0, 0, 0)
+        column.setSpacing(0)
+        self.banner_slot = QVBoxLayout()
+        self.banner_slot.setContentsMargins(8, 8, 8, 0)
+        column.addLayout(self.banner_slot)
+        self.chat_title = QLabel("")
+        self.chat_title.setObjectName("chatTitle")
+        column.addWidget(self.chat_title)
+        column.addWidget(self.chat_view, 1)
+        composer = QWidget()
+        composer.setObjectName("composer")
+        composer_layout = QVBoxLayout(composer)
+        composer_layout.setContentsMargins(8, 6, 8, 8)
+        composer_layout.setSpacing(6)
+        self.input = QPlainTextEdit()
+        self.input.setObjectName("messageInput")
+        self.input.setPlaceholderText("Message… (Ctrl+Enter sends, Esc stops)")
+        self.input.setFixedHeight(96)
+        composer_layout.addWidget(self.input)
+        buttons = QHBoxLayout()
+        self.turn_status = QLabel("")
+        self.turn_status.setObjectName("turnStatus")
+        buttons.addWidget(self.turn_status, 1)
+        self.regenerate_button = QPushButton("Regenerate")
+        self.regenerate_button.setToolTip("Replace the last reply")
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip("Stop the reply (Esc); the partial reply is kept")
+        self.send_button = QPushButton("Send")
+        self.send_button.setObjectName("primaryButton")
+        self.send_button.setToolTip("Send (Ctrl+Enter)")
+        for button in (self.regenerate_button, self.stop_button, self.send_button):
+            buttons.addWidget(button)
+        composer_layout.addLayout(buttons)
+        column.addWidget(composer)
+
+        self.side_splitter = QSplitter(Qt.Orientation.Vertical)
+        self.side_splitter.setObjectName("sideSplitter")
+        self.side_splitter.addWidget(self.instructions)
+        self.side_splitter.addWidget(self.inspector)
+        self.side_splitter.setStretchFactor(0, 0)
+        self.side_splitter.setStretchFactor(1, 1)
+        self.side_splitter.setSizes([270, 600])
+
+        self.main_splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.main_splitter.setObjectName("mainSplitter")
+        self.main_splitter.addWidget(self.chat_list)
+        self.main_splitter.addWidget(chat_column)
+        self.main_splitter.addWidget(self.side_splitter)
+        self.main_splitter.setStretchFactor(0, 0)
+        self.main_splitter.setStretchFactor(1, 1)
+        self.main_splitter.setStretchFactor(2, 1)
+        self.main_splitter.setSizes([210, 560, 630])
+        self.setCentralWidget(self.main_splitter)
+
+        self.send_button.clicked.connect(self.send)
+        self.stop_button.clicked.connect(self.stop)
+        self.regenerate_button.clicked.connect(self.regenerate)
+        self.chat_list.chat_selected.connect(self.select_chat)
+        self.chat_list.new_requested.connect(self.new_chat)
+        self.chat_list.rename_requested.connect(self._ask_rename)
+        self.chat_list.delete_requested.connect(self._ask_delete)
+        self.chat_list.search_changed.connect(lambda _text: self.refresh_chats())
+        self.instructions.text_edited.connect(self.request_edit_cost)
+        self.instructions.save_requested.connect(self.save_instructions)
+        self.instructions.layout_changed.connect(self.set_layout)
+        self.inspector.trim_preview_requested.connect(self._request_trim_preview)
+        self.inspector.trim_apply_requested.connect(self._apply_trim)
+
+    def _build_status_bar(self) -> None:
+        bar = self.statusBar()
+        self.progress = QProgressBar()
+        self.progress.setMaximumWidth(220)
+        self.progress.setTextVisible(True)
+        self.progress.hide()
+        self.model_status_label = QLabel("")
+        self.context_label = QLabel("")
+        self.kv_label = QLabel("")
+        bar.addPermanentWidget(self.progress)
+        bar.addPermanentWidget(self.model_status_label)
+        bar.addPermanentWidget(self.context_label)
+        bar.addPermanentWidget(self.kv_label)
+
+    def _build_menus(self) -> None:
+        file_menu = self.menuBar().addMenu("&File")
+        self.new_chat_action = QAction("&New chat", self)
+        self.new_chat_action.setShortcut(QKeySequence("Ctrl+N"))
+        self.new_chat_action.triggered.connect(self.new_chat)
+        file_menu.addAction(self.new_chat_action)
+        export_png = QAction("Export charts as PNG…", self)
+        export_png.triggered.connect(self.inspector.ask_export_png)
+        file_menu.addAction(export_png)
+        export_csv = QAction("Export turn data as CSV…", self)
+        export_csv.triggered.connect(self.inspector.ask_export_csv)
+        file_menu.addAction(export_csv)
+        file_menu.addSeparator()
+        quit_action = QAction("&Quit", self)
+        quit_action.setShortcut(QKeySequence.StandardKey.Quit)
+        quit_action.triggered.connect(self.close)
+        file_menu.addAction(quit_action)
+
+        self.model_menu = self.menuBar().addMenu("&Model")
+        self.model_menu.aboutToShow.connect(self._fill_model_menu)
+
+        help_menu = self.menuBar().addMenu("&Help")
+        where = QAction("Where are my chats?", self)
+        where.triggered.connect(self.show_storage_note)
+        help_menu.addAction(where)
+        about = QAction("&About KV Chat", self)
+        about.triggered.connect(self.show_about)
+        help_menu.addAction(about)
+
+    def _build_shortcuts(self) -> None:
+        self.shortcuts: list[QShortcut] = []
+        for keys, slot in (
+            ("Ctrl+Return", self.send),
+            ("Ctrl+Enter", self.send),
+            ("Escape", self.stop),
+        ):
+            shortcut = QShortcut(QKeySequence(keys), self)
+            shortcut.setContext(Qt.ShortcutContext.WindowShortcut)
+            shortcut.activated.connect(slot)
+            self.shortcuts.append(shortcut)
+
+    def _connect_worker(self) -> None:
+        worker = self.host.worker
+        worker.model_loading.connect(self._on_model_loading)
+        worker.load_progress.connect(self._on_load_progress)
+        worker.model_loaded.connect(self._on_model_loaded)
+        worker.model_failed.connect(self._on_model_failed)
+        worker.token.connect(self._on_token)
+        worker.progress.connect(self._on_progress)
+        worker.reply_finished.connect(self._on_reply)
+        worker.turn_failed.connect(self._on_turn_failed)
+        worker.background_finished.connect(self._on_background)
+        worker.edit_cost_ready.connect(self._on_edit_cost)
+        worker.trim_preview_ready.connect(self._on_trim_preview)
+        worker.trim_applied.connect(self._on_trim_applied)
+        worker.cache_view_ready.connect(self._on_cache_view)
+        worker.chat_deleted.connect(self._on_chat_deleted)
+        worker.error.connect(lambda text: self.show_error("KV Chat", text))
+
+    # -- settings and first run -----------------------------------------------------
+
+    def _restore_settings(self) -> None:
+        geometry = self.settings.value("window/geometry")
+        size = self.settings.value("window/size")
+        if isinstance(geometry, QByteArray) and not geometry.isEmpty():
+            self.restoreGeometry(geometry)  # position, screen, maximized state
+            if isinstance(size, QSize) and not self.isMaximized():
+                self.resize(size)  # restoreGeometry may shrink it to a small virtual screen
+        else:
+            self.resize(*DEFAULT_SIZE)
+        for key, splitter in (
+            ("window/main_splitter", self.main_splitter),
+            ("window/side_splitter", self.side_splitter),
+        ):
+            state = self.settings.value(key)
+            if isinstance(state, QByteArray) and not state.isEmpty():
+                splitter.restoreState(state)
+
+    def _save_settings(self) -> None:
+        self.settings.setValue("window/geometry", self.saveGeometry())
+        self.settings.setValue("window/size", self.size())
+        self.settings.setValue("window/main_splitter", self.main_splitter.saveState())
+        self.settings.setValue("window/side_splitter", self.side_splitter.saveState())
+        self.settings.setValue("generation/max_tokens", self.max_tokens_spin.value())
+        self.settings.setValue("generation/temperature", self.temperature_spin.value())
+        self.settings.sync()
+
+    def _show_first_run_note(self) -> None:
+        self.first_run_banner: InfoBanner | None = None
+        if self.settings.value("first_run/storage_note_shown", False, type=bool):
+            return
+        self.first_run_banner = InfoBanner(
+            storage_note(self.db_path) + " Help → Where are my chats? shows this again."
+        )
+        self.banner_slot.addWidget(self.first_run_banner)
+        self.settings.setValue("first_run/storage_note_shown", True)
+
+    def show_storage_note(self) -> None:
+        QMessageBox.information(self, "Where are my chats?", storage_note(self.db_path))
+
+    def about_text(self) -> str:
+        model = self.model
+        return about_html(
+            model_description=model.description if model else None,
+            model_path=model.path if model else None,
+            backend_version=model.backend_version if model else None,
+        )
+
+    def show_about(self) -> None:
+        QMessageBox.about(self, "About KV Chat", self.about_text())
+
+    def show_error(self, title: str, text: str) -> None:
+        """Non-blocking: the message appears, the window stays usable, nothing is lost."""
+        self.last_error = text
+        self.error_shown.emit(text)
+        self.statusBar().showMessage(text, 10_000)
+        if self._closed:
+            return
+        box = QMessageBox(
+            QMessageBox.Icon.Warning, title, text, QMessageBox.StandardButton.Ok, self
+        )
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.open()
+
+    # -- models ---------------------------------------------------------------------
+
+    def _model_choices(self) -> list[ModelChoice]:
+        return available_models(self.models_dir)
+
+    def _fill_model_combo(self) -> None:
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        for choice in self._model_choices():
+            self.model_combo.addItem(choice.label, str(choice.path))
+        self.model_combo.addItem("Open GGUF…", OPEN_GGUF)
+        self.model_combo.blockSignals(False)
+        self._select_model_in_combo()
+
+    def _select_model_in_combo(self) -> None:
+        if self.model is None:
+            return
+        index = self.model_combo.findData(self.model.path)
+        if index < 0:
+            self.model_combo.blockSignals(True)
+            self.model_combo.insertItem(
+                self.model_combo.count() - 1, Path(self.model.path).name, self.model.path
+            )
+            self.model_combo.blockSignals(False)
+            index = self.model_combo.findData(self.model.path)
+        self.model_combo.setCurrentIndex(index)
+
+    def _fill_model_menu(self) -> None:
+        self.model_menu.clear()
+        for choice in self._model_choices():
+            action = self.model_menu.addAction(choice.label)
+            action.setCheckable(True)
+            action.setChecked(self.model is not None and self.model.path == str(choice.path))
+            action.triggered.connect(lambda _=False, p=str(choice.path): self.load_model(p))
+        self.model_menu.addSeparator()
+        self.model_menu.addAction("Open GGUF…", self.open_gguf)
+
+    def _on_model_chosen(self, index: int) -> None:
+        data = self.model_combo.itemData(index)
+        if data == OPEN_GGUF:
+            self._select_model_in_combo()
+            self.open_gguf()
+        elif data and (self.model is None or data != self.model.path):
+            self.load_model(str(data))
+
+    def open_gguf(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open a GGUF model", "", "GGUF models (*.gguf);;All files (*)"
+        )
+        if path:
+            self.load_model(path)
+
+    def load_model(self, path: str | None) -> None:
+        """Load on the worker; the current model stays in use until the new one is ready."""
+        if self.busy:
+            self.stop()
+        self._requested_model = path
+        self.host.load_model(path)
+
+    @_unless_closed
+    def _on_model_loading(self, path: str) -> None:
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        self.progress.setFormat("Loading model %p%")
+        self.progress.show()
+        self.model_status_label.setText(f"Loading {Path(path).name if path else 'default model'}…")
+
+    @_unless_closed
+    def _on_load_progress(self, fraction: float) -> None:
+        self.progress.setValue(int(fraction * 100))
+
+    @_unless_closed
+    def _on_model_loaded(self, status: ModelStatus) -> None:
+        self.model = status
+        self.progress.hide()
+        self._select_model_in_combo()
+        self.model_status_label.setText(f"{Path(status.path).name} · {status.description}")
+        self.model_status_label.setToolTip(status.path)
+        self.kv_label.setText(f"KV {status.kv_type}")
+        self._set_context_used(None)
+        self.statusBar().showMessage(f"Model loaded in {status.load_ms:.0f} ms", 5000)
+        if self.current_chat_id is not None:
+            self.host.refresh_cache_view(self.current_chat_id)
+        self._update_actions()
+        self.model_ready.emit(status)
+
+    @_unless_closed
+    def _on_model_failed(self, message: str) -> None:
+        self.progress.hide()
+        if self.model is not None:
+            self.model_status_label.setText(
+                f"{Path(self.model.path).name} · {self.model.description}"
+            )
+            self._select_model_in_combo()
+            text = (
+                f"Could not load the model: {message}\n\nStill using {Path(self.model.path).name}."
+            )
+        else:
+            self.model_status_label.setText("No model loaded")
+            text = f"Could not load the model: {message}\n\nPick another one in the Model menu."
+        self.model_error.emit(message)
+        self.show_error("Model not loaded", text)
+
+    def _set_context_used(self, tokens: int | None) -> None:
+        if self.model is None:
+            self.context_label.setText("")
+            return
+        used = "—" if tokens is None else str(tokens)
+        self.context_label.setText(f"context {used} / {self.model.n_ctx}")
+
+    # -- chats ----------------------------------------------------------------------
+
+    def refresh_chats(self) -> None:
+        try:
+            chats = self.store.chats(self.chat_list.search.text())
+        except StorageError as error:
+            self.show_error("Chats", str(error))
+            return
+        self.chat_list.set_chats(chats, self.current_chat_id)
+
+    def new_chat(self) -> int:
+        names = {chat.name for chat in self.store.chats()}
+        number = len(names) + 1
+        while f"Chat {number}" in names:
+            number += 1
+        chat = self.store.create_chat(f"Chat {number}")
+        self.chat_list.search.clear()
+        self.current_chat_id = chat.id
+        self.refresh_chats()
+        self.select_chat(chat.id)
+        self.input.setFocus()
+        return chat.id
+
+    def select_chat(self, chat_id: int) -> None:
+        """Show a chat. Its saved cache is restored lazily, by the next send."""
+        try:
+            chat = self.store.chat(chat_id)
+        except KeyError:
+            return
+        self.current_chat_id = chat_id
+        if self.chat_list.current_chat_id() != chat_id:
+            self.refresh_chats()
+        self.chat_title.setText(chat.name)
+        self.reload_chat()
+        versions = self.store.instruction_versions(chat_id)
+        self.instructions.load(versions, chat.layout)
+        rows = self.store.metrics(chat_id)
+        self.inspector.set_turns([(row.id, row.data) for row in rows])
+        if self.model is not None:
+            self.host.refresh_cache_view(chat_id)
+        else:
+            self.inspector.set_cache_view(None)
+        self._update_actions()
+
+    def current_chat(self) -> Chat | None:
+        if self.current_chat_id is None:
+            return None
+        try:
+            return self.store.chat(self.current_chat_id)
+        except KeyError:
+            return None
+
+    def reload_chat(self, *, incremental: bool = False) -> None:
+        """Messages and trim state from the store (after a turn, a trim, a selection)."""
+        chat = self.current_chat()
+        if chat is None:
+            self.chat_view.clear()
+            return
+        messages = self.store.messages(chat.id)
+        if incremental:
+            self.chat_view.sync_messages(messages, chat.cache_start_seq)
+        else:
+            self.chat_view.show_messages(messages, chat.cache_start_seq)
+        history_tokens = sum(len(m.token_ids) for m in messages)
+        self.inspector.set_trim(chat.trim_tokens, chat.trim_mode, history_tokens)
+
+    def rename_chat(self, chat_id: int, name: str) -> None:
+        try:
+            chat = self.store.rename_chat(chat_id, name)
+        except (ValueError, StorageError) as error:
+            self.show_error("Rename chat", str(error))
+            return
+        if chat_id == self.current_chat_id:
+            self.chat_title.setText(chat.name)
+        self.refresh_chats()
+
+    def _ask_rename(self, chat_id: int) -> None:
+        chat = self.store.chat(chat_id)
+        name, ok = QInputDialog.getText(self, "Rename chat", "Name:", text=chat.name)
+        if ok:
+            self.rename_chat(chat_id, name)
+
+    def delete_chat(self, chat_id: int) -> None:
+        """The worker forgets the chat's cache and deletes it, after any turn of that chat."""
+        self.host.delete_chat(chat_id)
+
+    def _ask_delete(self, chat_id: int) -> None:
+        chat = self.store.chat(chat_id)
+        answer = QMessageBox.question(
+            self,
+            "Delete chat",
+            f"Delete “{chat.name}” with its messages, instruction versions and saved cache?",
+        )
+        if answer == QMessageBox.StandardButton.Yes:
+            self.delete_chat(chat_id)
+
+    @_unless_closed
+    def _on_chat_deleted(self, chat_id: int) -> None:
+        if chat_id == self.current_chat_id:
+            self.current_chat_id = None
+            self.chat_view.clear()
+            self.chat_title.setText("")
+            self.instructions.load([], "history-first")
+            self.inspector.set_turns([])
+            remaining = self.store.chats()
+            if remaining:
+                self.select_chat(remaining[0].id)
+        self.refresh_chats()
+        self._update_actions()
+        self.chat_removed.emit(chat_id)
+
+    # -- instructions and layout ----------------------------------------------------
+
+    def save_instructions(self, text: str) -> None:
+        chat_id = self.current_chat_id or self.new_chat()
+        current = self.store.current_instructions(chat_id)
+        if current is not None and current.text == text:
+            return
+        variables = current.variables if current else {}
+        try:
+            self.store.add_instruction_version(chat_id, text, variables)
+        except StorageError as error:
+            self.show_error("Instructions", str(error))
+            return
+        chat = self.store.chat(chat_id)
+        self.instructions.load(self.store.instruction_versions(chat_id), chat.layout)
+        self.instructions.show_cost(
+            "Saved. The cache is warming up with this version in idle time."
+        )
+        if self.model is not None:
+            self.host.prepare_chat(chat_id)
+
+    def set_layout(self, layout: str) -> None:
+        chat_id = self.current_chat_id
+        if chat_id is None:
+            return
+        self.store.update_chat(chat_id, layout=layout)
+        self.request_edit_cost()
+        if self.model is not None:
+            self.host.prepare_chat(chat_id)
+
+    @_unless_closed
+    def request_edit_cost(self) -> None:
+        """Ask the worker what sending with the editor's text would recompute."""
+        chat_id = self.current_chat_id
+        if chat_id is None or self.model is None:
+            self.instructions.show_cost("")
+            return
+        current = self.store.current_instructions(chat_id)
+        variables = current.variables if current else {}
+        self._edit_cost_request = self.host.request_edit_cost(
+            chat_id, self.instructions.text(), variables, self.instructions.current_layout()
+        )
+
+    @_unless_closed
+    def _on_edit_cost(self, request_id: int, chat_id: int, tokens: int, seconds: object) -> None:
+        if request_id != self._edit_cost_request or chat_id != self.current_chat_id:
+            return
+        speed = None
+        if seconds and tokens:
+            speed = tokens / float(seconds)  # type: ignore[arg-type]
+        self.instructions.show_cost(describe_edit_cost(tokens, seconds, speed))  # type: ignore[arg-type]
+        self.edit_cost_shown.emit(tokens, seconds)
+
+    # -- trim -----------------------------------------------------------------------
+
+    @_unless_closed
+    def _request_trim_preview(self, limit: int | None, mode: str) -> None:
+        if self.current_chat_id is None or self.model is None:
+            return
+        self._trim_request = self.host.request_trim_preview(self.current_chat_id, limit, mode)
+
+    @_unless_closed
+    def _on_trim_preview(self, request_id: int, chat_id: int, preview: Any) -> None:
+        if request_id != self._trim_request or chat_id != self.current_chat_id:
+            return
+        self.inspector.show_trim_preview(preview)
+        self.chat_view.mark_leaving(set(preview.dropped_message_ids), preview=True)
+        self.trim_preview_shown.emit(preview)
+
+    @_unless_closed
+    def _apply_trim(self, limit: int | None, mode: str) -> None:
+        if self.current_chat_id is None or self.model is None:
+            return
+        if self.busy:
+            self.statusBar().showMessage("The limit applies after this reply.", 4000)
+        self.host.apply_trim(self.current_chat_id, limit, mode)
+
+    @_unless_closed
+    def _on_trim_applied(self, chat_id: int, preview: Any) -> None:
+        if chat_id == self.current_chat_id:
+            self.reload_chat(incremental=True)
+            self.inspector.show_trim_preview(preview)
+        self.trim_changed.emit(chat_id, preview)
+
+    # -- a turn ---------------------------------------------------------------------
+
+    def generation_options(self) -> GenerationOptions:
+        return GenerationOptions(
+            max_tokens=self.max_tokens_spin.value(),
+            temperature=self.temperature_spin.value(),
+            seed=0,
+        )
+
+    def send(self) -> None:
+        text = self.input.toPlainText()
+        if not text.strip():
+            return
+        if self.busy:
+            self.statusBar().showMessage("A reply is still being written; Esc stops it.", 4000)
+            return
+        chat_id = self.current_chat_id or self.new_chat()
+        self.pending_text = text
+        self.input.clear()
+        self.chat_view.add_pending_user(text)
+        self.chat_view.begin_reply()
+        self._set_busy(True, "Reading the prompt…")
+        self.host.send(chat_id, text, self.generation_options())
+
+    def regenerate(self) -> None:
+        chat_id = self.current_chat_id
+        if chat_id is None or self.busy:
+            return
+        messages = self.store.messages(chat_id)
+        if not messages:
+            return
+        # Show the conversation without the reply that is being replaced.
+        while messages and messages[-1].role == "assistant":
+            messages.pop()
+        chat = self.store.chat(chat_id)
+        self.chat_view.show_messages(messages, chat.cache_start_seq)
+        self.chat_view.begin_reply()
+        self.pending_text = None
+        self._set_busy(True, "Regenerating…")
+        self.host.regenerate(chat_id, self.generation_options())
+
+    def stop(self) -> None:
+        if self.busy:
+            self.host.stop()
+            self.turn_status.setText("Stopping…")
+
+    def _set_busy(self, busy: bool, status: str = "") -> None:
+        self.busy = busy
+        self.turn_status.setText(status)
+        self._update_actions()
+
+    def _update_actions(self) -> None:
+        has_chat = self.current_chat_id is not None
+        self.send_button.setEnabled(not self.busy)
+        self.stop_button.setEnabled(self.busy)
+        self.regenerate_button.setEnabled(
+            not self.busy and has_chat and bool(self.chat_view.bubbles)
+        )
+
+    @_unless_closed
+    def _on_token(self, chat_id: int, piece: str) -> None:
+        if chat_id == self.current_chat_id:
+            if self.turn_status.text() != "Writing…" and self.turn_status.text() != "Stopping…":
+                self.turn_status.setText("Writing…")
+            self.chat_view.append_token(piece)
+
+    @_unless_closed
+    def _on_progress(self, chat_id: int, phase: str, done: int, total: int) -> None:
+        if phase != "prefill" or total < 256:
+            return  # short steps would only flicker
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self.progress.setFormat(f"{phase} %v/%m")
+        self.progress.setVisible(done < total)
+
+    @_unless_closed
+    def _on_reply(self, outcome: TurnOutcome) -> None:
+        self.chat_view.stop_rendering()
+        self.progress.hide()
+        self.pending_text = None
+        metrics = outcome.metrics
+        status = (
+            f"Reused {metrics['reused_tokens']}, recomputed {metrics['prefill_tokens']} tokens ·"
+            f" first token {metrics['ttft_ms']:.0f} ms · {metrics['decode_tokens_per_s']:.0f} tok/s"
+        )
+        if outcome.finish_reason == "cancelled":
+            status = "Stopped. " + status
+        self._set_busy(False, status)
+        if outcome.chat_id == self.current_chat_id:
+            self.reload_chat(incremental=True)
+            self.inspector.upsert_turn(outcome.metrics_id, metrics)
+        self._set_context_used(int(metrics.get("cache_tokens") or 0))
+        self.refresh_chats()
+        self._update_actions()
+        self.reply_received.emit(outcome)
+
+    @_unless_closed
+    def _on_turn_failed(self, chat_id: int, kind: str, message: str) -> None:
+        self.chat_view.stop_rendering()
+        self.progress.hide()
+        text = self.pending_text
+        self.pending_text = None
+        self._set_busy(False, "")
+        if chat_id == self.current_chat_id:
+            self.reload_chat(incremental=True)
+        stored = False
+        if text is not None:
+            with contextlib.suppress(KeyError, StorageError):
+                stored = any(
+                    m.role == "user" and m.text == text for m in self.store.messages(chat_id)[-2:]
+                )
+        if text is not None and not stored and not self.input.toPlainText().strip():
+            self.input.setPlainText(text)  # nothing typed is lost
+        title = "Message too long" if kind == "overflow" else "The reply failed"
+        self.turn_error.emit(kind, message)
+        self.show_error(title, message[:1].upper() + message[1:] + ".")
+
+    @_unless_closed
+    def _on_background(self, outcome: BackgroundOutcome) -> None:
+        if outcome.chat_id == self.current_chat_id:
+            if outcome.metrics is not None and outcome.metrics_id is not None:
+                self.inspector.upsert_turn(outcome.metrics_id, outcome.metrics)
+            elif outcome.metrics is not None:
+                rows = self.store.metrics(outcome.chat_id)
+                self.inspector.set_turns([(row.id, row.data) for row in rows])
+            if outcome.cache is not None:
+                self._on_cache_view(outcome.chat_id, outcome.cache)
+        if outcome.cache is not None and outcome.cache.chat_id is not None:
+            self._set_context_used(outcome.cache.cache_tokens)
+        self.background_done.emit(outcome)
+
+    @_unless_closed
+    def _on_cache_view(self, chat_id: int, view: Any) -> None:
+        if chat_id != self.current_chat_id:
+            return
+        self.inspector.set_cache_view(view)
+        if view.chat_id == chat_id:
+            self._set_context_used(view.cache_tokens)
+            size = format_bytes(view.cache_tokens * view.bytes_per_token)
+            self.context_label.setToolTip(f"KV cache of this chat: {size}")
+        self.cache_view_shown.emit(view)
+
+    # -- closing --------------------------------------------------------------------
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        """Save geometry, stop the worker (it saves the cache), join its thread, close the DB."""
+        if not self._closed:
+            self._closed = True
+            self._save_settings()
+            for timer in self.findChildren(QTimer):
+                timer.stop()  # debounces must not fire on a closed store
+            self.host.shutdown()
+            self.store.close()
+        event.accept()

@@ -1,0 +1,522 @@
+"""The engine's thread: one QObject that owns the Engine and its own Store connection.
+
+The GUI thread never calls llama.cpp. It posts requests through queued signals of
+:class:`EngineHost`; the :class:`EngineWorker` runs them one at a time in its own
+QThread and answers with signals. Cancellation cannot wait in the queue behind the
+job it is meant to stop, so it goes through ``threading.Event`` objects that the GUI
+thread sets directly: one per turn (Stop/Esc) and one per turn's background work
+(commit, warm-up, save), which the next send pre-empts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
+
+from app.engine import llama_backend as backend_module
+from app.engine.engine import (
+    CacheView,
+    ContextOverflowError,
+    Engine,
+    EngineError,
+    GenerationOptions,
+    TrimPreview,
+)
+from app.engine.models import ModelFileError, check_gguf_file
+from app.engine.prompt import render_instructions
+from app.storage.store import StorageError, Store
+
+
+def default_thread_count() -> int:
+    """All cores but one: llama.cpp's busy threads must leave the GUI thread a core."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What the window shows about the loaded model (plain data, safe to pass between threads)."""
+
+    path: str
+    description: str
+    n_params: int
+    size_bytes: int
+    n_ctx: int
+    kv_type: str
+    backend_version: str
+    load_ms: float = 0.0
+
+
+@dataclass
+class TurnOutcome:
+    """A finished (or stopped) reply, as the GUI needs it."""
+
+    chat_id: int
+    user_message_id: int
+    reply_message_id: int | None
+    reply: str
+    metrics: dict[str, Any]
+    metrics_id: int
+    finish_reason: str
+    regenerated: bool = False
+
+
+@dataclass
+class BackgroundOutcome:
+    """Commit + warm-up + save after a reply, or why they stopped early.
+
+    ``metrics_id`` is the turn's metrics row (None after an edit or a trim); ``metrics``
+    is that row completed by the save, None when the steps were pre-empted.
+    """
+
+    chat_id: int
+    metrics_id: int | None
+    metrics: dict[str, Any] | None
+    completed: bool
+    cache: CacheView | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TurnRequest:
+    chat_id: int
+    text: str | None  # None: regenerate the last reply
+    options: GenerationOptions
+    cancel: threading.Event
+    background_cancel: threading.Event
+
+
+class EngineWorker(QObject):
+    """Runs every model operation in its thread; talks to the GUI only through signals."""
+
+    model_loading = Signal(str)
+    load_progress = Signal(float)
+    model_loaded = Signal(object)  # ModelStatus
+    model_failed = Signal(str)
+    turn_started = Signal(int)
+    token = Signal(int, str)  # chat id, text piece
+    progress = Signal(int, str, int, int)  # chat id, phase, done, total
+    reply_finished = Signal(object)  # TurnOutcome
+    turn_failed = Signal(int, str, str)  # chat id, kind ("overflow" | "error"), message
+    background_finished = Signal(object)  # BackgroundOutcome
+    edit_cost_ready = Signal(int, int, int, object)  # request id, chat id, tokens, seconds
+    trim_preview_ready = Signal(int, int, object)  # request id, chat id, TrimPreview
+    trim_applied = Signal(int, object)  # chat id, TrimPreview
+    cache_view_ready = Signal(int, object)  # chat id, CacheView
+    chat_deleted = Signal(int)
+    error = Signal(str)
+    _continue_background = Signal(object)
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        n_ctx: int | None = None,
+        kv_type: str = "f16",
+        n_threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.engine: Engine | None = None
+        self.n_ctx = n_ctx
+        self.kv_type = kv_type
+        self.n_threads = n_threads
+        self.shutting_down = threading.Event()
+        self._continue_background.connect(self._background_step, Qt.ConnectionType.QueuedConnection)
+
+    # -- model ----------------------------------------------------------------------
+
+    @Slot(str)
+    def load_model(self, path: str) -> None:
+        """Load a GGUF; on failure keep the previous engine so the app stays usable."""
+        if self.shutting_down.is_set():
+            return
+        self.model_loading.emit(path)
+        started = time.perf_counter()
+        try:
+            model_path = check_gguf_file(path) if path else None
+            engine = Engine(
+                self.store,
+                model_path,
+                n_ctx=self.n_ctx,
+                kv_type=self.kv_type,
+                n_threads=self.n_threads,
+                load_progress=self.load_progress.emit,
+            )
+        except (ModelFileError, ValueError, OSError) as error:
+            self.model_failed.emit(str(error))
+            return
+        except Exception as error:  # e.g. an unreadable chat template: report, keep running
+            traceback.print_exc()
+            self.model_failed.emit(f"{type(error).__name__}: {error}")
+            return
+        previous = self.engine
+        if previous is not None:
+            self._save_dirty_cache(previous)
+            previous.close()
+        self.engine = engine
+        info = engine.backend.info
+        self.model_loaded.emit(
+            ModelStatus(
+                path=str(info.path),
+                description=info.description,
+                n_params=info.n_params,
+                size_bytes=info.size_bytes,
+                n_ctx=engine.n_ctx,
+                kv_type=engine.kv_type,
+                backend_version=backend_module.llama_cpp_version(),
+                load_ms=(time.perf_counter() - started) * 1000,
+            )
+        )
+
+    def _save_dirty_cache(self, engine: Engine) -> None:
+        if engine.cache_chat_id is None or not engine.cache_dirty:
+            return
+        try:
+            engine.save_state(engine.cache_chat_id)
+        except (EngineError, StorageError, KeyError) as error:
+            self.error.emit(f"could not save the cache of the open chat: {error}")
+
+    def _require_engine(self) -> Engine:
+        if self.engine is None:
+            raise EngineError("no model is loaded; pick one in the Model menu")
+        return self.engine
+
+    # -- turns ----------------------------------------------------------------------
+
+    @Slot(object)
+    def run_turn(self, request: TurnRequest) -> None:
+        """Send a message (or regenerate), then queue the background steps."""
+        if self.shutting_down.is_set():
+            return
+        chat_id = request.chat_id
+        self.turn_started.emit(chat_id)
+        try:
+            engine = self._require_engine()
+
+            def on_token(piece: str) -> None:
+                self.token.emit(chat_id, piece)
+
+            def on_progress(phase: str, done: int, total: int) -> None:
+                self.progress.emit(chat_id, phase, done, total)
+
+            if request.text is None:
+                result = engine.regenerate(
+                    chat_id,
+                    request.options,
+                    on_token=on_token,
+                    progress=on_progress,
+                    cancel=request.cancel,
+                )
+            else:
+                result = engine.send(
+                    chat_id,
+                    request.text,
+                    request.options,
+                    on_token=on_token,
+                    progress=on_progress,
+                    cancel=request.cancel,
+                )
+        except ContextOverflowError as error:
+            self.turn_failed.emit(chat_id, "overflow", str(error))
+            return
+        except (EngineError, StorageError, KeyError, ValueError) as error:
+            self.turn_failed.emit(chat_id, "error", str(error))
+            return
+        except Exception as error:  # a bug must not kill the worker thread
+            traceback.print_exc()
+            self.turn_failed.emit(chat_id, "error", f"unexpected error: {error}")
+            return
+        self.reply_finished.emit(
+            TurnOutcome(
+                chat_id=chat_id,
+                user_message_id=result.user_message_id,
+                reply_message_id=result.reply_message_id,
+                reply=result.reply,
+                metrics=result.metrics.as_dict(),
+                metrics_id=result.metrics_id,
+                finish_reason=result.metrics.finish_reason,
+                regenerated=request.text is None,
+            )
+        )
+        self._continue_background.emit(
+            _BackgroundJob(
+                chat_id,
+                ["commit", "warm-up", "save"],
+                request.background_cancel,
+                metrics_id=result.metrics_id,
+            )
+        )
+
+    @Slot(int, object)
+    def prepare_chat(self, chat_id: int, cancel: threading.Event) -> None:
+        """Warm up a chat's instruction block in idle time (after an edit or a trim)."""
+        if self.shutting_down.is_set():
+            return
+        self._continue_background.emit(_BackgroundJob(chat_id, ["warm-up", "save"], cancel))
+
+    @Slot(object)
+    def _background_step(self, job: _BackgroundJob) -> None:
+        """One background step per queued call, so queued requests can run in between."""
+        engine = self.engine
+        if engine is None or self.shutting_down.is_set():
+            return
+        stopped = job.cancel.is_set()
+        if not stopped and job.steps:
+            step = job.steps.pop(0)
+            try:
+                if step == "commit":
+                    stopped = not engine.commit(job.chat_id, job.cancel).completed
+                elif step == "warm-up":
+                    stopped = not engine.warm_up(job.chat_id, job.cancel).completed
+                else:
+                    metrics = engine.finish_turn(job.chat_id)
+                    job.metrics = metrics.as_dict() if metrics is not None else None
+            except KeyError:
+                return  # the chat was deleted meanwhile
+            except (EngineError, StorageError, ValueError) as error:
+                self.error.emit(f"background {step} failed: {error}")
+                stopped = True
+            if not stopped and job.steps:
+                self._continue_background.emit(job)
+                return
+        notes = ["pre-empted by a new request"] if stopped else []
+        self.background_finished.emit(
+            BackgroundOutcome(
+                chat_id=job.chat_id,
+                metrics_id=job.metrics_id,
+                metrics=job.metrics,
+                completed=not stopped,
+                cache=self._cache_view(job.chat_id),
+                notes=notes,
+            )
+        )
+
+    def _cache_view(self, chat_id: int) -> CacheView | None:
+        if self.engine is None:
+            return None
+        try:
+            return self.engine.cache_view(chat_id)
+        except (KeyError, EngineError, StorageError):
+            return None
+
+    # -- previews and settings ------------------------------------------------------
+
+    @Slot(int, int, str, object, str)
+    def edit_cost(
+        self, request_id: int, chat_id: int, text: str, variables: dict[str, str], layout: str
+    ) -> None:
+        if self.engine is None or self.shutting_down.is_set():
+            return
+        try:
+            block = render_instructions(text, variables)
+            tokens, seconds = self.engine.edit_cost(chat_id, block, layout or None)
+        except (KeyError, EngineError, StorageError, ValueError):
+            return
+        self.edit_cost_ready.emit(request_id, chat_id, tokens, seconds)
+
+    @Slot(int, int, object, str)
+    def preview_trim(self, request_id: int, chat_id: int, limit: int | None, mode: str) -> None:
+        if self.engine is None or self.shutting_down.is_set():
+            return
+        try:
+            preview: TrimPreview = self.engine.preview_trim(chat_id, limit, mode)
+        except (KeyError, EngineError, StorageError, ValueError):
+            return
+        self.trim_preview_ready.emit(request_id, chat_id, preview)
+
+    @Slot(int, object, str, object)
+    def apply_trim(
+        self, chat_id: int, limit: int | None, mode: str, background_cancel: threading.Event
+    ) -> None:
+        """Set the limit now (turns may leave or come back), then warm up in idle time."""
+        if self.engine is None or self.shutting_down.is_set():
+            return
+        try:
+            self.engine.activate(chat_id)
+            preview = self.engine.set_trim(chat_id, limit, mode)
+        except (KeyError, EngineError, StorageError, ValueError) as error:
+            self.error.emit(f"could not change the cached-history limit: {error}")
+            return
+        self.trim_applied.emit(chat_id, preview)
+        self._continue_background.emit(
+            _BackgroundJob(chat_id, ["commit", "warm-up", "save"], background_cancel)
+        )
+
+    @Slot(int)
+    def refresh_cache_view(self, chat_id: int) -> None:
+        if self.shutting_down.is_set():
+            return
+        view = self._cache_view(chat_id)
+        if view is not None:
+            self.cache_view_ready.emit(chat_id, view)
+
+    @Slot(int)
+    def delete_chat(self, chat_id: int) -> None:
+        """Forget the chat's cache, then delete it (after any turn still running for it)."""
+        if self.engine is not None:
+            self.engine.forget_chat(chat_id)
+        try:
+            self.store.delete_chat(chat_id)
+        except StorageError as error:
+            self.error.emit(f"could not delete the chat: {error}")
+            return
+        self.chat_deleted.emit(chat_id)
+
+    @Slot()
+    def shutdown(self) -> None:
+        """Save the open chat's cache if it changed, free the model, close the database."""
+        self.shutting_down.set()
+        if self.engine is not None:
+            self._save_dirty_cache(self.engine)
+            self.engine.close()
+            self.engine = None
+        self.store.close()
+
+
+@dataclass
+class _BackgroundJob:
+    chat_id: int
+    steps: list[str]
+    cancel: threading.Event
+    metrics_id: int | None = None
+    metrics: dict[str, Any] | None = None
+
+
+class EngineHost(QObject):
+    """The GUI thread's handle on the worker: queues requests, owns the cancel flags."""
+
+    _load_model = Signal(str)
+    _run_turn = Signal(object)
+    _prepare_chat = Signal(int, object)
+    _edit_cost = Signal(int, int, str, object, str)
+    _preview_trim = Signal(int, int, object, str)
+    _apply_trim = Signal(int, object, str, object)
+    _refresh_cache_view = Signal(int)
+    _delete_chat = Signal(int)
+    _shutdown = Signal()
+
+    def __init__(
+        self,
+        db_path: Path,
+        *,
+        n_ctx: int | None = None,
+        kv_type: str = "f16",
+        n_threads: int | None = None,
+        parent: QObject | None = None,
+    ) -> None:
+        super().__init__(parent)
+        # Exclusive: a second KV Chat on the same database fails here, before any thread starts.
+        store = Store(db_path, exclusive=True)
+        self.worker = EngineWorker(
+            store, n_ctx=n_ctx, kv_type=kv_type, n_threads=n_threads or default_thread_count()
+        )
+        self.engine_thread = QThread()
+        self.engine_thread.setObjectName("kvchat-engine")
+        self.worker.moveToThread(self.engine_thread)
+        queued = Qt.ConnectionType.QueuedConnection
+        self._load_model.connect(self.worker.load_model, queued)
+        self._run_turn.connect(self.worker.run_turn, queued)
+        self._prepare_chat.connect(self.worker.prepare_chat, queued)
+        self._edit_cost.connect(self.worker.edit_cost, queued)
+        self._preview_trim.connect(self.worker.preview_trim, queued)
+        self._apply_trim.connect(self.worker.apply_trim, queued)
+        self._refresh_cache_view.connect(self.worker.refresh_cache_view, queued)
+        self._delete_chat.connect(self.worker.delete_chat, queued)
+        self._shutdown.connect(self.worker.shutdown, Qt.ConnectionType.BlockingQueuedConnection)
+        self.turn_cancel: threading.Event | None = None
+        self.background_cancel = threading.Event()
+        self._request_ids = 0
+        self.busy_chat_id: int | None = None
+        self.worker.turn_started.connect(self._on_turn_started)
+        self.worker.reply_finished.connect(self._on_turn_over)
+        self.worker.turn_failed.connect(self._on_turn_over)
+        self.engine_thread.start()
+
+    # -- requests -------------------------------------------------------------------
+
+    def next_request_id(self) -> int:
+        self._request_ids += 1
+        return self._request_ids
+
+    def _preempt_background(self) -> threading.Event:
+        """Stop idle-time work now: the worker is inside a Python call, the queue would wait."""
+        self.background_cancel.set()
+        self.background_cancel = threading.Event()
+        return self.background_cancel
+
+    def load_model(self, path: str | None) -> None:
+        self._preempt_background()
+        self._load_model.emit(path or "")
+
+    def send(self, chat_id: int, text: str, options: GenerationOptions) -> None:
+        background = self._preempt_background()
+        self.turn_cancel = threading.Event()
+        self._run_turn.emit(TurnRequest(chat_id, text, options, self.turn_cancel, background))
+
+    def regenerate(self, chat_id: int, options: GenerationOptions) -> None:
+        background = self._preempt_background()
+        self.turn_cancel = threading.Event()
+        self._run_turn.emit(TurnRequest(chat_id, None, options, self.turn_cancel, background))
+
+    def stop(self) -> None:
+        """Stop the running turn at the next token (its partial reply is kept, marked stopped)."""
+        if self.turn_cancel is not None:
+            self.turn_cancel.set()
+
+    def prepare_chat(self, chat_id: int) -> None:
+        self._prepare_chat.emit(chat_id, self.background_cancel)
+
+    def request_edit_cost(
+        self, chat_id: int, text: str, variables: dict[str, str], layout: str
+    ) -> int:
+        request_id = self.next_request_id()
+        self._edit_cost.emit(request_id, chat_id, text, dict(variables), layout)
+        return request_id
+
+    def request_trim_preview(self, chat_id: int, limit: int | None, mode: str) -> int:
+        request_id = self.next_request_id()
+        self._preview_trim.emit(request_id, chat_id, limit, mode)
+        return request_id
+
+    def apply_trim(self, chat_id: int, limit: int | None, mode: str) -> None:
+        background = self._preempt_background()
+        self._apply_trim.emit(chat_id, limit, mode, background)
+
+    def refresh_cache_view(self, chat_id: int) -> None:
+        self._refresh_cache_view.emit(chat_id)
+
+    def delete_chat(self, chat_id: int) -> None:
+        if self.busy_chat_id == chat_id:
+            self.stop()
+        self._preempt_background()
+        self._delete_chat.emit(chat_id)
+
+    def shutdown(self, timeout_ms: int = 60_000) -> None:
+        """Cancel everything, let the worker save and free the model, then join the thread."""
+        if not self.engine_thread.isRunning():
+            return
+        self.worker.shutting_down.set()
+        self.stop()
+        self.background_cancel.set()
+        with contextlib.suppress(RuntimeError):
+            self._shutdown.emit()  # blocks until the worker has run it
+        self.engine_thread.quit()
+        self.engine_thread.wait(timeout_ms)
+
+    # -- bookkeeping ----------------------------------------------------------------
+
+    @Slot(int)
+    def _on_turn_started(self, chat_id: int) -> None:
+        self.busy_chat_id = chat_id
+
+    @Slot()
+    def _on_turn_over(self, *_: object) -> None:
+        self.busy_chat_id = None

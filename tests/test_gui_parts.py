@@ -1,0 +1,206 @@
+"""GUI pieces that need no model: rendering, texts, settings, architecture rules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from gui_helpers import close_window, open_window, temp_settings
+from PySide6.QtCore import QByteArray
+
+import app
+from app.engine.metrics import PHASES
+from app.ui.chat_view import ChatView
+from app.ui.dialogs import about_html
+from app.ui.inspector import phase_rows
+from app.ui.instructions import describe_edit_cost
+from app.ui.markdown import markdown_to_html, plain_to_html
+
+UI_DIR = Path(app.__file__).parent / "ui"
+MODEL_MODULES = ("llama_cpp", "app.engine.llama_backend", "app.engine.engine", "app.engine.prompt")
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_ui_never_imports_llama_cpp() -> None:
+    for path in UI_DIR.glob("*.py"):
+        assert not any(name.split(".")[0] == "llama_cpp" for name in _imports(path)), path
+
+
+def test_only_the_worker_imports_the_engine() -> None:
+    """The window talks to the model only through the worker thread's signals."""
+    for path in UI_DIR.glob("*.py"):
+        if path.name == "worker.py":
+            continue
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+        runtime_imports = set()
+        for node in tree.body:  # module level, outside `if TYPE_CHECKING:`
+            if isinstance(node, ast.ImportFrom) and node.module:
+                runtime_imports.add(node.module)
+            elif isinstance(node, ast.Import):
+                runtime_imports.update(alias.name for alias in node.names)
+        assert not runtime_imports & set(MODEL_MODULES), path
+
+
+def test_markdown_renders_code_lists_and_emphasis() -> None:
+    rendered = markdown_to_html(
+        "Intro with **bold**, *italic* and `a < b`.\n\n- one\n- two\n\n1. first\n\n"
+        "```python\nprint('<hi>')\n```\n# Title"
+    )
+    assert "<b>bold</b>" in rendered and "<i>italic</i>" in rendered
+    assert "<code" in rendered and "a &lt; b" in rendered
+    assert rendered.count("<li>") == 3 and "<ul" in rendered and "<ol" in rendered
+    assert "<pre" in rendered and "print(&#x27;&lt;hi&gt;&#x27;)" in rendered
+    assert "python" in rendered and "<b>Title</b>" in rendered
+
+
+def test_markdown_tolerates_an_unfinished_code_fence() -> None:
+    rendered = markdown_to_html("Here:\n```\nline one\nline two")
+    assert "<pre" in rendered and "line two" in rendered
+
+
+def test_user_text_is_escaped_not_rendered() -> None:
+    assert plain_to_html("**no** <b>") == "<p style='margin:0'>**no** &lt;b&gt;</p>"
+
+
+def test_edit_cost_sentence() -> None:
+    assert describe_edit_cost(0, 0.0, 400.0).startswith("No recompute")
+    text = describe_edit_cost(120, 0.3, 400.0)
+    assert "120 tokens" in text and "0.30 s" in text and "400 tok/s" in text
+    assert "not measured" in describe_edit_cost(50, None, None)
+
+
+def test_phase_rows_follow_the_profiler_order() -> None:
+    turn = {
+        "state_load_ms": 12.5, "prefill_ms": 80.0, "ttft_ms": 90.0, "decode_ms": 100.0,
+        "commit_ms": 20.0, "warmup_ms": 1.0, "state_save_ms": 30.0, "prefill_tokens": 31,
+        "decode_tokens": 16, "commit_tokens": 3, "warmup_tokens": 0, "state_bytes": 2_000_000,
+        "prefill_tokens_per_s": 387.5, "decode_tokens_per_s": 150.0,
+    }
+    rows = phase_rows(turn)
+    assert [row[0] for row in rows] == [name for name, _ in PHASES]
+    assert rows[1] == ("prefill", 80.0, "31", "388")
+    assert rows[0][2] == "restored"
+    assert rows[-1][2] == "1.9 MB"
+    assert phase_rows({"prefill_ms": 1.0})[0][1] is None
+
+
+def test_about_names_versions_and_the_model_licence() -> None:
+    text = about_html(model_description="llama 256M Q4_1", model_path="/m.gguf",
+                      backend_version="0.3.36")
+    assert app.__version__ in text and "0.3.36" in text and "llama 256M Q4_1" in text
+    assert "Apache-2.0" in text
+
+
+def test_signal_emits_keep_reference_counts(qapp) -> None:  # type: ignore[no-untyped-def]
+    """PySide6 6.12.0 dropped a reference to True per emit (and None per processEvents)
+    until CPython aborted; pyproject excludes it, and this catches any release that does it."""
+    import sys
+
+    from PySide6.QtCore import QObject, Signal
+    from PySide6.QtWidgets import QApplication
+
+    class Emitter(QObject):
+        fired = Signal(int)
+
+    emitter = Emitter()
+    true_before, none_before = sys.getrefcount(True), sys.getrefcount(None)
+    for value in range(5000):
+        emitter.fired.emit(value)
+    for _ in range(2000):
+        QApplication.processEvents()
+    assert sys.getrefcount(True) > true_before - 1000
+    assert sys.getrefcount(None) > none_before - 1000
+
+
+@pytest.mark.gui
+def test_chat_view_streams_greys_and_keeps_unchanged_bubbles(qtbot) -> None:  # type: ignore[no-untyped-def]
+    from app.storage.records import Message
+
+    def message(seq: int, role: str, text: str, status: str = "complete") -> Message:
+        return Message(seq + 1, 1, seq, role, text, [1] * (seq + 3), None, status, None, 0.0, None)
+
+    view = ChatView()
+    qtbot.addWidget(view)
+    history = [message(0, "user", "hi"), message(1, "assistant", "**hello**")]
+    view.show_messages(history, cache_start_seq=1)
+    assert [b.in_cache for b in view.bubbles] == [False, True]
+    assert "not in cache" in view.bubbles[0].tag_label.text()
+    first = view.bubbles[0]
+    view.add_pending_user("more?")
+    for piece in ("Sure", ", ", "here."):
+        view.append_token(piece)
+    assert view.streamed_text() == "Sure, here."
+    qtbot.waitUntil(lambda: view.streaming is not None and view.streaming.text == "Sure, here.")
+    reply = message(3, "assistant", "Sure, here.", "cancelled")
+    done = [*history, message(2, "user", "more?"), reply]
+    view.sync_messages(done, cache_start_seq=0)
+    assert view.bubbles[0] is first  # unchanged messages keep their widgets
+    assert all(b.in_cache for b in view.bubbles)
+    assert "stopped" in view.bubbles[-1].tag_label.text()
+    view.mark_leaving({done[0].id, done[1].id}, preview=True)
+    assert "would leave the cache" in view.bubbles[0].tag_label.text()
+    assert view.bubbles[2].in_cache
+
+
+@pytest.mark.gui
+@pytest.mark.slow
+def test_settings_geometry_and_first_run_note(qtbot, db_path: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings = temp_settings(tmp_path)
+    first = open_window(qtbot, db_path, settings)
+    try:
+        assert first.first_run_banner is not None
+        assert str(db_path) in first.first_run_banner.label.text()
+        assert (first.width(), first.height()) == (1400, 900)
+        first.resize(1200, 800)
+        about = first.about_text()
+        assert "Apache-2.0" in about and first.model.backend_version in about
+        assert first.model.description in about
+    finally:
+        close_window(first)
+    assert isinstance(settings.value("window/geometry"), QByteArray)
+    second = open_window(qtbot, db_path, settings)
+    try:
+        assert second.first_run_banner is None, "the storage note is shown once"
+        assert (second.width(), second.height()) == (1200, 800)
+    finally:
+        close_window(second)
+
+
+def test_default_database_lives_in_the_user_data_dir() -> None:
+    import platformdirs
+
+    from app.ui.app import default_db_path
+
+    path = default_db_path()
+    assert path.name == "chats.db"
+    assert path.parent == Path(platformdirs.user_data_dir("kvchat", appauthor=False))
+
+
+def test_second_app_on_the_same_database_says_so_and_exits(
+    qtbot, db_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    from PySide6.QtWidgets import QMessageBox
+
+    from app.storage.store import Store
+    from app.ui import app as gui_app
+
+    shown: list[str] = []
+    monkeypatch.setattr(
+        QMessageBox, "critical", staticmethod(lambda _parent, title, text: shown.append(text))
+    )
+    monkeypatch.setattr(gui_app, "user_settings", lambda: temp_settings(db_path.parent))
+    with Store(db_path, exclusive=True):
+        assert gui_app.main(["--db", str(db_path)]) == 1
+    assert shown and "already open" in shown[0]

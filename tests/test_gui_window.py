@@ -1,0 +1,358 @@
+"""The real window on the real default model: turns, inspector, restart, trim, stop, errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from gui_helpers import (
+    TURN_TIMEOUT_MS,
+    close_window,
+    log_of,
+    open_window,
+    send_turn,
+    temp_settings,
+    wait_background,
+)
+from PySide6.QtCore import QSettings, Qt
+
+from app.engine.metrics import PHASES
+from app.storage.store import DatabaseInUse, Store
+from app.ui.main_window import MainWindow
+
+pytestmark = [pytest.mark.gui, pytest.mark.slow]
+
+COMPARED_FIELDS = (
+    "reused_tokens", "prefill_tokens", "background_tokens", "commit_tokens", "warmup_tokens",
+    "decode_tokens", "ttft_ms", "prefill_ms", "cache_tokens", "state_bytes", "state_save_ms",
+    "state_load_ms", "layout",
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> QSettings:
+    return temp_settings(tmp_path)
+
+
+@pytest.fixture
+def window(qtbot, db_path: Path, settings: QSettings):  # type: ignore[no-untyped-def]
+    opened = open_window(qtbot, db_path, settings)
+    yield opened
+    close_window(opened)
+
+
+def test_turn_streams_and_inspector_matches_stored_metrics(qtbot, window: MainWindow) -> None:
+    tokens: list[str] = []
+    window.host.worker.token.connect(lambda _chat, piece: tokens.append(piece))
+    window.instructions.editor.setPlainText("You are terse. Answer in one sentence.")
+    window.save_instructions(window.instructions.text())
+    first, _ = send_turn(qtbot, window, "Name a colour.")
+    second, background = send_turn(qtbot, window, "Name another one.")
+    assert first.reply and second.reply
+    assert tokens, "tokens must stream through the worker's signal"
+    assert background is not None and background.completed
+
+    rows = window.store.metrics(window.current_chat_id)
+    assert len(rows) == 2 == len(window.inspector.turns)
+    for shown, stored in zip(window.inspector.turns, rows, strict=True):
+        for field in COMPARED_FIELDS:
+            assert shown[field] == stored.data[field], field
+    series = window.inspector.chart_series()
+    assert series["reused"] == [float(r.data["reused_tokens"]) for r in rows]
+    assert series["prefill"] == [float(r.data["prefill_tokens"]) for r in rows]
+    assert series["background"] == [float(r.data["background_tokens"]) for r in rows]
+    assert series["ttft_ms"] == [float(r.data["ttft_ms"]) for r in rows]
+    last = rows[-1].data
+    assert last["reused_tokens"] > 0, "the second turn reuses the first turn's cache"
+    assert last["state_save_ms"] is not None and last["state_bytes"] > 0
+
+    assert window.inspector.phase_table.rowCount() == len(PHASES)
+    view = window.inspector.view
+    assert view is not None and view.cache_tokens == last["cache_tokens"]
+    labels = [label for label, _ in view.segments]
+    assert "history" in labels and "instruction block" in labels
+    assert f"/ {window.model.n_ctx}" in window.context_label.text()
+    assert window.kv_label.text() == "KV f16"
+    roles = [bubble.role for bubble in window.chat_view.bubbles]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    assert window.chat_view.bubbles[-1].text == second.reply
+
+
+def test_keyboard_send_and_new_chat(qtbot, window: MainWindow) -> None:
+    window.activateWindow()
+    qtbot.waitUntil(lambda: window.isActiveWindow(), timeout=5000)
+    log = log_of(window)
+    window.input.setFocus()
+    window.input.setPlainText("Hi")
+    qtbot.keyClick(window.input, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
+    qtbot.waitUntil(lambda: len(log.replies) == 1, timeout=TURN_TIMEOUT_MS)
+    assert window.input.toPlainText() == ""
+    before = window.current_chat_id
+    qtbot.keyClick(window, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
+    assert window.current_chat_id != before
+    assert window.chat_view.bubbles == []
+
+
+def test_reopening_restores_the_saved_cache(qtbot, db_path: Path, settings: QSettings) -> None:
+    first = open_window(qtbot, db_path, settings)
+    outcome, _ = send_turn(qtbot, first, "Tell me a fact about cats.")
+    chat_id = outcome.chat_id
+    close_window(first)
+
+    second = open_window(qtbot, db_path, settings)
+    try:
+        assert second.current_chat_id == chat_id
+        assert second.chat_list.current_chat_id() == chat_id
+        assert [b.role for b in second.chat_view.bubbles] == ["user", "assistant"]
+        assert len(second.inspector.turns) == 1
+        reply, _ = send_turn(qtbot, second, "And one about dogs.")
+        assert reply.metrics["state_load_ms"] is not None
+        assert reply.metrics["reused_tokens"] > 0
+        assert reply.metrics["state_rejected"] is None
+    finally:
+        close_window(second)
+
+
+def test_trim_slider_previews_and_applies(qtbot, window: MainWindow) -> None:
+    for text in ("First question: what is rain?", "Second: what is snow?", "Third: what is hail?"):
+        send_turn(qtbot, window, text)
+    chat_id = window.current_chat_id
+    slider = window.inspector.trim_slider
+    assert window.inspector.trim_limit() is None
+    messages = window.store.messages(chat_id)
+    last_turn_tokens = sum(len(m.token_ids) for m in messages[-2:])
+    limit = last_turn_tokens + 1  # room for the last turn only
+
+    with qtbot.waitSignal(window.trim_preview_shown, timeout=TURN_TIMEOUT_MS) as preview:
+        slider.setSliderDown(True)
+        slider.setValue(limit)
+    assert preview.args[0].turns_change == 2
+    assert preview.args[0].limit == limit
+    greyed = [b for b in window.chat_view.bubbles if not b.in_cache]
+    assert len(greyed) == 4
+    assert "2 turn(s) leave the cache" in window.inspector.trim_preview_label.text()
+    assert window.store.chat(chat_id).trim_tokens is None, "a drag only previews"
+
+    with qtbot.waitSignal(window.trim_changed, timeout=TURN_TIMEOUT_MS):
+        slider.setSliderDown(False)  # emits sliderReleased, as a mouse release does
+    chat = window.store.chat(chat_id)
+    assert chat.trim_tokens == limit
+    assert chat.cache_start_seq == messages[-2].seq
+    assert [b.in_cache for b in window.chat_view.bubbles] == [False] * 4 + [True] * 2
+
+    # Back to no limit: the turns come back into the cache.
+    with qtbot.waitSignal(window.trim_changed, timeout=TURN_TIMEOUT_MS) as applied:
+        slider.setValue(slider.maximum())
+    assert applied.args[1].turns_change == -2
+    assert window.store.chat(chat_id).trim_tokens is None
+    assert all(b.in_cache for b in window.chat_view.bubbles)
+
+
+def test_stop_keeps_partial_reply_and_the_next_turn_works(qtbot, window: MainWindow) -> None:
+    window.max_tokens_spin.setValue(400)
+    window.temperature_spin.setValue(0.8)
+    log = log_of(window)
+    pieces: list[str] = []
+    window.host.worker.token.connect(lambda _chat, piece: pieces.append(piece))
+    window.input.setPlainText("Write a long story about a lighthouse keeper.")
+    window.send()
+    qtbot.waitUntil(lambda: len(pieces) >= 3, timeout=TURN_TIMEOUT_MS)
+    window.stop()
+    qtbot.waitUntil(lambda: len(log.replies) == 1, timeout=TURN_TIMEOUT_MS)
+    stopped = log.replies[0]
+    assert stopped.finish_reason == "cancelled"
+    messages = window.store.messages(stopped.chat_id)
+    assert messages[0].role == "user"
+    assert messages[0].text.startswith("Write a long story")
+    if len(messages) > 1:
+        assert messages[1].role == "assistant" and messages[1].status == "cancelled"
+        assert messages[1].text == stopped.reply
+        assert "stopped" in window.chat_view.bubbles[-1].tag_label.text()
+    assert stopped.metrics["decode_tokens"] < 400
+
+    window.max_tokens_spin.setValue(8)
+    window.temperature_spin.setValue(0.0)
+    after, _ = send_turn(qtbot, window, "Summarise it in three words.")
+    assert after.finish_reason in ("length", "stop")
+    assert window.store.messages(after.chat_id)[-1].status == "complete"
+
+
+def test_escape_stops(qtbot, window: MainWindow) -> None:
+    window.max_tokens_spin.setValue(400)
+    window.activateWindow()
+    qtbot.waitUntil(lambda: window.isActiveWindow(), timeout=5000)
+    log = log_of(window)
+    pieces: list[str] = []
+    window.host.worker.token.connect(lambda _chat, piece: pieces.append(piece))
+    window.input.setPlainText("Count from one to two hundred in words.")
+    window.send()
+    qtbot.waitUntil(lambda: len(pieces) >= 2, timeout=TURN_TIMEOUT_MS)
+    qtbot.keyClick(window.input, Qt.Key.Key_Escape)
+    qtbot.waitUntil(lambda: len(log.replies) == 1, timeout=TURN_TIMEOUT_MS)
+    assert log.replies[0].finish_reason == "cancelled"
+
+
+def test_context_overflow_keeps_the_typed_text(
+    qtbot, db_path: Path, settings: QSettings
+) -> None:
+    small = open_window(qtbot, db_path, settings, n_ctx=256)
+    try:
+        text = "word " * 600
+        small.input.setPlainText(text)
+        with qtbot.waitSignal(small.turn_error, timeout=TURN_TIMEOUT_MS) as failed:
+            small.send()
+        assert failed.args[0] == "overflow"
+        assert "context size" in failed.args[1]
+        assert small.input.toPlainText() == text
+        assert small.store.messages(small.current_chat_id) == []
+        assert small.last_error is not None and "over the context size" in small.last_error
+        assert not small.busy
+    finally:
+        close_window(small)
+
+
+def test_bad_model_file_keeps_the_previous_model(qtbot, window: MainWindow, tmp_path: Path) -> None:
+    previous = window.model
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a model at all")
+    with qtbot.waitSignal(window.model_error, timeout=TURN_TIMEOUT_MS) as failed:
+        window.load_model(str(bad))
+    assert "GGUF" in failed.args[0]
+    assert window.model == previous
+    assert window.model_combo.currentData() == previous.path
+    outcome, _ = send_turn(qtbot, window, "Still there?")
+    assert outcome.reply
+
+
+def test_second_instance_is_refused(window: MainWindow, db_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatabaseInUse):
+        MainWindow(db_path, settings=temp_settings(tmp_path / "other"))
+
+
+def test_edit_cost_preview_and_layout_switch(qtbot, window: MainWindow) -> None:
+    window.instructions.editor.setPlainText("Be brief.")
+    window.save_instructions(window.instructions.text())
+    send_turn(qtbot, window, "What is a cache?")
+    send_turn(qtbot, window, "And a KV cache?")
+    with qtbot.waitSignal(window.edit_cost_shown, timeout=TURN_TIMEOUT_MS) as cost:
+        window.instructions.editor.setPlainText("Be brief and friendly.")
+    history_first_tokens = cost.args[0]
+    assert 0 < history_first_tokens < 40, "history-first: only the block is recomputed"
+    assert "recomputes" in window.instructions.cost_label.text()
+
+    with qtbot.waitSignal(window.edit_cost_shown, timeout=TURN_TIMEOUT_MS) as switched:
+        window.instructions.layout_combo.setCurrentIndex(
+            window.instructions.layout_combo.findData("system-first")
+        )
+    assert window.store.chat(window.current_chat_id).layout == "system-first"
+    assert switched.args[0] > history_first_tokens, "system-first recomputes the history"
+
+
+def test_instruction_versions_restore_and_save(qtbot, window: MainWindow) -> None:
+    editor = window.instructions
+    for text in ("Version one.", "Version two."):
+        editor.editor.setPlainText(text)
+        window.save_instructions(editor.text())
+    chat_id = window.current_chat_id
+    assert [v.text for v in window.store.instruction_versions(chat_id)] == [
+        "Version one.", "Version two.",
+    ]
+    assert editor.versions.count() == 2
+    editor.restore_version(1)
+    assert editor.text() == "Version one."
+    assert editor.save_button.isEnabled()
+    editor.save_button.click()
+    versions = window.store.instruction_versions(chat_id)
+    assert [v.version for v in versions] == [1, 2, 3]
+    assert versions[-1].text == "Version one."
+
+
+def test_chat_list_new_rename_search_delete(qtbot, window: MainWindow) -> None:
+    first = window.new_chat()
+    second = window.new_chat()
+    window.rename_chat(first, "Recipes")
+    assert window.store.chat(first).name == "Recipes"
+    window.rename_chat(second, "Recipes")
+    assert "already exists" in (window.last_error or "")
+    window.chat_list.search.setText("recip")
+    qtbot.waitUntil(lambda: window.chat_list.list.count() == 1, timeout=5000)
+    window.chat_list.search.clear()
+    qtbot.waitUntil(lambda: window.chat_list.list.count() == 2, timeout=5000)
+
+    send_turn(qtbot, window, "Hello there")
+    assert window.current_chat_id == second
+    with qtbot.waitSignal(window.chat_removed, timeout=TURN_TIMEOUT_MS):
+        window.delete_chat(second)
+    with Store(window.db_path) as check:
+        assert [c.id for c in check.chats()] == [first]
+        assert check.load_state(second) is None
+    assert window.current_chat_id == first
+
+
+def test_regenerate_replaces_the_last_reply(qtbot, window: MainWindow) -> None:
+    send_turn(qtbot, window, "Say a number.")
+    log = log_of(window)
+    window.temperature_spin.setValue(1.0)
+    window.regenerate()
+    qtbot.waitUntil(lambda: len(log.replies) == 2, timeout=TURN_TIMEOUT_MS)
+    again = log.replies[-1]
+    assert again.regenerated
+    wait_background(qtbot, window, again.metrics_id)
+    messages = window.store.messages(again.chat_id)
+    assert [m.role for m in messages] == ["user", "assistant"]
+    assert messages[-1].text == again.reply
+
+
+def test_exports_png_and_csv(qtbot, window: MainWindow, tmp_path: Path) -> None:
+    send_turn(qtbot, window, "One")
+    send_turn(qtbot, window, "Two")
+    png = window.inspector.export_png(tmp_path / "charts.png")
+    assert png.stat().st_size > 1000
+    exported = window.inspector.export_csv(tmp_path / "turns.csv")
+    with exported.open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    stored = window.store.metrics(window.current_chat_id)
+    assert [int(r["prefill_tokens"]) for r in rows] == [s.data["prefill_tokens"] for s in stored]
+
+
+def test_sending_again_preempts_the_background_work(qtbot, window: MainWindow) -> None:
+    """The next send must not wait for commit + warm-up of the previous turn."""
+    window.instructions.editor.setPlainText("You are a storyteller. Write long answers.")
+    window.save_instructions(window.instructions.text())
+    window.max_tokens_spin.setValue(96)
+    log = log_of(window)
+    seen = len(log.backgrounds)
+    replies_before = len(log.replies)
+    sent_again: list[int] = []
+
+    def send_again(outcome: object) -> None:
+        if not sent_again:
+            sent_again.append(outcome.metrics_id)  # type: ignore[attr-defined]
+            window.max_tokens_spin.setValue(4)
+            window.input.setPlainText("Go on.")
+            window.send()  # at once: the first turn's commit has barely started
+
+    window.reply_received.connect(send_again)
+    window.input.setPlainText("Tell me a story about a lighthouse.")
+    window.send()
+    qtbot.waitUntil(lambda: len(log.replies) == replies_before + 2, timeout=TURN_TIMEOUT_MS)
+    wait_background(qtbot, window, log.replies[-1].metrics_id, seen)
+    first_turn = log.replies[replies_before].metrics_id
+    first = [b for b in log.backgrounds[seen:] if b.metrics_id == first_turn]
+    assert first and not first[0].completed and first[0].metrics is None
+    assert "pre-empted" in first[0].notes[0]
+    second = log.replies[-1].metrics
+    assert second["reused_tokens"] > 0
+
+
+def test_switching_model_shows_load_progress(qtbot, window: MainWindow) -> None:
+    fractions: list[float] = []
+    window.host.worker.load_progress.connect(fractions.append)
+    with qtbot.waitSignal(window.model_ready, timeout=TURN_TIMEOUT_MS) as loaded:
+        window.load_model(window.model.path)
+    assert fractions and fractions[-1] == pytest.approx(1.0)
+    assert loaded.args[0].path == window.model.path
+    assert window.model_status_label.text().startswith(Path(window.model.path).name)
+    outcome, _ = send_turn(qtbot, window, "Hello again")
+    assert outcome.reply
