@@ -204,3 +204,31 @@ def test_second_app_on_the_same_database_says_so_and_exits(
     with Store(db_path, exclusive=True):
         assert gui_app.main(["--db", str(db_path)]) == 1
     assert shown and "already open" in shown[0]
+
+
+def test_unreadable_database_is_offered_a_fresh_start_and_kept(
+    qtbot, db_path: Path, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    import os
+
+    from PySide6.QtWidgets import QMessageBox
+
+    from app.ui import app as gui_app
+
+    garbage = os.urandom(20_000)
+    db_path.write_bytes(garbage)
+    asked: list[str] = []
+
+    def decline(_parent, _title, text, *_buttons):  # type: ignore[no-untyped-def]
+        asked.append(text)
+        return QMessageBox.StandardButton.Cancel
+
+    monkeypatch.setattr(QMessageBox, "question", staticmethod(decline))
+    monkeypatch.setattr(gui_app, "user_settings", lambda: temp_settings(db_path.parent))
+    assert gui_app.main(["--db", str(db_path)]) == 1
+    assert "not a SQLite database" in asked[0] and "nothing is deleted" in asked[0]
+    assert db_path.read_bytes() == garbage  # declining changes nothing
+
+    moved = gui_app.offer_fresh_database(db_path, "unreadable", lambda question: True)
+    assert moved is not None and moved.read_bytes() == garbage
+    assert not db_path.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import platformdirs
@@ -14,7 +15,7 @@ from PySide6.QtWidgets import QApplication, QMessageBox
 
 import app
 from app.resources import resource_path
-from app.storage.store import DatabaseInUse, StorageError
+from app.storage.store import DatabaseCorrupt, DatabaseInUse, StorageError, set_aside
 
 APP_NAME = "kvchat"
 DB_FILE = "chats.db"
@@ -90,23 +91,53 @@ def main(args: list[str] | None = None) -> int:
 
     from app.ui.main_window import MainWindow  # after QApplication: pyqtgraph needs it
 
-    try:
-        window = MainWindow(
-            db_path,
-            model_path=options.model,
-            settings=user_settings(),
-            n_ctx=options.n_ctx,
-            kv_type=options.kv_type,
-        )
-    except DatabaseInUse as error:
-        QMessageBox.critical(
-            None,
-            "KV Chat is already open",
-            f"{error}.\n\nSwitch to the open window, or start KV Chat with another --db file.",
-        )
-        return 1
-    except StorageError as error:
-        QMessageBox.critical(None, "KV Chat cannot open its database", str(error))
-        return 1
+    while True:
+        try:
+            window = MainWindow(
+                db_path,
+                model_path=options.model,
+                settings=user_settings(),
+                n_ctx=options.n_ctx,
+                kv_type=options.kv_type,
+            )
+            break
+        except DatabaseInUse as error:
+            QMessageBox.critical(
+                None,
+                "KV Chat is already open",
+                f"{error}.\n\nSwitch to the open window, or start KV Chat with another --db file.",
+            )
+            return 1
+        except DatabaseCorrupt as error:
+            if offer_fresh_database(db_path, str(error), _ask_fresh_database) is None:
+                return 1
+        except StorageError as error:
+            QMessageBox.critical(None, "KV Chat cannot open its database", str(error))
+            return 1
     window.show()
     return int(application.exec())
+
+
+def _ask_fresh_database(question: str) -> bool:
+    answer = QMessageBox.question(
+        None,
+        "KV Chat cannot read its database",
+        question,
+        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
+        QMessageBox.StandardButton.Cancel,
+    )
+    return answer == QMessageBox.StandardButton.Yes
+
+
+def offer_fresh_database(db_path: Path, reason: str, ask: Callable[[str], bool]) -> Path | None:
+    """Ask to start a fresh database; the unreadable file is renamed, never deleted.
+
+    Returns where the old file now is, or None when the user declines.
+    """
+    question = (
+        f"{reason}\n\nStart with a fresh, empty database? The unreadable file will be kept "
+        f"beside it (renamed to {db_path.name}.unreadable-<date>) so nothing is deleted."
+    )
+    if not ask(question):
+        return None
+    return set_aside(db_path)
