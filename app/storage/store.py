@@ -54,6 +54,7 @@ class StorageWriteError(StorageError):
 
 
 LAYOUTS = ("history-first", "system-first")
+PAGE_SIZE = 65536
 TRIM_MODES = ("exact", "shift")
 _CHAT_FIELDS = {"name", "layout", "trim_tokens", "trim_mode", "cache_start_seq"}
 
@@ -193,6 +194,10 @@ class Store:
         # Reading the schema first turns "file is not a database" into an error here.
         self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()
         self.db.execute("PRAGMA foreign_keys = ON")
+        if self.schema_version() == 0 and not self.db.table_names():
+            # Saved states are tens of MB: 64 KiB pages make their overflow chains 16x shorter.
+            # Only possible before the first table and the switch to WAL.
+            self.db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StorageWriteError(f"cannot use WAL journal for {self.path} (got {mode})")
@@ -459,7 +464,11 @@ class Store:
             )
 
     def load_state(self, chat_id: int) -> SavedState | None:
-        rows = self._rows("SELECT * FROM saved_states WHERE chat_id = ?", (chat_id,))
+        rows = self._rows(
+            "SELECT chat_id, format_version, fingerprint, token_ids, history_tokens, checksum,"
+            " saved_at FROM saved_states WHERE chat_id = ?",
+            (chat_id,),
+        )
         if not rows:
             return None
         row = rows[0]
@@ -467,13 +476,19 @@ class Store:
             fingerprint = json.loads(row["fingerprint"])
         except (TypeError, ValueError):
             fingerprint = {}
+        try:
+            # Incremental blob I/O copies the state once; a SELECT copies it twice.
+            with self.db.conn.blobopen("saved_states", "state", chat_id, readonly=True) as blob:
+                state = blob.read()
+        except sqlite3.Error as error:
+            raise _describe(error, self.path) from error
         return SavedState(
             chat_id=row["chat_id"],
             format_version=row["format_version"],
             fingerprint=fingerprint,
             token_ids=unpack_tokens(row["token_ids"]),
             history_tokens=row["history_tokens"],
-            state=bytes(row["state"]),
+            state=state,
             checksum=row["checksum"],
             saved_at=row["saved_at"],
         )

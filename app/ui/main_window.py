@@ -39,6 +39,7 @@ from app.engine.models import ModelChoice, available_models
 from app.resources import resource_path
 from app.storage.records import Chat
 from app.storage.store import StorageError, Store
+from app.ui.bench_window import BenchWindow
 from app.ui.chat_list import ChatListPanel
 from app.ui.chat_view import ChatView
 from app.ui.dialogs import InfoBanner, about_html, storage_note
@@ -113,6 +114,7 @@ class MainWindow(QMainWindow):
         self._edit_cost_request = 0
         self._trim_request = 0
         self._requested_model: str | None = str(model_path) if model_path else None
+        self.bench_window: BenchWindow | None = None
 
         self.setWindowTitle("KV Chat")
         icon = resource_path(*ICON_FILE)
@@ -278,6 +280,11 @@ class MainWindow(QMainWindow):
 
         self.model_menu = self.menuBar().addMenu("&Model")
         self.model_menu.aboutToShow.connect(self._fill_model_menu)
+
+        tools_menu = self.menuBar().addMenu("&Tools")
+        self.benchmark_action = QAction("&Benchmark…", self)
+        self.benchmark_action.triggered.connect(self.show_benchmark)
+        tools_menu.addAction(self.benchmark_action)
 
         help_menu = self.menuBar().addMenu("&Help")
         where = QAction("Where are my chats?", self)
@@ -829,12 +836,26 @@ class MainWindow(QMainWindow):
             self.context_label.setToolTip(f"KV cache of this chat: {size}")
         self.cache_view_shown.emit(view)
 
+    def show_benchmark(self) -> BenchWindow:
+        """One non-modal Benchmark window; it runs its own engines, never the chat worker's."""
+        model = self.model.path if self.model else self._requested_model
+        if self.bench_window is None:
+            self.bench_window = BenchWindow(model_path=model)
+        elif not self.bench_window.is_running():
+            self.bench_window.base_config.model_path = model  # follow the chosen model
+        self.bench_window.show()
+        self.bench_window.raise_()
+        self.bench_window.activateWindow()
+        return self.bench_window
+
     # -- closing --------------------------------------------------------------------
 
     def closeEvent(self, event: QCloseEvent) -> None:
         """Save geometry, stop the worker (it saves the cache), join its thread, close the DB."""
         if not self._closed:
             self._closed = True
+            if self.bench_window is not None:
+                self.bench_window.close()  # cancels and joins its thread
             self._save_settings()
             for timer in self.findChildren(QTimer):
                 timer.stop()  # debounces must not fire on a closed store
