@@ -8,7 +8,6 @@ its callbacks come back as queued signals and Stop only sets the ``cancel`` even
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import threading
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pyqtgraph as pg
-from pyqtgraph.exporters import ImageExporter
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 from PySide6.QtGui import QCloseEvent
 from PySide6.QtWidgets import (
@@ -36,6 +34,7 @@ from PySide6.QtWidgets import (
 
 from app.bench_plot import _COLOURS, _SYMBOLS
 from app.engine.bench import NAIVE, STRATEGIES, BenchConfig, BenchReport, TurnSample, run_benchmark
+from app.ui import export as exporting
 
 #: Per-turn CSV columns: every TurnSample field but the reply text (noise in a sheet).
 CSV_FIELDS = tuple(f.name for f in dataclasses.fields(TurnSample) if f.name != "reply")
@@ -385,18 +384,11 @@ class BenchWindow(QWidget):
     # -- export -----------------------------------------------------------------------
 
     def export_png(self, path: str | Path) -> Path:
-        exporter = ImageExporter(self.plot_widget.getPlotItem())
-        exporter.parameters()["width"] = max(800, self.plot_widget.width() * 2)
-        exporter.export(str(path))
-        return Path(path)
+        plot = self.plot_widget
+        return exporting.export_png(plot.getPlotItem(), path, plot.width() * 2)
 
     def export_csv(self, path: str | Path) -> Path:
-        with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            for sample in self.samples:
-                writer.writerow(dataclasses.asdict(sample))
-        return Path(path)
+        return exporting.export_csv(path, CSV_FIELDS, (dataclasses.asdict(s) for s in self.samples))
 
     def ask_export_png(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export plot", "kvchat-bench.png",

@@ -7,12 +7,10 @@ only emits requests; the window forwards them to the worker.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyqtgraph as pg
-from pyqtgraph.exporters import ImageExporter
 from PySide6.QtCore import QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QBrush, QColor, QPainter, QPen
 from PySide6.QtWidgets import (
@@ -34,6 +32,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.engine.metrics import PHASES
+from app.ui import export as exporting
 
 if TYPE_CHECKING:  # the worker sends these; only it imports the engine
     from app.engine.engine import CacheView, TrimPreview
@@ -630,18 +629,11 @@ class CacheInspector(QWidget):
     # -- export ---------------------------------------------------------------------
 
     def export_png(self, path: str | Path) -> Path:
-        exporter = ImageExporter(self.charts.ci)
-        exporter.parameters()["width"] = max(800, self.charts.width() * 2)
-        exporter.export(str(path))
-        return Path(path)
+        return exporting.export_png(self.charts.ci, path, self.charts.width() * 2)
 
     def export_csv(self, path: str | Path) -> Path:
-        with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            for index, turn in enumerate(self.turns, start=1):
-                writer.writerow({**turn, "turn": index})
-        return Path(path)
+        rows = ({**turn, "turn": index} for index, turn in enumerate(self.turns, start=1))
+        return exporting.export_csv(path, CSV_FIELDS, rows)
 
     def ask_export_png(self) -> None:
         path, _ = QFileDialog.getSaveFileName(
