@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from app.engine.engine import Engine, EngineError, GenerationOptions
-from app.engine.llama_backend import KV_TYPES
-from app.engine.models import ModelFileError
+from app.session.chat_session import Engine, EngineError, GenerationOptions
+from app.core.llama_backend import KV_TYPES
+from app.core.models import ModelFileError
 from app.storage.store import LAYOUTS, TRIM_MODES, StorageError, Store
 
 EXIT_USAGE = 2
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--chat", required=True)
     history.add_argument("--json", action="store_true")
 
-    from app.engine.bench import add_bench_arguments  # local: keeps start-up light
+    from app.bench.runner import add_bench_arguments  # local: keeps start-up light
 
     bench = commands.add_parser("bench", help="compare caching strategies on one scripted chat")
     _add_model_options(bench)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_chat(args)
         if args.command == "history":
             return run_history(args)
-        from app.engine.bench import run_bench
+        from app.bench.runner import run_bench
 
         return run_bench(args)
     except (CliError, EngineError, ModelFileError, StorageError, ValueError) as error:

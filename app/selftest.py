@@ -97,7 +97,7 @@ def _llama_library() -> str:
     the bundled copy under ``_internal/llama_cpp/lib``, not something found on the system."""
     import llama_cpp
 
-    import app.engine.engine  # noqa: F401 - the import is what is being timed and checked
+    import app.session.chat_session  # noqa: F401 - the import is what is being timed and checked
 
     library = getattr(getattr(llama_cpp, "llama_cpp", None), "_lib", None)
     path = getattr(library, "_name", "unknown library")
@@ -108,8 +108,8 @@ def _run(options: argparse.Namespace, report: _Report) -> None:
     _environment(report)
     report.timed("import", _llama_library, str)
 
-    from app.engine.engine import Engine, GenerationOptions
-    from app.engine.models import check_gguf_file, default_model_path
+    from app.session.chat_session import Engine, GenerationOptions
+    from app.core.models import check_gguf_file, default_model_path
     from app.storage.store import Store
 
     model = report.timed(

@@ -10,8 +10,8 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from app.engine.engine import Engine, GenerationOptions
-from app.engine.models import default_model_path
+from app.session.chat_session import Engine, GenerationOptions
+from app.core.models import default_model_path
 from app.storage.store import Store
 
 TEST_CTX = 2048

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from app.engine.engine import Engine, GenerationOptions
+from app.session.chat_session import Engine, GenerationOptions
 from app.storage.store import Store
 
 LONG_MESSAGE = (

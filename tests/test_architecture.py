@@ -12,8 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "app/engine": {"PySide6", "pyqtgraph", "app.ui", "shiboken6"},
-    "app/storage": {"PySide6", "pyqtgraph", "app.ui", "llama_cpp", "app.engine", "shiboken6"},
+    "app/core": {"PySide6", "pyqtgraph", "app.ui", "shiboken6", "app.storage", "app.session"},
+    "app/session": {"PySide6", "pyqtgraph", "app.ui", "shiboken6"},
+    "app/storage": {"PySide6", "pyqtgraph", "app.ui", "llama_cpp", "app.core", "shiboken6"},
     "app/ui": {"llama_cpp"},
 }
 
@@ -52,7 +53,7 @@ def test_boundary_check_catches_a_violation(tmp_path: Path) -> None:
 
 def test_engine_imports_without_qt() -> None:
     code = (
-        "import sys, app.engine.engine, app.storage.store, app.cli\n"
+        "import sys, app.session.chat_session, app.bench.runner, app.storage.store, app.cli\n"
         "assert not any(m.startswith(('PySide6', 'pyqtgraph')) for m in sys.modules), "
         "sorted(m for m in sys.modules if m.startswith(('PySide6', 'pyqtgraph')))"
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.engine.bench import (
+from app.bench.runner import (
     HISTORY_FIRST,
     HISTORY_FIRST_WARM,
     NAIVE,
@@ -98,7 +98,7 @@ def test_api_report_shape_and_reuse(bench_run: tuple[BenchReport, list[TurnSampl
 
 
 def test_plot_writes_png(bench_run: tuple[BenchReport, list[TurnSample]], tmp_path: Path) -> None:
-    from app.bench_plot import write_ttft_plot
+    from app.bench.plot import write_ttft_plot
 
     target = write_ttft_plot(bench_run[0], tmp_path / "ttft.png", width=600)
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

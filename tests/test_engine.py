@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 from conftest import GREEDY, TEST_CTX
 
-from app.engine.engine import ContextOverflowError, Engine, GenerationOptions, common_prefix_length
+from app.session.chat_session import ContextOverflowError, Engine, GenerationOptions, common_prefix_length
 from app.storage.store import Store
 
 INSTRUCTIONS = "You are a terse assistant. Answer in one short sentence."

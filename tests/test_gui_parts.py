@@ -10,7 +10,7 @@ from gui_helpers import close_window, open_window, temp_settings
 from PySide6.QtCore import QByteArray
 
 import app
-from app.engine.metrics import PHASES
+from app.core.metrics import PHASES
 from app.ui.chat_view import ChatView
 from app.ui.dialogs import about_html
 from app.ui.inspector import phase_rows
@@ -18,7 +18,7 @@ from app.ui.instructions import describe_edit_cost
 from app.ui.markdown import markdown_to_html, plain_to_html
 
 UI_DIR = Path(app.__file__).parent / "ui"
-MODEL_MODULES = ("llama_cpp", "app.engine.llama_backend", "app.engine.engine", "app.engine.prompt")
+MODEL_MODULES = ("llama_cpp", "app.core.llama_backend", "app.session.chat_session", "app.core.prompt")
 
 
 def _imports(path: Path) -> set[str]:

@@ -17,7 +17,7 @@ from gui_helpers import (
 )
 from PySide6.QtCore import QSettings, Qt
 
-from app.engine.metrics import PHASES
+from app.core.metrics import PHASES
 from app.storage.store import DatabaseInUse, Store
 from app.ui.main_window import MainWindow
 

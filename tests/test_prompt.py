@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from app.engine.chat_template import TemplateRenderer, markup_for, probe_markup
-from app.engine.engine import Engine
-from app.engine.prompt import render_instructions
+from app.core.chat_template import TemplateRenderer, markup_for, probe_markup
+from app.session.chat_session import Engine
+from app.core.prompt import render_instructions
 from app.storage.store import Store
 
 CONVERSATION = [

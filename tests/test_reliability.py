@@ -15,8 +15,8 @@ from conftest import GREEDY, TEST_CTX
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.engine.engine import ContextOverflowError, Engine, EngineError, GenerationOptions
-from app.engine.llama_backend import ModelLoadError
+from app.session.chat_session import ContextOverflowError, Engine, EngineError, GenerationOptions
+from app.core.llama_backend import ModelLoadError
 from app.storage.store import Store
 
 WORKER = Path(__file__).with_name("crash_worker.py")

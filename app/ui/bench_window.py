@@ -1,4 +1,4 @@
-"""The Benchmark window: runs ``app.engine.bench`` live and plots TTFT per turn per strategy.
+"""The Benchmark window: runs ``app.bench.runner`` live and plots TTFT per turn per strategy.
 
 Why a window: the caching claims are easiest to believe when you watch the five strategies
 diverge turn by turn on your own machine. The run lives in its own QThread with its own
@@ -32,8 +32,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.bench_plot import _COLOURS, _SYMBOLS
-from app.engine.bench import NAIVE, STRATEGIES, BenchConfig, BenchReport, TurnSample, run_benchmark
+from app.bench.plot import _COLOURS, _SYMBOLS
+from app.bench.runner import NAIVE, STRATEGIES, BenchConfig, BenchReport, TurnSample, run_benchmark
 from app.ui import export as exporting
 
 #: Per-turn CSV columns: every TurnSample field but the reply text (noise in a sheet).

@@ -10,7 +10,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QPushButton, QWidget
 
 import app
-from app.engine.models import DEFAULT_MODEL_FILE, DEFAULT_MODEL_LICENSE
+from app.core.models import DEFAULT_MODEL_FILE, DEFAULT_MODEL_LICENSE
 
 
 def about_html(

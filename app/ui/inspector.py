@@ -31,11 +31,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.engine.metrics import PHASES
+from app.core.metrics import PHASES
 from app.ui import export as exporting
 
 if TYPE_CHECKING:  # the worker sends these; only it imports the engine
-    from app.engine.engine import CacheView, TrimPreview
+    from app.session.chat_session import CacheView, TrimPreview
 
 pg.setConfigOptions(background="w", foreground="#24292f", antialias=True)
 

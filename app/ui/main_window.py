@@ -35,7 +35,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.engine.models import ModelChoice, available_models
+from app.core.models import ModelChoice, available_models
 from app.resources import resource_path
 from app.storage.records import Chat
 from app.storage.store import StorageError, Store

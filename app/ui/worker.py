@@ -21,8 +21,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
-from app.engine import llama_backend as backend_module
-from app.engine.engine import (
+from app.session.chat_session import (
     CacheView,
     ContextOverflowError,
     Engine,
@@ -30,8 +29,8 @@ from app.engine.engine import (
     GenerationOptions,
     TrimPreview,
 )
-from app.engine.models import ModelFileError, check_gguf_file
-from app.engine.prompt import render_instructions
+from app.core.models import ModelFileError, check_gguf_file
+from app.core.prompt import render_instructions
 from app.storage.store import StorageError, Store
 
 
@@ -171,7 +170,7 @@ class EngineWorker(QObject):
                 size_bytes=info.size_bytes,
                 n_ctx=engine.n_ctx,
                 kv_type=engine.kv_type,
-                backend_version=backend_module.llama_cpp_version(),
+                backend_version=engine.backend_version,
                 load_ms=(time.perf_counter() - started) * 1000,
             )
         )

@@ -51,7 +51,7 @@ background steps included); ``on_status(str)`` reports set-up progress; setting
 ``cancel`` stops at the next step and returns a partial report with
 ``cancelled=True``. ``python -m app bench`` is the command-line front end
 (:func:`add_bench_arguments`, :func:`run_bench`); ``--plot`` uses
-``app.bench_plot``, which is the only part that imports Qt.
+``app.bench.plot``, which is the only part that imports Qt.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.engine.engine import Engine, GenerationOptions, TurnResult
+from app.session.chat_session import Engine, GenerationOptions, TurnResult
 from app.storage.store import Store
 
 NAIVE = "naive"
@@ -834,7 +834,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     report = run_benchmark(config, on_turn=show_turn, on_status=show_status)
     if plot_path is not None:
-        from app.bench_plot import write_ttft_plot  # Qt only when a chart is asked for
+        from app.bench.plot import write_ttft_plot  # Qt only when a chart is asked for
 
         write_ttft_plot(report, plot_path)
     if args.json:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from app.engine.chat_template import BLOCK_ACK, BlockPlacement, ChatMarkup, Wrapper
-from app.engine.llama_backend import LlamaBackend
+from app.core.chat_template import BLOCK_ACK, BlockPlacement, ChatMarkup, Wrapper
+from app.core.llama_backend import LlamaBackend
 
 LAYOUTS = ("history-first", "system-first")
 _VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from app.engine.models import ModelFileError, check_gguf_file
+from app.core.models import ModelFileError, check_gguf_file
 
 SEQ = 0
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.engine.chat_template import ChatMarkup, markup_for
-from app.engine.llama_backend import ContextFullError, DecodeError, LlamaBackend, llama_cpp_version
-from app.engine.metrics import TurnMetrics
-from app.engine.models import default_model_path, model_file_identity
-from app.engine.prompt import PromptBuilder, PromptPlan, Segment, render_instructions
+from app.core.chat_template import ChatMarkup, markup_for
+from app.core.llama_backend import ContextFullError, DecodeError, LlamaBackend, llama_cpp_version
+from app.core.metrics import TurnMetrics
+from app.core.models import default_model_path, model_file_identity
+from app.core.prompt import PromptBuilder, PromptPlan, Segment, render_instructions
 from app.storage.records import Chat, Message, SavedState
 from app.storage.store import Store
 
@@ -165,6 +165,10 @@ class Engine:
     @property
     def kv_type(self) -> str:
         return self.backend.kv_type
+
+    @property
+    def backend_version(self) -> str:
+        return llama_cpp_version()
 
     def fingerprint(self, layout: str) -> dict[str, object]:
         """What a saved state must match to be reused: anything that changes the KV values."""

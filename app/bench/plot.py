@@ -1,6 +1,6 @@
 """PNG chart of a benchmark's TTFT per turn (pyqtgraph, offscreen).
 
-Kept outside ``app.engine`` so the engine never imports Qt; Qt is imported only
+The only Qt in ``app.bench``; Qt is imported only
 when a chart is written, and works without a display (``QT_QPA_PLATFORM=offscreen``).
 """
 
@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from app.engine.bench import BenchReport
+from app.bench.runner import BenchReport
 
 #: One colour per strategy, readable on white.
 _COLOURS = {
