@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from app.session.chat_session import Engine, EngineError, GenerationOptions
-from app.core.llama_backend import KV_TYPES
+from app.arguments import positive_int
 from app.core.models import ModelFileError
-from app.storage.store import LAYOUTS, TRIM_MODES, StorageError, Store
+from app.domain import KVType, Layout, TrimMode
+from app.session.chat_session import ChatSession, GenerationOptions, SessionError
+from app.storage.store import StorageError, Store
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -32,16 +33,6 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"kvchat: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from error
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
-    return value
-
-
 def _variable(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
@@ -51,8 +42,10 @@ def _variable(text: str) -> tuple[str, str]:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="GGUF file (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--kv-type", choices=sorted(KV_TYPES), default="f16", help="KV cache type")
-    parser.add_argument("--n-ctx", type=_positive_int, help="context size in tokens")
+    parser.add_argument(
+        "--kv-type", choices=list(KVType), default=KVType.F16, help="KV cache type"
+    )
+    parser.add_argument("--n-ctx", type=positive_int, help="context size in tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--db", required=True, help="SQLite database file (created if missing)")
     chat.add_argument("--chat", required=True, help="chat name (created if missing)")
     _add_model_options(chat)
-    chat.add_argument("--layout", choices=LAYOUTS, help="prompt layout for this chat")
+    chat.add_argument("--layout", choices=list(Layout), help="prompt layout for this chat")
     source = chat.add_mutually_exclusive_group()
     source.add_argument("--instructions", help="instruction block text (new version if changed)")
     source.add_argument("--instructions-file", help="read the instruction block from a file")
@@ -75,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="instruction variable; fills {{KEY}} in the block",
     )
-    chat.add_argument("--max-tokens", type=_positive_int, default=128)
+    chat.add_argument("--max-tokens", type=positive_int, default=128)
     chat.add_argument("--seed", type=int, default=0)
     chat.add_argument("--temperature", type=float, default=0.7)
-    chat.add_argument("--trim-tokens", type=_positive_int, help="limit of cached history tokens")
-    chat.add_argument("--trim-mode", choices=TRIM_MODES, help="how trimmed turns leave the cache")
+    chat.add_argument("--trim-tokens", type=positive_int, help="limit of cached history tokens")
+    chat.add_argument(
+        "--trim-mode", choices=list(TrimMode), help="how trimmed turns leave the cache"
+    )
     chat.add_argument("--json", action="store_true", help="print one JSON object")
     chat.add_argument("message", help="the user's message ('-' reads standard input)")
 
@@ -88,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--chat", required=True)
     history.add_argument("--json", action="store_true")
 
-    from app.bench.runner import add_bench_arguments  # local: keeps start-up light
+    from app.bench.cli import add_bench_arguments  # local: keeps start-up light
 
     bench = commands.add_parser("bench", help="compare caching strategies on one scripted chat")
     _add_model_options(bench)
@@ -115,7 +110,7 @@ def run_chat(args: argparse.Namespace) -> int:
             raise CliError(f"cannot read instructions file: {error}") from error
     with _open_store(args.db) as store:
         chat = store.chat_by_name(args.chat) or store.create_chat(
-            args.chat, args.layout or "history-first"
+            args.chat, args.layout or Layout.HISTORY_FIRST
         )
         if args.layout and chat.layout != args.layout:
             chat = store.update_chat(chat.id, layout=args.layout)
@@ -125,7 +120,7 @@ def run_chat(args: argparse.Namespace) -> int:
             text = instructions if instructions is not None else (current.text if current else "")
             if current is None or current.text != text or current.variables != variables:
                 store.add_instruction_version(chat.id, text, variables)
-        engine = Engine(store, args.model, n_ctx=args.n_ctx, kv_type=args.kv_type)
+        engine = ChatSession(store, args.model, n_ctx=args.n_ctx, kv_type=args.kv_type)
         try:
             if args.trim_tokens is not None or args.trim_mode is not None:
                 engine.activate(chat.id)
@@ -213,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_chat(args)
         if args.command == "history":
             return run_history(args)
-        from app.bench.runner import run_bench
+        from app.bench.cli import run_bench
 
         return run_bench(args)
-    except (CliError, EngineError, ModelFileError, StorageError, ValueError) as error:
+    except (CliError, SessionError, ModelFileError, StorageError, ValueError) as error:
         print(f"kvchat: error: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

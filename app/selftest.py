@@ -4,7 +4,7 @@ A packaged app can fail in ways a source checkout never does (a shared library o
 the model left out of the bundle, a data dir that cannot be resolved), and a
 double-clicked app shows nothing useful when it does. This runs the real path a
 user takes: load the model, one turn, commit + warm-up + save, a "restart" (new
-Engine and Store on the same file), the saved state restored and reused. It
+ChatSession and Store on the same file), the saved state restored and reused. It
 prints one line per step and returns 0, or the failing step and 1.
 
 No Qt import anywhere here: it must run before (and without) any GUI.
@@ -108,8 +108,8 @@ def _run(options: argparse.Namespace, report: _Report) -> None:
     _environment(report)
     report.timed("import", _llama_library, str)
 
-    from app.session.chat_session import Engine, GenerationOptions
     from app.core.models import check_gguf_file, default_model_path
+    from app.session.chat_session import ChatSession, GenerationOptions
     from app.storage.store import Store
 
     model = report.timed(
@@ -124,7 +124,7 @@ def _run(options: argparse.Namespace, report: _Report) -> None:
         with Store(db_path, exclusive=True) as store:
             engine = report.timed(
                 "load",
-                lambda: Engine(store, model, n_ctx=options.n_ctx),
+                lambda: ChatSession(store, model, n_ctx=options.n_ctx),
                 lambda made: f"{made.backend.info.description}, n_ctx {made.n_ctx}",
             )
             try:
@@ -160,8 +160,8 @@ def _run(options: argparse.Namespace, report: _Report) -> None:
         with Store(db_path, exclusive=True) as store:
             engine = report.timed(
                 "reopen",
-                lambda: Engine(store, model, n_ctx=options.n_ctx),
-                lambda _made: "new Engine + Store on the same file",
+                lambda: ChatSession(store, model, n_ctx=options.n_ctx),
+                lambda _made: "new ChatSession + Store on the same file",
             )
             try:
                 load = report.timed(

@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     lambda m=metrics_id: any(b.metrics_id == m for b in backgrounds),  # type: ignore[attr-defined]
                     f"background work of turn {index}",
                 )
-                print(f"turn {index}: {replies[-1].metrics['reused_tokens']} reused, "  # type: ignore[attr-defined]
-                      f"{replies[-1].metrics['prefill_tokens']} recomputed")  # type: ignore[attr-defined]
+                print(f"turn {index}: {replies[-1].metrics.reused_tokens} reused, "  # type: ignore[attr-defined]
+                      f"{replies[-1].metrics.prefill_tokens} recomputed")  # type: ignore[attr-defined]
 
             costs: list[object] = []
             window.edit_cost_shown.connect(lambda tokens, _seconds: costs.append(tokens))

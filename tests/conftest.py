@@ -10,8 +10,8 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from app.session.chat_session import Engine, GenerationOptions
 from app.core.models import default_model_path
+from app.session.chat_session import ChatSession, GenerationOptions
 from app.storage.store import Store
 
 TEST_CTX = 2048
@@ -35,8 +35,8 @@ def store(db_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-def engine(store: Store, model_path: Path) -> Iterator[Engine]:
-    made = Engine(store, model_path, n_ctx=TEST_CTX)
+def engine(store: Store, model_path: Path) -> Iterator[ChatSession]:
+    made = ChatSession(store, model_path, n_ctx=TEST_CTX)
     yield made
     made.close()
 
@@ -44,11 +44,11 @@ def engine(store: Store, model_path: Path) -> Iterator[Engine]:
 @pytest.fixture
 def make_engine(model_path: Path) -> Iterator:
     """Engines on any store, closed at teardown (a restart is a new engine on the same file)."""
-    made: list[Engine] = []
+    made: list[ChatSession] = []
 
-    def factory(on_store: Store, **options: object) -> Engine:
+    def factory(on_store: Store, **options: object) -> ChatSession:
         options.setdefault("n_ctx", TEST_CTX)
-        instance = Engine(on_store, model_path, **options)
+        instance = ChatSession(on_store, model_path, **options)
         made.append(instance)
         return instance
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from app.session.chat_session import Engine, GenerationOptions
+from app.session.chat_session import ChatSession, GenerationOptions
 from app.storage.store import Store
 
 LONG_MESSAGE = (
@@ -19,7 +19,7 @@ LONG_MESSAGE = (
 def main() -> None:
     db_path, mode = sys.argv[1], sys.argv[2]
     store = Store(db_path, exclusive=True)
-    engine = Engine(store, n_ctx=2048)
+    engine = ChatSession(store, n_ctx=2048)
     chat = store.chat_by_name("crash") or store.create_chat("crash")
     options = GenerationOptions(max_tokens=400, temperature=0.0)
 

@@ -12,8 +12,9 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QSettings, QTimer
 
+from app.session.chat_session import TurnResult
 from app.ui.main_window import MainWindow
-from app.ui.worker import BackgroundOutcome, TurnOutcome
+from app.ui.worker import BackgroundOutcome
 
 GUI_CTX = 2048
 MODEL_TIMEOUT_MS = 120_000
@@ -29,7 +30,7 @@ class SignalLog:
     """Every reply and background outcome of a window, so no emission is missed between waits."""
 
     def __init__(self, window: MainWindow) -> None:
-        self.replies: list[TurnOutcome] = []
+        self.replies: list[TurnResult] = []
         self.backgrounds: list[BackgroundOutcome] = []
         window.reply_received.connect(self.replies.append)
         window.background_done.connect(self.backgrounds.append)
@@ -66,7 +67,7 @@ def close_window(window: MainWindow) -> None:
 
 def send_turn(
     qtbot: Any, window: MainWindow, text: str, *, background: bool = True
-) -> tuple[TurnOutcome, BackgroundOutcome | None]:
+) -> tuple[TurnResult, BackgroundOutcome | None]:
     """Type, send, wait for the reply and (by default) for commit + warm-up + save."""
     log = log_of(window)
     replies, backgrounds = len(log.replies), len(log.backgrounds)

@@ -53,7 +53,7 @@ def test_boundary_check_catches_a_violation(tmp_path: Path) -> None:
 
 def test_engine_imports_without_qt() -> None:
     code = (
-        "import sys, app.session.chat_session, app.bench.runner, app.storage.store, app.cli\n"
+        "import sys, app.session.chat_session, app.bench.cli, app.storage.store, app.cli\n"
         "assert not any(m.startswith(('PySide6', 'pyqtgraph')) for m in sys.modules), "
         "sorted(m for m in sys.modules if m.startswith(('PySide6', 'pyqtgraph')))"
     )

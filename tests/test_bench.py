@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.bench.runner import (
+from app.bench.config import (
     HISTORY_FIRST,
     HISTORY_FIRST_WARM,
     NAIVE,
@@ -22,12 +22,10 @@ from app.bench.runner import (
     STRATEGIES,
     SYSTEM_FIRST_PREFIX,
     BenchConfig,
-    BenchReport,
     TurnSample,
-    compute_checks,
-    run_benchmark,
-    summarize,
 )
+from app.bench.report import BenchReport, compute_checks, summarize
+from app.bench.strategies import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread: on a shared 2-core machine two llama.cpp threads spin against other jobs

@@ -8,7 +8,16 @@ from collections.abc import Callable
 import pytest
 from conftest import GREEDY, TEST_CTX
 
-from app.session.chat_session import ContextOverflowError, Engine, GenerationOptions, common_prefix_length
+from app.core.kv_mirror import common_prefix_length
+from app.domain import Step
+from app.session.chat_session import (
+    ChatSession,
+    ContextOverflowError,
+    GenerationOptions,
+    StepResult,
+    Turn,
+    Upkeep,
+)
 from app.storage.store import Store
 
 INSTRUCTIONS = "You are a terse assistant. Answer in one short sentence."
@@ -29,14 +38,21 @@ def _chat(
     return chat.id
 
 
-def _turn(engine: Engine, chat_id: int, text: str, options: GenerationOptions = GREEDY):
+def _turn(engine: ChatSession, chat_id: int, text: str, options: GenerationOptions = GREEDY):
     result = engine.send(chat_id, text, options)
     engine.after_reply(chat_id)
     return result
 
 
-def _block_tokens(engine: Engine, text: str) -> list[int]:
+def _block_tokens(engine: ChatSession, text: str) -> list[int]:
     return list(engine.builder.block_segment(text, engine.markup.block_later))
+
+
+def _step(work: Turn | Upkeep) -> StepResult:
+    """Run the next idle-time step, which must exist."""
+    result = work.advance()
+    assert result is not None
+    return result
 
 
 def _contains(haystack: list[int], needle: list[int]) -> bool:
@@ -44,11 +60,11 @@ def _contains(haystack: list[int], needle: list[int]) -> bool:
     return any(haystack[i : i + n] == needle for i in range(len(haystack) - n + 1))
 
 
-def test_second_turn_reuses_history_and_block(engine: Engine, store: Store) -> None:
+def test_second_turn_reuses_history_and_block(engine: ChatSession, store: Store) -> None:
     chat_id = _chat(store, "reuse")
     first = _turn(engine, chat_id, QUESTIONS[0])
     assert first.metrics.reused_tokens == 0
-    history = len(engine._history_plan(store.chat(chat_id)).tokens)
+    history = len(engine.history_plan(chat_id).tokens)
     second = engine.send(chat_id, QUESTIONS[1], GREEDY)
     pending = len(store.messages(chat_id)[-2].token_ids)  # the new user message's segment
     assert second.metrics.reused_tokens >= history
@@ -59,21 +75,24 @@ def test_second_turn_reuses_history_and_block(engine: Engine, store: Store) -> N
 
 
 def test_commit_leaves_only_history_and_warm_up_adds_the_block(
-    engine: Engine, store: Store
+    engine: ChatSession, store: Store
 ) -> None:
     chat_id = _chat(store, "commit")
     result = engine.send(chat_id, QUESTIONS[0], GREEDY)
     block = _block_tokens(engine, INSTRUCTIONS)
-    assert _contains(engine.cache, block)  # the reply was generated with the block in view
+    # The reply was generated with the block in view.
+    assert _contains(list(engine.cache_tokens), block)
 
-    before_commit = list(engine.cache)
-    commit = engine.commit(chat_id)
+    before_commit = list(engine.cache_tokens)
+    turn = engine.current_turn
+    assert turn is not None and turn.next_step == Step.COMMIT
+    commit = _step(turn)
     chat = store.chat(chat_id)
-    history = engine._history_plan(chat).tokens
+    history = engine.history_plan(chat.id).tokens
     assert commit.completed
-    assert engine.cache == history
-    assert not _contains(engine.cache, block)
-    assert engine.backend.last_position() + 1 == len(engine.cache)
+    assert list(engine.cache_tokens) == history
+    assert not _contains(list(engine.cache_tokens), block)
+    assert engine.backend.last_position() + 1 == len(list(engine.cache_tokens))
     user, reply = store.messages(chat_id)[-2:]
     # Everything after the history is evaluated again, minus tokens that happen to match
     # (e.g. the <|im_start|> that opened the block also opens the user message).
@@ -82,11 +101,12 @@ def test_commit_leaves_only_history_and_warm_up_adds_the_block(
     assert commit.tokens == len(history) - shared
     assert reply.token_ids == list(engine.builder.assistant_segment(reply.token_ids[4:-2]))
 
-    warm = engine.warm_up(chat_id)
-    assert engine.cache == history + block
+    warm = _step(turn)
+    assert list(engine.cache_tokens) == history + block
     assert warm.tokens == len(block)
-    metrics = engine.finish_turn(chat_id)
-    assert metrics is not None
+    assert _step(turn).step == Step.SAVE and turn.done
+    metrics = turn.metrics
+    assert metrics is not None and metrics.state_bytes > 0
     assert metrics.commit_tokens == commit.tokens
     assert metrics.warmup_tokens == warm.tokens
     assert metrics.background_tokens == commit.tokens + warm.tokens
@@ -101,7 +121,7 @@ def test_saved_state_restores_in_a_new_engine(store: Store, make_engine: Callabl
     first = make_engine(store)
     _turn(first, chat_id, QUESTIONS[0])
     _turn(first, chat_id, QUESTIONS[1])
-    saved_tokens = list(first.cache)
+    saved_tokens = list(first.cache_tokens)
     first.close()
 
     second = make_engine(store)
@@ -120,7 +140,7 @@ def test_instruction_edit_costs_only_the_block_in_history_first(
     engine = make_engine(store)
     for question in QUESTIONS[:2]:
         _turn(engine, chat_id, question)
-    history = len(engine._history_plan(store.chat(chat_id)).tokens)
+    history = len(engine.history_plan(chat_id).tokens)
     store.add_instruction_version(chat_id, "Always answer like a pirate.")
     result = engine.send(chat_id, QUESTIONS[2], GREEDY)
     block = len(_block_tokens(engine, "Always answer like a pirate."))
@@ -215,17 +235,17 @@ def test_flipped_bytes_in_state_are_detected(store: Store, make_engine: Callable
     load = second.activate(chat_id)
     assert not load.restored
     assert "checksum" in load.rejected
-    assert second.cache == []
+    assert second.cache_tokens == ()
     assert store.load_state(chat_id) is None
 
 
-def _fill(engine: Engine, chat_id: int, turns: int) -> None:
+def _fill(engine: ChatSession, chat_id: int, turns: int) -> None:
     for index in range(turns):
         _turn(engine, chat_id, QUESTIONS[index % len(QUESTIONS)])
 
 
 def test_exact_trim_drops_oldest_turns_and_recomputes_what_is_kept(
-    engine: Engine, store: Store
+    engine: ChatSession, store: Store
 ) -> None:
     chat_id = _chat(store, "trim-exact")
     _fill(engine, chat_id, 3)
@@ -238,10 +258,10 @@ def test_exact_trim_drops_oldest_turns_and_recomputes_what_is_kept(
     engine.set_trim(chat_id, last_turn + 1, "exact")
     chat = store.chat(chat_id)
     assert chat.trim_tokens == last_turn + 1 and chat.cache_start_seq == messages[-2].seq
-    warm = engine.warm_up(chat_id)
-    anchor = len(engine._history_plan(chat).segments[0].tokens)
+    warm = _step(engine.upkeep(chat_id, (Step.WARM_UP,)))
+    anchor = len(engine.history_plan(chat.id).segments[0].tokens)
     assert warm.tokens >= last_turn  # everything after the anchor is evaluated again
-    assert engine.cache[:anchor] == engine._history_plan(chat).tokens[:anchor]
+    assert list(engine.cache_tokens)[:anchor] == engine.history_plan(chat.id).tokens[:anchor]
     result = engine.send(chat_id, QUESTIONS[3], GREEDY)
     engine.after_reply(chat_id)
     assert result.metrics.history_tokens <= anchor + last_turn + 1
@@ -251,27 +271,27 @@ def test_exact_trim_drops_oldest_turns_and_recomputes_what_is_kept(
     assert sum(len(m.token_ids) for m in kept) <= last_turn + 1
 
 
-def test_shift_trim_moves_cells_without_recompute(engine: Engine, store: Store) -> None:
+def test_shift_trim_moves_cells_without_recompute(engine: ChatSession, store: Store) -> None:
     chat_id = _chat(store, "trim-shift")
     _fill(engine, chat_id, 3)
-    before = list(engine.cache)
+    before = list(engine.cache_tokens)
     messages = store.messages(chat_id)
     dropped = sum(len(m.token_ids) for m in messages[:2])
     keep = sum(len(m.token_ids) for m in messages[2:])
     preview = engine.set_trim(chat_id, keep, "shift")
     assert preview.recompute_tokens == 0 and preview.turns_change == 1
-    assert len(engine.cache) == len(before) - dropped
-    assert engine.backend.last_position() + 1 == len(engine.cache)
-    warm = engine.warm_up(chat_id)
+    assert len(list(engine.cache_tokens)) == len(before) - dropped
+    assert engine.backend.last_position() + 1 == len(list(engine.cache_tokens))
+    warm = _step(engine.upkeep(chat_id, (Step.WARM_UP,)))
     assert warm.tokens == 0  # the block is still on top, shifted with the history
-    cached = engine._history_plan(store.chat(chat_id), with_block=True).tokens
-    assert engine.cache == cached
+    cached = engine.history_plan(chat_id, with_block=True).tokens
+    assert list(engine.cache_tokens) == cached
     result = engine.send(chat_id, QUESTIONS[3], GREEDY)
     assert result.metrics.reused_tokens == len(cached)
     assert result.reply
 
 
-def test_metrics_are_complete_and_consistent(engine: Engine, store: Store) -> None:
+def test_metrics_are_complete_and_consistent(engine: ChatSession, store: Store) -> None:
     chat_id = _chat(store, "metrics")
     result = engine.send(chat_id, QUESTIONS[0], GREEDY)
     metrics = engine.after_reply(chat_id)
@@ -294,7 +314,7 @@ def test_metrics_are_complete_and_consistent(engine: Engine, store: Store) -> No
         assert key in data
     assert data["ttft_ms"] >= data["prefill_ms"] > 0
     assert data["decode_tokens"] == len(store.message(result.reply_message_id).token_ids) - 6
-    assert data["cache_tokens"] == len(engine.cache)
+    assert data["cache_tokens"] == len(list(engine.cache_tokens))
     assert data["state_bytes"] > 1000 * data["cache_tokens"]
     assert data["state_load_ms"] is None  # nothing was loaded in this process
     assert store.metrics(chat_id)[-1].data == data
@@ -311,7 +331,9 @@ def test_q8_0_cache_stores_fewer_bytes_per_token(store: Store, make_engine: Call
     assert sizes["q8_0"] < 0.6 * sizes["f16"]
 
 
-def test_cancel_keeps_partial_reply_and_a_consistent_cache(engine: Engine, store: Store) -> None:
+def test_cancel_keeps_partial_reply_and_a_consistent_cache(
+    engine: ChatSession, store: Store
+) -> None:
     chat_id = _chat(store, "cancel")
     stop = threading.Event()
     pieces: list[str] = []
@@ -328,9 +350,9 @@ def test_cancel_keeps_partial_reply_and_a_consistent_cache(engine: Engine, store
     assert result.metrics.finish_reason == "cancelled"
     reply = store.message(result.reply_message_id)
     assert reply.status == "cancelled" and reply.text == "".join(pieces)
-    assert engine.backend.last_position() + 1 == len(engine.cache)
+    assert engine.backend.last_position() + 1 == len(list(engine.cache_tokens))
     engine.after_reply(chat_id)
-    assert engine.cache == engine._history_plan(store.chat(chat_id), with_block=True).tokens
+    assert list(engine.cache_tokens) == engine.history_plan(chat_id, with_block=True).tokens
     follow = engine.send(chat_id, QUESTIONS[0], GREEDY)
     assert follow.metrics.reused_tokens > 0
 

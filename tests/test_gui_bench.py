@@ -9,7 +9,7 @@ from typing import Any
 
 from PySide6.QtCore import QTimer
 
-from app.bench.runner import STRATEGIES, BenchConfig
+from app.bench.config import STRATEGIES, BenchConfig
 from app.ui.bench_window import CSV_FIELDS, BenchWindow
 
 RUN_TIMEOUT_MS = 300_000  # five engines on a shared CPU: generous, never flaky

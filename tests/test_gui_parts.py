@@ -18,7 +18,12 @@ from app.ui.instructions import describe_edit_cost
 from app.ui.markdown import markdown_to_html, plain_to_html
 
 UI_DIR = Path(app.__file__).parent / "ui"
-MODEL_MODULES = ("llama_cpp", "app.core.llama_backend", "app.session.chat_session", "app.core.prompt")
+MODEL_MODULES = (
+    "llama_cpp",
+    "app.core.llama_backend",
+    "app.session.chat_session",
+    "app.core.prompt",
+)
 
 
 def _imports(path: Path) -> set[str]:

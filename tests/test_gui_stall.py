@@ -41,7 +41,7 @@ def test_event_loop_stays_responsive(qtbot, db_path: Path, tmp_path: Path, recor
             qtbot.waitUntil(lambda: len(log.replies) == 1, timeout=TURN_TIMEOUT_MS)
 
         prefill_ms = meter.measure(prefill)
-        prefilled = log.replies[-1].metrics["prefill_tokens"]
+        prefilled = log.replies[-1].metrics.prefill_tokens
 
         # 2. The state save of that large cache (commit + warm-up + save in idle time).
         def save() -> None:
@@ -63,7 +63,7 @@ def test_event_loop_stays_responsive(qtbot, db_path: Path, tmp_path: Path, recor
             qtbot.waitUntil(lambda: len(log.replies) == 2, timeout=TURN_TIMEOUT_MS)
 
         generate_ms = meter.measure(generate)
-        generated = log.replies[-1].metrics["decode_tokens"]
+        generated = log.replies[-1].metrics.decode_tokens
     finally:
         close_window(window)
 

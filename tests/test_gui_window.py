@@ -107,9 +107,9 @@ def test_reopening_restores_the_saved_cache(qtbot, db_path: Path, settings: QSet
         assert [b.role for b in second.chat_view.bubbles] == ["user", "assistant"]
         assert len(second.inspector.turns) == 1
         reply, _ = send_turn(qtbot, second, "And one about dogs.")
-        assert reply.metrics["state_load_ms"] is not None
-        assert reply.metrics["reused_tokens"] > 0
-        assert reply.metrics["state_rejected"] is None
+        assert reply.metrics.state_load_ms is not None
+        assert reply.metrics.reused_tokens > 0
+        assert reply.metrics.state_rejected is None
     finally:
         close_window(second)
 
@@ -161,7 +161,7 @@ def test_stop_keeps_partial_reply_and_the_next_turn_works(qtbot, window: MainWin
     window.stop()
     qtbot.waitUntil(lambda: len(log.replies) == 1, timeout=TURN_TIMEOUT_MS)
     stopped = log.replies[0]
-    assert stopped.finish_reason == "cancelled"
+    assert stopped.metrics.finish_reason == "cancelled"
     messages = window.store.messages(stopped.chat_id)
     assert messages[0].role == "user"
     assert messages[0].text.startswith("Write a long story")
@@ -169,12 +169,12 @@ def test_stop_keeps_partial_reply_and_the_next_turn_works(qtbot, window: MainWin
         assert messages[1].role == "assistant" and messages[1].status == "cancelled"
         assert messages[1].text == stopped.reply
         assert "stopped" in window.chat_view.bubbles[-1].tag_label.text()
-    assert stopped.metrics["decode_tokens"] < 400
+    assert stopped.metrics.decode_tokens < 400
 
     window.max_tokens_spin.setValue(8)
     window.temperature_spin.setValue(0.0)
     after, _ = send_turn(qtbot, window, "Summarise it in three words.")
-    assert after.finish_reason in ("length", "stop")
+    assert after.metrics.finish_reason in ("length", "stop")
     assert window.store.messages(after.chat_id)[-1].status == "complete"
 
 
@@ -190,7 +190,7 @@ def test_escape_stops(qtbot, window: MainWindow) -> None:
     qtbot.waitUntil(lambda: len(pieces) >= 2, timeout=TURN_TIMEOUT_MS)
     qtbot.keyClick(window.input, Qt.Key.Key_Escape)
     qtbot.waitUntil(lambda: len(log.replies) == 1, timeout=TURN_TIMEOUT_MS)
-    assert log.replies[0].finish_reason == "cancelled"
+    assert log.replies[0].metrics.finish_reason == "cancelled"
 
 
 def test_context_overflow_keeps_the_typed_text(
@@ -343,7 +343,7 @@ def test_sending_again_preempts_the_background_work(qtbot, window: MainWindow) -
     assert first and not first[0].completed and first[0].metrics is None
     assert "pre-empted" in first[0].notes[0]
     second = log.replies[-1].metrics
-    assert second["reused_tokens"] > 0
+    assert second.reused_tokens > 0
 
 
 def test_switching_model_shows_load_progress(qtbot, window: MainWindow) -> None:

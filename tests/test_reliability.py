@@ -15,8 +15,14 @@ from conftest import GREEDY, TEST_CTX
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.session.chat_session import ContextOverflowError, Engine, EngineError, GenerationOptions
 from app.core.llama_backend import ModelLoadError
+from app.domain import Step
+from app.session.chat_session import (
+    ChatSession,
+    ContextOverflowError,
+    GenerationOptions,
+    SessionError,
+)
 from app.storage.store import Store
 
 WORKER = Path(__file__).with_name("crash_worker.py")
@@ -143,7 +149,7 @@ def test_state_from_another_model_file_is_rejected(
     data = bytearray(model_path.read_bytes())
     data[-1] ^= 0x01  # one weight differs: another model as far as the cache is concerned
     other.write_bytes(bytes(data))
-    engine = Engine(store, other, n_ctx=TEST_CTX)
+    engine = ChatSession(store, other, n_ctx=TEST_CTX)
     try:
         load = engine.activate(chat_id)
         assert not load.restored and "model" in load.rejected
@@ -158,7 +164,7 @@ def test_same_model_under_another_name_keeps_its_state(
     chat_id = _chat_with_state(store, make_engine)
     renamed = tmp_path / "renamed.gguf"
     renamed.symlink_to(model_path)
-    engine = Engine(store, renamed, n_ctx=TEST_CTX)
+    engine = ChatSession(store, renamed, n_ctx=TEST_CTX)
     try:
         assert engine.activate(chat_id).restored
     finally:
@@ -180,7 +186,7 @@ def test_unusable_model_files_give_one_line(
     if content is not None:
         path.write_bytes(content)
     with Store(tmp_path / "m.db") as store, pytest.raises(ModelLoadError.__mro__[1]) as raised:
-        Engine(store, path)
+        ChatSession(store, path)
     message = str(raised.value)
     assert expected in message and "\n" not in message
     done = subprocess.run(
@@ -219,16 +225,18 @@ ODD_TEXT = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def fuzz_engine(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Engine]:
+def fuzz_engine(
+    tmp_path_factory: pytest.TempPathFactory, model_path: Path
+) -> Iterator[ChatSession]:
     store = Store(tmp_path_factory.mktemp("fuzz") / "fuzz.db")
-    engine = Engine(store, model_path, n_ctx=TEST_CTX)
+    engine = ChatSession(store, model_path, n_ctx=TEST_CTX)
     yield engine
     engine.close()
     store.close()
 
 
 def _content(
-    engine: Engine, segment: tuple[int, ...], wrapper_before: str, wrapper_after: str
+    engine: ChatSession, segment: tuple[int, ...], wrapper_before: str, wrapper_after: str
 ) -> list[int]:
     head = len(engine.builder._special(wrapper_before))
     tail = len(engine.builder._special(wrapper_after))
@@ -239,7 +247,9 @@ def _content(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(text=ODD_TEXT)
-def test_any_text_is_tokenized_as_text_and_stored_exactly(fuzz_engine: Engine, text: str) -> None:
+def test_any_text_is_tokenized_as_text_and_stored_exactly(
+    fuzz_engine: ChatSession, text: str
+) -> None:
     markup = fuzz_engine.markup
     segment = fuzz_engine.builder.user_segment(text)
     content = _content(fuzz_engine, segment, markup.user.before, markup.user.after)
@@ -258,20 +268,20 @@ def test_any_text_is_tokenized_as_text_and_stored_exactly(fuzz_engine: Engine, t
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(text=ODD_TEXT.filter(lambda t: t.strip()))
-def test_odd_messages_complete_a_turn(fuzz_engine: Engine, text: str) -> None:
+def test_odd_messages_complete_a_turn(fuzz_engine: ChatSession, text: str) -> None:
     store = fuzz_engine.store
     chat = store.chat_by_name("fuzz-turns") or store.create_chat("fuzz-turns")
     store.update_chat(chat.id, trim_tokens=600)
     result = fuzz_engine.send(chat.id, text, GenerationOptions(max_tokens=3, temperature=0.0))
     assert store.message(result.user_message_id).text == text
     fuzz_engine.after_reply(chat.id)
-    assert fuzz_engine.backend.last_position() + 1 == len(fuzz_engine.cache)
+    assert fuzz_engine.backend.last_position() + 1 == len(list(fuzz_engine.cache_tokens))
 
 
-def test_empty_and_huge_messages_are_refused_cleanly(fuzz_engine: Engine) -> None:
+def test_empty_and_huge_messages_are_refused_cleanly(fuzz_engine: ChatSession) -> None:
     store = fuzz_engine.store
     chat = store.create_chat("huge")
-    with pytest.raises(EngineError, match="empty"):
+    with pytest.raises(SessionError, match="empty"):
         fuzz_engine.send(chat.id, " \n\t ", GREEDY)
     paste = ("A long pasted line of text with words. " * 30_000)[:1_000_000]
     with pytest.raises(ContextOverflowError) as raised:
@@ -292,7 +302,7 @@ def _rss_kib() -> int:
 
 
 @pytest.mark.slow
-def test_fifty_cancels_in_a_row_leak_nothing(engine: Engine, store: Store) -> None:
+def test_fifty_cancels_in_a_row_leak_nothing(engine: ChatSession, store: Store) -> None:
     chat = store.create_chat("cancel-storm")
     store.add_instruction_version(chat.id, "Tell long stories.")
     engine.send(chat.id, "Tell me about the sea.", GREEDY)
@@ -316,16 +326,16 @@ def test_fifty_cancels_in_a_row_leak_nothing(engine: Engine, store: Store) -> No
             stop.set()
         result = engine.regenerate(chat.id, options, on_token=on_token, cancel=stop)
         assert result.metrics.finish_reason in {"cancelled", "stop"}
-        assert engine.backend.last_position() + 1 == len(engine.cache)
-        engine.commit(chat.id)
-        assert engine.cache == engine._history_plan(store.chat(chat.id)).tokens
+        assert engine.backend.last_position() + 1 == len(list(engine.cache_tokens))
+        assert engine.upkeep(chat.id, (Step.COMMIT,)).run()
+        assert list(engine.cache_tokens) == engine.history_plan(chat.id).tokens
         if attempt == 9:
             baseline = _rss_kib()
     assert len([m for m in store.messages(chat.id) if m.role == "user"]) == 1
     assert _rss_kib() - baseline < 40 * 1024
 
 
-def test_sending_pre_empts_background_work(engine: Engine, store: Store) -> None:
+def test_sending_pre_empts_background_work(engine: ChatSession, store: Store) -> None:
     chat = store.create_chat("pre-empt")
     store.add_instruction_version(chat.id, "Use short words. " * 40)
     engine.send(chat.id, "Describe a long walk in the hills. " * 8, GREEDY)
@@ -335,8 +345,8 @@ def test_sending_pre_empts_background_work(engine: Engine, store: Store) -> None
     cancel.set()  # the user pressed send: background work yields at its next chunk
     background.join(timeout=60)
     assert not background.is_alive()
-    assert engine.backend.last_position() + 1 == len(engine.cache)
+    assert engine.backend.last_position() + 1 == len(list(engine.cache_tokens))
     result = engine.send(chat.id, "And then?", GREEDY)
     assert result.reply_message_id is not None
     engine.after_reply(chat.id)
-    assert engine.cache == engine._history_plan(store.chat(chat.id), with_block=True).tokens
+    assert list(engine.cache_tokens) == engine.history_plan(chat.id, with_block=True).tokens

@@ -24,7 +24,7 @@ from app.storage.store import (
 
 
 def _state(chat_id: int, payload: bytes) -> SavedState:
-    return SavedState(chat_id, 1, {"model": "m"}, [1, 2, 3], 3, payload, 0)
+    return SavedState(chat_id, 1, {"model": "m"}, [1, 2, 3], payload, 0)
 
 
 def test_fresh_database_is_versioned_wal_with_foreign_keys(store: Store) -> None:

@@ -10,17 +10,17 @@ import math
 import os
 from pathlib import Path
 
-from app.bench.runner import BenchReport
+from app.bench.report import BenchReport
 
 #: One colour per strategy, readable on white.
-_COLOURS = {
+COLOURS = {
     "naive": (200, 40, 40),
     "system-first-prefix": (230, 140, 20),
     "history-first": (120, 80, 190),
     "history-first-warm": (30, 140, 60),
     "reopen": (30, 100, 200),
 }
-_SYMBOLS = ("o", "s", "t", "d", "+")
+SYMBOLS = ("o", "s", "t", "d", "+")
 
 
 def write_ttft_plot(
@@ -54,13 +54,13 @@ def write_ttft_plot(
         points = [(s.turn + 1, s.ttft_ms) for s in report.samples if s.strategy == name]
         if not points:
             continue
-        colour = _COLOURS.get(name, (90, 90, 90))
+        colour = COLOURS.get(name, (90, 90, 90))
         median = summary.median_ttft_ms or 0.0
         plot.plot(
             [x for x, _ in points],
             [max(y, 0.01) for _, y in points],
             pen=pg.mkPen(colour, width=2),
-            symbol=_SYMBOLS[index % len(_SYMBOLS)],
+            symbol=SYMBOLS[index % len(SYMBOLS)],
             symbolBrush=colour,
             symbolPen=colour,
             symbolSize=8,

@@ -20,9 +20,10 @@ from pathlib import Path
 import llama_cpp
 
 from app.core.models import ModelFileError, check_gguf_file
+from app.domain import KVType
 
 SEQ = 0
-KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+KV_TYPES = {KVType.F16: llama_cpp.GGML_TYPE_F16, KVType.Q8_0: llama_cpp.GGML_TYPE_Q8_0}
 
 _log_lines: collections.deque[str] = collections.deque(maxlen=40)
 _log_lock = threading.Lock()
@@ -106,6 +107,10 @@ class LlamaBackend:
 
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
+        # No extra CPU buffer types (AMX, weight repacking): llama.cpp's AMX matmul crashes
+        # on AMX-capable Xeons for this build, and a repacked layout would make results
+        # depend on which kernels the machine picks.
+        model_params.use_extra_bufts = False
         if progress is not None:
 
             def report(fraction: float, user_data: ctypes.c_void_p) -> bool:

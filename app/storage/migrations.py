@@ -89,7 +89,15 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX metrics_by_chat ON turn_metrics(chat_id, id)")
 
 
+def _v2_drop_history_tokens(db: sqlite_utils.Database) -> None:
+    """The saved state's history length was never read: the token ids say it all."""
+    db.execute("ALTER TABLE saved_states DROP COLUMN history_tokens")
+
+
 #: MIGRATIONS[i] upgrades a database at version i to version i + 1.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1_initial]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1_initial,
+    _v2_drop_history_tokens,
+]
 
 SCHEMA_VERSION = len(MIGRATIONS)

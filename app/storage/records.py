@@ -112,7 +112,6 @@ class SavedState:
     format_version: int
     fingerprint: dict[str, Any]
     token_ids: list[int]
-    history_tokens: int
     state: bytes | bytearray
     checksum: int
     saved_at: float = 0.0

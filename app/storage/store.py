@@ -20,6 +20,7 @@ from typing import Any
 
 import sqlite_utils
 
+from app.domain import Layout, TrimMode
 from app.storage.migrations import MIGRATIONS, SCHEMA_VERSION
 from app.storage.records import (
     Chat,
@@ -53,9 +54,7 @@ class StorageWriteError(StorageError):
     pass
 
 
-LAYOUTS = ("history-first", "system-first")
 PAGE_SIZE = 65536
-TRIM_MODES = ("exact", "shift")
 _CHAT_FIELDS = {"name", "layout", "trim_tokens", "trim_mode", "cache_start_seq"}
 
 
@@ -271,8 +270,8 @@ class Store:
 
     def create_chat(self, name: str, layout: str = "history-first") -> Chat:
         name = _valid_name(name)
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+        if layout not in tuple(Layout):
+            raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(Layout)}")
         now = time.time()
         with self.transaction():
             try:
@@ -316,9 +315,9 @@ class Store:
         unknown = set(fields) - _CHAT_FIELDS
         if unknown:
             raise ValueError(f"cannot update chat fields {sorted(unknown)}")
-        if "layout" in fields and fields["layout"] not in LAYOUTS:
+        if "layout" in fields and fields["layout"] not in tuple(Layout):
             raise ValueError(f"unknown layout {fields['layout']!r}")
-        if "trim_mode" in fields and fields["trim_mode"] not in TRIM_MODES:
+        if "trim_mode" in fields and fields["trim_mode"] not in tuple(TrimMode):
             raise ValueError(f"unknown trim mode {fields['trim_mode']!r}")
         if fields:
             assignments = ", ".join(f"{key} = :{key}" for key in fields)
@@ -339,10 +338,6 @@ class Store:
     def delete_chat(self, chat_id: int) -> None:
         with self.transaction():
             self._write("DELETE FROM chats WHERE id = ?", (chat_id,))
-
-    def touch_chat(self, chat_id: int) -> None:
-        with self.transaction():
-            self._write("UPDATE chats SET updated_at = ? WHERE id = ?", (time.time(), chat_id))
 
     # -- instruction block ----------------------------------------------------------
 
@@ -449,14 +444,13 @@ class Store:
         with self.transaction():
             self._write(
                 "INSERT OR REPLACE INTO saved_states (chat_id, format_version, fingerprint,"
-                " token_ids, history_tokens, state, checksum, saved_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " token_ids, state, checksum, saved_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     state.chat_id,
                     state.format_version,
                     json.dumps(state.fingerprint, sort_keys=True),
                     pack_tokens(state.token_ids),
-                    state.history_tokens,
                     state.state,
                     state.checksum,
                     time.time(),
@@ -465,7 +459,7 @@ class Store:
 
     def load_state(self, chat_id: int) -> SavedState | None:
         rows = self._rows(
-            "SELECT chat_id, format_version, fingerprint, token_ids, history_tokens, checksum,"
+            "SELECT chat_id, format_version, fingerprint, token_ids, checksum,"
             " saved_at FROM saved_states WHERE chat_id = ?",
             (chat_id,),
         )
@@ -487,17 +481,15 @@ class Store:
             format_version=row["format_version"],
             fingerprint=fingerprint,
             token_ids=unpack_tokens(row["token_ids"]),
-            history_tokens=row["history_tokens"],
             state=state,
             checksum=row["checksum"],
             saved_at=row["saved_at"],
         )
 
-    def state_size(self, chat_id: int) -> int:
-        rows = self._rows(
-            "SELECT length(state) AS n FROM saved_states WHERE chat_id = ?", (chat_id,)
-        )
-        return int(rows[0]["n"]) if rows else 0
+    def saved_token_ids(self, chat_id: int) -> list[int]:
+        """The token ids a chat's saved state holds, without reading the state itself."""
+        rows = self._rows("SELECT token_ids FROM saved_states WHERE chat_id = ?", (chat_id,))
+        return unpack_tokens(rows[0]["token_ids"]) if rows else []
 
     def delete_state(self, chat_id: int) -> None:
         with self.transaction():

@@ -1,4 +1,4 @@
-"""The Benchmark window: runs ``app.bench.runner`` live and plots TTFT per turn per strategy.
+"""The Benchmark window: runs the benchmark live and plots TTFT per turn per strategy.
 
 Why a window: the caching claims are easiest to believe when you watch the five strategies
 diverge turn by turn on your own machine. The run lives in its own QThread with its own
@@ -32,8 +32,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.bench.plot import _COLOURS, _SYMBOLS
-from app.bench.runner import NAIVE, STRATEGIES, BenchConfig, BenchReport, TurnSample, run_benchmark
+from app.bench.config import NAIVE, STRATEGIES, BenchConfig, TurnSample
+from app.bench.plot import COLOURS, SYMBOLS
+from app.bench.report import BenchReport
+from app.bench.strategies import run_benchmark
 from app.ui import export as exporting
 
 #: Per-turn CSV columns: every TurnSample field but the reply text (noise in a sheet).
@@ -345,11 +347,11 @@ class BenchWindow(QWidget):
         self.curves = {}
         self._points = {}
         for index, name in enumerate(strategies):
-            colour = _COLOURS.get(name, (90, 90, 90))
+            colour = COLOURS.get(name, (90, 90, 90))
             self.curves[name] = plot.plot(
                 [], [],
                 pen=pg.mkPen(colour, width=2),
-                symbol=_SYMBOLS[index % len(_SYMBOLS)],
+                symbol=SYMBOLS[index % len(SYMBOLS)],
                 symbolBrush=colour,
                 symbolPen=colour,
                 symbolSize=8,

@@ -12,7 +12,7 @@ import contextlib
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from PySide6.QtCore import QByteArray, QSettings, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence, QShortcut
@@ -36,6 +36,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.models import ModelChoice, available_models
+from app.domain import FinishReason
 from app.resources import resource_path
 from app.storage.records import Chat
 from app.storage.store import StorageError, Store
@@ -45,13 +46,10 @@ from app.ui.chat_view import ChatView
 from app.ui.dialogs import InfoBanner, about_html, storage_note
 from app.ui.inspector import CacheInspector, format_bytes
 from app.ui.instructions import InstructionEditor, describe_edit_cost
-from app.ui.worker import (
-    BackgroundOutcome,
-    EngineHost,
-    GenerationOptions,
-    ModelStatus,
-    TurnOutcome,
-)
+from app.ui.worker import BackgroundOutcome, EngineHost, GenerationOptions, ModelStatus
+
+if TYPE_CHECKING:  # the window only receives these from the worker's signals
+    from app.session.chat_session import TurnResult
 
 DEFAULT_SIZE = (1400, 900)
 ICON_FILE = ("icons", "kvchat-256.png")  # from the packaging work; optional
@@ -75,7 +73,7 @@ class MainWindow(QMainWindow):
 
     model_ready = Signal(object)  # ModelStatus
     model_error = Signal(str)
-    reply_received = Signal(object)  # TurnOutcome
+    reply_received = Signal(object)  # TurnResult
     turn_error = Signal(str, str)  # kind, message
     background_done = Signal(object)  # BackgroundOutcome
     trim_preview_shown = Signal(object)  # TrimPreview
@@ -770,16 +768,16 @@ class MainWindow(QMainWindow):
         self.progress.setVisible(done < total)
 
     @_unless_closed
-    def _on_reply(self, outcome: TurnOutcome) -> None:
+    def _on_reply(self, outcome: TurnResult) -> None:
         self.chat_view.stop_rendering()
         self.progress.hide()
         self.pending_text = None
-        metrics = outcome.metrics
+        metrics = outcome.metrics.as_dict()
         status = (
             f"Reused {metrics['reused_tokens']}, recomputed {metrics['prefill_tokens']} tokens ·"
             f" first token {metrics['ttft_ms']:.0f} ms · {metrics['decode_tokens_per_s']:.0f} tok/s"
         )
-        if outcome.finish_reason == "cancelled":
+        if outcome.metrics.finish_reason == FinishReason.CANCELLED:
             status = "Stopped. " + status
         self._set_busy(False, status)
         if outcome.chat_id == self.current_chat_id:

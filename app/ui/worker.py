@@ -1,4 +1,4 @@
-"""The engine's thread: one QObject that owns the Engine and its own Store connection.
+"""The engine's thread: one QObject that owns the ChatSession and its own Store connection.
 
 The GUI thread never calls llama.cpp. It posts requests through queued signals of
 :class:`EngineHost`; the :class:`EngineWorker` runs them one at a time in its own
@@ -11,26 +11,30 @@ thread sets directly: one per turn (Stop/Esc) and one per turn's background work
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
-from app.session.chat_session import (
-    CacheView,
-    ContextOverflowError,
-    Engine,
-    EngineError,
-    GenerationOptions,
-    TrimPreview,
-)
 from app.core.models import ModelFileError, check_gguf_file
 from app.core.prompt import render_instructions
+from app.domain import Step
+from app.session.chat_session import (
+    CacheView,
+    ChatSession,
+    ContextOverflowError,
+    GenerationOptions,
+    SessionError,
+    TrimPreview,
+    Turn,
+    Upkeep,
+)
 from app.storage.store import StorageError, Store
 
 
@@ -51,20 +55,6 @@ class ModelStatus:
     kv_type: str
     backend_version: str
     load_ms: float = 0.0
-
-
-@dataclass
-class TurnOutcome:
-    """A finished (or stopped) reply, as the GUI needs it."""
-
-    chat_id: int
-    user_message_id: int
-    reply_message_id: int | None
-    reply: str
-    metrics: dict[str, Any]
-    metrics_id: int
-    finish_reason: str
-    regenerated: bool = False
 
 
 @dataclass
@@ -102,7 +92,7 @@ class EngineWorker(QObject):
     turn_started = Signal(int)
     token = Signal(int, str)  # chat id, text piece
     progress = Signal(int, str, int, int)  # chat id, phase, done, total
-    reply_finished = Signal(object)  # TurnOutcome
+    reply_finished = Signal(object)  # TurnResult
     turn_failed = Signal(int, str, str)  # chat id, kind ("overflow" | "error"), message
     background_finished = Signal(object)  # BackgroundOutcome
     edit_cost_ready = Signal(int, int, int, object)  # request id, chat id, tokens, seconds
@@ -123,7 +113,7 @@ class EngineWorker(QObject):
     ) -> None:
         super().__init__()
         self.store = store
-        self.engine: Engine | None = None
+        self.session: ChatSession | None = None
         self.n_ctx = n_ctx
         self.kv_type = kv_type
         self.n_threads = n_threads
@@ -141,7 +131,7 @@ class EngineWorker(QObject):
         started = time.perf_counter()
         try:
             model_path = check_gguf_file(path) if path else None
-            engine = Engine(
+            engine = ChatSession(
                 self.store,
                 model_path,
                 n_ctx=self.n_ctx,
@@ -156,11 +146,11 @@ class EngineWorker(QObject):
             traceback.print_exc()
             self.model_failed.emit(f"{type(error).__name__}: {error}")
             return
-        previous = self.engine
+        previous = self.session
         if previous is not None:
             self._save_dirty_cache(previous)
             previous.close()
-        self.engine = engine
+        self.session = engine
         info = engine.backend.info
         self.model_loaded.emit(
             ModelStatus(
@@ -175,30 +165,28 @@ class EngineWorker(QObject):
             )
         )
 
-    def _save_dirty_cache(self, engine: Engine) -> None:
-        if engine.cache_chat_id is None or not engine.cache_dirty:
-            return
+    def _save_dirty_cache(self, engine: ChatSession) -> None:
         try:
-            engine.save_state(engine.cache_chat_id)
-        except (EngineError, StorageError, KeyError) as error:
+            engine.save_if_changed()
+        except (SessionError, StorageError, KeyError) as error:
             self.error.emit(f"could not save the cache of the open chat: {error}")
 
-    def _require_engine(self) -> Engine:
-        if self.engine is None:
-            raise EngineError("no model is loaded; pick one in the Model menu")
-        return self.engine
+    def _require_session(self) -> ChatSession:
+        if self.session is None:
+            raise SessionError("no model is loaded; pick one in the Model menu")
+        return self.session
 
     # -- turns ----------------------------------------------------------------------
 
     @Slot(object)
     def run_turn(self, request: TurnRequest) -> None:
-        """Send a message (or regenerate), then queue the background steps."""
+        """Send a message (or regenerate), then queue the turn's idle-time steps."""
         if self.shutting_down.is_set():
             return
         chat_id = request.chat_id
         self.turn_started.emit(chat_id)
         try:
-            engine = self._require_engine()
+            session = self._require_session()
 
             def on_token(piece: str) -> None:
                 self.token.emit(chat_id, piece)
@@ -206,104 +194,67 @@ class EngineWorker(QObject):
             def on_progress(phase: str, done: int, total: int) -> None:
                 self.progress.emit(chat_id, phase, done, total)
 
-            if request.text is None:
-                result = engine.regenerate(
-                    chat_id,
-                    request.options,
-                    on_token=on_token,
-                    progress=on_progress,
-                    cancel=request.cancel,
-                )
-            else:
-                result = engine.send(
-                    chat_id,
-                    request.text,
-                    request.options,
-                    on_token=on_token,
-                    progress=on_progress,
-                    cancel=request.cancel,
-                )
+            turn = session.start_turn(chat_id, request.text, request.options)
+            result = turn.respond(on_token=on_token, progress=on_progress, cancel=request.cancel)
         except ContextOverflowError as error:
             self.turn_failed.emit(chat_id, "overflow", str(error))
             return
-        except (EngineError, StorageError, KeyError, ValueError) as error:
+        except (SessionError, StorageError, KeyError, ValueError) as error:
             self.turn_failed.emit(chat_id, "error", str(error))
             return
         except Exception as error:  # a bug must not kill the worker thread
             traceback.print_exc()
             self.turn_failed.emit(chat_id, "error", f"unexpected error: {error}")
             return
-        self.reply_finished.emit(
-            TurnOutcome(
-                chat_id=chat_id,
-                user_message_id=result.user_message_id,
-                reply_message_id=result.reply_message_id,
-                reply=result.reply,
-                metrics=result.metrics.as_dict(),
-                metrics_id=result.metrics_id,
-                finish_reason=result.metrics.finish_reason,
-                regenerated=request.text is None,
-            )
-        )
-        self._continue_background.emit(
-            _BackgroundJob(
-                chat_id,
-                ["commit", "warm-up", "save"],
-                request.background_cancel,
-                metrics_id=result.metrics_id,
-            )
-        )
+        # A snapshot: the turn's own metrics keep changing in this thread (commit, warm-up).
+        self.reply_finished.emit(replace(result, metrics=copy.deepcopy(result.metrics)))
+        self._continue_background.emit(_IdleJob(turn, request.background_cancel))
 
     @Slot(int, object)
     def prepare_chat(self, chat_id: int, cancel: threading.Event) -> None:
-        """Warm up a chat's instruction block in idle time (after an edit or a trim)."""
-        if self.shutting_down.is_set():
+        """Warm up a chat's instruction block in idle time (after an edit)."""
+        if self.shutting_down.is_set() or self.session is None:
             return
-        self._continue_background.emit(_BackgroundJob(chat_id, ["warm-up", "save"], cancel))
+        upkeep = self.session.upkeep(chat_id, (Step.WARM_UP, Step.SAVE))
+        self._continue_background.emit(_IdleJob(upkeep, cancel))
 
     @Slot(object)
-    def _background_step(self, job: _BackgroundJob) -> None:
-        """One background step per queued call, so queued requests can run in between."""
-        engine = self.engine
-        if engine is None or self.shutting_down.is_set():
+    def _background_step(self, job: _IdleJob) -> None:
+        """One idle-time step per queued call, so queued requests can run in between."""
+        if self.session is None or self.shutting_down.is_set():
             return
-        stopped = job.cancel.is_set()
-        if not stopped and job.steps:
-            step = job.steps.pop(0)
+        work = job.work
+        if not job.cancel.is_set() and not work.done:
+            step = work.next_step
             try:
-                if step == "commit":
-                    stopped = not engine.commit(job.chat_id, job.cancel).completed
-                elif step == "warm-up":
-                    stopped = not engine.warm_up(job.chat_id, job.cancel).completed
-                else:
-                    metrics = engine.finish_turn(job.chat_id)
-                    job.metrics = metrics.as_dict() if metrics is not None else None
+                work.advance(job.cancel)
             except KeyError:
                 return  # the chat was deleted meanwhile
-            except (EngineError, StorageError, ValueError) as error:
+            except (SessionError, StorageError, ValueError) as error:
                 self.error.emit(f"background {step} failed: {error}")
-                stopped = True
-            if not stopped and job.steps:
+                work.stopped = True
+            if not work.done and not job.cancel.is_set():
                 self._continue_background.emit(job)
                 return
-        notes = ["pre-empted by a new request"] if stopped else []
+        completed = not work.remaining
+        turn = work if isinstance(work, Turn) else None
         self.background_finished.emit(
             BackgroundOutcome(
-                chat_id=job.chat_id,
-                metrics_id=job.metrics_id,
-                metrics=job.metrics,
-                completed=not stopped,
-                cache=self._cache_view(job.chat_id),
-                notes=notes,
+                chat_id=work.chat_id,
+                metrics_id=turn.result.metrics_id if turn and turn.result else None,
+                metrics=turn.metrics.as_dict() if turn and turn.metrics and completed else None,
+                completed=completed,
+                cache=self._cache_view(work.chat_id),
+                notes=[] if completed else ["pre-empted by a new request"],
             )
         )
 
     def _cache_view(self, chat_id: int) -> CacheView | None:
-        if self.engine is None:
+        if self.session is None:
             return None
         try:
-            return self.engine.cache_view(chat_id)
-        except (KeyError, EngineError, StorageError):
+            return self.session.cache_view(chat_id)
+        except (KeyError, SessionError, StorageError):
             return None
 
     # -- previews and settings ------------------------------------------------------
@@ -312,22 +263,22 @@ class EngineWorker(QObject):
     def edit_cost(
         self, request_id: int, chat_id: int, text: str, variables: dict[str, str], layout: str
     ) -> None:
-        if self.engine is None or self.shutting_down.is_set():
+        if self.session is None or self.shutting_down.is_set():
             return
         try:
             block = render_instructions(text, variables)
-            tokens, seconds = self.engine.edit_cost(chat_id, block, layout or None)
-        except (KeyError, EngineError, StorageError, ValueError):
+            tokens, seconds = self.session.edit_cost(chat_id, block, layout or None)
+        except (KeyError, SessionError, StorageError, ValueError):
             return
         self.edit_cost_ready.emit(request_id, chat_id, tokens, seconds)
 
     @Slot(int, int, object, str)
     def preview_trim(self, request_id: int, chat_id: int, limit: int | None, mode: str) -> None:
-        if self.engine is None or self.shutting_down.is_set():
+        if self.session is None or self.shutting_down.is_set():
             return
         try:
-            preview: TrimPreview = self.engine.preview_trim(chat_id, limit, mode)
-        except (KeyError, EngineError, StorageError, ValueError):
+            preview: TrimPreview = self.session.preview_trim(chat_id, limit, mode)
+        except (KeyError, SessionError, StorageError, ValueError):
             return
         self.trim_preview_ready.emit(request_id, chat_id, preview)
 
@@ -336,18 +287,16 @@ class EngineWorker(QObject):
         self, chat_id: int, limit: int | None, mode: str, background_cancel: threading.Event
     ) -> None:
         """Set the limit now (turns may leave or come back), then warm up in idle time."""
-        if self.engine is None or self.shutting_down.is_set():
+        if self.session is None or self.shutting_down.is_set():
             return
         try:
-            self.engine.activate(chat_id)
-            preview = self.engine.set_trim(chat_id, limit, mode)
-        except (KeyError, EngineError, StorageError, ValueError) as error:
+            self.session.activate(chat_id)
+            preview = self.session.set_trim(chat_id, limit, mode)
+        except (KeyError, SessionError, StorageError, ValueError) as error:
             self.error.emit(f"could not change the cached-history limit: {error}")
             return
         self.trim_applied.emit(chat_id, preview)
-        self._continue_background.emit(
-            _BackgroundJob(chat_id, ["commit", "warm-up", "save"], background_cancel)
-        )
+        self._continue_background.emit(_IdleJob(self.session.upkeep(chat_id), background_cancel))
 
     @Slot(int)
     def refresh_cache_view(self, chat_id: int) -> None:
@@ -360,8 +309,8 @@ class EngineWorker(QObject):
     @Slot(int)
     def delete_chat(self, chat_id: int) -> None:
         """Forget the chat's cache, then delete it (after any turn still running for it)."""
-        if self.engine is not None:
-            self.engine.forget_chat(chat_id)
+        if self.session is not None:
+            self.session.forget_chat(chat_id)
         try:
             self.store.delete_chat(chat_id)
         except StorageError as error:
@@ -373,20 +322,19 @@ class EngineWorker(QObject):
     def shutdown(self) -> None:
         """Save the open chat's cache if it changed, free the model, close the database."""
         self.shutting_down.set()
-        if self.engine is not None:
-            self._save_dirty_cache(self.engine)
-            self.engine.close()
-            self.engine = None
+        if self.session is not None:
+            self._save_dirty_cache(self.session)
+            self.session.close()
+            self.session = None
         self.store.close()
 
 
 @dataclass
-class _BackgroundJob:
-    chat_id: int
-    steps: list[str]
+class _IdleJob:
+    """A turn's (or an upkeep's) remaining steps and the flag that pre-empts them."""
+
+    work: Turn | Upkeep
     cancel: threading.Event
-    metrics_id: int | None = None
-    metrics: dict[str, Any] | None = None
 
 
 class EngineHost(QObject):

@@ -1,0 +1,94 @@
+"""``python -m app bench``: arguments, progress on stderr, the table or JSON on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from app.arguments import positive_int, whole_number
+from app.bench.config import STRATEGIES, BenchConfig, TurnSample
+from app.bench.strategies import run_benchmark
+
+
+def _strategy_list(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in names if name not in STRATEGIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"use a comma-separated subset of {', '.join(STRATEGIES)}")
+    return names
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Bench options (the model options --model/--kv-type/--n-ctx come from app.cli)."""
+    defaults = BenchConfig()
+    parser.add_argument("--history-tokens", type=positive_int, default=defaults.history_tokens,
+                        help="size of the prefilled history (default %(default)s)")
+    parser.add_argument("--instruction-tokens", type=positive_int,
+                        default=defaults.instruction_tokens,
+                        help="size of the instruction block (default %(default)s)")
+    parser.add_argument("--message-tokens", type=positive_int, default=defaults.message_tokens,
+                        help="size of each new user message (default %(default)s)")
+    parser.add_argument("--turns", type=positive_int, default=defaults.turns,
+                        help="measured turns (default %(default)s)")
+    parser.add_argument("--edit-every", type=whole_number,
+                        default=defaults.edit_every,
+                        help="edit the instruction block every K turns; 0: never "
+                        "(default %(default)s)")
+    parser.add_argument("--max-tokens", type=positive_int, default=defaults.max_tokens,
+                        help="reply tokens per turn, greedy (default %(default)s)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
+    parser.add_argument("--strategies", type=_strategy_list, default=STRATEGIES,
+                        help="comma-separated subset of: " + ", ".join(STRATEGIES))
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--plot", metavar="FILE.png", help="write a chart of TTFT per turn")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        model_path=getattr(args, "model", None),
+        n_ctx=getattr(args, "n_ctx", None),
+        kv_type=getattr(args, "kv_type", "f16"),
+        n_threads=args.threads,
+        history_tokens=args.history_tokens,
+        instruction_tokens=args.instruction_tokens,
+        message_tokens=args.message_tokens,
+        turns=args.turns,
+        edit_every=args.edit_every,
+        max_tokens=args.max_tokens,
+        strategies=tuple(args.strategies),
+    )
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """``python -m app bench``: progress on stderr, the table (or one JSON object) on stdout."""
+    config = config_from_args(args)
+    plot_path: Path | None = None
+    if args.plot:
+        plot_path = Path(args.plot).expanduser()
+        if not plot_path.parent.is_dir():
+            raise ValueError(f"folder does not exist: {plot_path.parent}")
+
+    def show_turn(sample: TurnSample) -> None:
+        print(
+            f"turn {sample.turn + 1}{'*' if sample.edit else ' '} {sample.strategy:<20} "
+            f"TTFT {sample.ttft_ms:8.0f} ms  prefill {sample.prefill_tokens:5d}  "
+            f"background {sample.background_tokens:5d}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def show_status(text: str) -> None:
+        if not text.startswith("turn "):
+            print(f"bench: {text}", file=sys.stderr, flush=True)
+
+    report = run_benchmark(config, on_turn=show_turn, on_status=show_status)
+    if plot_path is not None:
+        from app.bench.plot import write_ttft_plot  # Qt only when a chart is asked for
+
+        write_ttft_plot(report, plot_path)
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.format_table())
+    return 0

@@ -1,0 +1,323 @@
+"""Benchmark of caching strategies: one scripted chat replayed five ways in one run.
+
+Why: the product claims that the history-first layout with commit and idle-time
+warm-up makes instruction edits cheap, and that saved states make reopening a
+long chat instant. This module measures both claims against what a stateless
+client does (``naive``) and what llama.cpp's server, Ollama and LM Studio do
+(``system-first-prefix``: system-first layout + longest-common-prefix reuse).
+
+Strategies (each has its own :class:`ChatSession`, hence its own KV cache, and its own
+chat in one temporary SQLite database, so interleaving never switches chats and
+no state save/load lands in another strategy's TTFT):
+
+``naive``
+    system-first layout; the cache is cleared before every turn, so the whole
+    prompt is prefilled every turn.
+``system-first-prefix``
+    system-first layout with prefix reuse; an edit near the start of the block
+    invalidates everything after it.
+``history-first``
+    history-first layout; after the reply ``commit`` (not timed) leaves the
+    history in the cache; the block is prefilled on the critical path.
+``history-first-warm``
+    as above plus ``warm_up`` after the commit and after each instruction edit
+    (idle time, not timed): the critical path holds only the new message.
+``reopen``
+    as ``history-first-warm``, but before every turn the chat's state is saved to
+    SQLite and dropped from memory (``forget_chat``); ``send`` then restores it
+    from SQLite, and that load is inside the measured TTFT. Its reference is
+    ``naive`` at the same turn: the same history prefilled from scratch.
+
+The conversation is deterministic text generated here (no data files): a history
+of about ``history_tokens`` tokens is stored directly as messages in every
+strategy's chat and prefilled once, untimed; then ``turns`` measured turns follow,
+each with a new user message of about ``message_tokens`` tokens, greedy decoding
+and ``max_tokens`` reply tokens. Every ``edit_every`` turns (0: never) the
+instruction block is edited near its start, as a real edit would. Turns are
+interleaved across strategies, in an order rotated every turn, so machine drift
+hits all of them alike. TTFT is the engine's own ``TurnMetrics.ttft_ms`` (from
+the start of ``send`` to the first sampled token) for every strategy.
+
+API (Qt-free; the GUI calls it from a worker thread)::
+
+    config = BenchConfig(history_tokens=3000, instruction_tokens=400, turns=8)
+    report = run_benchmark(config, on_turn=print, on_status=print, cancel=event)
+    report.summaries["history-first-warm"].median_ttft_ms
+    report.ratios["vs_naive"]["history-first-warm"]   # > 1: that many times faster
+    report.to_json(); report.format_table()
+
+``on_turn(TurnSample)`` fires after each measured turn of each strategy (its
+background steps included); ``on_status(str)`` reports set-up progress; setting
+``cancel`` stops at the next step and returns a partial report with
+``cancelled=True``. ``python -m app bench`` is the command-line front end (``app.bench.cli``);
+``--plot`` uses ``app.bench.plot``, which is the only part that imports Qt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from app.bench.config import (
+    HISTORY_FIRST,
+    HISTORY_FIRST_WARM,
+    LAYOUT_OF,
+    NAIVE,
+    REOPEN,
+    BenchConfig,
+    TurnSample,
+)
+from app.bench.report import BenchReport, build_report
+from app.bench.script import Script, block_text
+from app.domain import FinishReason, Layout, Role, Step
+from app.session.chat_session import ChatSession, GenerationOptions
+from app.storage.store import Store
+
+
+class _Runner:
+    """One strategy: its session, its chat and the idle-time steps it runs around each turn."""
+
+    def __init__(self, name: str, session: ChatSession, chat_id: int) -> None:
+        self.name = name
+        self.session = session
+        self.chat_id = chat_id
+        self.naive = name == NAIVE
+        self.commits = name in (HISTORY_FIRST, HISTORY_FIRST_WARM, REOPEN)
+        self.warm = name in (HISTORY_FIRST_WARM, REOPEN)
+        self.reopen = name == REOPEN
+        steps = []
+        if self.commits:
+            steps.append(Step.COMMIT)
+        if self.warm:
+            steps.append(Step.WARM_UP)
+        if not self.naive:
+            steps.append(Step.SAVE)
+        self.idle_steps = tuple(steps)
+
+    def play(
+        self,
+        turn: int,
+        edit: bool,
+        block: str,
+        message: str,
+        options: GenerationOptions,
+        cancel: threading.Event | None,
+    ) -> TurnSample | None:
+        """Run one turn; None if cancelled. Only the reply is on the measured path."""
+        session, chat = self.session, self.chat_id
+        background_tokens = 0
+        background_ms = 0.0
+        if edit:
+            session.store.add_instruction_version(chat, block)
+            if self.warm:  # idle time while the user types the next message
+                step = session.upkeep(chat, (Step.WARM_UP,)).advance(cancel)
+                if step is not None:
+                    background_tokens += step.tokens
+                    background_ms += step.ms
+        if self.reopen:
+            session.save_if_changed()
+            session.forget_chat(chat)  # the app was closed; the turn restores from SQLite
+        if self.naive:
+            session.drop_cache()
+        if cancel is not None and cancel.is_set():
+            return None
+        pipeline = session.start_turn(chat, message, options, idle_steps=self.idle_steps)
+        result = pipeline.respond(cancel=cancel)
+        metrics = result.metrics
+        if metrics.finish_reason == FinishReason.CANCELLED:
+            return None
+        while (step := pipeline.advance(cancel)) is not None:
+            if step.step in (Step.COMMIT, Step.WARM_UP):
+                background_tokens += step.tokens
+                background_ms += step.ms
+        if cancel is not None and cancel.is_set():
+            return None
+        saved = Step.SAVE in self.idle_steps
+        return TurnSample(
+            strategy=self.name,
+            turn=turn,
+            edit=edit,
+            ttft_ms=metrics.ttft_ms,
+            prefill_tokens=metrics.prefill_tokens,
+            reused_tokens=metrics.reused_tokens,
+            prompt_tokens=metrics.prompt_tokens,
+            prefill_ms=metrics.prefill_ms,
+            decode_tokens=metrics.decode_tokens,
+            background_tokens=background_tokens,
+            background_ms=background_ms,
+            state_bytes=metrics.state_bytes if saved else 0,
+            state_save_ms=metrics.state_save_ms if saved else None,
+            state_load_ms=metrics.state_load_ms,
+            reply=result.reply,
+        )
+
+
+def _reply_target(remaining: int, message_tokens: int) -> int:
+    return max(8, min(3 * message_tokens, remaining))
+
+
+def run_benchmark(
+    config: BenchConfig,
+    *,
+    on_turn: Callable[[TurnSample], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> BenchReport:
+    """Build the script, prefill every strategy's history (untimed), then run the turns."""
+    config.validate()
+    started = time.perf_counter()
+    status = on_status or (lambda _text: None)
+    with tempfile.TemporaryDirectory(prefix="kvchat-bench-") as folder:
+        db_path = Path(config.db_path) if config.db_path else Path(folder) / "bench.db"
+        if db_path.exists():
+            raise ValueError(f"the benchmark needs a new database; {db_path} exists")
+        store = Store(db_path)
+        sessions: list[ChatSession] = []
+        try:
+            return _run(config, store, sessions, started, status, on_turn, cancel)
+        finally:
+            for session in sessions:
+                session.close()
+            store.close()
+
+
+def _run(
+    config: BenchConfig,
+    store: Store,
+    sessions: list[ChatSession],
+    started: float,
+    status: Callable[[str], None],
+    on_turn: Callable[[TurnSample], None] | None,
+    cancel: threading.Event | None,
+) -> BenchReport:
+    status("loading the model")
+    for _ in config.strategies:
+        sessions.append(
+            ChatSession(store, config.model_path, n_ctx=config.n_ctx, kv_type=config.kv_type,
+                   n_threads=config.n_threads)
+        )
+    first = sessions[0]
+    builder = first.builder
+    script = Script(builder.content_tokens, config.seed)
+
+    # The script: rules, a history of whole turns, then one message per measured turn.
+    rules = script.rules(config.instruction_tokens)
+    history: list[tuple[str, str]] = []
+    history_size = 0
+    while history_size < config.history_tokens:
+        user = script.user_message(config.message_tokens)
+        history_size += len(builder.user_segment(user))
+        remaining = config.history_tokens - history_size
+        reply = script.reply(_reply_target(remaining, config.message_tokens))
+        history_size += len(builder.assistant_segment_from_text(reply))
+        history.append((user, reply))
+    messages = [script.user_message(config.message_tokens) for _ in range(config.turns)]
+    block = block_text(rules, 0)
+    later = builder.later_block(block)
+    block_size = len(later.tokens) if later is not None else 0
+    message_size = max(len(builder.user_segment(m)) for m in messages)
+    needed = (
+        len(builder.opening(Layout.HISTORY_FIRST, "").tokens) + history_size + block_size + 16
+        + config.turns * (message_size + config.max_tokens + 16)
+    )
+    if needed > first.n_ctx:
+        raise ValueError(
+            f"the scripted chat needs about {needed} tokens but the context holds {first.n_ctx}; "
+            "lower --history-tokens/--turns or raise --n-ctx"
+        )
+
+    runners: dict[str, _Runner] = {}
+    for name, session in zip(config.strategies, sessions, strict=True):
+        chat = store.create_chat(f"bench {name}", LAYOUT_OF[name])
+        store.add_instruction_version(chat.id, block)
+        for user, reply in history:
+            store.add_message(chat.id, Role.USER, user)
+            store.add_message(chat.id, Role.ASSISTANT, reply)
+        session.prompt_plan(chat.id, "x")  # tokenizes the stored messages, untimed
+        runners[name] = _Runner(name, session, chat.id)
+
+    # Untimed prefill of each history (as the chats would hold after a long session).
+    # The history-first chats hold the same tokens: prefill one, copy its saved state.
+    donor: _Runner | None = None
+    for name, runner in runners.items():
+        if cancel is not None and cancel.is_set():
+            return _report(config, first, history_size, block_size, message_size, [], started,
+                           time.perf_counter() - started, cancelled=True)
+        if runner.naive:
+            continue
+        session = runner.session
+        if runner.commits and donor is not None:
+            saved = store.load_state(donor.chat_id)
+            if saved is not None:
+                store.save_state(dataclasses.replace(saved, chat_id=runner.chat_id))
+            session.activate(runner.chat_id)
+        status(f"prefilling the history of {name} (untimed)")
+        session.upkeep(runner.chat_id, (Step.COMMIT,)).run(cancel)
+        if runner.commits and donor is None:
+            session.save_state(runner.chat_id)
+            donor = runner
+        if runner.warm:
+            session.upkeep(runner.chat_id, (Step.WARM_UP,)).run(cancel)
+        session.save_if_changed()
+    setup_s = time.perf_counter() - started
+
+    options = GenerationOptions(max_tokens=config.max_tokens, temperature=0.0, seed=config.seed)
+    samples: list[TurnSample] = []
+    order = list(runners.values())
+    cancelled = False
+    for turn in range(config.turns):
+        edit = config.is_edit_turn(turn)
+        text = block_text(rules, turn + 1) if edit else ""
+        shift = turn % len(order)
+        for runner in order[shift:] + order[:shift]:
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+                break
+            status(f"turn {turn + 1}/{config.turns}: {runner.name}")
+            sample = runner.play(turn, edit, text, messages[turn], options, cancel)
+            if sample is None:
+                cancelled = True
+                break
+            samples.append(sample)
+            if on_turn is not None:
+                on_turn(sample)
+        if cancelled:
+            break
+    return _report(config, first, history_size, block_size, message_size, samples, started,
+                   setup_s, cancelled=cancelled)
+
+
+def _report(
+    config: BenchConfig,
+    session: ChatSession,
+    history_size: int,
+    block_size: int,
+    message_size: int,
+    samples: list[TurnSample],
+    started: float,
+    setup_s: float,
+    *,
+    cancelled: bool,
+) -> BenchReport:
+    info = session.model_info
+    model = {
+        "file": info.path.name,
+        "description": info.description,
+        "n_ctx": session.n_ctx,
+        "kv_type": session.kv_type,
+        "n_threads": config.n_threads or os.cpu_count(),
+        "llama_cpp": session.backend_version,
+    }
+    script = {
+        "history_tokens": history_size,
+        "block_tokens": block_size,
+        "max_message_tokens": message_size,
+    }
+    return build_report(
+        config, model, script, samples, setup_s, time.perf_counter() - started, cancelled
+    )

@@ -1,0 +1,70 @@
+"""The product's vocabulary, shared by every layer (no imports, no behaviour).
+
+Values are ``StrEnum`` members: they compare equal to the strings stored in SQLite,
+printed in JSON and typed on the command line, so storage and the CLI need no
+conversions, while code gets names a type checker can follow.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Layout(StrEnum):
+    """Where the instruction block sits in the prompt."""
+
+    HISTORY_FIRST = "history-first"  # history, block, new message: edits keep the history cached
+    SYSTEM_FIRST = "system-first"  # block, history, new message: an edit recomputes everything
+
+
+class TrimMode(StrEnum):
+    """How turns beyond the cached-history limit leave the cache."""
+
+    EXACT = "exact"  # recompute what is kept
+    SHIFT = "shift"  # remove the dropped cells and slide the rest down (no recompute)
+
+
+class KVType(StrEnum):
+    """Element type of llama.cpp's K and V caches."""
+
+    F16 = "f16"
+    Q8_0 = "q8_0"
+
+
+class Step(StrEnum):
+    """The stages of a turn, in order, as progress and metrics name them."""
+
+    PREFILL = "prefill"
+    COMMIT = "commit"
+    WARM_UP = "warm-up"
+    SAVE = "save"
+
+
+class FinishReason(StrEnum):
+    """Why generation stopped."""
+
+    STOP = "stop"  # the model ended its turn
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"
+    CONTEXT_FULL = "context full"
+
+
+class SegmentKind(StrEnum):
+    """What a run of prompt tokens is, for the inspector and for token counts."""
+
+    PREAMBLE = "preamble"
+    BLOCK = "block"
+    MESSAGE = "message"
+    PENDING = "pending"  # the new user message
+    GENERATION = "generation"  # the assistant's generation prompt
+
+
+class Role(StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class MessageStatus(StrEnum):
+    COMPLETE = "complete"
+    CANCELLED = "cancelled"
+    ERROR = "error"
