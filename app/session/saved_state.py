@@ -3,8 +3,11 @@
 A state is worth restoring only if it was computed by the same model file, with the
 same context size, KV type, chat markup, layout and llama.cpp state format; any
 difference would make reused cells disagree with a fresh evaluation. The CRC-32
-catches truncated or flipped bytes; llama.cpp's own checks and the cell count catch
-the rest. A rejected state is deleted, and the reason goes into the turn's metrics.
+catches truncated or flipped bytes; the binding (:mod:`app.session.state_check`)
+catches a state that is not this chat's token ids and positions (copied from another
+chat, or edited with its CRC fixed up); llama.cpp's own checks and the cell count
+catch the rest. A rejected or unreadable state is deleted, and the reason goes into
+the turn's metrics: the history is recomputed, the chat is never blocked.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 from app.core.kv_mirror import KVMirror
 from app.core.llama_backend import llama_cpp_version
+from app.session.state_check import binding_problem, state_binding
 from app.storage.records import SavedState
 from app.storage.store import Store
 
@@ -56,6 +60,8 @@ class SavedStates:
         }
 
     def reject_reason(self, saved: SavedState, layout: str) -> str | None:
+        if saved.unreadable:
+            return saved.unreadable
         if saved.format_version != STATE_FORMAT_VERSION:
             return f"saved-state format {saved.format_version} is not {STATE_FORMAT_VERSION}"
         expected = self.fingerprint(layout)
@@ -68,7 +74,14 @@ class SavedStates:
             return "saved with different settings: " + "; ".join(differences)
         if zlib.crc32(saved.state) != saved.checksum:
             return "checksum mismatch: the saved state is truncated or corrupt"
-        return None
+        return binding_problem(
+            saved.binding,
+            saved.chat_id,
+            saved.fingerprint,
+            saved.token_ids,
+            saved.checksum,
+            len(saved.state),
+        )
 
     def restore(self, chat_id: int, layout: str) -> StateLoad:
         """Load the chat's saved state into the (already emptied) cache, if it is valid."""
@@ -97,14 +110,18 @@ class SavedStates:
             self.mirror.mark_saved()
             return StateSave(0, (time.perf_counter() - started) * 1000)
         data = self.mirror.snapshot()
+        fingerprint = self.fingerprint(layout)
+        token_ids = list(self.mirror.tokens)
+        checksum = zlib.crc32(data)
         self.store.save_state(
             SavedState(
                 chat_id=chat_id,
                 format_version=STATE_FORMAT_VERSION,
-                fingerprint=self.fingerprint(layout),
-                token_ids=list(self.mirror.tokens),
+                fingerprint=fingerprint,
+                token_ids=token_ids,
                 state=data,
-                checksum=zlib.crc32(data),
+                checksum=checksum,
+                binding=state_binding(chat_id, fingerprint, token_ids, checksum, len(data)),
             )
         )
         self.mirror.mark_saved()
