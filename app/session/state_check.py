@@ -17,6 +17,7 @@ recomputes the digest with this source at hand.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import struct
 from collections.abc import Mapping, Sequence
@@ -56,7 +57,7 @@ def binding_problem(
     if not stored:
         return "the saved state has no binding to its chat (saved by an older version)"
     expected = state_binding(chat_id, fingerprint, token_ids, checksum, state_length)
-    if not hashlib.compare_digest(stored, expected):
+    if not hmac.compare_digest(stored, expected):
         return (
             "the saved state is not bound to this chat's token ids (copied from another "
             "chat or altered)"

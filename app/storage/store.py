@@ -374,7 +374,8 @@ class Store:
         """
         with contextlib.suppress(sqlite3.Error):
             if vacuum:
-                self.db.execute("PRAGMA incremental_vacuum").fetchall()
+                # executescript steps the pragma to the end; execute() frees one page.
+                self.db.conn.executescript("PRAGMA incremental_vacuum")
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def __enter__(self) -> Store:
