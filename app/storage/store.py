@@ -362,6 +362,7 @@ class Store:
             # Leave a closed database in rollback-journal mode: a read-only open of it
             # then needs no -wal/-shm files. Fails harmlessly if someone else has it open.
             with contextlib.suppress(sqlite3.Error):
+                self.db.execute("PRAGMA busy_timeout = 0")  # never wait for other readers
                 self.db.execute("PRAGMA journal_mode = DELETE")
         with contextlib.suppress(sqlite3.Error):
             self.db.conn.close()
