@@ -253,9 +253,9 @@ def test_only_the_last_unanswered_message_offers_retry(qtbot) -> None:
     )
     first, last = view.bubbles
     assert "unanswered" in first.tag_label.text() and "unanswered" in last.tag_label.text()
-    assert not first.retry_button.isVisible() and last.retry_button.isVisible()
+    assert first.retry_button.isHidden() and not last.retry_button.isHidden()
     with qtbot.waitSignal(view.retry_requested, timeout=1000):
         last.retry_button.click()
     view.add_pending_user("next")
-    assert not last.retry_button.isVisible()
+    assert last.retry_button.isHidden()
 
