@@ -23,6 +23,17 @@ def model_path() -> Path:
     return default_model_path()
 
 
+@pytest.fixture(scope="session")
+def generation_prompt_tokens(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> int:
+    """Tokens of the model's own generation prompt (evaluated with every new message)."""
+    with Store(tmp_path_factory.mktemp("markup") / "markup.db") as store:
+        session = ChatSession(store, model_path, n_ctx=TEST_CTX)
+        try:
+            return len(session.builder.generation_prompt())
+        finally:
+            session.close()
+
+
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "chats.db"

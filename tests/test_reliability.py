@@ -50,6 +50,7 @@ def _kill_after(process: subprocess.Popen[str], marker: str, after: str | None =
             process.send_signal(signal.SIGKILL)
             break
     process.wait(timeout=60)
+    process.stdout.close()
 
 
 def _assert_consistent(db: Path, must_hold: list[str], make_engine: Callable) -> None:
@@ -60,10 +61,11 @@ def _assert_consistent(db: Path, must_hold: list[str], make_engine: Callable) ->
         texts = [m.text for m in store.messages(chat.id)]
         for text in must_hold:
             assert text in texts
-        saved = store.load_state(chat.id)
-        if saved is not None:
-            load = make_engine(store).activate(chat.id)
-            assert load.restored, load.rejected  # the previous valid state, never a torn one
+        had_state = store.load_state(chat.id) is not None
+        load = make_engine(store).activate(chat.id)
+        # The previous valid state, or none: never a torn one that has to be rejected.
+        assert load.rejected is None
+        assert load.restored == had_state
     finally:
         store.close()
 

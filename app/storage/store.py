@@ -4,6 +4,10 @@ Durability rules: WAL journal, foreign keys on, every write in one explicit
 transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), schema version checked at open.
 SQLite errors are translated into :class:`StorageError` subclasses whose message
 is fit to show a user.
+
+sqlite-utils holds the connection and answers queries; writes are hand-written SQL
+because each must sit inside one explicit transaction with its neighbours, and saved
+states need incremental blob I/O, neither of which its table helpers expose.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ chat is. Messages that left the cache (or would, in a trim preview) are greyed.
 
 from __future__ import annotations
 
-from PySide6.QtCore import QSize, Qt, QTimer, Signal
+from PySide6.QtCore import QSize, Qt, QTimer
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (
     QFrame,
@@ -164,8 +164,6 @@ class MessageBubble(QFrame):
 
 class ChatView(QScrollArea):
     """Scrollable column of bubbles with a streaming reply at the end."""
-
-    copied = Signal(str)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
