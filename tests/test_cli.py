@@ -41,7 +41,9 @@ def history(db: Path, name: str) -> dict:
     return json.loads(done.stdout)
 
 
-def test_second_process_restores_the_state_and_prefills_only_the_message(tmp_path: Path) -> None:
+def test_second_process_restores_the_state_and_prefills_only_the_message(
+    tmp_path: Path, generation_prompt_tokens: int
+) -> None:
     db = tmp_path / "cli.db"
     first = chat_turn(db, "demo", "What is the capital of France?", "--instructions", "Be brief.")
     assert first["metrics"]["state_load_ms"] is None
@@ -53,28 +55,35 @@ def test_second_process_restores_the_state_and_prefills_only_the_message(tmp_pat
     assert committed > 0
     assert metrics["reused_tokens"] >= committed
     assert metrics["state_load_ms"] is not None
-    assert metrics["prefill_tokens"] <= new_message + 8
+    assert metrics["prefill_tokens"] == new_message + generation_prompt_tokens
     assert set(second) == {"reply", "metrics"}
     assert second["reply"] == history(db, "demo")["messages"][-1]["text"]
 
 
-def test_instruction_change_between_processes(tmp_path: Path) -> None:
-    db = tmp_path / "edit.db"
-    for layout in ("history-first", "system-first"):
-        chat_turn(db, layout, "Name a fruit.", "--layout", layout, "--instructions", "Be brief.")
-        chat_turn(db, layout, "Name a colour.")
-        edited = chat_turn(db, layout, "Name a city.", "--instructions", "Answer like a pirate.")
-        metrics = edited["metrics"]
-        if layout == "history-first":
-            message = history(db, layout)["messages"][-2]["tokens"]
-            assert metrics["reused_tokens"] >= metrics["history_tokens"]
-            assert metrics["prefill_tokens"] <= metrics["block_tokens"] + message + 8
-        else:
-            assert metrics["reused_tokens"] < 8
-            assert metrics["prefill_tokens"] >= metrics["history_tokens"]
-            assert any("recomputed" in note for note in metrics["notes"])
-    versions = history(db, "history-first")["instructions"]
+def _edited_turn(db: Path, layout: str) -> tuple[dict, int]:
+    """Two turns, then a third with new instructions; its metrics and message size."""
+    chat_turn(db, layout, "Name a fruit.", "--layout", layout, "--instructions", "Be brief.")
+    chat_turn(db, layout, "Name a colour.")
+    edited = chat_turn(db, layout, "Name a city.", "--instructions", "Answer like a pirate.")
+    versions = history(db, layout)["instructions"]
     assert [v["text"] for v in versions] == ["Be brief.", "Answer like a pirate."]
+    return edited["metrics"], history(db, layout)["messages"][-2]["tokens"]
+
+
+def test_instruction_change_keeps_the_history_in_history_first(
+    tmp_path: Path, generation_prompt_tokens: int
+) -> None:
+    metrics, message = _edited_turn(tmp_path / "edit.db", "history-first")
+    assert metrics["reused_tokens"] >= metrics["history_tokens"]
+    new_part = message + generation_prompt_tokens
+    assert new_part <= metrics["prefill_tokens"] <= metrics["block_tokens"] + new_part
+
+
+def test_instruction_change_recomputes_everything_in_system_first(tmp_path: Path) -> None:
+    metrics, _ = _edited_turn(tmp_path / "edit.db", "system-first")
+    assert metrics["reused_tokens"] < 8
+    assert metrics["prefill_tokens"] >= metrics["history_tokens"]
+    assert any("recomputed" in note for note in metrics["notes"])
 
 
 def test_history_lists_messages_and_instruction_versions(tmp_path: Path) -> None:

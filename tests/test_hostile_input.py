@@ -11,18 +11,17 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import GREEDY, TEST_CTX
+from conftest import GREEDY, TEST_CTX, set_state_field
 
 from app.core import limits
 from app.domain import MessageStatus, Role, SegmentKind
 from app.session.chat_session import ChatSession, GenerationOptions
 from app.storage import migrations
-from app.storage.records import SavedState
+from app.storage.kv_store import JOURNAL_LIMIT_BYTES, StateRecord
 from app.storage.store import (
     APPLICATION_ID,
     JOURNAL_SIZE_LIMIT,
@@ -67,7 +66,7 @@ def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 
 def _dump(path: Path) -> list[str]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)  # creates no files
     try:
         return list(conn.iterdump())
     finally:
@@ -83,14 +82,15 @@ def test_too_small_contexts_are_refused_before_anything_is_written(
     db = tmp_path / "ctx.db"
     with Store(db) as store:
         chat_id = _chat_with_state(store, make_engine, "keep", "Name a planet.")
-    before, dump = _files(tmp_path), _dump(db)
+    kv = db.with_name("ctx.kv.db")
+    before, dump = _files(tmp_path), (_dump(db), _dump(kv))
     tiny = run_app("chat", "--db", str(db), "--chat", "keep", "--n-ctx", "10", "hello")
     assert tiny.returncode == 2 and "context size 10" in one_line(tiny)
     small = run_app("chat", "--db", str(db), "--chat", "keep", "--n-ctx", "64", "hello")
     assert small.returncode == 1, small.stderr
     assert "context of 64 tokens" in one_line(small) and small.stdout == ""
     assert _files(tmp_path).keys() - {"ctx.db.lock"} == before.keys()  # no -wal/-shm left
-    assert _dump(db) == dump  # every row, the saved state's bytes included
+    assert (_dump(db), _dump(kv)) == dump  # every row, the saved state's pages included
     with Store(db) as store:
         assert [m.role for m in store.messages(chat_id)] == [Role.USER, Role.ASSISTANT]
         assert make_engine(store).activate(chat_id).restored  # the saved state is still there
@@ -107,41 +107,6 @@ def test_a_context_smaller_than_the_batch_never_aborts(tmp_path: Path) -> None:
     assert json.loads(done.stdout)["metrics"]["prefill_tokens"] > 240  # more than n_batch
 
 
-# -- 2. a state belongs to its chat ---------------------------------------------------------
-
-
-def test_a_state_copied_from_another_chat_is_rejected(store: Store, make_engine: Callable) -> None:
-    chat_a = _chat_with_state(store, make_engine, "a", "Tell me about cats.")
-    chat_b = _chat_with_state(store, make_engine, "b", "Tell me about ships.")
-    a, b = store.load_state(chat_a), store.load_state(chat_b)
-    assert len(a.token_ids) == len(b.token_ids)  # same shape: only the binding tells them apart
-    store.db.execute(
-        "UPDATE saved_states SET state = ?, checksum = ?, binding = ? WHERE chat_id = ?",
-        (b.state, b.checksum, b.binding, chat_a),
-    )
-    engine = make_engine(store)
-    load = engine.activate(chat_a)
-    assert not load.restored and "not bound to this chat" in load.rejected
-    assert store.load_state(chat_a) is None  # discarded: the next save writes a fresh one
-
-
-def test_a_flipped_byte_with_a_fixed_up_checksum_is_rejected(
-    store: Store, make_engine: Callable
-) -> None:
-    chat_id = _chat_with_state(store, make_engine, "flip", "Name a metal.")
-    saved = store.load_state(chat_id)
-    state = bytearray(saved.state)
-    state[len(state) // 2] ^= 0x40
-    store.db.execute(
-        "UPDATE saved_states SET state = ?, checksum = ? WHERE chat_id = ?",
-        (bytes(state), zlib.crc32(state), chat_id),
-    )
-    engine = make_engine(store)
-    load = engine.activate(chat_id)
-    assert not load.restored and "not bound to this chat" in load.rejected
-    assert store.load_state(chat_id) is None and engine.cache_tokens == ()
-
-
 # -- 3. unreadable token ids -----------------------------------------------------------------
 
 
@@ -150,9 +115,7 @@ def test_unreadable_token_ids_are_discarded_and_recomputed(
 ) -> None:
     chat_id = _chat_with_state(store, make_engine, "odd", "Name a colour.")
     first_user = store.messages(chat_id)[0]
-    store.db.execute(
-        "UPDATE saved_states SET token_ids = x'0102030405' WHERE chat_id = ?", (chat_id,)
-    )
+    set_state_field(store, chat_id, "token_ids", b"\x01\x02\x03\x04\x05")
     store.db.execute(
         "UPDATE messages SET token_ids = x'01020304050607' WHERE id = ?", (first_user.id,)
     )
@@ -297,8 +260,8 @@ def test_a_state_that_cannot_be_saved_still_reports_the_stored_reply(
 
     def capped(path: str) -> Store:
         store = opened(path)
-        pages = store.db.execute("PRAGMA page_count").fetchone()[0]
-        store.db.execute(f"PRAGMA max_page_count = {pages + 2}")  # room for rows, not a state
+        pages = store.kv.conn.execute("PRAGMA page_count").fetchone()[0]
+        store.kv.conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # no room for a state
         return store
 
     monkeypatch.setattr(cli, "_open_store", capped)
@@ -315,7 +278,7 @@ def test_a_state_that_cannot_be_saved_still_reports_the_stored_reply(
         messages = store.messages(chat_id)
         assert [m.role for m in messages] == [Role.USER, Role.ASSISTANT]
         assert messages[1].text == reply
-        assert store.load_state(chat_id) is None
+        assert store.kv.state(chat_id) is None
 
 
 # -- 6. a kill after the user's message was stored ------------------------------------------------
@@ -338,6 +301,7 @@ def test_a_message_left_unanswered_by_a_kill_is_shown_so_and_kept_out_of_the_pro
             worker.send_signal(signal.SIGKILL)
             break
     worker.wait(timeout=60)
+    worker.stdout.close()
     assert worker.returncode == -signal.SIGKILL
     store = Store(db, exclusive=True)
     try:
@@ -425,22 +389,27 @@ def test_a_chat_name_that_is_not_utf8_is_named_as_the_problem(tmp_path: Path) ->
 # -- 9. growth ----------------------------------------------------------------------------------
 
 
-def test_deleting_a_chat_with_a_large_state_shrinks_the_file_and_bounds_the_wal(
+def test_deleting_a_chat_with_a_large_state_shrinks_the_files_and_bounds_the_wal(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "grow.db"
-    wal = tmp_path / "grow.db-wal"
     payload = os.urandom(30_000_000)
     with Store(path) as store:
         keep = store.create_chat("keep")
         store.add_message(keep.id, "user", "still here")
         big = store.create_chat("big")
-        store.save_state(SavedState(big.id, 1, {"model": "m"}, [1, 2, 3], payload, 0))
-        assert path.stat().st_size > len(payload)
-        assert wal.stat().st_size <= JOURNAL_SIZE_LIMIT  # checkpointed after the large write
+        for index in range(60):  # 6 MB of messages in the chats database
+            store.add_message(big.id, "user", f"{index} " + "x" * 100_000)
+        record = StateRecord(big.id, 2, {"model": "m"}, 0, [], [1, 2, 3], whole=True)
+        store.kv.save_state(record, whole=payload)  # a 30 MB state in the page store
+        kv_path, wal, kv_wal = store.kv_path, Path(f"{path}-wal"), Path(f"{store.kv_path}-wal")
+        assert path.stat().st_size + wal.stat().st_size > 6_000_000
+        assert kv_path.stat().st_size > len(payload)
+        assert kv_wal.stat().st_size <= JOURNAL_LIMIT_BYTES  # checkpointed after the write
         store.delete_chat(big.id)
-        assert path.stat().st_size < 2_000_000
+        assert path.stat().st_size < 1_000_000 and kv_path.stat().st_size < 1_000_000
         assert wal.stat().st_size <= JOURNAL_SIZE_LIMIT
+        assert kv_wal.stat().st_size <= JOURNAL_LIMIT_BYTES
         assert store.db.execute("PRAGMA freelist_count").fetchone()[0] == 0
         assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert [m.text for m in store.messages(keep.id)] == ["still here"]

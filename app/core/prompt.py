@@ -88,6 +88,10 @@ class PromptBuilder:
     ) -> tuple[int, ...]:
         return (*self._special(wrapper.before), *content_tokens, *self._special(wrapper.after))
 
+    def wrapper_sizes(self, wrapper: Wrapper) -> tuple[int, int]:
+        """Markup tokens before and after a message's content (the template's own markup)."""
+        return len(self._special(wrapper.before)), len(self._special(wrapper.after))
+
     def user_segment(self, text: str) -> tuple[int, ...]:
         return self.wrap(self.markup.user, self._text(text))
 

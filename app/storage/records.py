@@ -136,23 +136,6 @@ class Message:
         )
 
 
-@dataclass(frozen=True)
-class SavedState:
-    """A chat's saved KV cache: the llama.cpp sequence state plus what it must match."""
-
-    chat_id: int
-    format_version: int
-    fingerprint: dict[str, Any]
-    token_ids: list[int]
-    state: bytes | bytearray
-    checksum: int
-    saved_at: float = 0.0
-    #: Digest tying the state to its chat, token ids and positions (see app.session.state_check).
-    binding: bytes | None = None
-    #: Why the stored token ids could not be read (the state is then unusable).
-    unreadable: str | None = None
-
-
 @dataclass
 class TurnMetricsRow:
     id: int

@@ -11,6 +11,10 @@ as plain bytes, its schema through an ``immutable`` read-only connection). Read-
 commands open with ``mode=ro`` and write nothing. Growth is bounded: incremental
 auto-vacuum returns the pages of deleted chats and states to the file system, and
 the WAL is checkpointed and truncated after large writes and deletes.
+
+sqlite-utils holds the connection and answers queries; writes are hand-written SQL
+because each must sit inside one explicit transaction with its neighbours, which its
+table helpers do not expose.
 """
 
 from __future__ import annotations
@@ -29,6 +33,16 @@ from typing import Any
 import sqlite_utils
 
 from app.domain import Layout, MessageStatus, TrimMode
+from app.storage.errors import (
+    DatabaseCorrupt,
+    DatabaseInUse,
+    NotOurDatabase,
+    SchemaTooNew,
+    StorageError,
+    StorageWriteError,
+    describe_error,
+)
+from app.storage.kv_store import DEFAULT_BUDGET_BYTES, KVStore
 from app.storage.migrations import (
     APPLICATION_ID,
     AUTO_VACUUM_INCREMENTAL,
@@ -39,83 +53,31 @@ from app.storage.records import (
     Chat,
     InstructionVersion,
     Message,
-    SavedState,
     TurnMetricsRow,
-    UnreadableTokens,
     pack_tokens,
     storable_text,
     unanswered_ids,
-    unpack_tokens,
 )
 
-
-class StorageError(Exception):
-    """A database problem explained in one line."""
-
-
-class DatabaseCorrupt(StorageError):
-    pass
-
-
-class SchemaTooNew(StorageError):
-    pass
-
-
-class DatabaseInUse(StorageError):
-    pass
-
-
-class StorageWriteError(StorageError):
-    pass
-
-
-class NotOurDatabase(StorageError):
-    """Another application's SQLite file: never written to."""
+__all__ = [
+    "DatabaseCorrupt",
+    "DatabaseInUse",
+    "NotOurDatabase",
+    "SchemaTooNew",
+    "StorageError",
+    "StorageWriteError",
+    "Store",
+    "check_ours",
+    "set_aside",
+    "valid_chat_name",
+]
 
 
 PAGE_SIZE = 65536
 #: Bytes the WAL may keep on disk after a checkpoint resets it.
 JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
-OUR_TABLES = frozenset({"chats", "messages", "saved_states"})
-#: SQLite primary result codes (sqlite3.h), read from sqlite3.Error.sqlite_errorcode.
-SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR = 5, 6, 8, 10
-SQLITE_CORRUPT, SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_NOTADB = 11, 13, 14, 26
-#: Below this much free space an I/O error is taken to be the disk filling up
-#: (SQLite reports ENOSPC during a write as SQLITE_IOERR_WRITE, not SQLITE_FULL).
-LOW_SPACE_BYTES = 4 * PAGE_SIZE
+OUR_TABLES = frozenset({"chats", "messages"})
 _CHAT_FIELDS = {"name", "layout", "trim_tokens", "trim_mode", "cache_start_seq"}
-
-
-def _free_bytes(path: Path) -> int | None:
-    try:
-        stats = os.statvfs(path.parent if not path.is_dir() else path)
-    except OSError:
-        return None
-    return stats.f_bavail * stats.f_frsize
-
-
-def _describe(error: sqlite3.Error, path: Path) -> StorageError:
-    """A one-line StorageError for ``error``, chosen by SQLite's result code."""
-    code = getattr(error, "sqlite_errorcode", None)
-    if code is None:  # not raised by SQLite itself (e.g. the driver): no code to go by
-        return StorageError(f"database error in {path}: {error}")
-    primary = code & 0xFF
-    if primary in (SQLITE_CORRUPT, SQLITE_NOTADB):
-        return DatabaseCorrupt(f"{path} is not a readable KV Chat database ({error})")
-    if primary == SQLITE_FULL:
-        return StorageWriteError(f"cannot write {path}: the disk is full")
-    if primary == SQLITE_IOERR:
-        free = _free_bytes(path)
-        if free is not None and free < LOW_SPACE_BYTES:
-            return StorageWriteError(f"cannot write {path}: the disk is full")
-        return StorageWriteError(f"cannot write {path}: {error}")
-    if primary == SQLITE_READONLY:
-        return StorageWriteError(f"cannot write {path}: the file or its folder is read-only")
-    if primary == SQLITE_CANTOPEN:
-        return StorageWriteError(f"cannot open {path}: check that the folder exists")
-    if primary in (SQLITE_BUSY, SQLITE_LOCKED):
-        return DatabaseInUse(f"{path} is locked by another process; try again")
-    return StorageError(f"database error in {path}: {error}")
 
 
 def valid_chat_name(name: str) -> str:
@@ -192,12 +154,12 @@ def check_ours(path: Path) -> None:
     try:
         conn = sqlite3.connect(_read_only_uri(path, immutable=True), uri=True)
     except sqlite3.Error as error:
-        raise _describe(error, path) from error
+        raise describe_error(error, path) from error
     try:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     except sqlite3.Error as error:
-        raise _describe(error, path) from error
+        raise describe_error(error, path) from error
     finally:
         conn.close()
     if tables and not (tables >= OUR_TABLES and version > 0):
@@ -233,10 +195,13 @@ class Store:
         *,
         exclusive: bool = False,
         read_only: bool = False,
+        kv_budget_bytes: int = DEFAULT_BUDGET_BYTES,
     ) -> None:
         """Open (and create or upgrade) a database; ``read_only`` writes nothing at all."""
         self.path = Path(path)
         self.read_only = read_only
+        self.kv_budget_bytes = kv_budget_bytes
+        self._kv: KVStore | None = None
         self._lock_file: int | None = None
         _check_file_header(self.path)
         check_ours(self.path)
@@ -254,7 +219,7 @@ class Store:
                 )
         except sqlite3.Error as error:
             self._release_process_lock()
-            raise _describe(error, self.path) from error
+            raise describe_error(error, self.path) from error
         self.db = sqlite_utils.Database(conn)
         try:
             if read_only:
@@ -264,7 +229,7 @@ class Store:
                 self._migrate()
         except sqlite3.Error as error:
             self.close()
-            raise _describe(error, self.path) from error
+            raise describe_error(error, self.path) from error
         except StorageError:
             self.close()
             raise
@@ -358,6 +323,9 @@ class Store:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
+        if self._kv is not None:
+            self._kv.close()
+            self._kv = None
         if not self.read_only:
             # Leave a closed database in rollback-journal mode: a read-only open of it
             # then needs no -wal/-shm files. Fails harmlessly if someone else has it open.
@@ -392,7 +360,7 @@ class Store:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as error:
-            raise _describe(error, self.path) from error
+            raise describe_error(error, self.path) from error
         try:
             yield
         except BaseException:
@@ -404,19 +372,19 @@ class Store:
         except sqlite3.Error as error:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            raise _describe(error, self.path) from error
+            raise describe_error(error, self.path) from error
 
     def _write(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Cursor:
         try:
             return self.db.execute(sql, params)
         except sqlite3.Error as error:
-            raise _describe(error, self.path) from error
+            raise describe_error(error, self.path) from error
 
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         try:
             return list(self.db.query(sql, params))
         except sqlite3.Error as error:
-            raise _describe(error, self.path) from error
+            raise describe_error(error, self.path) from error
 
     # -- chats ----------------------------------------------------------------------
 
@@ -493,6 +461,8 @@ class Store:
         with self.transaction():
             self._write("DELETE FROM chats WHERE id = ?", (chat_id,))
         self._reclaim_space(vacuum=True)
+        if self._kv is not None or self.kv_path.exists():
+            self.kv.delete_state(chat_id)
 
     # -- instruction block ----------------------------------------------------------
 
@@ -598,79 +568,19 @@ class Store:
         with self.transaction():
             self._write("DELETE FROM messages WHERE id = ?", (message_id,))
 
-    # -- saved model state ----------------------------------------------------------
+    # -- saved model states (pages in the KV store beside this file) ----------------
 
-    def save_state(self, state: SavedState) -> None:
-        """Replace the chat's saved state in one transaction: old or new, never half."""
-        with self.transaction():
-            self._write(
-                "INSERT OR REPLACE INTO saved_states (chat_id, format_version, fingerprint,"
-                " token_ids, state, checksum, saved_at, binding)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    state.chat_id,
-                    state.format_version,
-                    json.dumps(state.fingerprint, sort_keys=True),
-                    pack_tokens(state.token_ids),
-                    state.state,
-                    state.checksum,
-                    time.time(),
-                    state.binding,
-                ),
-            )
-        # A state is tens of MB: without this the WAL keeps that much on disk until the
-        # next automatic checkpoint (and the file keeps growing by it).
-        self._reclaim_space(vacuum=False)
+    @property
+    def kv_path(self) -> Path:
+        """``chats.db`` → ``chats.kv.db``: the disposable page store of this database."""
+        return self.path.with_name(self.path.stem + ".kv" + (self.path.suffix or ".db"))
 
-    def load_state(self, chat_id: int) -> SavedState | None:
-        rows = self._rows(
-            "SELECT chat_id, format_version, fingerprint, token_ids, checksum,"
-            " saved_at, binding FROM saved_states WHERE chat_id = ?",
-            (chat_id,),
-        )
-        if not rows:
-            return None
-        row = rows[0]
-        try:
-            fingerprint = json.loads(row["fingerprint"])
-        except (TypeError, ValueError):
-            fingerprint = {}
-        try:
-            # Incremental blob I/O copies the state once; a SELECT copies it twice.
-            with self.db.conn.blobopen("saved_states", "state", chat_id, readonly=True) as blob:
-                state = blob.read()
-        except sqlite3.Error as error:
-            raise _describe(error, self.path) from error
-        try:
-            token_ids, unreadable = unpack_tokens(row["token_ids"]), None
-        except UnreadableTokens as error:
-            token_ids, unreadable = [], str(error)
-        return SavedState(
-            chat_id=row["chat_id"],
-            format_version=row["format_version"],
-            fingerprint=fingerprint,
-            token_ids=token_ids,
-            state=state,
-            checksum=row["checksum"],
-            saved_at=row["saved_at"],
-            binding=row["binding"],
-            unreadable=unreadable,
-        )
-
-    def saved_token_ids(self, chat_id: int) -> list[int]:
-        """The token ids a chat's saved state holds, without reading the state itself
-        (none if they are unreadable: the state will be discarded when it is loaded)."""
-        rows = self._rows("SELECT token_ids FROM saved_states WHERE chat_id = ?", (chat_id,))
-        try:
-            return unpack_tokens(rows[0]["token_ids"]) if rows else []
-        except UnreadableTokens:
-            return []
-
-    def delete_state(self, chat_id: int) -> None:
-        with self.transaction():
-            cursor = self._write("DELETE FROM saved_states WHERE chat_id = ?", (chat_id,))
-        if cursor.rowcount:
-            self._reclaim_space(vacuum=True)
+    @property
+    def kv(self) -> KVStore:
+        """The KV page store, opened (and created) on first use."""
+        if self._kv is None:
+            self._kv = KVStore(self.kv_path, budget_bytes=self.kv_budget_bytes)
+        return self._kv
 
     # -- per-turn metrics -----------------------------------------------------------
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,8 @@ from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 import app
+from app.arguments import positive_int
+from app.domain import KVType
 from app.resources import resource_path
 from app.storage.store import DatabaseCorrupt, DatabaseInUse, StorageError, set_aside
 
@@ -27,27 +28,19 @@ def default_db_path() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvchat", description="KV Chat desktop app")
+    parser = argparse.ArgumentParser(
+        prog="kvchat",
+        description="KV Chat desktop app",
+        epilog="kvchat --self-test [--model PATH] checks the install without a window.",
+    )
     parser.add_argument("--db", help=f"database file (default: {default_db_path()})")
     parser.add_argument("--model", help="GGUF model file (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--n-ctx", type=int, help="context size in tokens")
-    parser.add_argument("--kv-type", choices=("f16", "q8_0"), default="f16", help="KV cache type")
+    parser.add_argument("--n-ctx", type=positive_int, help="context size in tokens")
     parser.add_argument(
-        "--self-test",
-        action="store_true",
-        help="check the install end to end without a window, then exit",
+        "--kv-type", choices=list(KVType), default=KVType.F16, help="KV cache type"
     )
     parser.add_argument("--version", action="version", version=f"KV Chat {app.__version__}")
     return parser
-
-
-def _run_self_test(args: list[str]) -> int:
-    try:
-        selftest = importlib.import_module("app.selftest")
-    except ModuleNotFoundError:
-        print("kvchat: this build has no self-test", file=sys.stderr)
-        return 2
-    return int(selftest.run_self_test([a for a in args if a != "--self-test"]))
 
 
 def user_settings() -> QSettings:
@@ -76,8 +69,6 @@ def create_application(argv: list[str] | None = None) -> QApplication:
 
 def main(args: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if args is None else args)
-    if "--self-test" in argv:
-        return _run_self_test(argv)
     options = build_parser().parse_args(argv)
     db_path = Path(options.db).expanduser() if options.db else default_db_path()
     application = create_application([sys.argv[0]])

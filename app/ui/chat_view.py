@@ -183,7 +183,6 @@ class MessageBubble(QFrame):
 class ChatView(QScrollArea):
     """Scrollable column of bubbles with a streaming reply at the end."""
 
-    copied = Signal(str)
     retry_requested = Signal()  # the last message is unanswered and the user asked for a reply
 
     def __init__(self, parent: QWidget | None = None) -> None:

@@ -477,9 +477,6 @@ class CacheInspector(QWidget):
         self._refresh_charts()
         self._refresh_turn_combo()
 
-    def turn_data(self, index: int) -> dict[str, Any]:
-        return self.turns[index]
-
     def chart_series(self) -> dict[str, list[float]]:
         """What the charts currently plot (tests compare it with the store's rows)."""
 

@@ -48,7 +48,6 @@ class InstructionEditor(QWidget):
     text_edited = Signal()
     save_requested = Signal(str)
     layout_changed = Signal(str)
-    version_restored = Signal(int)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -181,7 +180,6 @@ class InstructionEditor(QWidget):
 
     def _restore_item(self, item: QListWidgetItem) -> None:
         self.editor.setPlainText(str(item.data(Qt.ItemDataRole.UserRole + 1)))
-        self.version_restored.emit(int(item.data(Qt.ItemDataRole.UserRole)))
 
     def _revert(self) -> None:
         self.editor.setPlainText(self._current.text if self._current else "")
