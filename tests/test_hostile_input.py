@@ -404,6 +404,7 @@ def test_deleting_a_chat_with_a_large_state_shrinks_the_files_and_bounds_the_wal
         store.kv.save_state(record, whole=payload)  # a 30 MB state in the page store
         kv_path, wal, kv_wal = store.kv_path, Path(f"{path}-wal"), Path(f"{store.kv_path}-wal")
         assert path.stat().st_size + wal.stat().st_size > 6_000_000
+        assert wal.stat().st_size < 2 * JOURNAL_SIZE_LIMIT  # checkpointed as it grows
         assert kv_path.stat().st_size > len(payload)
         assert kv_wal.stat().st_size <= JOURNAL_LIMIT_BYTES  # checkpointed after the write
         store.delete_chat(big.id)
