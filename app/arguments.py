@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from app.core import limits
+from app import limits
 
 
 def _whole(text: str) -> int:

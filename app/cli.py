@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from app import arguments
-from app.core import limits
+from app import arguments, limits
 from app.core.models import ModelFileError
 from app.domain import KVType, Layout, MessageStatus, Role, TrimMode
 from app.session.chat_session import ChatSession, GenerationOptions, SessionError, TurnResult

@@ -380,7 +380,7 @@ def test_an_unanswered_message_shows_retry_which_answers_it(
 
 
 def test_generation_fields_refuse_out_of_range_numbers(window: MainWindow) -> None:
-    from app.core import limits
+    from app import limits
 
     for value in (float("nan"), float("inf"), -1.0, 99.0):
         window.temperature_spin.setValue(value)

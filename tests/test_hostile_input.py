@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import GREEDY, TEST_CTX, set_state_field
 
-from app.core import limits
+from app import limits
 from app.domain import MessageStatus, Role, SegmentKind
 from app.session.chat_session import ChatSession, GenerationOptions
 from app.storage import migrations

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from app.core import limits
+from app import limits
 from app.core.models import ModelFileError, check_gguf_file
 from app.domain import KVType
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
-from app.core import limits
+from app import limits
 from app.core.chat_template import ChatMarkup, markup_for
 from app.core.kv_mirror import (
     KVMirror,
@@ -85,7 +85,7 @@ class ContextOverflowError(SessionError):
 class GenerationOptions:
     max_tokens: int = 256
     temperature: float = 0.7
-    seed: int = 0  # -1: random (see app.core.limits)
+    seed: int = 0  # -1: random (see app.limits)
 
     def __post_init__(self) -> None:
         # Refused here, before a turn stores the user's message.
