@@ -430,6 +430,12 @@ class ChatSession:
             self.bytes_per_token = load.bytes / load.tokens
         return load
 
+    def prefetch(self, chat_id: int) -> StateLoad:
+        """Restore a chat's state before its next turn (e.g. when the user selects it)."""
+        if self.cache_chat_id == chat_id:
+            return StateLoad(restored=False, tokens=len(self.mirror))
+        return self.activate(chat_id, self._load_context(chat_id))
+
     def save_state(self, chat_id: int) -> StateSave:
         """Persist the cache of ``chat_id`` with its token ids."""
         if self.cache_chat_id != chat_id:
