@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any
+
+from app import limits
 
 
 def _whole(text: str) -> int:
@@ -26,3 +30,36 @@ def whole_number(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
     return value
+
+
+def _checked(check: Callable[[Any], Any], value: Any) -> Any:
+    try:
+        return check(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def temperature(text: str) -> float:
+    """0 (greedy) to MAX_TEMPERATURE; nan, inf and negatives are refused."""
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from error
+    return _checked(limits.check_temperature, value)
+
+
+def seed(text: str) -> int:
+    """A fixed seed (0 .. 2**32 - 2) or -1 for a random one; never silently truncated."""
+    return _checked(limits.check_seed, _whole(text))
+
+
+def max_tokens(text: str) -> int:
+    return _checked(limits.check_max_tokens, _whole(text))
+
+
+def trim_tokens(text: str) -> int:
+    return _checked(limits.check_trim_tokens, _whole(text))
+
+
+def n_ctx(text: str) -> int:
+    return _checked(limits.check_n_ctx, _whole(text))

@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from app import arguments, limits
 from app.arguments import positive_int, whole_number
 from app.core.models import ModelFileError
-from app.domain import KVType, Layout, TrimMode
-from app.session.chat_session import ChatSession, GenerationOptions, SessionError
-from app.storage.store import StorageError, Store
+from app.domain import KVType, Layout, MessageStatus, Role, TrimMode
+from app.session.chat_session import ChatSession, GenerationOptions, SessionError, TurnResult
+from app.storage.records import Message
+from app.storage.store import StorageError, Store, valid_chat_name
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -45,7 +47,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-type", choices=list(KVType), default=KVType.F16, help="KV cache type"
     )
-    parser.add_argument("--n-ctx", type=positive_int, help="context size in tokens")
+    parser.add_argument(
+        "--n-ctx",
+        type=arguments.n_ctx,
+        help=f"context size in tokens ({limits.MIN_N_CTX} to {limits.MAX_N_CTX}; the model's "
+        "chat markup plus a short message and reply must fit)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,10 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="instruction variable; fills {{KEY}} in the block",
     )
-    chat.add_argument("--max-tokens", type=positive_int, default=128)
-    chat.add_argument("--seed", type=int, default=0)
-    chat.add_argument("--temperature", type=float, default=0.7)
-    chat.add_argument("--trim-tokens", type=positive_int, help="limit of cached history tokens")
+    chat.add_argument(
+        "--max-tokens",
+        type=arguments.max_tokens,
+        default=128,
+        help=f"longest reply in tokens (1 to {limits.MAX_TOKENS})",
+    )
+    chat.add_argument(
+        "--seed",
+        type=arguments.seed,
+        default=0,
+        help=f"sampling seed: 0 to {limits.MAX_SEED} repeat a reply; {limits.RANDOM_SEED} "
+        "picks a random seed",
+    )
+    chat.add_argument(
+        "--temperature",
+        type=arguments.temperature,
+        default=0.7,
+        help=f"0 (always the most likely token) to {limits.MAX_TEMPERATURE:g}",
+    )
+    chat.add_argument(
+        "--trim-tokens",
+        type=arguments.trim_tokens,
+        help=f"limit of cached history tokens (1 to {limits.MAX_TRIM_TOKENS})",
+    )
     chat.add_argument(
         "--trim-mode", choices=list(TrimMode), help="how trimmed turns leave the cache"
     )
@@ -112,7 +139,48 @@ def _open_store(path: str) -> Store:
     return Store(db_path, exclusive=True)
 
 
+def _last_unanswered(store: Store, chat_id: int) -> Message | None:
+    messages = store.messages(chat_id)
+    if messages and messages[-1].status == MessageStatus.UNANSWERED:
+        return messages[-1]
+    return None
+
+
+def _answer(
+    engine: ChatSession, store: Store, chat_id: int, message: str, options: GenerationOptions
+) -> tuple[TurnResult | None, Message | None, list[str]]:
+    """One turn whose outcome is exactly what the command then reports.
+
+    The same text as the chat's last, unanswered message (a turn that failed or was
+    killed before its reply was stored) answers that message instead of storing it
+    twice. If the reply was stored but a later write failed, the reply is still the
+    outcome (with a warning); if it was not stored, the message stays unanswered and
+    the error says how to retry.
+    """
+    warnings: list[str] = []
+    pending = _last_unanswered(store, chat_id)
+    try:
+        if pending is not None and pending.text == message:
+            result = engine.regenerate(chat_id, options)
+        else:
+            result = engine.send(chat_id, message, options)
+    except StorageError as error:
+        messages = store.messages(chat_id)
+        answered = len(messages) >= 2 and messages[-1].role == Role.ASSISTANT
+        if answered and messages[-2].text == message:
+            return None, messages[-1], [f"{error} (the reply was saved; its metrics were not)"]
+        raise CliError(
+            f"{error}; your message is kept as unanswered: run the same command again to answer it"
+        ) from error
+    try:
+        engine.after_reply(chat_id)
+    except StorageError as error:
+        warnings.append(f"{error} (the reply was saved; the cache state was not)")
+    return result, None, warnings
+
+
 def run_chat(args: argparse.Namespace) -> int:
+    valid_chat_name(args.chat)
     message = sys.stdin.read() if args.message == "-" else args.message
     if not message.strip():
         raise CliError("the message is empty")
@@ -123,40 +191,58 @@ def run_chat(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as error:
             raise CliError(f"cannot read instructions file: {error}") from error
     with _open_store(args.db) as store:
-        chat = store.chat_by_name(args.chat) or store.create_chat(
-            args.chat, args.layout or Layout.HISTORY_FIRST
-        )
-        if args.layout and chat.layout != args.layout:
-            chat = store.update_chat(chat.id, layout=args.layout)
-        variables = dict(args.var)
-        current = store.current_instructions(chat.id)
-        if instructions is not None or variables:
-            text = instructions if instructions is not None else (current.text if current else "")
-            if current is None or current.text != text or current.variables != variables:
-                store.add_instruction_version(chat.id, text, variables)
+        # The model (and the context size) is checked before anything is written.
         engine = ChatSession(store, args.model, n_ctx=args.n_ctx, kv_type=args.kv_type)
         try:
-            if args.trim_tokens is not None or args.trim_mode is not None:
-                engine.activate(chat.id)
-                engine.set_trim(
-                    chat.id,
-                    args.trim_tokens if args.trim_tokens is not None else chat.trim_tokens,
-                    args.trim_mode,
-                )
-            options = GenerationOptions(args.max_tokens, args.temperature, args.seed)
-            result = engine.send(chat.id, message, options)
-            metrics = engine.after_reply(chat.id) or result.metrics
+            return _chat_turn(args, store, engine, message, instructions)
         finally:
             engine.close()
-    if args.json:
-        print(json.dumps({"reply": result.reply, "metrics": metrics.as_dict()}, ensure_ascii=False))
-    else:
-        print(result.reply)
-        print(
-            f"[reused {metrics.reused_tokens}, prefilled {metrics.prefill_tokens}, "
-            f"background {metrics.background_tokens} tokens; TTFT {metrics.ttft_ms:.0f} ms]",
-            file=sys.stderr,
+
+
+def _chat_turn(
+    args: argparse.Namespace,
+    store: Store,
+    engine: ChatSession,
+    message: str,
+    instructions: str | None,
+) -> int:
+    chat = store.chat_by_name(args.chat) or store.create_chat(
+        args.chat, args.layout or Layout.HISTORY_FIRST
+    )
+    if args.layout and chat.layout != args.layout:
+        chat = store.update_chat(chat.id, layout=args.layout)
+    variables = dict(args.var)
+    current = store.current_instructions(chat.id)
+    if instructions is not None or variables:
+        text = instructions if instructions is not None else (current.text if current else "")
+        if current is None or current.text != text or current.variables != variables:
+            store.add_instruction_version(chat.id, text, variables)
+    if args.trim_tokens is not None or args.trim_mode is not None:
+        engine.activate(chat.id)
+        engine.set_trim(
+            chat.id,
+            args.trim_tokens if args.trim_tokens is not None else chat.trim_tokens,
+            args.trim_mode,
         )
+    options = GenerationOptions(args.max_tokens, args.temperature, args.seed)
+    result, stored_reply, warnings = _answer(engine, store, chat.id, message, options)
+    reply = result.reply if result is not None else stored_reply.text if stored_reply else ""
+    metrics = result.metrics.as_dict() if result is not None else {}
+    if warnings and metrics:
+        metrics["notes"] = [*metrics.get("notes", []), *warnings]
+    if args.json:
+        print(json.dumps({"reply": reply, "metrics": metrics}, ensure_ascii=False))
+    else:
+        print(reply)
+        if result is not None:
+            m = result.metrics
+            print(
+                f"[reused {m.reused_tokens}, prefilled {m.prefill_tokens}, "
+                f"background {m.background_tokens} tokens; TTFT {m.ttft_ms:.0f} ms]",
+                file=sys.stderr,
+            )
+    for warning in warnings:
+        print(f"kvchat: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -200,9 +286,10 @@ def history_payload(store: Store, name: str) -> dict[str, Any]:
 
 
 def run_history(args: argparse.Namespace) -> int:
+    valid_chat_name(args.chat)
     if not Path(args.db).expanduser().exists():
         raise CliError(f"database not found: {args.db}")
-    with Store(Path(args.db).expanduser()) as store:
+    with Store(Path(args.db).expanduser(), read_only=True) as store:
         payload = history_payload(store, args.chat)
     if args.json:
         print(json.dumps(payload, ensure_ascii=False))

@@ -68,3 +68,6 @@ class MessageStatus(StrEnum):
     COMPLETE = "complete"
     CANCELLED = "cancelled"
     ERROR = "error"
+    #: A user message with no reply after it. Derived from the message order when
+    #: messages are read (never stored): a kill or a full disk cannot leave it wrong.
+    UNANSWERED = "unanswered"

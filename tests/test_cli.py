@@ -103,7 +103,7 @@ def test_history_lists_messages_and_instruction_versions(tmp_path: Path) -> None
     [
         (["--model", "/nonexistent/model.gguf"], "model file not found"),
         (["--model", "__NOT_GGUF__"], "not a GGUF model file"),
-        (["--max-tokens", "-3"], "must be greater than 0"),
+        (["--max-tokens", "-3"], "max tokens -3 is out of range"),
         (["--layout", "sideways"], "invalid choice"),
     ],
 )

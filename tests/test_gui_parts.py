@@ -11,6 +11,7 @@ from PySide6.QtCore import QByteArray
 
 import app
 from app.core.metrics import PHASES
+from app.storage.records import Message
 from app.ui.chat_view import ChatView
 from app.ui.dialogs import about_html
 from app.ui.inspector import phase_rows
@@ -237,3 +238,24 @@ def test_unreadable_database_is_offered_a_fresh_start_and_kept(
     moved = gui_app.offer_fresh_database(db_path, "unreadable", lambda question: True)
     assert moved is not None and moved.read_bytes() == garbage
     assert not db_path.exists()
+
+
+def _message(message_id: int, role: str, status: str) -> Message:
+    return Message(message_id, 1, message_id, role, f"m{message_id}", [], None, status, None, 0, 0)
+
+
+def test_only_the_last_unanswered_message_offers_retry(qtbot) -> None:
+    view = ChatView()
+    qtbot.addWidget(view)
+    view.show()
+    view.show_messages(
+        [_message(1, "user", "unanswered"), _message(2, "user", "unanswered")], 0
+    )
+    first, last = view.bubbles
+    assert "unanswered" in first.tag_label.text() and "unanswered" in last.tag_label.text()
+    assert first.retry_button.isHidden() and not last.retry_button.isHidden()
+    with qtbot.waitSignal(view.retry_requested, timeout=1000):
+        last.retry_button.click()
+    view.add_pending_user("next")
+    assert last.retry_button.isHidden()
+

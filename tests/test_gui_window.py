@@ -362,3 +362,38 @@ def test_switching_model_shows_load_progress(qtbot, window: MainWindow) -> None:
     assert window.model_status_label.text().startswith(Path(window.model.path).name)
     outcome, _ = send_turn(qtbot, window, "Hello again")
     assert outcome.reply
+
+
+def test_an_unanswered_message_shows_retry_which_answers_it(
+    qtbot, window: MainWindow
+) -> None:
+    chat_id = window.current_chat_id or window.new_chat()
+    window.store.add_message(chat_id, "user", "Name a bird.")  # as a kill would leave it
+    window.select_chat(chat_id)
+    bubble = window.chat_view.bubbles[-1]
+    assert "unanswered" in bubble.tag_label.text()
+    qtbot.waitUntil(bubble.retry_button.isVisible, timeout=2000)
+    log = log_of(window)
+    bubble.retry_button.click()
+    qtbot.waitUntil(lambda: len(log.replies) == 1, timeout=TURN_TIMEOUT_MS)
+    wait_background(qtbot, window, log.replies[-1].metrics_id)
+    messages = window.store.messages(chat_id)
+    assert [(m.role, m.status) for m in messages] == [
+        ("user", "complete"),
+        ("assistant", "complete"),
+    ]
+    assert all(b.retry_button.isHidden() for b in window.chat_view.bubbles)
+
+
+def test_generation_fields_refuse_out_of_range_numbers(window: MainWindow) -> None:
+    from app import limits
+
+    for value in (float("nan"), float("inf"), -1.0, 99.0):
+        window.temperature_spin.setValue(value)
+        limits.check_temperature(window.generation_options().temperature)
+    window.max_tokens_spin.setValue(10**9)
+    assert window.generation_options().max_tokens == limits.check_max_tokens(
+        window.max_tokens_spin.value()
+    )
+    window.max_tokens_spin.setValue(-5)
+    assert window.generation_options().max_tokens == 1

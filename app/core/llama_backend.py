@@ -19,6 +19,7 @@ from pathlib import Path
 
 import llama_cpp
 
+from app import limits
 from app.core.models import ModelFileError, check_gguf_file
 from app.domain import KVType
 
@@ -95,6 +96,8 @@ class LlamaBackend:
         n_batch: int = 512,
         progress: Callable[[float], None] | None = None,
     ) -> None:
+        if n_ctx is not None:
+            limits.check_n_ctx(n_ctx)
         path = check_gguf_file(model_path)
         if kv_type not in KV_TYPES:
             raise ValueError(f"unknown KV cache type {kv_type!r}; use one of {', '.join(KV_TYPES)}")
@@ -158,8 +161,13 @@ class LlamaBackend:
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
-        self.n_batch = n_batch
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        # llama.cpp lowers n_batch/n_ubatch to the requested n_ctx (before padding it) and
+        # aborts the process (GGML_ASSERT) on a larger llama_decode call: every run we
+        # send must fit the batch sizes the context actually got.
+        self.n_batch = max(
+            1, min(n_batch, int(llama_cpp.llama_n_batch(ctx)), int(llama_cpp.llama_n_ubatch(ctx)))
+        )
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self.info = self._read_info(n_ctx_train)
 
@@ -363,9 +371,14 @@ class LlamaBackend:
 
 
 class Sampler:
-    """A llama.cpp sampler chain: greedy at temperature 0, else temperature + seeded dist."""
+    """A llama.cpp sampler chain: greedy at temperature 0, else temperature + seeded dist.
+
+    Seed -1 is random (llama.cpp's LLAMA_DEFAULT_SEED); any other seed is used as is.
+    """
 
     def __init__(self, backend: LlamaBackend, temperature: float, seed: int) -> None:
+        limits.check_temperature(temperature)
+        limits.check_seed(seed)
         self._backend = backend
         params = llama_cpp.llama_sampler_chain_default_params()
         chain = llama_cpp.llama_sampler_chain_init(params)
@@ -375,7 +388,9 @@ class Sampler:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(40))
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(0.95, 1))
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_dist(limits.llama_seed(seed))
+            )
         self._chain = chain
 
     def sample(self) -> int:

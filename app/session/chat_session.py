@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
+from app import limits
 from app.core.chat_template import ChatMarkup, markup_for
 from app.core.kv_mirror import (
     KVMirror,
@@ -35,8 +36,9 @@ from app.core.metrics import TurnMetrics
 from app.core.models import default_model_path, model_file_identity
 from app.core.prompt import PromptBuilder, PromptPlan, Segment, render_instructions
 from app.domain import FinishReason, KVType, Layout, MessageStatus, Role, SegmentKind, Step
+from app.session.context_size import ContextTooSmall, check_context_size
 from app.session.saved_state import SavedStates, StateLoad, StateSave
-from app.storage.records import Chat, Message
+from app.storage.records import Chat, Message, unanswered_ids
 from app.storage.store import Store
 
 BACKGROUND_CHUNK = 128  # tokens per llama_decode call in commit/warm-up: cancellable in ~0.3 s
@@ -83,7 +85,13 @@ class ContextOverflowError(SessionError):
 class GenerationOptions:
     max_tokens: int = 256
     temperature: float = 0.7
-    seed: int = 0
+    seed: int = 0  # -1: random (see app.limits)
+
+    def __post_init__(self) -> None:
+        # Refused here, before a turn stores the user's message.
+        limits.check_max_tokens(self.max_tokens)
+        limits.check_temperature(self.temperature)
+        limits.check_seed(self.seed)
 
 
 @dataclass
@@ -146,7 +154,14 @@ class _ChatContext:
 
     @property
     def cached_messages(self) -> list[Message]:
-        return [m for m in self.messages if m.seq >= self.chat.cache_start_seq]
+        """History in the cache: from the trim point on, without unanswered user messages,
+        so a prompt never holds two user messages in a row (Retry answers those)."""
+        unanswered = unanswered_ids(self.messages)
+        return [
+            m
+            for m in self.messages
+            if m.seq >= self.chat.cache_start_seq and m.id not in unanswered
+        ]
 
 
 def _turns(messages: list[Message]) -> list[list[Message]]:
@@ -351,6 +366,11 @@ class ChatSession:
         info = self.backend.info
         self.markup: ChatMarkup = markup_for(info.chat_template, info.bos_token, info.eos_token)
         self.builder = PromptBuilder(self.backend, self.markup)
+        try:
+            check_context_size(self.builder, min(n_ctx or self.backend.n_ctx, self.backend.n_ctx))
+        except ContextTooSmall:
+            self.backend.close()
+            raise
         self.mirror = KVMirror(self.backend)
         model_identity = model_file_identity(self.backend.path)
         self.token_format = f"{model_identity}|{self.markup.markup_hash}"
@@ -807,6 +827,11 @@ class ChatSession:
             metrics.notes.append(f"saved state discarded: {load.rejected}")
         if load.note:
             metrics.notes.append(load.note)
+        metrics.notes.extend(
+            f"message {m.seq}: stored token ids were unreadable; re-tokenized from its text"
+            for m in context.messages
+            if m.tokens_unreadable
+        )
         try:
             synced: SyncResult = self.mirror.sync(
                 prompt, need_logits=True, cancel=cancel, progress=progress

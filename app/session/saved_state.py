@@ -112,6 +112,8 @@ class SavedStates:
     # -- checks -----------------------------------------------------------------------
 
     def reject_reason(self, record: StateRecord) -> str | None:
+        if record.unreadable:
+            return f"the saved state's record is {record.unreadable}"
         if record.format_version != STATE_FORMAT_VERSION:
             return f"saved-state format {record.format_version} is not {STATE_FORMAT_VERSION}"
         expected = self.fingerprint()

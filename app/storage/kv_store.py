@@ -102,6 +102,8 @@ class StateRecord:
     whole: bool = False
     checksum: int = 0
     saved_at: float = 0.0
+    #: Why the row could not be read (its token ids or JSON); the state is then discarded.
+    unreadable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -323,8 +325,8 @@ class KVStore:
             fingerprint_data = json.loads(fingerprint)
             format_data = json.loads(formats)
             token_ids = unpack_tokens(tokens)
-        except (TypeError, ValueError):
-            return StateRecord(chat_id, -1, {}, 0, [], [])  # unreadable: rejected by version
+        except (TypeError, ValueError) as error:  # rejected (and deleted) with this reason
+            return StateRecord(chat_id, -1, {}, 0, [], [], unreadable=f"unreadable: {error}")
         hashes = [
             row[0]
             for row in self._query(

@@ -99,11 +99,28 @@ def _v3_states_move_to_the_kv_store(db: sqlite_utils.Database) -> None:
     db.execute("DROP TABLE saved_states")
 
 
+#: PRAGMA application_id of a KV Chat database ("KVCT"): tells our files from others'.
+APPLICATION_ID = 0x4B564354
+#: PRAGMA auto_vacuum value for INCREMENTAL.
+AUTO_VACUUM_INCREMENTAL = 2
+
+
+def _v4_mark_as_ours(db: sqlite_utils.Database) -> None:
+    """Mark the file as ours, so another application's file is never taken for one.
+
+    The switch to incremental auto-vacuum needs a VACUUM outside any transaction: the
+    store runs it right after the migrations (and again at the next open if it was
+    interrupted).
+    """
+    db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+
+
 #: MIGRATIONS[i] upgrades a database at version i to version i + 1.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_drop_history_tokens,
     _v3_states_move_to_the_kv_store,
+    _v4_mark_as_ours,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +33,35 @@ def loaded_text(value: str | bytes | None) -> str:
     return value
 
 
+class UnreadableTokens(ValueError):
+    """A stored token-id blob that is not a whole number of int32 values."""
+
+
 def unpack_tokens(blob: bytes | None) -> list[int]:
     if not blob:
         return []
     tokens = array("i")
+    if len(blob) % tokens.itemsize:
+        raise UnreadableTokens(
+            f"the stored token ids are unreadable ({len(blob)} bytes is not a multiple of "
+            f"{tokens.itemsize})"
+        )
     tokens.frombytes(blob)
     return tokens.tolist()
+
+
+def unanswered_ids(messages: Sequence[Message]) -> set[int]:
+    """User messages with no reply right after them (a kill, a full disk, an early stop).
+
+    Derived from the order of the messages rather than stored, so no crash between two
+    writes can leave it wrong.
+    """
+    followers: list[Message | None] = [*messages[1:], None]
+    return {
+        message.id
+        for message, following in zip(messages, followers, strict=False)
+        if message.role == "user" and (following is None or following.role != "assistant")
+    }
 
 
 @dataclass(frozen=True)
@@ -86,21 +110,29 @@ class Message:
     instruction_version: int | None
     created_at: float
     finished_at: float | None
+    #: The stored token ids could not be read; they are re-tokenized from the text.
+    tokens_unreadable: bool = False
 
     @staticmethod
     def from_row(row: dict[str, Any]) -> Message:
+        try:
+            token_ids, token_format = unpack_tokens(row["token_ids"]), row["token_format"]
+            unreadable = False
+        except UnreadableTokens:
+            token_ids, token_format, unreadable = [], None, True
         return Message(
             id=row["id"],
             chat_id=row["chat_id"],
             seq=row["seq"],
             role=row["role"],
             text=loaded_text(row["text"]),
-            token_ids=unpack_tokens(row["token_ids"]),
-            token_format=row["token_format"],
+            token_ids=token_ids,
+            token_format=token_format,
             status=row["status"],
             instruction_version=row["instruction_version"],
             created_at=row["created_at"],
             finished_at=row["finished_at"],
+            tokens_unreadable=unreadable,
         )
 
 

@@ -3,16 +3,24 @@
 Durability rules: WAL journal, foreign keys on, every write in one explicit
 transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), schema version checked at open.
 SQLite errors are translated into :class:`StorageError` subclasses whose message
-is fit to show a user.
+is fit to show a user (by SQLite's result code, not its wording).
+
+Our files carry ``PRAGMA application_id`` = :data:`APPLICATION_ID`. A non-empty file
+that is not ours is refused before anything is written to it (its header is read
+as plain bytes, its schema through an ``immutable`` read-only connection). Read-only
+commands open with ``mode=ro`` and write nothing. Growth is bounded: incremental
+auto-vacuum returns the pages of deleted chats and states to the file system, and
+the WAL is checkpointed and truncated after large writes and deletes.
 
 sqlite-utils holds the connection and answers queries; writes are hand-written SQL
-because each must sit inside one explicit transaction with its neighbours, and saved
-states need incremental blob I/O, neither of which its table helpers expose.
+because each must sit inside one explicit transaction with its neighbours, which its
+table helpers do not expose.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -24,17 +32,23 @@ from typing import Any
 
 import sqlite_utils
 
-from app.domain import Layout, TrimMode
+from app.domain import Layout, MessageStatus, TrimMode
 from app.storage.errors import (
     DatabaseCorrupt,
     DatabaseInUse,
+    NotOurDatabase,
     SchemaTooNew,
     StorageError,
     StorageWriteError,
     describe_error,
 )
 from app.storage.kv_store import KVStore
-from app.storage.migrations import MIGRATIONS, SCHEMA_VERSION
+from app.storage.migrations import (
+    APPLICATION_ID,
+    AUTO_VACUUM_INCREMENTAL,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+)
 from app.storage.records import (
     Chat,
     InstructionVersion,
@@ -42,18 +56,40 @@ from app.storage.records import (
     TurnMetricsRow,
     pack_tokens,
     storable_text,
+    unanswered_ids,
 )
 
+__all__ = [
+    "DatabaseCorrupt",
+    "DatabaseInUse",
+    "NotOurDatabase",
+    "SchemaTooNew",
+    "StorageError",
+    "StorageWriteError",
+    "Store",
+    "check_ours",
+    "set_aside",
+    "valid_chat_name",
+]
+
+
 PAGE_SIZE = 65536
+#: Bytes the WAL may keep on disk after a checkpoint resets it.
+JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
+OUR_TABLES = frozenset({"chats", "messages"})
 _CHAT_FIELDS = {"name", "layout", "trim_tokens", "trim_mode", "cache_start_seq"}
 
 
-def _valid_name(name: str) -> str:
+def valid_chat_name(name: str) -> str:
+    """The name stripped, or ValueError saying what is wrong with it."""
     name = name.strip()
     if not name:
         raise ValueError("a chat needs a name")
-    if isinstance(storable_text(name), bytes) or "\x00" in name:
-        raise ValueError("a chat name cannot contain NUL or unpaired surrogate characters")
+    if isinstance(storable_text(name), bytes):
+        # Bytes from argv that are not UTF-8 arrive as surrogate escapes (\udc80-\udcff).
+        raise ValueError("the chat name is not valid UTF-8 text")
+    if "\x00" in name:
+        raise ValueError("a chat name cannot contain NUL characters")
     return name
 
 
@@ -86,6 +122,50 @@ def _check_file_header(path: Path) -> None:
         )
 
 
+def _read_only_uri(path: Path, *, immutable: bool = False) -> str:
+    uri = path.resolve().as_uri() + "?mode=ro"
+    return uri + "&immutable=1" if immutable else uri
+
+
+def _header_field(path: Path, offset: int) -> int:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        return int.from_bytes(handle.read(4), "big")
+
+
+def check_ours(path: Path) -> None:
+    """Refuse a non-empty SQLite file of another application, without writing to it.
+
+    Ours: our application_id in the header, or (a database from before it was set)
+    no application_id and our tables. An empty file or one without tables is free.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    application_id = _header_field(path, 68)
+    if application_id == APPLICATION_ID:
+        return
+    foreign = NotOurDatabase(
+        f"{path} is not a KV Chat database (another application's SQLite file); "
+        "it was left untouched: choose another file"
+    )
+    if application_id != 0:
+        raise foreign
+    # immutable: read the main file only, create no -wal/-shm beside someone else's file.
+    try:
+        conn = sqlite3.connect(_read_only_uri(path, immutable=True), uri=True)
+    except sqlite3.Error as error:
+        raise describe_error(error, path) from error
+    try:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.Error as error:
+        raise describe_error(error, path) from error
+    finally:
+        conn.close()
+    if tables and not (tables >= OUR_TABLES and version > 0):
+        raise foreign
+
+
 def set_aside(path: str | os.PathLike[str]) -> Path:
     """Rename an unreadable database (and its WAL/SHM files) out of the way, never delete it.
 
@@ -114,24 +194,37 @@ class Store:
         path: str | os.PathLike[str],
         *,
         exclusive: bool = False,
+        read_only: bool = False,
     ) -> None:
+        """Open (and create or upgrade) a database; ``read_only`` writes nothing at all."""
         self.path = Path(path)
+        self.read_only = read_only
         self._kv: KVStore | None = None
         self._lock_file: int | None = None
         _check_file_header(self.path)
-        if exclusive:
+        check_ours(self.path)
+        if exclusive and not read_only:
             self._take_process_lock()
         try:
-            conn = sqlite3.connect(
-                self.path, timeout=5.0, isolation_level=None, check_same_thread=False
-            )
+            if read_only:
+                conn = sqlite3.connect(
+                    self._read_only_target(), uri=True, timeout=5.0, isolation_level=None,
+                    check_same_thread=False,
+                )
+            else:
+                conn = sqlite3.connect(
+                    self.path, timeout=5.0, isolation_level=None, check_same_thread=False
+                )
         except sqlite3.Error as error:
             self._release_process_lock()
             raise describe_error(error, self.path) from error
         self.db = sqlite_utils.Database(conn)
         try:
-            self._configure()
-            self._migrate()
+            if read_only:
+                self._check_readable()
+            else:
+                self._configure()
+                self._migrate()
         except sqlite3.Error as error:
             self.close()
             raise describe_error(error, self.path) from error
@@ -166,18 +259,43 @@ class Store:
                 os.close(self._lock_file)
             self._lock_file = None
 
+    def _read_only_target(self) -> str:
+        """mode=ro; immutable when a WAL-mode file has no WAL (nothing to read from one,
+        and SQLite would otherwise create -wal/-shm files and leave them behind)."""
+        if not self.path.exists():
+            raise StorageError(f"database not found: {self.path}")
+        wal_mode = self.path.stat().st_size >= 100 and _header_field(self.path, 16) >> 8 & 0xFF == 2
+        has_wal = self.path.with_name(self.path.name + "-wal").exists()
+        return _read_only_uri(self.path, immutable=wal_mode and not has_wal)
+
+    def _check_readable(self) -> None:
+        self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"{self.path} was written by a newer KV Chat (schema {version}, this version "
+                f"reads up to {SCHEMA_VERSION}); update KV Chat or open another database"
+            )
+        if not set(self.db.table_names()) >= OUR_TABLES:
+            raise StorageError(f"{self.path} holds no chats yet")
+
     def _configure(self) -> None:
         # Reading the schema first turns "file is not a database" into an error here.
         self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()
         self.db.execute("PRAGMA foreign_keys = ON")
         if self.schema_version() == 0 and not self.db.table_names():
             # Saved states are tens of MB: 64 KiB pages make their overflow chains 16x shorter.
-            # Only possible before the first table and the switch to WAL.
+            # Only possible before the first table and the switch to WAL; so is
+            # auto_vacuum without a VACUUM.
             self.db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StorageWriteError(f"cannot use WAL journal for {self.path} (got {mode})")
         self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        # With 64 KiB pages SQLite's default (1000 pages) lets the WAL reach 64 MB.
+        self.db.execute(f"PRAGMA wal_autocheckpoint = {JOURNAL_SIZE_LIMIT // PAGE_SIZE}")
 
     def _migrate(self) -> None:
         version = self.schema_version()
@@ -192,9 +310,14 @@ class Store:
                 self.db.execute(f"PRAGMA user_version = {target + 1}")
         if version > 0:
             # The tables must exist at the version the file claims.
-            missing = {"chats", "messages"} - set(self.db.table_names())
+            missing = OUR_TABLES - set(self.db.table_names())
             if missing:
                 raise DatabaseCorrupt(f"{self.path} lacks tables {sorted(missing)}")
+        if self.db.execute("PRAGMA auto_vacuum").fetchone()[0] != AUTO_VACUUM_INCREMENTAL:
+            # A database from before incremental vacuum: switching needs a VACUUM, which
+            # cannot run inside the migration's transaction. Repeated until it succeeds.
+            self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            self.db.execute("VACUUM")
 
     def schema_version(self) -> int:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
@@ -203,9 +326,26 @@ class Store:
         if self._kv is not None:
             self._kv.close()
             self._kv = None
+        if not self.read_only:
+            # Leave a closed database in rollback-journal mode: a read-only open of it
+            # then needs no -wal/-shm files. Fails harmlessly if someone else has it open.
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("PRAGMA busy_timeout = 0")  # never wait for other readers
+                self.db.execute("PRAGMA journal_mode = DELETE")
         with contextlib.suppress(sqlite3.Error):
             self.db.conn.close()
         self._release_process_lock()
+
+    def _reclaim_space(self, *, vacuum: bool) -> None:
+        """After a large write or a delete: free pages back to the file system, WAL to 0.
+
+        Only housekeeping: the data is already committed, so a failure here is ignored.
+        """
+        with contextlib.suppress(sqlite3.Error):
+            if vacuum:
+                # executescript steps the pragma to the end; execute() frees one page.
+                self.db.conn.executescript("PRAGMA incremental_vacuum")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def __enter__(self) -> Store:
         return self
@@ -249,7 +389,7 @@ class Store:
     # -- chats ----------------------------------------------------------------------
 
     def create_chat(self, name: str, layout: str = "history-first") -> Chat:
-        name = _valid_name(name)
+        name = valid_chat_name(name)
         if layout not in tuple(Layout):
             raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(Layout)}")
         now = time.time()
@@ -272,6 +412,8 @@ class Store:
         return Chat(**rows[0])
 
     def chat_by_name(self, name: str) -> Chat | None:
+        if isinstance(storable_text(name), bytes):
+            raise ValueError("the chat name is not valid UTF-8 text")
         rows = self._rows("SELECT * FROM chats WHERE name = ?", (name,))
         return Chat(**rows[0]) if rows else None
 
@@ -309,7 +451,7 @@ class Store:
         return self.chat(chat_id)
 
     def rename_chat(self, chat_id: int, name: str) -> Chat:
-        name = _valid_name(name)
+        name = valid_chat_name(name)
         existing = self.chat_by_name(name)
         if existing is not None and existing.id != chat_id:
             raise ValueError(f"a chat named {name!r} already exists")
@@ -353,6 +495,7 @@ class Store:
     def delete_chat(self, chat_id: int) -> None:
         with self.transaction():
             self._write("DELETE FROM chats WHERE id = ?", (chat_id,))
+        self._reclaim_space(vacuum=True)
         if self._kv is not None or self.kv_path.exists():
             self.kv.delete_state(chat_id)
 
@@ -440,8 +583,14 @@ class Store:
         return Message.from_row(rows[0])
 
     def messages(self, chat_id: int) -> list[Message]:
+        """The chat's messages in order; a user message with no reply is ``unanswered``."""
         rows = self._rows("SELECT * FROM messages WHERE chat_id = ? ORDER BY seq", (chat_id,))
-        return [Message.from_row(row) for row in rows]
+        messages = [Message.from_row(row) for row in rows]
+        unanswered = unanswered_ids(messages)
+        return [
+            dataclasses.replace(m, status=MessageStatus.UNANSWERED) if m.id in unanswered else m
+            for m in messages
+        ]
 
     def set_message_tokens(self, message_id: int, token_ids: list[int], token_format: str) -> None:
         with self.transaction():

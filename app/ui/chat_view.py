@@ -7,7 +7,7 @@ chat is. Messages that left the cache (or would, in a trim preview) are greyed.
 
 from __future__ import annotations
 
-from PySide6.QtCore import QSize, Qt, QTimer
+from PySide6.QtCore import QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (
     QFrame,
@@ -67,7 +67,13 @@ def _repolish(widget: QWidget) -> None:
 
 
 class MessageBubble(QFrame):
-    """One message: role, status tags, a copy button and the rendered text."""
+    """One message: role, status tags, a copy button and the rendered text.
+
+    A user message with no reply (a kill, a full disk, a stop before the first token)
+    is tagged "unanswered"; as the chat's last message it offers Retry, which answers it.
+    """
+
+    retry_clicked = Signal()
 
     def __init__(
         self,
@@ -100,6 +106,13 @@ class MessageBubble(QFrame):
         self.tag_label.setObjectName("bubbleTag")
         header.addWidget(self.tag_label)
         header.addStretch(1)
+        self.retry_button = QPushButton("Retry")
+        self.retry_button.setObjectName("bubbleRetry")
+        self.retry_button.setToolTip("Answer this message now")
+        self.retry_button.setCursor(Qt.CursorShape.PointingHandCursor)
+        self.retry_button.clicked.connect(self.retry_clicked)
+        self.retry_button.hide()
+        header.addWidget(self.retry_button)
         self.copy_button = QPushButton("Copy")
         self.copy_button.setObjectName("bubbleCopy")
         self.copy_button.setToolTip("Copy this message as plain text")
@@ -143,7 +156,9 @@ class MessageBubble(QFrame):
 
     def _update_tags(self) -> None:
         tags = []
-        if self.status == "cancelled":
+        if self.status == "unanswered":
+            tags.append("unanswered")
+        elif self.status == "cancelled":
             tags.append("stopped")
         elif self.status == "streaming":
             tags.append("writing…")
@@ -158,12 +173,17 @@ class MessageBubble(QFrame):
     def refresh_tags(self) -> None:
         self._update_tags()
 
+    def set_retry_offered(self, offered: bool) -> None:
+        self.retry_button.setVisible(offered and self.status == "unanswered")
+
     def copy_text(self) -> None:
         QGuiApplication.clipboard().setText(self.text)
 
 
 class ChatView(QScrollArea):
     """Scrollable column of bubbles with a streaming reply at the end."""
+
+    retry_requested = Signal()  # the last message is unanswered and the user asked for a reply
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -218,7 +238,13 @@ class ChatView(QScrollArea):
                 )
             )
             bubble.set_in_cache(message.seq >= cache_start_seq)
+        self._offer_retry()
         self.scroll_to_end()
+
+    def _offer_retry(self) -> None:
+        """Retry answers the chat's last message, so only that bubble offers it."""
+        for index, bubble in enumerate(self.bubbles):
+            bubble.set_retry_offered(index == len(self.bubbles) - 1)
 
     def sync_messages(self, messages: list[Message], cache_start_seq: int) -> None:
         """Like show_messages, but keeps bubbles whose message is unchanged (cheap after a turn)."""
@@ -249,6 +275,7 @@ class ChatView(QScrollArea):
                 bubble.refresh_tags()
         if not messages:
             self._placeholder.show()
+        self._offer_retry()
         self.scroll_to_end()
 
     def mark_leaving(self, message_ids: set[int], preview: bool) -> None:
@@ -259,6 +286,9 @@ class ChatView(QScrollArea):
             bubble.set_in_cache(bubble.message_id not in message_ids, preview=preview)
 
     def _add(self, bubble: MessageBubble) -> MessageBubble:
+        bubble.retry_clicked.connect(self.retry_requested)
+        for earlier in self.bubbles:
+            earlier.set_retry_offered(False)
         self._placeholder.hide()
         self._layout.insertWidget(self._layout.count() - 1, bubble)
         self.bubbles.append(bubble)

@@ -9,6 +9,7 @@ arrives as a signal.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -233,6 +234,7 @@ class MainWindow(QMainWindow):
         self.send_button.clicked.connect(self.send)
         self.stop_button.clicked.connect(self.stop)
         self.regenerate_button.clicked.connect(self.regenerate)
+        self.chat_view.retry_requested.connect(self.regenerate)
         self.chat_list.chat_selected.connect(self.select_chat)
         self.chat_list.new_requested.connect(self.new_chat)
         self.chat_list.rename_requested.connect(self._ask_rename)
@@ -728,6 +730,8 @@ class MainWindow(QMainWindow):
         # Show the conversation without the reply that is being replaced.
         while messages and messages[-1].role == "assistant":
             messages.pop()
+        if messages and messages[-1].status == "unanswered":  # being answered now
+            messages[-1] = dataclasses.replace(messages[-1], status="complete")
         chat = self.store.chat(chat_id)
         self.chat_view.show_messages(messages, chat.cache_start_seq)
         self.chat_view.begin_reply()

@@ -1,0 +1,65 @@
+"""The accepted range of every number a user can type, checked in one place.
+
+The CLI's argparse types, the GUI's spin boxes and the session's constructors all
+use these limits, so a bad number gets the same one-line message everywhere and is
+refused before anything is written or loaded.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: llama.cpp's LLAMA_DEFAULT_SEED: given to its sampler it means "pick a random seed".
+#: Written out (not imported) so the GUI can use these limits without llama.cpp.
+LLAMA_RANDOM_SEED = 0xFFFFFFFF
+#: Seeds a user may give: 0 .. LLAMA_RANDOM_SEED - 1 are fixed; -1 asks for random.
+RANDOM_SEED = -1
+MAX_SEED = LLAMA_RANDOM_SEED - 1
+MAX_TEMPERATURE = 5.0
+MAX_TOKENS = 32_768
+MAX_TRIM_TOKENS = 1 << 24
+#: Below this no chat template fits at all; the exact minimum depends on the template
+#: and is checked when the model is loaded (see ChatSession).
+MIN_N_CTX = 32
+MAX_N_CTX = 1 << 20
+
+
+def check_temperature(value: float) -> float:
+    if not math.isfinite(value) or not 0.0 <= value <= MAX_TEMPERATURE:
+        raise ValueError(
+            f"temperature {value} is out of range: use a number from 0 (greedy) "
+            f"to {MAX_TEMPERATURE:g}"
+        )
+    return float(value)
+
+
+def check_seed(value: int) -> int:
+    if not RANDOM_SEED <= value <= MAX_SEED:
+        raise ValueError(
+            f"seed {value} is out of range: use 0 to {MAX_SEED}, or {RANDOM_SEED} for a random seed"
+        )
+    return int(value)
+
+
+def llama_seed(value: int) -> int:
+    """The seed as llama.cpp takes it: -1 becomes LLAMA_DEFAULT_SEED (random)."""
+    check_seed(value)
+    return LLAMA_RANDOM_SEED if value == RANDOM_SEED else value
+
+
+def check_count(name: str, value: int, minimum: int, maximum: int) -> int:
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} {value} is out of range: use {minimum} to {maximum}")
+    return int(value)
+
+
+def check_max_tokens(value: int) -> int:
+    return check_count("max tokens", value, 1, MAX_TOKENS)
+
+
+def check_trim_tokens(value: int) -> int:
+    return check_count("trim tokens", value, 1, MAX_TRIM_TOKENS)
+
+
+def check_n_ctx(value: int) -> int:
+    return check_count("context size", value, MIN_N_CTX, MAX_N_CTX)

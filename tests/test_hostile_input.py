@@ -1,0 +1,416 @@
+"""A hostile user at the command line: bad numbers, foreign files, copied states, full disks.
+
+Real model, real SQLite files, real subprocesses where a kill or an abort is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import GREEDY, TEST_CTX, set_state_field
+
+from app import limits
+from app.domain import MessageStatus, Role, SegmentKind
+from app.session.chat_session import ChatSession, GenerationOptions
+from app.storage import migrations
+from app.storage.kv_store import JOURNAL_LIMIT_BYTES, StateRecord
+from app.storage.store import (
+    APPLICATION_ID,
+    JOURNAL_SIZE_LIMIT,
+    NotOurDatabase,
+    StorageWriteError,
+    Store,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("crash_worker.py")
+
+
+def run_app(*args: str | bytes, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def _chat_with_state(store: Store, make_engine: Callable, name: str, *questions: str) -> int:
+    chat = store.create_chat(name)
+    engine = make_engine(store)
+    for question in questions:
+        engine.send(chat.id, question, GREEDY)
+        engine.after_reply(chat.id)
+    engine.close()
+    return chat.id
+
+
+def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def _dump(path: Path) -> list[str]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)  # creates no files
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+# -- 1. context sizes ----------------------------------------------------------------------
+
+
+def test_too_small_contexts_are_refused_before_anything_is_written(
+    tmp_path: Path, make_engine: Callable
+) -> None:
+    db = tmp_path / "ctx.db"
+    with Store(db) as store:
+        chat_id = _chat_with_state(store, make_engine, "keep", "Name a planet.")
+    kv = db.with_name("ctx.kv.db")
+    before, dump = _files(tmp_path), (_dump(db), _dump(kv))
+    tiny = run_app("chat", "--db", str(db), "--chat", "keep", "--n-ctx", "10", "hello")
+    assert tiny.returncode == 2 and "context size 10" in one_line(tiny)
+    small = run_app("chat", "--db", str(db), "--chat", "keep", "--n-ctx", "64", "hello")
+    assert small.returncode == 1, small.stderr
+    assert "context of 64 tokens" in one_line(small) and small.stdout == ""
+    assert _files(tmp_path).keys() - {"ctx.db.lock"} == before.keys()  # no -wal/-shm left
+    assert (_dump(db), _dump(kv)) == dump  # every row, the saved state's pages included
+    with Store(db) as store:
+        assert [m.role for m in store.messages(chat_id)] == [Role.USER, Role.ASSISTANT]
+        assert make_engine(store).activate(chat_id).restored  # the saved state is still there
+
+
+def test_a_context_smaller_than_the_batch_never_aborts(tmp_path: Path) -> None:
+    """llama.cpp lowers n_batch to a small n_ctx and aborts on a larger decode call."""
+    message = "Summarise: " + "the quiet river runs past the mill. " * 26  # 243-token prompt
+    done = run_app(
+        "chat", "--db", str(tmp_path / "b.db"), "--chat", "b", "--n-ctx", "240",
+        "--max-tokens", "4", "--temperature", "0", "--json", message,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-500:]
+    assert json.loads(done.stdout)["metrics"]["prefill_tokens"] > 240  # more than n_batch
+
+
+# -- 3. unreadable token ids -----------------------------------------------------------------
+
+
+def test_unreadable_token_ids_are_discarded_and_recomputed(
+    store: Store, make_engine: Callable
+) -> None:
+    chat_id = _chat_with_state(store, make_engine, "odd", "Name a colour.")
+    first_user = store.messages(chat_id)[0]
+    set_state_field(store, chat_id, "token_ids", b"\x01\x02\x03\x04\x05")
+    store.db.execute(
+        "UPDATE messages SET token_ids = x'01020304050607' WHERE id = ?", (first_user.id,)
+    )
+    engine = make_engine(store)
+    for _ in range(2):  # the chat is never blocked, on this turn or the next
+        result = engine.send(chat_id, "And another?", GREEDY)
+        assert result.reply_message_id is not None
+        engine.after_reply(chat_id)
+    notes = store.metrics(chat_id)[1].data["notes"]
+    assert any("not a multiple of 4" in note for note in notes)
+    assert any("re-tokenized from its text" in note for note in notes)
+    assert store.messages(chat_id)[0].token_ids == list(
+        engine.builder.user_segment("Name a colour.")
+    )
+    assert make_engine(store).activate(chat_id).restored  # a fresh, readable state was saved
+
+
+# -- 4. other applications' files; read-only commands ----------------------------------------
+
+
+def _foreign_database(path: Path, *, wal: bool = False) -> None:
+    conn = sqlite3.connect(path)
+    if wal:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    conn.execute("INSERT INTO invoices (total) VALUES (12.5)")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("wal", [False, True])
+def test_another_applications_database_is_never_written(tmp_path: Path, wal: bool) -> None:
+    other = tmp_path / "other.db"
+    _foreign_database(other, wal=wal)
+    before = _files(tmp_path)
+    with pytest.raises(NotOurDatabase, match="not a KV Chat database"):
+        Store(other, exclusive=True)
+    for command in ("chat", "history"):
+        done = run_app(command, "--db", str(other), "--chat", "c", *(["hi"] * (command == "chat")))
+        assert done.returncode == 1 and "not a KV Chat database" in one_line(done)
+    assert _files(tmp_path) == before  # same files, same bytes, same times
+
+
+def test_history_writes_nothing(tmp_path: Path, make_engine: Callable) -> None:
+    db = tmp_path / "ro.db"
+    with Store(db) as store:
+        _chat_with_state(store, make_engine, "read", "Hello there.")
+    conn = sqlite3.connect(db)  # a file left in WAL mode (by an older version, or a kill)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    before = _files(tmp_path)
+    done = run_app("history", "--db", str(db), "--chat", "read", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [m["role"] for m in json.loads(done.stdout)["messages"]] == ["user", "assistant"]
+    assert _files(tmp_path) == before  # no -wal/-shm/.lock, bytes and mtime unchanged
+    with Store(db, read_only=True) as store, pytest.raises(StorageWriteError, match="read-only"):
+        store.create_chat("nope")
+
+
+def test_an_old_database_of_ours_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for version, migrate in enumerate(migrations.MIGRATIONS[:2], start=1):
+        import sqlite_utils
+
+        migrate(sqlite_utils.Database(conn))
+        conn.execute(f"PRAGMA user_version = {version}")
+    conn.execute("INSERT INTO chats (name, created_at, updated_at) VALUES ('old', 0, 0)")
+    conn.close()
+    with Store(path) as store:
+        pragma = {
+            name: store.db.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("application_id", "auto_vacuum", "user_version")
+        }
+        assert pragma == {
+            "application_id": APPLICATION_ID,
+            "auto_vacuum": migrations.AUTO_VACUUM_INCREMENTAL,
+            "user_version": migrations.SCHEMA_VERSION,
+        }
+        assert store.chat_by_name("old") is not None
+
+
+# -- 5. a full disk ---------------------------------------------------------------------------
+
+
+def _fill_to_the_brim(store: Store) -> None:
+    """No page may be added and every page is packed: the next real insert fails."""
+    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+    store.db.execute(f"PRAGMA max_page_count = {pages}")
+    filler = store.chat_by_name("filler") or store.create_chat("filler")
+    for size in (60_000, 6_000, 600, 60, 6, 1):
+        while True:
+            try:
+                store.add_message(filler.id, "user", "f" * size)
+            except StorageWriteError:
+                break
+
+
+def test_a_reply_that_cannot_be_stored_leaves_the_message_unanswered_and_retry_answers_it(
+    tmp_path: Path, make_engine: Callable
+) -> None:
+    db = tmp_path / "full.db"
+    question = "What is the capital of Italy?"
+    with Store(db) as store:
+        chat = store.create_chat("full")
+        engine = make_engine(store)
+        filled: list[bool] = []
+
+        def fill_once(piece: str) -> None:
+            if not filled:
+                _fill_to_the_brim(store)
+                filled.append(True)
+
+        with pytest.raises(StorageWriteError, match="the disk is full"):
+            engine.send(chat.id, question, GREEDY, on_token=fill_once)
+        messages = store.messages(chat.id)
+        assert [(m.text, m.status) for m in messages] == [(question, MessageStatus.UNANSWERED)]
+        engine.close()
+        store.delete_chat(store.chat_by_name("filler").id)
+    done = run_app(
+        "chat", "--db", str(db), "--chat", "full", "--temperature", "0", "--max-tokens", "8",
+        question,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with Store(db) as store:
+        messages = store.messages(store.chat_by_name("full").id)
+    assert [(m.role, m.status) for m in messages] == [
+        (Role.USER, MessageStatus.COMPLETE),
+        (Role.ASSISTANT, MessageStatus.COMPLETE),
+    ]
+    assert messages[1].text == done.stdout.strip()
+
+
+def test_a_state_that_cannot_be_saved_still_reports_the_stored_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app import cli
+
+    db = tmp_path / "nostate.db"
+    opened = cli._open_store
+
+    def capped(path: str) -> Store:
+        store = opened(path)
+        pages = store.kv.conn.execute("PRAGMA page_count").fetchone()[0]
+        store.kv.conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # no room for a state
+        return store
+
+    monkeypatch.setattr(cli, "_open_store", capped)
+    code = cli.main(
+        ["chat", "--db", str(db), "--chat", "s", "--temperature", "0", "--max-tokens", "6",
+         "--n-ctx", str(TEST_CTX), "--json", "Name a fruit."]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    reply = json.loads(out)["reply"]
+    assert "the disk is full" in err and "reply was saved" in err
+    with Store(db) as store:
+        chat_id = store.chat_by_name("s").id
+        messages = store.messages(chat_id)
+        assert [m.role for m in messages] == [Role.USER, Role.ASSISTANT]
+        assert messages[1].text == reply
+        assert store.kv.state(chat_id) is None
+
+
+# -- 6. a kill after the user's message was stored ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_message_left_unanswered_by_a_kill_is_shown_so_and_kept_out_of_the_prompt(
+    tmp_path: Path, make_engine: Callable
+) -> None:
+    db = tmp_path / "kill.db"
+    worker = subprocess.Popen(
+        [sys.executable, str(WORKER), str(db), "generate"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    for line in worker.stdout:
+        if line.startswith("TOKEN"):
+            worker.send_signal(signal.SIGKILL)
+            break
+    worker.wait(timeout=60)
+    worker.stdout.close()
+    assert worker.returncode == -signal.SIGKILL
+    store = Store(db, exclusive=True)
+    try:
+        chat_id = store.chat_by_name("crash").id
+        [lost] = store.messages(chat_id)
+        assert lost.status == MessageStatus.UNANSWERED
+        engine = make_engine(store)
+        plan = engine.prompt_plan(chat_id, "Something else, then.")
+        roles = [
+            s.role for s in plan.segments if s.kind in (SegmentKind.MESSAGE, SegmentKind.PENDING)
+        ]
+        assert roles == [Role.USER]  # only the new message: never two user turns in a row
+        engine.regenerate(chat_id, GenerationOptions(max_tokens=4, temperature=0.0))  # Retry
+        assert [(m.role, m.status) for m in store.messages(chat_id)] == [
+            (Role.USER, MessageStatus.COMPLETE),
+            (Role.ASSISTANT, MessageStatus.COMPLETE),
+        ]
+    finally:
+        store.close()
+
+
+# -- 7. numbers and 8. names ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--temperature", "nan", "temperature nan is out of range"),
+        ("--temperature", "inf", "temperature inf is out of range"),
+        ("--temperature", "-1", "temperature -1.0 is out of range"),
+        ("--seed", "4294967301", "seed 4294967301 is out of range"),
+        ("--seed", "4294967295", "or -1 for a random seed"),
+        ("--seed", "-2", "seed -2 is out of range"),
+        ("--max-tokens", "0", "max tokens 0 is out of range"),
+        ("--max-tokens", "99999999", "max tokens 99999999 is out of range"),
+        ("--trim-tokens", "0", "trim tokens 0 is out of range"),
+        ("--n-ctx", "99999999", "context size 99999999 is out of range"),
+    ],
+)
+def test_bad_numbers_are_one_line_each(
+    tmp_path: Path, option: str, value: str, expected: str
+) -> None:
+    done = run_app("chat", "--db", str(tmp_path / "n.db"), "--chat", "c", f"{option}={value}", "hi")
+    assert done.returncode == 2 and expected in one_line(done)
+    assert not (tmp_path / "n.db").exists()
+
+
+def test_generation_options_refuse_what_the_sampler_would_misread() -> None:
+    for bad in ({"temperature": float("nan")}, {"temperature": -1.0}, {"seed": 2**32 + 5}):
+        with pytest.raises(ValueError, match="out of range"):
+            GenerationOptions(**bad)
+    assert limits.llama_seed(-1) == 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: random
+    assert limits.llama_seed(5) == 5
+
+
+def test_llama_default_seed_is_the_random_one() -> None:
+    import llama_cpp
+
+    assert limits.LLAMA_RANDOM_SEED == llama_cpp.LLAMA_DEFAULT_SEED
+
+
+def test_a_random_seed_gives_varying_replies(engine: ChatSession, store: Store) -> None:
+    chat = store.create_chat("random")
+    options = GenerationOptions(max_tokens=12, temperature=1.5, seed=limits.RANDOM_SEED)
+    replies = {
+        engine.regenerate(chat.id, options).reply
+        if i
+        else engine.send(chat.id, "Say any word.", options).reply
+        for i in range(4)
+    }
+    assert len(replies) > 1
+
+
+def test_a_chat_name_that_is_not_utf8_is_named_as_the_problem(tmp_path: Path) -> None:
+    for command in (["chat"], ["history"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "app", *command, "--db", str(tmp_path / "u.db"),
+             "--chat", b"caf\xe9\xff", *(["hi"] if command == ["chat"] else [])],
+            capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 1
+        assert "the chat name is not valid UTF-8 text" in one_line(done)
+
+
+# -- 9. growth ----------------------------------------------------------------------------------
+
+
+def test_deleting_a_chat_with_a_large_state_shrinks_the_files_and_bounds_the_wal(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "grow.db"
+    payload = os.urandom(30_000_000)
+    with Store(path) as store:
+        keep = store.create_chat("keep")
+        store.add_message(keep.id, "user", "still here")
+        big = store.create_chat("big")
+        for index in range(60):  # 6 MB of messages in the chats database
+            store.add_message(big.id, "user", f"{index} " + "x" * 100_000)
+        record = StateRecord(big.id, 2, {"model": "m"}, 0, [], [1, 2, 3], whole=True)
+        store.kv.save_state(record, whole=payload)  # a 30 MB state in the page store
+        kv_path, wal, kv_wal = store.kv_path, Path(f"{path}-wal"), Path(f"{store.kv_path}-wal")
+        assert path.stat().st_size + wal.stat().st_size > 6_000_000
+        assert wal.stat().st_size < 2 * JOURNAL_SIZE_LIMIT  # checkpointed as it grows
+        assert kv_path.stat().st_size > len(payload)
+        assert kv_wal.stat().st_size <= JOURNAL_LIMIT_BYTES  # checkpointed after the write
+        store.delete_chat(big.id)
+        assert path.stat().st_size < 1_000_000 and kv_path.stat().st_size < 1_000_000
+        assert wal.stat().st_size <= JOURNAL_SIZE_LIMIT
+        assert kv_wal.stat().st_size <= JOURNAL_LIMIT_BYTES
+        assert store.db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert [m.text for m in store.messages(keep.id)] == ["still here"]
