@@ -10,13 +10,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from app.arguments import positive_int
 from app.core.models import ModelFileError
 from app.domain import KVType, Layout, TrimMode
 from app.session.chat_session import ChatSession, GenerationOptions, SessionError
 from app.storage.store import StorageError, Store
+
+if TYPE_CHECKING:
+    from app.remote.session import RemoteChatSession
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -75,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--trim-mode", choices=list(TrimMode), help="how trimmed turns leave the cache"
     )
+    chat.add_argument(
+        "--server",
+        metavar="URL",
+        help="OpenAI-compatible server base URL, e.g. http://127.0.0.1:8080/v1 "
+        "(API key from KVCHAT_API_KEY or the OS keyring)",
+    )
+    chat.add_argument("--server-model", metavar="NAME", help="model name on the server")
     chat.add_argument("--json", action="store_true", help="print one JSON object")
     chat.add_argument("message", help="the user's message ('-' reads standard input)")
 
@@ -96,6 +106,21 @@ def _open_store(path: str) -> Store:
     if db_path.parent and not db_path.parent.exists():
         raise CliError(f"folder does not exist: {db_path.parent}")
     return Store(db_path, exclusive=True)
+
+
+def _open_session(args: argparse.Namespace, store: Store) -> ChatSession | RemoteChatSession:
+    """The local engine, or the server's with ``--server`` (the same interface)."""
+    if not args.server:
+        if args.server_model:
+            raise CliError("--server-model needs --server")
+        return ChatSession(store, args.model, n_ctx=args.n_ctx, kv_type=args.kv_type)
+    if args.model or args.n_ctx:
+        raise CliError("--model and --n-ctx are for the local engine; the server has its model")
+    if args.trim_tokens is not None or args.trim_mode is not None:
+        raise CliError("--trim-tokens and --trim-mode are not available with --server yet")
+    from app.remote.session import RemoteChatSession  # local: httpx only when used
+
+    return RemoteChatSession(store, args.server, args.server_model)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -120,7 +145,7 @@ def run_chat(args: argparse.Namespace) -> int:
             text = instructions if instructions is not None else (current.text if current else "")
             if current is None or current.text != text or current.variables != variables:
                 store.add_instruction_version(chat.id, text, variables)
-        engine = ChatSession(store, args.model, n_ctx=args.n_ctx, kv_type=args.kv_type)
+        engine = _open_session(args, store)
         try:
             if args.trim_tokens is not None or args.trim_mode is not None:
                 engine.activate(chat.id)

@@ -51,12 +51,14 @@ __all__ = [
     "BACKGROUND_CHUNK",
     "IDLE_STEPS",
     "CacheView",
+    "ChatContext",
     "ChatSession",
     "ContextOverflowError",
     "GenerationOptions",
     "SessionError",
     "StateLoad",
     "StepResult",
+    "TokenCallback",
     "TrimPreview",
     "Turn",
     "TurnResult",
@@ -147,6 +149,10 @@ class _ChatContext:
     @property
     def cached_messages(self) -> list[Message]:
         return [m for m in self.messages if m.seq >= self.chat.cache_start_seq]
+
+
+#: Public name for other sessions that run the same turn pipeline (e.g. on a server).
+ChatContext = _ChatContext
 
 
 def _turns(messages: list[Message]) -> list[list[Message]]:
