@@ -50,8 +50,11 @@ def free_port() -> int:
 class LlamaServer:
     """One llama-server process with slot saving; ``restart`` keeps the port and slot files."""
 
-    def __init__(self, binary: Path, model: Path, slot_dir: Path, log: Path) -> None:
+    def __init__(
+        self, binary: Path, model: Path, slot_dir: Path, log: Path, n_ctx: int = SERVER_CTX
+    ) -> None:
         self.binary = binary
+        self.n_ctx = n_ctx
         self.model = model
         self.slot_dir = slot_dir
         self.log = log
@@ -72,7 +75,7 @@ class LlamaServer:
             "--model", str(self.model),
             "--host", "127.0.0.1",
             "--port", str(self.port),
-            "--ctx-size", str(SERVER_CTX),
+            "--ctx-size", str(self.n_ctx),
             "--parallel", "1",  # one slot: chats share it, so switching saves and restores
             "--cache-ram", "0",  # no host-memory prompt cache: the slot alone is measured
             "--slot-save-path", f"{self.slot_dir}/",
