@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from llama_server import LlamaServer, free_port, llama_server_binary
 
 from app.core.models import default_model_path
 from app.domain import FinishReason, Layout, MessageStatus, Role
@@ -24,7 +25,6 @@ from app.remote.client import ServerError
 from app.remote.session import RemoteChatSession
 from app.session.chat_session import IDLE_STEPS, GenerationOptions
 from app.storage.store import Store
-from tests.llama_server import LlamaServer, free_port, llama_server_binary
 
 GREEDY = GenerationOptions(max_tokens=12, temperature=0.0, seed=0)
 #: Chat markup around a new message as the server's template writes it (SmolLM2's
@@ -280,3 +280,39 @@ def test_a_stream_dropped_mid_reply_stores_the_partial_reply_as_cancelled(
     (row,) = store.metrics(chat_id)
     assert row.data["finish_reason"] == FinishReason.CANCELLED
     assert row.data["engine"] == "server"
+
+
+# -- the window ---------------------------------------------------------------------------
+
+
+@pytest.mark.gui
+def test_window_connects_to_the_server_and_back_keeping_the_chat(
+    qtbot, server: LlamaServer, db_path: Path, tmp_path: Path
+) -> None:
+    from gui_helpers import close_window, open_window, send_turn, temp_settings
+
+    window = open_window(qtbot, db_path, temp_settings(tmp_path))
+    try:
+        dialog = window.ask_server()
+        dialog.url_edit.setText(server.base_url)
+        dialog.test_button.click()
+        qtbot.waitUntil(lambda: dialog.test_button.isEnabled(), timeout=30_000)
+        assert dialog.result_label.text().startswith("Connected. llama-server: SmolLM2")
+        assert "slot save/restore" in dialog.result_label.text()
+        with qtbot.waitSignal(window.model_ready, timeout=30_000):
+            dialog.accept()
+        assert window.model_status_label.text().startswith(f"Connected to {server.base_url}")
+        on_server, background = send_turn(qtbot, window, "Name a fruit.")
+        assert on_server.reply and background is not None and background.completed
+
+        with qtbot.waitSignal(window.model_ready, timeout=120_000):
+            window.load_model(None)  # back to the embedded model
+        assert not window.model_status_label.text().startswith("Connected")
+        local, _ = send_turn(qtbot, window, "Name a colour.")
+        chat_id = window.current_chat_id
+        texts = [m.text for m in window.store.messages(chat_id)]
+        assert texts == ["Name a fruit.", on_server.reply, "Name a colour.", local.reply]
+        engines = [row.data["engine"] for row in window.store.metrics(chat_id)]
+        assert engines == ["server", "local"]
+    finally:
+        close_window(window)
