@@ -156,7 +156,11 @@ def run_chat(args: argparse.Namespace) -> int:
                 )
             options = GenerationOptions(args.max_tokens, args.temperature, args.seed)
             result = engine.send(chat.id, message, options)
-            metrics = engine.after_reply(chat.id) or result.metrics
+            try:
+                metrics = engine.after_reply(chat.id) or result.metrics
+            except SessionError as error:  # e.g. the server went away after the reply
+                print(f"kvchat: warning: the reply is stored, but {error}", file=sys.stderr)
+                metrics = result.metrics
         finally:
             engine.close()
     if args.json:

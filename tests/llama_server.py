@@ -51,9 +51,16 @@ class LlamaServer:
     """One llama-server process with slot saving; ``restart`` keeps the port and slot files."""
 
     def __init__(
-        self, binary: Path, model: Path, slot_dir: Path, log: Path, n_ctx: int = SERVER_CTX
+        self,
+        binary: Path,
+        model: Path,
+        slot_dir: Path,
+        log: Path,
+        n_ctx: int = SERVER_CTX,
+        parallel: int = 1,
     ) -> None:
         self.binary = binary
+        self.parallel = parallel
         self.n_ctx = n_ctx
         self.model = model
         self.slot_dir = slot_dir
@@ -75,8 +82,8 @@ class LlamaServer:
             "--model", str(self.model),
             "--host", "127.0.0.1",
             "--port", str(self.port),
-            "--ctx-size", str(self.n_ctx),
-            "--parallel", "1",  # one slot: chats share it, so switching saves and restores
+            "--ctx-size", str(self.n_ctx * self.parallel),  # split among the slots
+            "--parallel", str(self.parallel),  # 1: chats share the slot, switching restores
             "--cache-ram", "0",  # no host-memory prompt cache: the slot alone is measured
             "--slot-save-path", f"{self.slot_dir}/",
             "--threads", "2",

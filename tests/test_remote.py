@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from llama_server import LlamaServer, free_port, llama_server_binary
 
+from app.bench.config import HISTORY_FIRST_WARM, NAIVE, REOPEN, BenchConfig
+from app.bench.strategies import run_benchmark
 from app.core.models import default_model_path
 from app.domain import FinishReason, Layout, MessageStatus, Role
 from app.remote.client import ServerError
@@ -157,6 +159,30 @@ def test_cli_chat_prints_the_servers_figures(server: LlamaServer, tmp_path: Path
     assert payload["reply"]
 
 
+def test_bench_plays_the_strategies_on_the_server(tmp_path: Path) -> None:
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    three = LlamaServer(
+        llama_server_binary(), default_model_path(), slots, tmp_path / "log", parallel=3
+    )
+    three.start()
+    try:
+        config = BenchConfig(
+            history_tokens=300, instruction_tokens=80, message_tokens=20, turns=2, max_tokens=4,
+            strategies=(NAIVE, HISTORY_FIRST_WARM, REOPEN), server_url=three.base_url,
+        )  # fmt: skip
+        report = run_benchmark(config)
+    finally:
+        three.stop()
+    assert report.model["kv_type"] == "server" and not report.cancelled
+    naive, warm, reopen = (report.summaries[name] for name in (NAIVE, HISTORY_FIRST_WARM, REOPEN))
+    assert naive.prompt_tokens is not None and naive.prompt_tokens > 300
+    assert naive.prefill_tokens == naive.prompt_tokens  # its slot was erased before each turn
+    assert warm.prefill_tokens is not None and warm.prefill_tokens <= 20 + MARKUP
+    assert reopen.state_load_ms is not None  # the slot file restored before each turn
+    assert reopen.prefill_tokens is not None and reopen.prefill_tokens <= 20 + MARKUP
+
+
 # -- failures -------------------------------------------------------------------------
 
 
@@ -166,10 +192,19 @@ def _one_line(error: pytest.ExceptionInfo[ServerError]) -> str:
     return text
 
 
-def test_a_server_that_is_down_is_one_line(store: Store) -> None:
+def test_a_server_that_is_down_is_one_line(store: Store, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ServerError) as error:
-        RemoteChatSession(store, f"http://127.0.0.1:{free_port()}/v1")
+        RemoteChatSession(store, url)
     assert "cannot connect to http://127.0.0.1:" in _one_line(error)
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "chat", "--db", str(tmp_path / "cli.db"), "--chat", "x",
+         "--server", url, "Hello"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(f"kvchat: error: cannot connect to {url}")
+    assert done.stderr.count("\n") == 1
 
 
 def test_a_wrong_url_and_an_unknown_model_are_one_line(server: LlamaServer, store: Store) -> None:

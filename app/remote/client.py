@@ -264,7 +264,7 @@ class ServerClient:
         return len(tokens) if isinstance(tokens, list) else None
 
     def slot_action(self, slot: int, action: str, filename: str) -> dict[str, Any]:
-        """llama-server ``/slots/{id}?action=save|restore`` with a file name on the server."""
+        """llama-server ``/slots/{id}?action=save|restore|erase`` (a file name on the server)."""
         data = self._request(
             "POST",
             f"{self.root}/slots/{slot}",
@@ -284,6 +284,7 @@ class ServerClient:
         temperature: float = 0.7,
         seed: int | None = None,
         slot: int | None = None,
+        reuse: bool = True,
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> ChatCompletion:
@@ -303,7 +304,7 @@ class ServerClient:
         if seed is not None:
             body["seed"] = seed
         if self.info is not None and self.info.kind == "llama-server":
-            body["cache_prompt"] = True
+            body["cache_prompt"] = reuse
             if slot is not None:
                 body["id_slot"] = slot
         result = ChatCompletion()

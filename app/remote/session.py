@@ -105,6 +105,7 @@ class RemoteChatSession:
         identity = f"{store.path.resolve()}|{self.info.model}|{self.info.build}"
         self._file_key = hashlib.sha1(identity.encode()).hexdigest()[:12]
         self._current_work: Turn | Upkeep | None = None
+        self._skip_cache_once = False
 
     # -- facts ------------------------------------------------------------------------
 
@@ -202,6 +203,12 @@ class RemoteChatSession:
         return saved
 
     def drop_cache(self) -> None:
+        """Empty this session's slots on the server: the next turn recomputes everything."""
+        for slot in self.slots:
+            if self.info.slot_save:
+                self.client.slot_action(slot, "erase", "")
+            else:
+                self._skip_cache_once = True  # cannot erase: ask for no reuse instead
         self.slots.clear()
 
     def forget_chat(self, chat_id: int) -> None:
@@ -276,8 +283,11 @@ class RemoteChatSession:
                 context, with_block=True, pending=pending, exclude=exclude
             )
             try:
+                reuse = not self._skip_cache_once
+                self._skip_cache_once = False
                 return self.client.chat(
                     messages,
+                    reuse=reuse,
                     max_tokens=max_tokens,
                     temperature=options.temperature,
                     seed=options.seed,
@@ -507,7 +517,7 @@ class RemoteChatSession:
         self.activate(context.chat.id)
         if cancel is not None and cancel.is_set():
             return StepResult(Step.WARM_UP, completed=False)
-        if not context.block_text and context.cached_messages:
+        if not context.block_text:
             return StepResult(Step.WARM_UP)  # the slot already ends with the reply
         started = time.perf_counter()
         options = GenerationOptions(max_tokens=1, temperature=0.0, seed=0)
