@@ -66,3 +66,25 @@ def make_engine(model_path: Path) -> Iterator:
     yield factory
     for instance in made:
         instance.close()
+
+
+# -- damaging saved states on purpose (what a crash, a bad disk or a hostile user does) ----
+
+
+def set_state_field(store: Store, chat_id: int, column: str, value: object) -> None:
+    """Overwrite one column of a chat's saved-state row in the KV store."""
+    assert column in {"fingerprint", "token_ids", "checksum", "format_version", "formats"}
+    with store.kv.transaction():
+        store.kv.conn.execute(f"UPDATE states SET {column} = ? WHERE chat_id = ?", (value, chat_id))
+
+
+def flip_page_byte(store: Store, chat_id: int, page_index: int) -> None:
+    """Flip one byte in the middle of a page the chat's saved state lists."""
+    digest = store.kv.state(chat_id).page_hashes[page_index]
+    query = "SELECT payload FROM pages WHERE hash = ?"
+    (payload,) = store.kv.conn.execute(query, (digest,)).fetchone()
+    damaged = bytearray(payload)
+    damaged[len(damaged) // 2] ^= 0xFF
+    with store.kv.transaction():
+        update = "UPDATE pages SET payload = ? WHERE hash = ?"
+        store.kv.conn.execute(update, (bytes(damaged), digest))

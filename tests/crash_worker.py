@@ -40,14 +40,15 @@ def main() -> None:
         engine.send(chat.id, LONG_MESSAGE, GenerationOptions(max_tokens=8, temperature=0.0))
         engine.after_reply(chat.id)
         print("SAVED-ONE", flush=True)
-        original = store.save_state
+        original = store.kv.save_state
 
-        def announced(state) -> None:
+        def announced(*args, **kwargs) -> int:
             print("SAVING", flush=True)
-            original(state)
+            written = original(*args, **kwargs)
             print("SAVED", flush=True)
+            return written
 
-        store.save_state = announced  # type: ignore[method-assign]
+        store.kv.save_state = announced  # type: ignore[method-assign]
         for index in range(50):
             engine.send(chat.id, f"Short question {index}?", GenerationOptions(8, 0.0))
             engine.after_reply(chat.id)

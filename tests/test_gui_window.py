@@ -286,7 +286,7 @@ def test_chat_list_new_rename_search_delete(qtbot, window: MainWindow) -> None:
         window.delete_chat(second)
     with Store(window.db_path) as check:
         assert [c.id for c in check.chats()] == [first]
-        assert check.load_state(second) is None
+        assert check.kv.state(second) is None
     assert window.current_chat_id == first
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def _assert_consistent(db: Path, must_hold: list[str], make_engine: Callable) ->
         texts = [m.text for m in store.messages(chat.id)]
         for text in must_hold:
             assert text in texts
-        had_state = store.load_state(chat.id) is not None
+        had_state = store.kv.state(chat.id) is not None
         load = make_engine(store).activate(chat.id)
         # The previous valid state, or none: never a torn one that has to be rejected.
         assert load.rejected is None
@@ -108,33 +109,50 @@ def _chat_with_state(store: Store, make_engine: Callable) -> int:
     return chat.id
 
 
-def _replace_state(store: Store, chat_id: int, **changes: object) -> None:
-    saved = store.load_state(chat_id)
-    store.save_state(type(saved)(**{**saved.__dict__, **changes}))
-
-
-@pytest.mark.parametrize("damage", ["truncated", "truncated-with-checksum", "foreign-bytes"])
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated-page", "flipped-with-fixed-checksum", "foreign-token-ids", "foreign-pages"],
+)
 def test_damaged_state_is_rejected_and_the_reply_is_unchanged(
     store: Store, make_engine: Callable, damage: str
 ) -> None:
-    import os
-    import zlib
-
     chat_id = _chat_with_state(store, make_engine)
+    other = store.create_chat("other topic")
+    donor = make_engine(store)
+    donor.send(other.id, "Describe the ocean at night in detail.", GREEDY)
+    donor.after_reply(other.id)
+    donor.close()
     clean = make_engine(store)
     expected = clean.send(chat_id, "Name a river.", GREEDY).reply
     clean.regenerate(chat_id, GREEDY)
     clean.after_reply(chat_id)
     clean.close()
-    state = store.load_state(chat_id).state
-    if damage == "truncated":
-        _replace_state(store, chat_id, state=state[: len(state) // 3])
-    elif damage == "truncated-with-checksum":
-        short = state[: len(state) // 3]
-        _replace_state(store, chat_id, state=short, checksum=zlib.crc32(short))
-    else:
-        noise = os.urandom(len(state))
-        _replace_state(store, chat_id, state=noise, checksum=zlib.crc32(noise))
+    kv = store.kv
+    first_page = kv.state(chat_id).page_hashes[0]
+    query = "SELECT payload FROM pages WHERE hash = ?"
+    (payload,) = kv.conn.execute(query, (first_page,)).fetchone()
+    with kv.transaction():
+        if damage == "truncated-page":
+            short = payload[: len(payload) // 3]
+            kv.conn.execute("UPDATE pages SET payload = ? WHERE hash = ?", (short, first_page))
+        elif damage == "flipped-with-fixed-checksum":
+            flipped = bytearray(payload)
+            flipped[len(flipped) // 2] ^= 0xFF
+            kv.conn.execute(  # a CRC-32 fixed up to match, as a careful editor would
+                "UPDATE pages SET payload = ?, digest = ? WHERE hash = ?",
+                (bytes(flipped), zlib.crc32(flipped).to_bytes(16, "little"), first_page),
+            )
+        elif damage == "foreign-token-ids":  # another chat's token ids over this chat's pages
+            (tokens,) = kv.conn.execute(
+                "SELECT token_ids FROM states WHERE chat_id = ?", (other.id,)
+            ).fetchone()
+            kv.conn.execute("UPDATE states SET token_ids = ? WHERE chat_id = ?", (tokens, chat_id))
+        else:  # another chat's page list (same shape) under this chat's token ids
+            kv.conn.execute("DELETE FROM state_pages WHERE chat_id = ?", (chat_id,))
+            kv.conn.execute(
+                "INSERT INTO state_pages SELECT ?, idx, hash FROM state_pages WHERE chat_id = ?",
+                (chat_id, other.id),
+            )
     engine = make_engine(store)
     result = engine.regenerate(chat_id, GREEDY)
     assert result.metrics.state_rejected

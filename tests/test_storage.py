@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.storage import migrations
-from app.storage.records import SavedState
+from app.storage.kv_store import StateRecord, StoredPage
 from app.storage.store import (
     DatabaseCorrupt,
     DatabaseInUse,
@@ -23,8 +23,17 @@ from app.storage.store import (
 )
 
 
-def _state(chat_id: int, payload: bytes) -> SavedState:
-    return SavedState(chat_id, 1, {"model": "m"}, [1, 2, 3], payload, 0)
+def _save_state(store: Store, chat_id: int, payload: bytes) -> int:
+    """A one-page state in the KV store; returns the bytes written."""
+    digest = payload[:16].ljust(16, b"\0")
+    record = StateRecord(chat_id, 2, {"model": "m"}, 0, [None], [1, 2, 3], [digest])
+    return store.kv.save_state(record, [StoredPage(digest, 0, 0, 3, payload)])
+
+
+def _state_payload(store: Store, chat_id: int) -> bytes | None:
+    record = store.kv.state(chat_id)
+    pages = store.kv.read_pages(record.page_hashes) if record else []
+    return pages[0].payload if pages else None
 
 
 def test_fresh_database_is_versioned_wal_with_foreign_keys(store: Store) -> None:
@@ -122,10 +131,12 @@ def test_deleting_a_chat_removes_its_messages_state_and_metrics(store: Store) ->
     chat = store.create_chat("gone")
     store.add_message(chat.id, "user", "hi")
     store.add_metrics(chat.id, None, {"x": 1})
-    store.save_state(_state(chat.id, b"abc"))
+    _save_state(store, chat.id, b"abc")
     store.delete_chat(chat.id)
-    for table in ("messages", "saved_states", "turn_metrics", "instruction_versions"):
+    for table in ("messages", "turn_metrics", "instruction_versions"):
         assert store.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+    for table in ("states", "state_pages", "pages"):
+        assert store.kv.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
 
 
 @pytest.mark.parametrize(
@@ -160,14 +171,15 @@ def test_bad_chat_names_are_refused(store: Store) -> None:
 def test_disk_full_keeps_the_previous_state_and_messages(store: Store) -> None:
     chat = store.create_chat("full")
     store.add_message(chat.id, "user", "before")
-    store.save_state(_state(chat.id, b"old state"))
-    pages = store.db.execute("PRAGMA page_count").fetchone()[0]
-    store.db.execute(f"PRAGMA max_page_count = {pages + 2}")  # SQLite's real SQLITE_FULL path
+    _save_state(store, chat.id, b"old state")
+    for conn in (store.db.conn, store.kv.conn):  # SQLite's real SQLITE_FULL path
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 2}")
     with pytest.raises(StorageWriteError, match="disk is full"):
-        store.save_state(_state(chat.id, os.urandom(2_000_000)))
+        _save_state(store, chat.id, os.urandom(2_000_000))
     with pytest.raises(StorageWriteError, match="disk is full"):
-        store.add_message(chat.id, "user", "y" * 200_000)
-    assert store.load_state(chat.id).state == b"old state"
+        store.add_message(chat.id, "user", "y" * 2_000_000)
+    assert _state_payload(store, chat.id) == b"old state"
     assert [m.text for m in store.messages(chat.id)] == ["before"]
     assert store.db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
 

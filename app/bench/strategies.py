@@ -60,7 +60,6 @@ background steps included); ``on_status(str)`` reports set-up progress; setting
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 import threading
@@ -275,9 +274,7 @@ def _run(
             continue
         session = runner.session
         if runner.commits and donor is not None:
-            saved = store.load_state(donor.chat_id)
-            if saved is not None:
-                store.save_state(dataclasses.replace(saved, chat_id=runner.chat_id))
+            store.kv.copy_state(donor.chat_id, runner.chat_id)  # shares its pages
             session.activate(runner.chat_id)
         status(f"prefilling the history of {name} (untimed)")
         if isinstance(session, RemoteChatSession):  # its commit is part of the warm-up

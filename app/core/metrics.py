@@ -35,6 +35,7 @@ class TurnMetrics:
     warmup_ms: float = 0.0
     cache_tokens: int = 0
     state_bytes: int = 0
+    state_bytes_written: int = 0  # new pages only: what this turn's save cost on disk
     state_save_ms: float | None = None
     state_load_ms: float | None = None
     state_rejected: str | None = None

@@ -330,6 +330,7 @@ class Turn(_IdleWork):
             return
         metrics = self.result.metrics
         metrics.state_bytes = save.bytes
+        metrics.state_bytes_written = save.written
         metrics.state_save_ms = save.ms
         metrics.cache_tokens = len(self.session.mirror)
         self.session.store.update_metrics(self.result.metrics_id, metrics.as_dict())
@@ -360,7 +361,7 @@ class ChatSession:
         model_identity = model_file_identity(self.backend.path)
         self.token_format = f"{model_identity}|{self.markup.markup_hash}"
         self.states = SavedStates(
-            store,
+            store.kv,
             self.mirror,
             {
                 "model": model_identity,
@@ -400,23 +401,28 @@ class ChatSession:
     def has_unsaved_cache(self) -> bool:
         return self.cache_chat_id is not None and self.mirror.changed
 
-    def fingerprint(self, layout: str) -> dict[str, object]:
-        return self.states.fingerprint(layout)
+    def fingerprint(self) -> dict[str, object]:
+        return self.states.fingerprint()
 
     def close(self) -> None:
         self.backend.close()
 
     # -- chats and saved states -------------------------------------------------------
 
-    def activate(self, chat_id: int) -> StateLoad:
-        """Make ``chat_id`` the cache's chat, restoring its saved state if it is valid."""
+    def activate(self, chat_id: int, context: _ChatContext | None = None) -> StateLoad:
+        """Make ``chat_id`` the cache's chat, restoring its saved state if it is valid.
+
+        A chat with no state of its own restores the pages it shares with another chat
+        (a fork): those of the prompt ``context`` says it will want.
+        """
         if self.cache_chat_id == chat_id:
             return StateLoad(restored=False, tokens=len(self.mirror))
         self.save_if_changed()
         self.mirror.reset()
         self.mirror.mark_saved()
         self.cache_chat_id = chat_id
-        load = self.states.restore(chat_id, self.store.chat(chat_id).layout)
+        hint = self._plan(context, with_block=True).tokens if context is not None else []
+        load = self.states.restore(chat_id, hint)
         if load.restored and load.tokens:
             self.bytes_per_token = load.bytes / load.tokens
         return load
@@ -425,7 +431,7 @@ class ChatSession:
         """Persist the cache of ``chat_id`` with its token ids."""
         if self.cache_chat_id != chat_id:
             raise SessionError("the cache does not hold this chat")
-        save = self.states.save(chat_id, self.store.chat(chat_id).layout)
+        save = self.states.save(chat_id)
         if save.bytes and len(self.mirror):
             self.bytes_per_token = save.bytes / len(self.mirror)
         return save
@@ -668,8 +674,8 @@ class ChatSession:
         started = time.perf_counter()
         if text is not None and not text.strip():
             raise SessionError("the message is empty")
-        load = self.activate(chat_id)
         context = self._load_context(chat_id)
+        load = self.activate(chat_id, context)
         options = options or GenerationOptions()
         if text is None:
             while context.messages and context.messages[-1].role == Role.ASSISTANT:
@@ -790,6 +796,8 @@ class ChatSession:
         )
         if load.rejected:
             metrics.notes.append(f"saved state discarded: {load.rejected}")
+        if load.note:
+            metrics.notes.append(load.note)
         try:
             synced: SyncResult = self.mirror.sync(
                 prompt, need_logits=True, cancel=cancel, progress=progress
@@ -932,7 +940,7 @@ class ChatSession:
         if self.cache_chat_id == chat_id:
             held = self.mirror.tokens
         else:
-            held = tuple(self.store.saved_token_ids(chat_id))
+            held = tuple(self.states.held_token_ids(chat_id))
         cost = len(target) - common_prefix_length(held, target)
         return cost, self._seconds_for(cost)
 

@@ -1,24 +1,41 @@
-"""Saved-state policy: what a chat's saved KV cache must match before it is reused.
+"""Saved-state policy: how a chat's KV cache is saved as pages, and when one may be reused.
 
 A state is worth restoring only if it was computed by the same model file, with the
-same context size, KV type, chat markup, layout and llama.cpp state format; any
-difference would make reused cells disagree with a fresh evaluation. The CRC-32
-catches truncated or flipped bytes; llama.cpp's own checks and the cell count catch
-the rest. A rejected state is deleted, and the reason goes into the turn's metrics.
+same context size, KV type, chat markup and llama.cpp; any difference would make reused
+cells disagree with a fresh evaluation. Pages are addressed by a hash chain over that
+fingerprint, the token ids and their positions, so a page can only ever be restored
+under the tokens it was computed for: a state row copied from another chat, or a page
+with flipped bytes, is rejected (the chain or the page's CRC-32 disagrees) and the
+history is recomputed, with the reason in the turn's metrics.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from app.core.kv_mirror import KVMirror
 from app.core.llama_backend import llama_cpp_version
-from app.storage.records import SavedState
-from app.storage.store import Store
+from app.core.state_pages import (
+    PAGE_FORMAT_VERSION,
+    PAGE_TOKENS,
+    CacheFormat,
+    Page,
+    join_pages,
+    page_positions,
+    parse_state,
+    split_pages,
+)
+from app.storage.kv_store import KVStore, StateRecord, StoredPage
 
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2  # 1: whole blobs in the chats database; 2: pages in the KV store
 
 
 @dataclass(frozen=True)
@@ -30,82 +47,243 @@ class StateLoad:
     ms: float | None = None
     rejected: str | None = None
     bytes: int = 0
+    note: str | None = None  # e.g. a prefix restored because later pages were evicted
 
 
 @dataclass(frozen=True)
 class StateSave:
-    bytes: int
+    bytes: int  # size of the state
     ms: float
+    written: int = 0  # bytes actually written: new pages only
+
+
+def _digest(*parts: bytes) -> bytes:
+    return hashlib.blake2b(b"".join(parts), digest_size=16).digest()
+
+
+def _tokens_bytes(tokens: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(tokens)}i", *tokens)
 
 
 class SavedStates:
-    """Saves and restores one model's KV cache for any chat of one store."""
+    """Saves and restores one model's KV cache for any chat, as pages in a KV store."""
 
-    def __init__(self, store: Store, mirror: KVMirror, identity: dict[str, object]) -> None:
-        self.store = store
+    def __init__(
+        self,
+        kv: KVStore,
+        mirror: KVMirror,
+        identity: dict[str, object],
+        page_tokens: int = PAGE_TOKENS,
+    ) -> None:
+        self.kv = kv
         self.mirror = mirror
         self._identity = identity
+        self.page_tokens = page_tokens
+        self._root = _digest(json.dumps(self.fingerprint(), sort_keys=True).encode())
 
-    def fingerprint(self, layout: str) -> dict[str, object]:
+    def fingerprint(self) -> dict[str, object]:
         """Everything that changes the KV values of the same token ids."""
         return {
             "format": STATE_FORMAT_VERSION,
+            "pages": PAGE_FORMAT_VERSION,
+            "page_tokens": self.page_tokens,
             **self._identity,
-            "layout": str(layout),
             "llama_cpp": llama_cpp_version(),
         }
 
-    def reject_reason(self, saved: SavedState, layout: str) -> str | None:
-        if saved.format_version != STATE_FORMAT_VERSION:
-            return f"saved-state format {saved.format_version} is not {STATE_FORMAT_VERSION}"
-        expected = self.fingerprint(layout)
+    # -- the hash chain ---------------------------------------------------------------
+
+    def _chain(self, tokens: Sequence[int], bounds: Sequence[tuple[int, int]]) -> list[bytes]:
+        hashes, parent = [], self._root
+        for first, count in bounds:
+            span = _tokens_bytes(tokens[first : first + count])
+            parent = _digest(parent, struct.pack("<Bii", 0, first, count), span)
+            hashes.append(parent)
+        return hashes
+
+    def _tail_hash(self, parent: bytes, tokens: Sequence[int], positions: Sequence[int]) -> bytes:
+        held = [tokens[p] for p in positions]
+        return _digest(parent, b"\x01", _tokens_bytes(list(positions)), _tokens_bytes(held))
+
+    def _bounds(self, length: int) -> list[tuple[int, int]]:
+        size = self.page_tokens
+        return [(first, min(size, length - first)) for first in range(0, length, size)]
+
+    # -- checks -----------------------------------------------------------------------
+
+    def reject_reason(self, record: StateRecord) -> str | None:
+        if record.format_version != STATE_FORMAT_VERSION:
+            return f"saved-state format {record.format_version} is not {STATE_FORMAT_VERSION}"
+        expected = self.fingerprint()
         differences = [
-            f"{key} {saved.fingerprint.get(key)!r} != {value!r}"
+            f"{key} {record.fingerprint.get(key)!r} != {value!r}"
             for key, value in expected.items()
-            if saved.fingerprint.get(key) != value
+            if record.fingerprint.get(key) != value
         ]
         if differences:
             return "saved with different settings: " + "; ".join(differences)
-        if zlib.crc32(saved.state) != saved.checksum:
-            return "checksum mismatch: the saved state is truncated or corrupt"
         return None
 
-    def restore(self, chat_id: int, layout: str) -> StateLoad:
-        """Load the chat's saved state into the (already emptied) cache, if it is valid."""
+    # -- restore ----------------------------------------------------------------------
+
+    def restore(self, chat_id: int, hint: Sequence[int] = ()) -> StateLoad:
+        """Load the chat's state into the (already emptied) cache, if it is valid.
+
+        A chat without a state of its own (a fork, a branch) restores the longest run of
+        stored pages that matches ``hint``, the tokens it will want.
+        """
         started = time.perf_counter()
-        saved = self.store.load_state(chat_id)
-        if saved is None:
-            return StateLoad(restored=False)
-        reason = self.reject_reason(saved, layout)
+        record = self.kv.state(chat_id)
+        if record is None:
+            held, size = self._restore_shared(hint)
+            note = f"restored {held} tokens from pages shared with another chat" if held else None
+            elapsed = (time.perf_counter() - started) * 1000
+            return StateLoad(held > 0, held, elapsed if held else None, None, size, note)
+        reason = self.reject_reason(record)
+        restored, size, note = 0, 0, None
         if reason is None:
-            reason = self.mirror.restore(saved.state, saved.token_ids)
+            if record.whole:
+                restored, size, reason = self._restore_whole(record)
+            else:
+                restored, size, reason, note = self._restore_pages(record)
         elapsed = (time.perf_counter() - started) * 1000
         if reason is not None:
             self.mirror.reset()
             self.mirror.mark_saved()
-            self.store.delete_state(chat_id)
+            self.kv.delete_state(chat_id)
             return StateLoad(restored=False, ms=elapsed, rejected=reason)
-        return StateLoad(
-            restored=True, tokens=len(self.mirror), ms=elapsed, bytes=len(saved.state)
-        )
+        return StateLoad(True, restored, elapsed, None, size, note)
 
-    def save(self, chat_id: int, layout: str) -> StateSave:
-        """Write the cache's cells and token ids as the chat's saved state."""
+    def _restore_whole(self, record: StateRecord) -> tuple[int, int, str | None]:
+        blob = self.kv.read_whole(record.chat_id)
+        if blob is None or zlib.crc32(blob) != record.checksum:
+            return 0, 0, "checksum mismatch: the saved state is truncated or corrupt"
+        reason = self.mirror.restore(blob, record.token_ids)
+        return len(record.token_ids), len(blob), reason
+
+    def _formats(self, record: StateRecord) -> list[CacheFormat | None]:
+        return [CacheFormat.from_description(f) if f else None for f in record.formats]
+
+    def _restore_pages(self, record: StateRecord) -> tuple[int, int, str | None, str | None]:
+        tokens = record.token_ids
+        try:
+            formats = self._formats(record)
+        except (TypeError, ValueError):
+            return 0, 0, "the saved state's cell format is unreadable", None
+        bounds = self._bounds(len(tokens))
+        chain = self._chain(tokens, bounds)
+        if record.page_hashes[: len(chain)] != chain or len(record.page_hashes) > len(chain) + (
+            len(formats) - 1
+        ):
+            return 0, 0, "the saved state's pages do not belong to its token ids", None
+        pages = self.kv.read_pages(record.page_hashes)
+        for page, (first, count) in zip(pages, bounds, strict=False):
+            fmt = formats[0]
+            if fmt is None or page.count != count or not _positions_are(page, fmt, first, count):
+                return 0, 0, "a page of the saved state holds other positions", None
+        complete = len(pages) == len(record.page_hashes)
+        if complete and len(pages) > len(chain):
+            tail = pages[len(chain)]
+            fmt = formats[tail.cache] if tail.cache < len(formats) else None
+            positions = page_positions(_page(tail), fmt) if fmt else []
+            parent = chain[-1] if chain else self._root
+            if fmt is None or any(p >= len(tokens) for p in positions) or (
+                self._tail_hash(parent, tokens, positions.tolist()) != tail.hash
+            ):
+                return 0, 0, "the saved state's window cache does not match its token ids", None
+        gap = self.kv.last_gap or "a page is missing"
+        if not complete and (len(formats) > 1 or not pages):
+            return 0, 0, f"the saved state is incomplete: {gap}", None
+        held = sum(page.count for page in pages[: len(chain)])
+        blob = join_pages(record.seq_id, formats, [_page(p) for p in pages])
+        reason = self.mirror.restore(blob, tokens[:held])
+        note = None
+        if not complete:
+            note = f"restored {held} of {len(tokens)} saved tokens: {gap}"
+        return held, len(blob), reason, note
+
+    def _restore_shared(self, hint: Sequence[int]) -> tuple[int, int]:
+        """Restore the longest stored page run that ``hint`` begins with (single-cache only)."""
+        shape = self.kv.any_state_shape(json.dumps(self.fingerprint(), sort_keys=True))
+        if shape is None or not hint:
+            return 0, 0
+        seq_id, descriptions = shape
+        formats = [CacheFormat.from_description(f) if f else None for f in descriptions]
+        if len(formats) != 1 or formats[0] is None:
+            return 0, 0
+        full = [b for b in self._bounds(len(hint)) if b[1] == self.page_tokens]
+        pages = self.kv.read_pages(self._chain(hint, full))
+        if not pages:
+            return 0, 0
+        held = sum(page.count for page in pages)
+        blob = join_pages(seq_id, formats, [_page(p) for p in pages])
+        if self.mirror.restore(blob, hint[:held]) is not None:
+            self.mirror.reset()
+            return 0, 0
+        return held, len(blob)
+
+    # -- save -------------------------------------------------------------------------
+
+    def save(self, chat_id: int) -> StateSave:
+        """Write the cache's new pages and the chat's state row."""
         started = time.perf_counter()
-        if not len(self.mirror):
-            self.store.delete_state(chat_id)
+        tokens = list(self.mirror.tokens)
+        if not tokens:
+            self.kv.delete_state(chat_id)
             self.mirror.mark_saved()
             return StateSave(0, (time.perf_counter() - started) * 1000)
-        data = self.mirror.snapshot()
-        self.store.save_state(
-            SavedState(
-                chat_id=chat_id,
-                format_version=STATE_FORMAT_VERSION,
-                fingerprint=self.fingerprint(layout),
-                token_ids=list(self.mirror.tokens),
-                state=data,
-                checksum=zlib.crc32(data),
-            )
+        blob = self.mirror.snapshot()
+        parsed = parse_state(blob)
+        record = StateRecord(
+            chat_id=chat_id,
+            format_version=STATE_FORMAT_VERSION,
+            fingerprint=self.fingerprint(),
+            seq_id=parsed.seq_id if parsed else 0,
+            formats=[],
+            token_ids=tokens,
         )
+        first_cache = parsed.caches[0] if parsed else None
+        paged = first_cache is not None and _positions_match(first_cache.positions, tokens)
+        if parsed is None or not paged:
+            record.whole = True
+            record.checksum = zlib.crc32(blob)
+            written = self.kv.save_state(record, whole=blob)
+        else:
+            record.formats = [c.format.describe() if c.format else None for c in parsed.caches]
+            pages = split_pages(parsed, self.page_tokens)
+            bounds = [(p.first_position, p.count) for p in pages if p.cache == 0]
+            hashes = self._chain(tokens, bounds)
+            for page in pages[len(bounds) :]:
+                fmt = parsed.caches[page.cache].format
+                assert fmt is not None  # a page is only cut from a cache that has cells
+                parent = hashes[-1] if hashes else self._root
+                positions = page_positions(page, fmt).tolist()
+                hashes.append(self._tail_hash(parent, tokens, positions))
+            record.page_hashes = hashes
+            known = self.kv.known_pages(hashes)
+            new = [
+                StoredPage(digest, page.cache, page.first_position, page.count, page.payload)
+                for digest, page in zip(hashes, pages, strict=True)
+                if digest not in known
+            ]
+            written = self.kv.save_state(record, new)
+            self.kv.enforce_budget(keep=hashes)
         self.mirror.mark_saved()
-        return StateSave(len(data), (time.perf_counter() - started) * 1000)
+        return StateSave(len(blob), (time.perf_counter() - started) * 1000, written)
+
+    def held_token_ids(self, chat_id: int) -> list[int]:
+        """The token ids of the chat's saved state (empty if none)."""
+        return self.kv.saved_token_ids(chat_id)
+
+
+def _positions_match(positions: object, tokens: Sequence[int]) -> bool:
+    array = np.asarray(positions)
+    return array.shape[0] == len(tokens) and bool(np.all(array == np.arange(len(tokens))))
+
+
+def _positions_are(page: StoredPage, fmt: CacheFormat, first: int, count: int) -> bool:
+    return bool(np.array_equal(page_positions(_page(page), fmt), np.arange(first, first + count)))
+
+
+def _page(stored: StoredPage) -> Page:
+    return Page(stored.cache, stored.first_position, stored.count, stored.payload)

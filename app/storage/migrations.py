@@ -94,10 +94,16 @@ def _v2_drop_history_tokens(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE saved_states DROP COLUMN history_tokens")
 
 
+def _v3_states_move_to_the_kv_store(db: sqlite_utils.Database) -> None:
+    """Saved states now live as pages in their own file; old whole blobs are recomputed."""
+    db.execute("DROP TABLE saved_states")
+
+
 #: MIGRATIONS[i] upgrades a database at version i to version i + 1.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_drop_history_tokens,
+    _v3_states_move_to_the_kv_store,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -104,19 +104,6 @@ class Message:
         )
 
 
-@dataclass(frozen=True)
-class SavedState:
-    """A chat's saved KV cache: the llama.cpp sequence state plus what it must match."""
-
-    chat_id: int
-    format_version: int
-    fingerprint: dict[str, Any]
-    token_ids: list[int]
-    state: bytes | bytearray
-    checksum: int
-    saved_at: float = 0.0
-
-
 @dataclass
 class TurnMetricsRow:
     id: int

@@ -25,60 +25,27 @@ from typing import Any
 import sqlite_utils
 
 from app.domain import Layout, TrimMode
+from app.storage.errors import (
+    DatabaseCorrupt,
+    DatabaseInUse,
+    SchemaTooNew,
+    StorageError,
+    StorageWriteError,
+    describe_error,
+)
+from app.storage.kv_store import DEFAULT_BUDGET_BYTES, KVStore
 from app.storage.migrations import MIGRATIONS, SCHEMA_VERSION
 from app.storage.records import (
     Chat,
     InstructionVersion,
     Message,
-    SavedState,
     TurnMetricsRow,
     pack_tokens,
     storable_text,
-    unpack_tokens,
 )
-
-
-class StorageError(Exception):
-    """A database problem explained in one line."""
-
-
-class DatabaseCorrupt(StorageError):
-    pass
-
-
-class SchemaTooNew(StorageError):
-    pass
-
-
-class DatabaseInUse(StorageError):
-    pass
-
-
-class StorageWriteError(StorageError):
-    pass
-
 
 PAGE_SIZE = 65536
 _CHAT_FIELDS = {"name", "layout", "trim_tokens", "trim_mode", "cache_start_seq"}
-
-
-def _describe(error: sqlite3.Error, path: Path) -> StorageError:
-    text = str(error).lower()
-    if isinstance(error, sqlite3.DatabaseError) and (
-        "not a database" in text or "malformed" in text or "corrupt" in text
-    ):
-        return DatabaseCorrupt(f"{path} is not a readable KV Chat database ({error})")
-    if "full" in text:
-        return StorageWriteError(f"cannot write {path}: the disk is full")
-    if "readonly" in text or "read-only" in text:
-        return StorageWriteError(f"cannot write {path}: the file or its folder is read-only")
-    if "unable to open" in text:
-        return StorageWriteError(
-            f"cannot open {path}: check that the folder exists and is writable"
-        )
-    if "locked" in text or "busy" in text:
-        return DatabaseInUse(f"{path} is locked by another process; try again")
-    return StorageError(f"database error in {path}: {error}")
 
 
 def _valid_name(name: str) -> str:
@@ -142,8 +109,16 @@ def set_aside(path: str | os.PathLike[str]) -> Path:
 class Store:
     """One open database. Not shared between threads: the engine worker owns it."""
 
-    def __init__(self, path: str | os.PathLike[str], *, exclusive: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        exclusive: bool = False,
+        kv_budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    ) -> None:
         self.path = Path(path)
+        self.kv_budget_bytes = kv_budget_bytes
+        self._kv: KVStore | None = None
         self._lock_file: int | None = None
         _check_file_header(self.path)
         if exclusive:
@@ -154,14 +129,14 @@ class Store:
             )
         except sqlite3.Error as error:
             self._release_process_lock()
-            raise _describe(error, self.path) from error
+            raise describe_error(error, self.path) from error
         self.db = sqlite_utils.Database(conn)
         try:
             self._configure()
             self._migrate()
         except sqlite3.Error as error:
             self.close()
-            raise _describe(error, self.path) from error
+            raise describe_error(error, self.path) from error
         except StorageError:
             self.close()
             raise
@@ -219,7 +194,7 @@ class Store:
                 self.db.execute(f"PRAGMA user_version = {target + 1}")
         if version > 0:
             # The tables must exist at the version the file claims.
-            missing = {"chats", "messages", "saved_states"} - set(self.db.table_names())
+            missing = {"chats", "messages"} - set(self.db.table_names())
             if missing:
                 raise DatabaseCorrupt(f"{self.path} lacks tables {sorted(missing)}")
 
@@ -227,6 +202,9 @@ class Store:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
+        if self._kv is not None:
+            self._kv.close()
+            self._kv = None
         with contextlib.suppress(sqlite3.Error):
             self.db.conn.close()
         self._release_process_lock()
@@ -244,7 +222,7 @@ class Store:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as error:
-            raise _describe(error, self.path) from error
+            raise describe_error(error, self.path) from error
         try:
             yield
         except BaseException:
@@ -256,19 +234,19 @@ class Store:
         except sqlite3.Error as error:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            raise _describe(error, self.path) from error
+            raise describe_error(error, self.path) from error
 
     def _write(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Cursor:
         try:
             return self.db.execute(sql, params)
         except sqlite3.Error as error:
-            raise _describe(error, self.path) from error
+            raise describe_error(error, self.path) from error
 
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         try:
             return list(self.db.query(sql, params))
         except sqlite3.Error as error:
-            raise _describe(error, self.path) from error
+            raise describe_error(error, self.path) from error
 
     # -- chats ----------------------------------------------------------------------
 
@@ -342,6 +320,8 @@ class Store:
     def delete_chat(self, chat_id: int) -> None:
         with self.transaction():
             self._write("DELETE FROM chats WHERE id = ?", (chat_id,))
+        if self._kv is not None or self.kv_path.exists():
+            self.kv.delete_state(chat_id)
 
     # -- instruction block ----------------------------------------------------------
 
@@ -441,63 +421,19 @@ class Store:
         with self.transaction():
             self._write("DELETE FROM messages WHERE id = ?", (message_id,))
 
-    # -- saved model state ----------------------------------------------------------
+    # -- saved model states (pages in the KV store beside this file) ----------------
 
-    def save_state(self, state: SavedState) -> None:
-        """Replace the chat's saved state in one transaction: old or new, never half."""
-        with self.transaction():
-            self._write(
-                "INSERT OR REPLACE INTO saved_states (chat_id, format_version, fingerprint,"
-                " token_ids, state, checksum, saved_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    state.chat_id,
-                    state.format_version,
-                    json.dumps(state.fingerprint, sort_keys=True),
-                    pack_tokens(state.token_ids),
-                    state.state,
-                    state.checksum,
-                    time.time(),
-                ),
-            )
+    @property
+    def kv_path(self) -> Path:
+        """``chats.db`` → ``chats.kv.db``: the disposable page store of this database."""
+        return self.path.with_name(self.path.stem + ".kv" + (self.path.suffix or ".db"))
 
-    def load_state(self, chat_id: int) -> SavedState | None:
-        rows = self._rows(
-            "SELECT chat_id, format_version, fingerprint, token_ids, checksum,"
-            " saved_at FROM saved_states WHERE chat_id = ?",
-            (chat_id,),
-        )
-        if not rows:
-            return None
-        row = rows[0]
-        try:
-            fingerprint = json.loads(row["fingerprint"])
-        except (TypeError, ValueError):
-            fingerprint = {}
-        try:
-            # Incremental blob I/O copies the state once; a SELECT copies it twice.
-            with self.db.conn.blobopen("saved_states", "state", chat_id, readonly=True) as blob:
-                state = blob.read()
-        except sqlite3.Error as error:
-            raise _describe(error, self.path) from error
-        return SavedState(
-            chat_id=row["chat_id"],
-            format_version=row["format_version"],
-            fingerprint=fingerprint,
-            token_ids=unpack_tokens(row["token_ids"]),
-            state=state,
-            checksum=row["checksum"],
-            saved_at=row["saved_at"],
-        )
-
-    def saved_token_ids(self, chat_id: int) -> list[int]:
-        """The token ids a chat's saved state holds, without reading the state itself."""
-        rows = self._rows("SELECT token_ids FROM saved_states WHERE chat_id = ?", (chat_id,))
-        return unpack_tokens(rows[0]["token_ids"]) if rows else []
-
-    def delete_state(self, chat_id: int) -> None:
-        with self.transaction():
-            self._write("DELETE FROM saved_states WHERE chat_id = ?", (chat_id,))
+    @property
+    def kv(self) -> KVStore:
+        """The KV page store, opened (and created) on first use."""
+        if self._kv is None:
+            self._kv = KVStore(self.kv_path, budget_bytes=self.kv_budget_bytes)
+        return self._kv
 
     # -- per-turn metrics -----------------------------------------------------------
 
