@@ -185,7 +185,8 @@ class RemoteChatSession:
         if saved_tokens:
             cache.tokens = saved_tokens
             self.bytes_per_token = written / saved_tokens
-        return StateSave(bytes=written, ms=(time.perf_counter() - started) * 1000)
+        ms = (time.perf_counter() - started) * 1000
+        return StateSave(bytes=written, ms=ms, written=written)  # the whole slot, on the server
 
     def save_state(self, chat_id: int) -> StateSave:
         """Write the chat's slot to its file on the server (nothing without slot saving)."""
