@@ -26,7 +26,7 @@ ALLOWED_APP_IMPORTS: dict[str, set[str]] = {
     "app/core": set(),
     "app/storage": set(),
     "app/session": {"app.core", "app.storage"},
-    "app/bench": {"app.core", "app.session", "app.storage"},
+    "app/bench": {"app.core", "app.session", "app.storage", "app.remote"},
     "app/remote": {"app.core", "app.session", "app.storage"},
     "app/ui": {"app.core", "app.session", "app.storage", "app.bench", "app.remote"},
 }

@@ -189,6 +189,8 @@ class ServerClient:
             raise ServerError(f"{self.base_url} did not answer in time ({what})") from error
         except httpx.HTTPError as error:
             raise ServerError(f"{what} at {self.base_url} failed: {error}") from error
+        except httpx.InvalidURL as error:
+            raise ServerError(f"not a usable server URL: {self.base_url} ({error})") from error
 
     def _request(self, method: str, url: str, what: str, **kwargs: Any) -> Any:
         with self._failures(what):

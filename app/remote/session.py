@@ -130,7 +130,8 @@ class RemoteChatSession:
         """The slot of the cache's chat (what ``Turn`` reads its cache size from)."""
         if self.cache_chat_id is None:
             return ServerCache()
-        return self.slots.setdefault(self.slot_for(self.cache_chat_id), ServerCache())
+        slot = self.slot_for(self.cache_chat_id)
+        return self.slots.setdefault(slot, ServerCache(self.cache_chat_id))
 
     @property
     def has_unsaved_cache(self) -> bool:

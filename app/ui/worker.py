@@ -187,6 +187,10 @@ class EngineWorker(QObject):
         except ServerError as error:
             self.model_failed.emit(str(error))
             return
+        except Exception as error:  # a bug must not kill the worker thread
+            traceback.print_exc()
+            self.model_failed.emit(f"{type(error).__name__}: {error}")
+            return
         previous = self.session
         if previous is not None:
             self._save_dirty_cache(previous)
