@@ -1,10 +1,10 @@
-"""Entry point: `python -m app` opens the window; `python -m app chat|history|bench` is the CLI."""
+"""Entry point: `python -m app` opens the window; `python -m app COMMAND` is the CLI."""
 
 from __future__ import annotations
 
 import sys
 
-CLI_COMMANDS = {"chat", "history", "bench"}
+CLI_COMMANDS = {"chat", "history", "bench", "fork", "storage"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from app.arguments import positive_int
+from app.arguments import positive_int, whole_number
 from app.core.models import ModelFileError
 from app.domain import KVType, Layout, TrimMode
 from app.session.chat_session import ChatSession, GenerationOptions, SessionError
@@ -92,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--db", required=True)
     history.add_argument("--chat", required=True)
     history.add_argument("--json", action="store_true")
+
+    fork = commands.add_parser("fork", help="start a new chat from a chat's first messages")
+    fork.add_argument("--db", required=True)
+    fork.add_argument("--chat", required=True, help="the chat to fork")
+    fork.add_argument("--at", required=True, type=whole_number, metavar="SEQ",
+                      help="the last message (seq, as `history` shows) the new chat keeps")
+    fork.add_argument("--name", required=True, help="name of the new chat")
+    fork.add_argument("--json", action="store_true")
+
+    storage = commands.add_parser("storage", help="KV page storage per chat and in total")
+    storage.add_argument("--db", required=True)
+    storage.add_argument("--set-budget-mb", type=positive_int, metavar="MB",
+                         help="keep at most this much KV storage (evicts least recently used)")
+    storage.add_argument("--json", action="store_true")
 
     from app.bench.cli import add_bench_arguments  # local: keeps start-up light
 
@@ -229,6 +243,54 @@ def run_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_fork(args: argparse.Namespace) -> int:
+    with _open_store(args.db) as store:
+        source = store.chat_by_name(args.chat)
+        if source is None:
+            raise CliError(f"no chat named {args.chat!r}")
+        fork = store.fork_chat(source.id, args.at, args.name)
+        count = len(store.messages(fork.id))
+    if args.json:
+        print(json.dumps({"chat": fork.name, "from": source.name, "at": args.at,
+                          "messages": count}, ensure_ascii=False))
+    else:
+        print(f"{fork.name}: {count} messages from {source.name}")
+    return 0
+
+
+def storage_payload(store: Store) -> dict[str, Any]:
+    names = {chat.id: chat.name for chat in store.chats()}
+    kv = store.kv
+    return {
+        "kv_path": str(store.kv_path),
+        "total_bytes": kv.total_bytes(),
+        "budget_bytes": kv.budget_bytes,
+        "chats": [
+            {"name": names.get(use.chat_id, f"#{use.chat_id}"), "bytes": use.bytes,
+             "shared_bytes": use.shared_bytes}
+            for use in kv.usage()
+        ],
+    }
+
+
+def run_storage(args: argparse.Namespace) -> int:
+    if not Path(args.db).expanduser().exists():
+        raise CliError(f"database not found: {args.db}")
+    with _open_store(args.db) as store:
+        if args.set_budget_mb:
+            store.kv.set_budget(args.set_budget_mb * 1024 * 1024)
+        payload = storage_payload(store)
+    if args.json:
+        print(json.dumps(payload, ensure_ascii=False))
+        return 0
+    print(f"{payload['kv_path']}: {payload['total_bytes'] / 1e6:.1f} MB of "
+          f"{payload['budget_bytes'] / 1e6:.0f} MB")
+    for chat in payload["chats"]:
+        print(f"  {chat['name']}: {chat['bytes'] / 1e6:.1f} MB "
+              f"({chat['shared_bytes'] / 1e6:.1f} MB shared)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -237,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_chat(args)
         if args.command == "history":
             return run_history(args)
+        if args.command == "fork":
+            return run_fork(args)
+        if args.command == "storage":
+            return run_storage(args)
         from app.bench.cli import run_bench
 
         return run_bench(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -44,6 +45,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="play the strategies on this OpenAI-compatible server "
                         "(llama-server with --parallel 5 --slot-save-path DIR)")
     parser.add_argument("--server-model", metavar="NAME", help="model name on the server")
+    parser.add_argument("--saves", type=_size_list, metavar="N,N,...",
+                        help="instead: measure save and reopen costs at these history sizes "
+                        "(e.g. 500,2000,4000,8000)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--plot", metavar="FILE.png", help="write a chart of TTFT per turn")
 
@@ -66,8 +70,30 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def _size_list(text: str) -> tuple[int, ...]:
+    sizes = tuple(positive_int(part.strip()) for part in text.split(",") if part.strip())
+    if not sizes:
+        raise argparse.ArgumentTypeError("give history sizes in tokens, e.g. 500,2000")
+    return sizes
+
+
+def run_saves(args: argparse.Namespace) -> int:
+    from app.bench.saves import format_saves, run_save_benchmark, saves_as_json
+
+    def show(sample: object) -> None:
+        print(f"bench: {sample}", file=sys.stderr, flush=True)
+
+    samples = run_save_benchmark(
+        getattr(args, "model", None), args.saves, n_threads=args.threads, on_sample=show
+    )
+    print(json.dumps(saves_as_json(samples)) if args.json else format_saves(samples))
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """``python -m app bench``: progress on stderr, the table (or one JSON object) on stdout."""
+    if args.saves:
+        return run_saves(args)
     config = config_from_args(args)
     plot_path: Path | None = None
     if args.plot:

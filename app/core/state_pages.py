@@ -32,7 +32,7 @@ import numpy as np
 
 STATE_MAGIC = 0xAF143CD8
 PAGE_FORMAT_VERSION = 1
-PAGE_TOKENS = 256
+PAGE_TOKENS = 64  # 1.5 MB of SmolLM2 f16 cache: fine-grained sharing, few rows
 _EXT_SIZE = 12  # llama_kv_cell_ext: x, y, tok
 _MAX_LAYERS = 4096
 

@@ -174,6 +174,10 @@ class RemoteChatSession:
         ms = (time.perf_counter() - started) * 1000
         return StateLoad(restored=True, tokens=cache.tokens, ms=ms, bytes=read)
 
+    def prefetch(self, chat_id: int) -> StateLoad:
+        """Restore a chat's slot before its next turn (e.g. when the user selects it)."""
+        return self.activate(chat_id)
+
     def _save_slot(self, slot: int, cache: ServerCache) -> StateSave:
         if cache.chat_id is None or not self.info.slot_save:
             cache.changed = False

@@ -423,9 +423,24 @@ class ChatSession:
         self.cache_chat_id = chat_id
         hint = self._plan(context, with_block=True).tokens if context is not None else []
         load = self.states.restore(chat_id, hint)
+        history_but_no_state = (
+            context is not None
+            and context.cached_messages
+            and not load.restored
+            and load.rejected is None
+        )
+        if history_but_no_state:  # a new or deleted KV store, or the budget evicted it
+            note = f"no saved state in {self.store.kv_path.name}: the history is recomputed"
+            load = replace(load, note=note)
         if load.restored and load.tokens:
             self.bytes_per_token = load.bytes / load.tokens
         return load
+
+    def prefetch(self, chat_id: int) -> StateLoad:
+        """Restore a chat's state before its next turn (e.g. when the user selects it)."""
+        if self.cache_chat_id == chat_id:
+            return StateLoad(restored=False, tokens=len(self.mirror))
+        return self.activate(chat_id, self._load_context(chat_id))
 
     def save_state(self, chat_id: int) -> StateSave:
         """Persist the cache of ``chat_id`` with its token ids."""

@@ -70,6 +70,7 @@ _SCHEMA = (
     ) WITHOUT ROWID
     """,
     "CREATE INDEX state_pages_by_hash ON state_pages(hash)",
+    "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 
 
@@ -113,9 +114,8 @@ class ChatUsage:
 class KVStore:
     """One open page store. Owned by the thread that owns the model (the only writer)."""
 
-    def __init__(self, path: str | Path, *, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+    def __init__(self, path: str | Path, *, budget_bytes: int | None = None) -> None:
         self.path = Path(path)
-        self.budget_bytes = budget_bytes
         self.created = not self.path.exists()
         self.last_gap: str | None = None
         try:
@@ -127,6 +127,22 @@ class KVStore:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.close()
             raise describe_error(error, self.path) from error
+        stored = self._query("SELECT value FROM settings WHERE key = 'budget_bytes'")
+        self.budget_bytes = int(stored[0][0]) if stored else DEFAULT_BUDGET_BYTES
+        if budget_bytes is not None:
+            self.set_budget(budget_bytes)
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """The most bytes of pages to keep (kept in this file); evicts down to it at once."""
+        if budget_bytes <= 0:
+            raise ValueError("the KV storage budget must be greater than 0")
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO settings (key, value) VALUES ('budget_bytes', ?)",
+                (str(budget_bytes),),
+            )
+        self.budget_bytes = budget_bytes
+        self.enforce_budget()
 
     def _configure(self) -> None:
         conn = self.conn
@@ -416,7 +432,9 @@ class KVStore:
             return 0
         protected = set(keep)
         victims: list[tuple[bytes, int]] = []
-        for digest, size in self._query("SELECT hash, bytes FROM pages ORDER BY last_used"):
+        # Oldest first; within one save, the last pages first: a prefix stays restorable.
+        query = "SELECT hash, bytes FROM pages ORDER BY last_used, first_position DESC"
+        for digest, size in self._query(query):
             if digest in protected:
                 continue
             victims.append((digest, int(size)))
@@ -436,5 +454,6 @@ class KVStore:
     def reclaim(self) -> None:
         """Give freed pages back to the file system, then truncate the WAL."""
         with contextlib.suppress(sqlite3.Error):
-            self.conn.execute("PRAGMA incremental_vacuum")
+            # executescript steps the pragma to the end; execute() would free one page only.
+            self.conn.executescript("PRAGMA incremental_vacuum;")
         self.checkpoint()

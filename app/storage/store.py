@@ -33,7 +33,7 @@ from app.storage.errors import (
     StorageWriteError,
     describe_error,
 )
-from app.storage.kv_store import DEFAULT_BUDGET_BYTES, KVStore
+from app.storage.kv_store import KVStore
 from app.storage.migrations import MIGRATIONS, SCHEMA_VERSION
 from app.storage.records import (
     Chat,
@@ -114,10 +114,8 @@ class Store:
         path: str | os.PathLike[str],
         *,
         exclusive: bool = False,
-        kv_budget_bytes: int = DEFAULT_BUDGET_BYTES,
     ) -> None:
         self.path = Path(path)
-        self.kv_budget_bytes = kv_budget_bytes
         self._kv: KVStore | None = None
         self._lock_file: int | None = None
         _check_file_header(self.path)
@@ -317,6 +315,41 @@ class Store:
             raise ValueError(f"a chat named {name!r} already exists")
         return self.update_chat(chat_id, name=name)
 
+    def fork_chat(self, chat_id: int, at_seq: int, name: str) -> Chat:
+        """A new chat holding ``chat_id``'s messages up to ``at_seq`` and its instructions.
+
+        Messages keep their token ids, so the fork's prompt begins with exactly the tokens
+        of the original and restores from the pages they share.
+        """
+        source = self.chat(chat_id)
+        kept = [m for m in self.messages(chat_id) if m.seq <= at_seq]
+        if not kept or kept[-1].seq != at_seq:
+            raise ValueError(f"{source.name!r} has no message with seq {at_seq}")
+        current = self.current_instructions(chat_id)
+        fork = self.create_chat(name, source.layout)
+        with self.transaction():
+            self._write(
+                "UPDATE chats SET trim_tokens = ?, trim_mode = ?, cache_start_seq = ? WHERE id = ?",
+                (source.trim_tokens, source.trim_mode, min(source.cache_start_seq, at_seq + 1),
+                 fork.id),
+            )
+            if current is not None:
+                self._write(
+                    "INSERT INTO instruction_versions (chat_id, version, text, variables,"
+                    " created_at) VALUES (?, 1, ?, ?, ?)",
+                    (fork.id, storable_text(current.text), json.dumps(current.variables),
+                     time.time()),
+                )
+            self._write(
+                "INSERT INTO messages (chat_id, seq, role, text, token_ids, token_format, status,"
+                " instruction_version, created_at, finished_at)"
+                " SELECT ?, seq, role, text, token_ids, token_format, status,"
+                " CASE WHEN instruction_version IS NULL THEN NULL ELSE 1 END,"
+                " created_at, finished_at FROM messages WHERE chat_id = ? AND seq <= ?",
+                (fork.id, chat_id, at_seq),
+            )
+        return self.chat(fork.id)
+
     def delete_chat(self, chat_id: int) -> None:
         with self.transaction():
             self._write("DELETE FROM chats WHERE id = ?", (chat_id,))
@@ -432,7 +465,7 @@ class Store:
     def kv(self) -> KVStore:
         """The KV page store, opened (and created) on first use."""
         if self._kv is None:
-            self._kv = KVStore(self.kv_path, budget_bytes=self.kv_budget_bytes)
+            self._kv = KVStore(self.kv_path)
         return self._kv
 
     # -- per-turn metrics -----------------------------------------------------------

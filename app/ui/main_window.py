@@ -494,6 +494,7 @@ class MainWindow(QMainWindow):
         self._set_context_used(None)
         self.statusBar().showMessage(f"Model loaded in {status.load_ms:.0f} ms", 5000)
         if self.current_chat_id is not None:
+            self.host.prefetch_chat(self.current_chat_id)
             self.host.refresh_cache_view(self.current_chat_id)
         self._update_actions()
         self.model_ready.emit(status)
@@ -550,7 +551,7 @@ class MainWindow(QMainWindow):
         return chat.id
 
     def select_chat(self, chat_id: int) -> None:
-        """Show a chat. Its saved cache is restored lazily, by the next send."""
+        """Show a chat, and restore its saved cache in the background (prefetch)."""
         try:
             chat = self.store.chat(chat_id)
         except KeyError:
@@ -565,6 +566,7 @@ class MainWindow(QMainWindow):
         rows = self.store.metrics(chat_id)
         self.inspector.set_turns([(row.id, row.data) for row in rows])
         if self.model is not None:
+            self.host.prefetch_chat(chat_id)
             self.host.refresh_cache_view(chat_id)
         else:
             self.inspector.set_cache_view(None)

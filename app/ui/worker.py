@@ -276,6 +276,25 @@ class EngineWorker(QObject):
         upkeep = self.session.upkeep(chat_id, (Step.WARM_UP, Step.SAVE))
         self._continue_background.emit(_IdleJob(upkeep, cancel))
 
+    @Slot(int, object)
+    def prefetch_chat(self, chat_id: int, cancel: threading.Event) -> None:
+        """Restore a selected chat's saved state now, so its next send starts warm.
+
+        Skipped when a send came first (it pre-empts background work and restores anyway).
+        """
+        if self.session is None or self.shutting_down.is_set() or cancel.is_set():
+            return
+        try:
+            self.session.prefetch(chat_id)
+        except KeyError:
+            return
+        except (SessionError, StorageError, ValueError) as error:
+            self.error.emit(f"could not restore the chat's saved state: {error}")
+            return
+        view = self._cache_view(chat_id)
+        if view is not None:
+            self.cache_view_ready.emit(chat_id, view)
+
     @Slot(object)
     def _background_step(self, job: _IdleJob) -> None:
         """One idle-time step per queued call, so queued requests can run in between."""
@@ -403,6 +422,7 @@ class EngineHost(QObject):
     _probe_server = Signal(int, str, str)
     _run_turn = Signal(object)
     _prepare_chat = Signal(int, object)
+    _prefetch_chat = Signal(int, object)
     _edit_cost = Signal(int, int, str, object, str)
     _preview_trim = Signal(int, int, object, str)
     _apply_trim = Signal(int, object, str, object)
@@ -434,6 +454,7 @@ class EngineHost(QObject):
         self._probe_server.connect(self.worker.probe_server, queued)
         self._run_turn.connect(self.worker.run_turn, queued)
         self._prepare_chat.connect(self.worker.prepare_chat, queued)
+        self._prefetch_chat.connect(self.worker.prefetch_chat, queued)
         self._edit_cost.connect(self.worker.edit_cost, queued)
         self._preview_trim.connect(self.worker.preview_trim, queued)
         self._apply_trim.connect(self.worker.apply_trim, queued)
@@ -491,6 +512,10 @@ class EngineHost(QObject):
 
     def prepare_chat(self, chat_id: int) -> None:
         self._prepare_chat.emit(chat_id, self.background_cancel)
+
+    def prefetch_chat(self, chat_id: int) -> None:
+        """Restore the chat's state in the background; the next send pre-empts it."""
+        self._prefetch_chat.emit(chat_id, self.background_cancel)
 
     def request_edit_cost(
         self, chat_id: int, text: str, variables: dict[str, str], layout: str

@@ -1,0 +1,141 @@
+"""What a turn's save and a reopen cost as a chat grows: paged store vs whole blobs.
+
+For each history size a chat is prefilled (untimed), then one measured turn runs its
+commit, warm-up and save. The paged save's bytes and time come from the turn's own
+metrics; in the same run the same state is also written whole into a SQLite blob, as
+saves worked before pages, so the ratio is measured on one machine at one moment.
+Reopen is the restore of the saved pages into an emptied cache, as after a restart.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from app.bench.script import Script
+from app.domain import Role
+from app.session.chat_session import ChatSession, GenerationOptions
+from app.storage.store import Store
+
+DEFAULT_SIZES = (500, 2000, 4000, 8000)
+
+
+@dataclass
+class SaveSample:
+    history_tokens: int
+    cache_tokens: int
+    state_mb: float
+    paged_written_mb: float
+    paged_save_ms: float
+    whole_written_mb: float
+    whole_save_ms: float
+    reopen_ms: float
+    reopen_tokens: int
+
+
+def _history(session: ChatSession, store: Store, name: str, target: int, seed: int) -> int:
+    script = Script(session.builder.content_tokens, seed)
+    chat = store.create_chat(name)
+    store.add_instruction_version(chat.id, script.rules(400))
+    size = 0
+    while size < target:
+        user = script.user_message(40)
+        reply = script.reply(120)
+        store.add_message(chat.id, Role.USER, user)
+        store.add_message(chat.id, Role.ASSISTANT, reply)
+        size += len(session.builder.user_segment(user))
+        size += len(session.builder.assistant_segment_from_text(reply))
+    return chat.id
+
+
+def _whole_blob_save(path: Path, blob: bytes | bytearray) -> float:
+    """Write the state as one blob in one transaction (how saves worked before pages)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE IF NOT EXISTS states (id INTEGER PRIMARY KEY, state BLOB)")
+        started = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT OR REPLACE INTO states (id, state) VALUES (1, ?)", (blob,))
+        conn.execute("COMMIT")
+        return (time.perf_counter() - started) * 1000
+    finally:
+        conn.close()
+
+
+def run_save_benchmark(
+    model_path: str | Path | None,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    *,
+    n_threads: int | None = None,
+    on_sample: Callable[[SaveSample], None] | None = None,
+) -> list[SaveSample]:
+    samples: list[SaveSample] = []
+    options = GenerationOptions(max_tokens=16, temperature=0.0)
+    with tempfile.TemporaryDirectory(prefix="kvchat-saves-") as folder:
+        store = Store(Path(folder) / "saves.db")
+        n_ctx = max(sizes) + 1024
+        session = ChatSession(store, model_path, n_ctx=n_ctx, n_threads=n_threads)
+        try:
+            for index, size in enumerate(sizes):
+                chat_id = _history(session, store, f"chat {size}", size, index)
+                session.after_reply(chat_id)  # prefill and first save: untimed
+                session.send(chat_id, "And what should I plant next to them?", options)
+                metrics = session.after_reply(chat_id)
+                assert metrics is not None
+                blob = session.mirror.snapshot()
+                whole_ms = _whole_blob_save(Path(folder) / "whole.db", blob)
+                session.forget_chat(chat_id)
+                load = session.activate(chat_id)
+                sample = SaveSample(
+                    history_tokens=size,
+                    cache_tokens=metrics.cache_tokens,
+                    state_mb=metrics.state_bytes / 1e6,
+                    paged_written_mb=metrics.state_bytes_written / 1e6,
+                    paged_save_ms=metrics.state_save_ms or 0.0,
+                    whole_written_mb=len(blob) / 1e6,
+                    whole_save_ms=whole_ms,
+                    reopen_ms=load.ms or 0.0,
+                    reopen_tokens=load.tokens,
+                )
+                samples.append(sample)
+                if on_sample is not None:
+                    on_sample(sample)
+        finally:
+            session.close()
+            store.close()
+    return samples
+
+
+def format_saves(samples: Sequence[SaveSample]) -> str:
+    header = (
+        f"{'history':>8} {'cache':>6} {'state':>7} {'paged':>7} {'paged':>7} {'whole':>7} "
+        f"{'whole':>7} {'reopen':>7}\n"
+        f"{'tokens':>8} {'tokens':>6} {'MB':>7} {'MB wr.':>7} {'save ms':>7} {'MB wr.':>7} "
+        f"{'save ms':>7} {'ms':>7}"
+    )
+    rows = [
+        f"{s.history_tokens:>8} {s.cache_tokens:>6} {s.state_mb:>7.1f} {s.paged_written_mb:>7.1f} "
+        f"{s.paged_save_ms:>7.0f} {s.whole_written_mb:>7.1f} {s.whole_save_ms:>7.0f} "
+        f"{s.reopen_ms:>7.0f}"
+        for s in samples
+    ]
+    if len(samples) >= 2:
+        first, last = samples[0], samples[-1]
+        written = last.paged_written_mb / first.paged_written_mb
+        rows.append(
+            f"largest / smallest: paged written x{written:.1f},"
+            f" paged save x{last.paged_save_ms / first.paged_save_ms:.1f};"
+            f" whole written x{last.whole_written_mb / first.whole_written_mb:.1f},"
+            f" whole save x{last.whole_save_ms / first.whole_save_ms:.1f}"
+        )
+    return "\n".join([header, *rows])
+
+
+def saves_as_json(samples: Sequence[SaveSample]) -> list[dict[str, Any]]:
+    return [asdict(sample) for sample in samples]
