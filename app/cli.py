@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from app import arguments, limits
 from app.arguments import positive_int, whole_number
@@ -19,6 +20,9 @@ from app.domain import KVType, Layout, MessageStatus, Role, TrimMode
 from app.session.chat_session import ChatSession, GenerationOptions, SessionError, TurnResult
 from app.storage.records import Message
 from app.storage.store import StorageError, Store, valid_chat_name
+
+if TYPE_CHECKING:
+    from app.remote.session import RemoteChatSession
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -102,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--trim-mode", choices=list(TrimMode), help="how trimmed turns leave the cache"
     )
+    chat.add_argument(
+        "--server",
+        metavar="URL",
+        help="OpenAI-compatible server base URL, e.g. http://127.0.0.1:8080/v1 "
+        "(API key from KVCHAT_API_KEY or the OS keyring)",
+    )
+    chat.add_argument("--server-model", metavar="NAME", help="model name on the server")
     chat.add_argument("--json", action="store_true", help="print one JSON object")
     chat.add_argument("message", help="the user's message ('-' reads standard input)")
 
@@ -147,7 +158,11 @@ def _last_unanswered(store: Store, chat_id: int) -> Message | None:
 
 
 def _answer(
-    engine: ChatSession, store: Store, chat_id: int, message: str, options: GenerationOptions
+    engine: ChatSession | RemoteChatSession,
+    store: Store,
+    chat_id: int,
+    message: str,
+    options: GenerationOptions,
 ) -> tuple[TurnResult | None, Message | None, list[str]]:
     """One turn whose outcome is exactly what the command then reports.
 
@@ -173,10 +188,28 @@ def _answer(
             f"{error}; your message is kept as unanswered: run the same command again to answer it"
         ) from error
     try:
-        engine.after_reply(chat_id)
-    except StorageError as error:
+        finished = engine.after_reply(chat_id)
+    except (StorageError, SessionError) as error:  # e.g. the disk, or a server gone away
         warnings.append(f"{error} (the reply was saved; the cache state was not)")
+    else:
+        if finished is not None:
+            result = replace(result, metrics=finished)
     return result, None, warnings
+
+
+def _open_session(args: argparse.Namespace, store: Store) -> ChatSession | RemoteChatSession:
+    """The local engine, or the server's with ``--server`` (the same interface)."""
+    if not args.server:
+        if args.server_model:
+            raise CliError("--server-model needs --server")
+        return ChatSession(store, args.model, n_ctx=args.n_ctx, kv_type=args.kv_type)
+    if args.model or args.n_ctx:
+        raise CliError("--model and --n-ctx are for the local engine; the server has its model")
+    if args.trim_tokens is not None or args.trim_mode is not None:
+        raise CliError("--trim-tokens and --trim-mode are not available with --server yet")
+    from app.remote.session import RemoteChatSession  # local: httpx only when used
+
+    return RemoteChatSession(store, args.server, args.server_model)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -192,7 +225,7 @@ def run_chat(args: argparse.Namespace) -> int:
             raise CliError(f"cannot read instructions file: {error}") from error
     with _open_store(args.db) as store:
         # The model (and the context size) is checked before anything is written.
-        engine = ChatSession(store, args.model, n_ctx=args.n_ctx, kv_type=args.kv_type)
+        engine = _open_session(args, store)
         try:
             return _chat_turn(args, store, engine, message, instructions)
         finally:
@@ -202,7 +235,7 @@ def run_chat(args: argparse.Namespace) -> int:
 def _chat_turn(
     args: argparse.Namespace,
     store: Store,
-    engine: ChatSession,
+    engine: ChatSession | RemoteChatSession,
     message: str,
     instructions: str | None,
 ) -> int:

@@ -41,6 +41,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
     parser.add_argument("--strategies", type=_strategy_list, default=STRATEGIES,
                         help="comma-separated subset of: " + ", ".join(STRATEGIES))
+    parser.add_argument("--server", metavar="URL",
+                        help="play the strategies on this OpenAI-compatible server "
+                        "(llama-server with --parallel 5 --slot-save-path DIR)")
+    parser.add_argument("--server-model", metavar="NAME", help="model name on the server")
     parser.add_argument("--saves", type=_size_list, metavar="N,N,...",
                         help="instead: measure save and reopen costs at these history sizes "
                         "(e.g. 500,2000,4000,8000)")
@@ -61,6 +65,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         edit_every=args.edit_every,
         max_tokens=args.max_tokens,
         strategies=tuple(args.strategies),
+        server_url=getattr(args, "server", None),
+        server_model=getattr(args, "server_model", None),
     )
 
 

@@ -50,6 +50,10 @@ class BenchConfig:
     seed: int = 0
     strategies: tuple[str, ...] = STRATEGIES
     db_path: str | Path | None = None  # None: a temporary database, deleted afterwards
+    #: Play the strategies on this OpenAI-compatible server instead of the local model
+    #: (which still sizes the script in its tokens).
+    server_url: str | None = None
+    server_model: str | None = None
 
     def validate(self) -> None:
         unknown = [name for name in self.strategies if name not in STRATEGIES]

@@ -38,6 +38,11 @@ interleaved across strategies, in an order rotated every turn, so machine drift
 hits all of them alike. TTFT is the engine's own ``TurnMetrics.ttft_ms`` (from
 the start of ``send`` to the first sampled token) for every strategy.
 
+With ``server_url`` every strategy plays on an OpenAI-compatible server instead
+(:class:`RemoteChatSession`, one chat and slot each; the local model only sizes the
+script): ``naive`` erases its slot before each turn, ``reopen`` restores its slot file on
+the server, and the figures are the server's own.
+
 API (Qt-free; the GUI calls it from a worker thread)::
 
     config = BenchConfig(history_tokens=3000, instruction_tokens=400, turns=8)
@@ -74,14 +79,17 @@ from app.bench.config import (
 from app.bench.report import BenchReport, build_report
 from app.bench.script import Script, block_text
 from app.domain import FinishReason, Layout, Role, Step
+from app.remote.session import RemoteChatSession
 from app.session.chat_session import ChatSession, GenerationOptions
 from app.storage.store import Store
+
+Session = ChatSession | RemoteChatSession
 
 
 class _Runner:
     """One strategy: its session, its chat and the idle-time steps it runs around each turn."""
 
-    def __init__(self, name: str, session: ChatSession, chat_id: int) -> None:
+    def __init__(self, name: str, session: Session, chat_id: int) -> None:
         self.name = name
         self.session = session
         self.chat_id = chat_id
@@ -176,7 +184,7 @@ def run_benchmark(
         if db_path.exists():
             raise ValueError(f"the benchmark needs a new database; {db_path} exists")
         store = Store(db_path)
-        sessions: list[ChatSession] = []
+        sessions: list[Session] = []
         try:
             return _run(config, store, sessions, started, status, on_turn, cancel)
         finally:
@@ -188,7 +196,7 @@ def run_benchmark(
 def _run(
     config: BenchConfig,
     store: Store,
-    sessions: list[ChatSession],
+    sessions: list[Session],
     started: float,
     status: Callable[[str], None],
     on_turn: Callable[[TurnSample], None] | None,
@@ -200,8 +208,22 @@ def _run(
             ChatSession(store, config.model_path, n_ctx=config.n_ctx, kv_type=config.kv_type,
                    n_threads=config.n_threads)
         )
-    first = sessions[0]
-    builder = first.builder
+        if config.server_url:
+            break  # the local model only sizes the script; the server plays it
+    sizer = sessions[0]
+    builder = sizer.builder
+    if config.server_url:
+        status(f"connecting to {config.server_url}")
+        for _ in config.strategies:
+            sessions.append(RemoteChatSession(store, config.server_url, config.server_model))
+        slots = sessions[-1].info.total_slots  # type: ignore[union-attr]
+        if slots < len(config.strategies):
+            status(f"the server has {slots} slot(s) for {len(config.strategies)} strategies: "
+                   "they evict each other (start it with --parallel 5)")
+        players = sessions[1:]
+    else:
+        players = sessions
+    first = players[0]
     script = Script(builder.content_tokens, config.seed)
 
     # The script: rules, a history of whole turns, then one message per measured turn.
@@ -224,20 +246,21 @@ def _run(
         len(builder.opening(Layout.HISTORY_FIRST, "").tokens) + history_size + block_size + 16
         + config.turns * (message_size + config.max_tokens + 16)
     )
-    if needed > first.n_ctx:
+    if first.n_ctx and needed > first.n_ctx:  # a server may not say its context size
         raise ValueError(
             f"the scripted chat needs about {needed} tokens but the context holds {first.n_ctx}; "
             "lower --history-tokens/--turns or raise --n-ctx"
         )
 
     runners: dict[str, _Runner] = {}
-    for name, session in zip(config.strategies, sessions, strict=True):
+    for name, session in zip(config.strategies, players, strict=True):
         chat = store.create_chat(f"bench {name}", LAYOUT_OF[name])
         store.add_instruction_version(chat.id, block)
         for user, reply in history:
             store.add_message(chat.id, Role.USER, user)
             store.add_message(chat.id, Role.ASSISTANT, reply)
-        session.prompt_plan(chat.id, "x")  # tokenizes the stored messages, untimed
+        if isinstance(session, ChatSession):
+            session.prompt_plan(chat.id, "x")  # tokenizes the stored messages, untimed
         runners[name] = _Runner(name, session, chat.id)
 
     # Untimed prefill of each history (as the chats would hold after a long session).
@@ -254,6 +277,9 @@ def _run(
             store.kv.copy_state(donor.chat_id, runner.chat_id)  # shares its pages
             session.activate(runner.chat_id)
         status(f"prefilling the history of {name} (untimed)")
+        if isinstance(session, RemoteChatSession):  # its commit is part of the warm-up
+            session.upkeep(runner.chat_id, (Step.WARM_UP, Step.SAVE)).run(cancel)
+            continue
         session.upkeep(runner.chat_id, (Step.COMMIT,)).run(cancel)
         if runner.commits and donor is None:
             session.save_state(runner.chat_id)
@@ -291,7 +317,7 @@ def _run(
 
 def _report(
     config: BenchConfig,
-    session: ChatSession,
+    session: Session,
     history_size: int,
     block_size: int,
     message_size: int,
@@ -301,15 +327,26 @@ def _report(
     *,
     cancelled: bool,
 ) -> BenchReport:
-    info = session.model_info
-    model = {
-        "file": info.path.name,
-        "description": info.description,
-        "n_ctx": session.n_ctx,
-        "kv_type": session.kv_type,
-        "n_threads": config.n_threads or os.cpu_count(),
-        "llama_cpp": session.backend_version,
-    }
+    if isinstance(session, RemoteChatSession):
+        server = session.info
+        model = {
+            "file": server.model.rsplit("/", 1)[-1],
+            "description": f"{server.kind} at {server.base_url}",
+            "n_ctx": session.n_ctx,
+            "kv_type": session.kv_type,
+            "n_threads": "server",
+            "llama_cpp": session.backend_version,
+        }
+    else:
+        info = session.model_info
+        model = {
+            "file": info.path.name,
+            "description": info.description,
+            "n_ctx": session.n_ctx,
+            "kv_type": session.kv_type,
+            "n_threads": config.n_threads or os.cpu_count(),
+            "llama_cpp": session.backend_version,
+        }
     script = {
         "history_tokens": history_size,
         "block_tokens": block_size,

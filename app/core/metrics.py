@@ -14,6 +14,7 @@ class TurnMetrics:
     ``background_tokens`` is commit + warm-up, done after the reply.
     """
 
+    engine: str = "local"  # "server": figures reported by an OpenAI-compatible server
     layout: str = "history-first"
     reused_tokens: int = 0
     prefill_tokens: int = 0

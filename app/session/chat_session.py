@@ -53,12 +53,14 @@ __all__ = [
     "BACKGROUND_CHUNK",
     "IDLE_STEPS",
     "CacheView",
+    "ChatContext",
     "ChatSession",
     "ContextOverflowError",
     "GenerationOptions",
     "SessionError",
     "StateLoad",
     "StepResult",
+    "TokenCallback",
     "TrimPreview",
     "Turn",
     "TurnResult",
@@ -162,6 +164,10 @@ class _ChatContext:
             for m in self.messages
             if m.seq >= self.chat.cache_start_seq and m.id not in unanswered
         ]
+
+
+#: Public name for other sessions that run the same turn pipeline (e.g. on a server).
+ChatContext = _ChatContext
 
 
 def _turns(messages: list[Message]) -> list[list[Message]]:

@@ -47,6 +47,7 @@ from app.ui.chat_view import ChatView
 from app.ui.dialogs import InfoBanner, about_html, storage_note
 from app.ui.inspector import CacheInspector, format_bytes
 from app.ui.instructions import InstructionEditor, describe_edit_cost
+from app.ui.server_dialog import ServerDialog
 from app.ui.worker import BackgroundOutcome, EngineHost, GenerationOptions, ModelStatus
 
 if TYPE_CHECKING:  # the window only receives these from the worker's signals
@@ -404,7 +405,7 @@ class MainWindow(QMainWindow):
         self._select_model_in_combo()
 
     def _select_model_in_combo(self) -> None:
-        if self.model is None:
+        if self.model is None or self.model.kv_type == "server":
             return
         index = self.model_combo.findData(self.model.path)
         if index < 0:
@@ -425,6 +426,8 @@ class MainWindow(QMainWindow):
             action.triggered.connect(lambda _=False, p=str(choice.path): self.load_model(p))
         self.model_menu.addSeparator()
         self.model_menu.addAction("Open GGUF…", self.open_gguf)
+        self.model_menu.addSeparator()
+        self.model_menu.addAction("Connect to server…", self.ask_server)
 
     def _on_model_chosen(self, index: int) -> None:
         data = self.model_combo.itemData(index)
@@ -441,6 +444,26 @@ class MainWindow(QMainWindow):
         if path:
             self.load_model(path)
 
+    def ask_server(self) -> ServerDialog:
+        """Model → Connect to server…: the dialog connects when accepted."""
+        dialog = ServerDialog(
+            self.host,
+            str(self.settings.value("server/url", "") or ""),
+            str(self.settings.value("server/model", "") or ""),
+            self,
+        )
+        dialog.accepted.connect(lambda: self.connect_server(dialog.url(), dialog.model()))
+        dialog.open()
+        return dialog
+
+    def connect_server(self, url: str, model: str = "") -> None:
+        """Chats continue on the server's model; a local model can be picked again any time."""
+        if self.busy:
+            self.stop()
+        self.settings.setValue("server/url", url)
+        self.settings.setValue("server/model", model)
+        self.host.connect_server(url, model)
+
     def load_model(self, path: str | None) -> None:
         """Load on the worker; the current model stays in use until the new one is ready."""
         if self.busy:
@@ -454,7 +477,8 @@ class MainWindow(QMainWindow):
         self.progress.setValue(0)
         self.progress.setFormat("Loading model %p%")
         self.progress.show()
-        self.model_status_label.setText(f"Loading {Path(path).name if path else 'default model'}…")
+        name = path if path.startswith(("http://", "https://")) else Path(path).name
+        self.model_status_label.setText(f"Loading {name or 'default model'}…")
 
     @_unless_closed
     def _on_load_progress(self, fraction: float) -> None:
@@ -465,9 +489,10 @@ class MainWindow(QMainWindow):
         self.model = status
         self.progress.hide()
         self._select_model_in_combo()
-        self.model_status_label.setText(f"{Path(status.path).name} · {status.description}")
+        self.model_status_label.setText(self._model_line(status))
         self.model_status_label.setToolTip(status.path)
-        self.kv_label.setText(f"KV {status.kv_type}")
+        server = status.kv_type == "server"
+        self.kv_label.setText("KV on the server" if server else f"KV {status.kv_type}")
         self._set_context_used(None)
         self.statusBar().showMessage(f"Model loaded in {status.load_ms:.0f} ms", 5000)
         if self.current_chat_id is not None:
@@ -480,18 +505,22 @@ class MainWindow(QMainWindow):
     def _on_model_failed(self, message: str) -> None:
         self.progress.hide()
         if self.model is not None:
-            self.model_status_label.setText(
-                f"{Path(self.model.path).name} · {self.model.description}"
-            )
+            self.model_status_label.setText(self._model_line(self.model))
             self._select_model_in_combo()
-            text = (
-                f"Could not load the model: {message}\n\nStill using {Path(self.model.path).name}."
-            )
+            still = self._model_line(self.model)
+            text = f"Could not load the model: {message}\n\nStill using {still}."
         else:
             self.model_status_label.setText("No model loaded")
             text = f"Could not load the model: {message}\n\nPick another one in the Model menu."
         self.model_error.emit(message)
         self.show_error("Model not loaded", text)
+
+    @staticmethod
+    def _model_line(status: ModelStatus) -> str:
+        """The status bar's model: the GGUF's name, or the server and its connection."""
+        if status.kv_type == "server":
+            return f"Connected to {status.path} · {status.description}"
+        return f"{Path(status.path).name} · {status.description}"
 
     def _set_context_used(self, tokens: int | None) -> None:
         if self.model is None:

@@ -25,6 +25,8 @@ from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 from app.core.models import ModelFileError, check_gguf_file
 from app.core.prompt import render_instructions
 from app.domain import Step
+from app.remote.client import ServerClient, ServerError, ServerInfo
+from app.remote.session import RemoteChatSession
 from app.session.chat_session import (
     CacheView,
     ChatSession,
@@ -36,6 +38,13 @@ from app.session.chat_session import (
     Upkeep,
 )
 from app.storage.store import StorageError, Store
+
+
+def describe_server(info: ServerInfo) -> str:
+    """One line for the status bar and the connect dialog: kind, model, cache features."""
+    model = info.model.rsplit("/", 1)[-1]
+    context = f", n_ctx {info.n_ctx}" if info.n_ctx else ""
+    return f"{info.kind}: {model}{context} · " + "; ".join(info.features)
 
 
 def default_thread_count() -> int:
@@ -100,6 +109,7 @@ class EngineWorker(QObject):
     trim_applied = Signal(int, object)  # chat id, TrimPreview
     cache_view_ready = Signal(int, object)  # chat id, CacheView
     chat_deleted = Signal(int)
+    server_probed = Signal(int, bool, str)  # request id, reachable, description or error
     error = Signal(str)
     _continue_background = Signal(object)
 
@@ -113,7 +123,7 @@ class EngineWorker(QObject):
     ) -> None:
         super().__init__()
         self.store = store
-        self.session: ChatSession | None = None
+        self.session: ChatSession | RemoteChatSession | None = None
         self.n_ctx = n_ctx
         self.kv_type = kv_type
         self.n_threads = n_threads
@@ -165,13 +175,61 @@ class EngineWorker(QObject):
             )
         )
 
-    def _save_dirty_cache(self, engine: ChatSession) -> None:
+    @Slot(str, str)
+    def connect_server(self, url: str, model: str) -> None:
+        """Use a server's model instead of the local one; every chat stays as it is."""
+        if self.shutting_down.is_set():
+            return
+        self.model_loading.emit(url)
+        started = time.perf_counter()
+        try:
+            remote = RemoteChatSession(self.store, url, model or None)
+        except ServerError as error:
+            self.model_failed.emit(str(error))
+            return
+        except Exception as error:  # a bug must not kill the worker thread
+            traceback.print_exc()
+            self.model_failed.emit(f"{type(error).__name__}: {error}")
+            return
+        previous = self.session
+        if previous is not None:
+            self._save_dirty_cache(previous)
+            previous.close()
+        self.session = remote
+        self.model_loaded.emit(
+            ModelStatus(
+                path=remote.info.base_url,
+                description=describe_server(remote.info),
+                n_params=0,
+                size_bytes=0,
+                n_ctx=remote.n_ctx,
+                kv_type=remote.kv_type,
+                backend_version=remote.backend_version,
+                load_ms=(time.perf_counter() - started) * 1000,
+            )
+        )
+
+    @Slot(int, str, str)
+    def probe_server(self, request_id: int, url: str, model: str) -> None:
+        """The dialog's "Test connection": name, model and cache features, or why not."""
+        try:
+            client = ServerClient(url, model or None, connect_timeout=3.0, read_timeout=10.0)
+            try:
+                info = client.connect()
+            finally:
+                client.close()
+        except ServerError as error:
+            self.server_probed.emit(request_id, False, str(error))
+            return
+        self.server_probed.emit(request_id, True, describe_server(info))
+
+    def _save_dirty_cache(self, engine: ChatSession | RemoteChatSession) -> None:
         try:
             engine.save_if_changed()
         except (SessionError, StorageError, KeyError) as error:
             self.error.emit(f"could not save the cache of the open chat: {error}")
 
-    def _require_session(self) -> ChatSession:
+    def _require_session(self) -> ChatSession | RemoteChatSession:
         if self.session is None:
             raise SessionError("no model is loaded; pick one in the Model menu")
         return self.session
@@ -360,6 +418,8 @@ class EngineHost(QObject):
     """The GUI thread's handle on the worker: queues requests, owns the cancel flags."""
 
     _load_model = Signal(str)
+    _connect_server = Signal(str, str)
+    _probe_server = Signal(int, str, str)
     _run_turn = Signal(object)
     _prepare_chat = Signal(int, object)
     _prefetch_chat = Signal(int, object)
@@ -390,6 +450,8 @@ class EngineHost(QObject):
         self.worker.moveToThread(self.engine_thread)
         queued = Qt.ConnectionType.QueuedConnection
         self._load_model.connect(self.worker.load_model, queued)
+        self._connect_server.connect(self.worker.connect_server, queued)
+        self._probe_server.connect(self.worker.probe_server, queued)
         self._run_turn.connect(self.worker.run_turn, queued)
         self._prepare_chat.connect(self.worker.prepare_chat, queued)
         self._prefetch_chat.connect(self.worker.prefetch_chat, queued)
@@ -423,6 +485,15 @@ class EngineHost(QObject):
     def load_model(self, path: str | None) -> None:
         self._preempt_background()
         self._load_model.emit(path or "")
+
+    def connect_server(self, url: str, model: str) -> None:
+        self._preempt_background()
+        self._connect_server.emit(url, model)
+
+    def probe_server(self, url: str, model: str) -> int:
+        request_id = self.next_request_id()
+        self._probe_server.emit(request_id, url, model)
+        return request_id
 
     def send(self, chat_id: int, text: str, options: GenerationOptions) -> None:
         background = self._preempt_background()

@@ -1,0 +1,1 @@
+"""Chats on an OpenAI-compatible server (llama-server, vLLM, SGLang) with the cache visible."""

@@ -1,0 +1,581 @@
+"""Chats on an OpenAI-compatible server, driven exactly like the local :class:`ChatSession`.
+
+The server keeps the KV cache; the client decides what it holds next by what it sends,
+just as the local session does with target token lists. The prompt is a list of chat
+messages in the layout's order (history-first: history, the instruction block, the new
+message), so the server's prefix cache reuses the history after an instruction edit.
+The idle-time steps keep their meaning:
+
+- commit + warm-up are one request here (history, new message, reply, then the block,
+  with ``max_tokens`` 0, or 1 where the server refuses 0): a chat-completions request
+  cannot end on a finished assistant turn, and the warm-up prompt starts with exactly
+  what the commit would have evaluated;
+- save writes the chat's llama-server slot to a file on the server
+  (``/slots/{id}?action=save``) and the next activation restores it, when the server
+  runs with ``--slot-save-path``.
+
+The turn pipeline (:class:`Turn`, :class:`Upkeep`) is the local one; this class supplies
+the same steps. Figures come from the server: ``reused_tokens`` is its cached count,
+``prefill_tokens`` the prompt tokens it did not have cached. TTFT and decode speed are
+measured on the client. Messages are stored without token ids (the server tokenizes),
+so the local engine re-tokenizes them if the chat is opened there later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from app.core.chat_template import BLOCK_ACK, BLOCK_LABEL_CLOSE, BLOCK_LABEL_OPEN
+from app.core.metrics import TurnMetrics
+from app.core.prompt import render_instructions
+from app.domain import FinishReason, Layout, MessageStatus, Role, Step
+from app.remote.client import ChatCompletion, ServerClient, ServerError, ServerInfo, StreamDropped
+from app.session.chat_session import (
+    IDLE_STEPS,
+    CacheView,
+    ChatContext,
+    GenerationOptions,
+    SessionError,
+    StepResult,
+    TokenCallback,
+    TrimPreview,
+    Turn,
+    TurnResult,
+    Upkeep,
+)
+from app.session.saved_state import StateLoad, StateSave
+from app.storage.store import Store
+
+ENGINE = "server"
+#: Placements of the instruction block after the history, best first: the marked user
+#: turn is for servers whose template refuses a system message after the history.
+BLOCK_ROLES = ("system", "user", "user+ack")
+
+__all__ = ["ENGINE", "RemoteChatSession", "ServerCache", "ServerError"]
+
+
+@dataclass
+class ServerCache:
+    """What the client knows one server slot holds (the server has the cells)."""
+
+    chat_id: int | None = None
+    tokens: int = 0
+    changed: bool = False
+
+    def __len__(self) -> int:
+        return self.tokens
+
+
+def _finish(completion: ChatCompletion) -> FinishReason:
+    if completion.cancelled:
+        return FinishReason.CANCELLED
+    if completion.finish_reason == "length":
+        return FinishReason.LENGTH
+    return FinishReason.STOP
+
+
+class RemoteChatSession:
+    """The chats of one store on one server model; each chat is pinned to one slot."""
+
+    def __init__(
+        self,
+        store: Store,
+        base_url: str,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+    ) -> None:
+        self.store = store
+        self.client = ServerClient(base_url, model, api_key=api_key)
+        try:
+            self.info: ServerInfo = self.client.connect()
+        except BaseException:
+            self.client.close()
+            raise
+        self.slots: dict[int, ServerCache] = {}
+        self.cache_chat_id: int | None = None
+        self.bytes_per_token = 0.0
+        self.prefill_tokens_per_s = 0.0
+        self.block_role = BLOCK_ROLES[0]
+        self.warmup_max_tokens = 0  # 1 once the server refuses 0
+        identity = f"{store.path.resolve()}|{self.info.model}|{self.info.build}"
+        self._file_key = hashlib.sha1(identity.encode()).hexdigest()[:12]
+        self._current_work: Turn | Upkeep | None = None
+        self._skip_cache_once = False
+
+    # -- facts ------------------------------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        return self.info.n_ctx
+
+    @property
+    def kv_type(self) -> str:
+        return ENGINE
+
+    @property
+    def backend_version(self) -> str:
+        return self.info.build or self.info.kind
+
+    @property
+    def model_info(self) -> ServerInfo:
+        return self.info
+
+    @property
+    def mirror(self) -> ServerCache:
+        """The slot of the cache's chat (what ``Turn`` reads its cache size from)."""
+        if self.cache_chat_id is None:
+            return ServerCache()
+        slot = self.slot_for(self.cache_chat_id)
+        return self.slots.setdefault(slot, ServerCache(self.cache_chat_id))
+
+    @property
+    def has_unsaved_cache(self) -> bool:
+        return any(cache.changed for cache in self.slots.values())
+
+    def slot_for(self, chat_id: int) -> int:
+        return chat_id % max(1, self.info.total_slots)
+
+    def state_file(self, chat_id: int) -> str:
+        """The slot file's name on the server: one per store, model and chat."""
+        return f"kvchat-{self._file_key}-{chat_id}.bin"
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- chats and saved slots ------------------------------------------------------------
+
+    def activate(self, chat_id: int) -> StateLoad:
+        """Make ``chat_id`` its slot's chat: save the slot's previous chat, restore this one."""
+        self.cache_chat_id = chat_id
+        slot = self.slot_for(chat_id)
+        held = self.slots.get(slot)
+        if held is not None and held.chat_id == chat_id:
+            return StateLoad(restored=False, tokens=held.tokens)
+        if held is not None and held.changed and held.chat_id is not None:
+            self._save_slot(slot, held)
+        cache = ServerCache(chat_id)
+        self.slots[slot] = cache
+        if not self.info.slot_save:
+            return StateLoad(restored=False)
+        started = time.perf_counter()
+        try:
+            done = self.client.slot_action(slot, "restore", self.state_file(chat_id))
+        except ServerError:
+            return StateLoad(restored=False)  # no saved slot yet (or the server lost it)
+        cache.tokens = int(done.get("n_restored") or 0)
+        read = int(done.get("n_read") or 0)
+        if cache.tokens:
+            self.bytes_per_token = read / cache.tokens
+        ms = (time.perf_counter() - started) * 1000
+        return StateLoad(restored=True, tokens=cache.tokens, ms=ms, bytes=read)
+
+    def prefetch(self, chat_id: int) -> StateLoad:
+        """Restore a chat's slot before its next turn (e.g. when the user selects it)."""
+        return self.activate(chat_id)
+
+    def _save_slot(self, slot: int, cache: ServerCache) -> StateSave:
+        if cache.chat_id is None or not self.info.slot_save:
+            cache.changed = False
+            return StateSave(bytes=0, ms=0.0)
+        started = time.perf_counter()
+        done = self.client.slot_action(slot, "save", self.state_file(cache.chat_id))
+        cache.changed = False
+        written = int(done.get("n_written") or 0)
+        saved_tokens = int(done.get("n_saved") or 0)
+        if saved_tokens:
+            cache.tokens = saved_tokens
+            self.bytes_per_token = written / saved_tokens
+        ms = (time.perf_counter() - started) * 1000
+        return StateSave(bytes=written, ms=ms, written=written)  # the whole slot, on the server
+
+    def save_state(self, chat_id: int) -> StateSave:
+        """Write the chat's slot to its file on the server (nothing without slot saving)."""
+        slot = self.slot_for(chat_id)
+        cache = self.slots.get(slot)
+        if cache is None or cache.chat_id != chat_id:
+            raise SessionError("the server slot does not hold this chat")
+        return self._save_slot(slot, cache)
+
+    def save_if_changed(self) -> StateSave | None:
+        saved = None
+        for slot, cache in self.slots.items():
+            if cache.changed:
+                saved = self._save_slot(slot, cache)
+        return saved
+
+    def drop_cache(self) -> None:
+        """Empty this session's slots on the server: the next turn recomputes everything."""
+        for slot in self.slots:
+            if self.info.slot_save:
+                self.client.slot_action(slot, "erase", "")
+            else:
+                self._skip_cache_once = True  # cannot erase: ask for no reuse instead
+        self.slots.clear()
+
+    def forget_chat(self, chat_id: int) -> None:
+        slot = self.slot_for(chat_id)
+        if slot in self.slots and self.slots[slot].chat_id == chat_id:
+            del self.slots[slot]
+        if self.cache_chat_id == chat_id:
+            self.cache_chat_id = None
+
+    # -- prompts ------------------------------------------------------------------------
+
+    def _block(self, chat_id: int) -> tuple[str, int | None]:
+        current = self.store.current_instructions(chat_id)
+        if current is None:
+            return "", None
+        return render_instructions(current.text, current.variables), current.version
+
+    def _load_context(self, chat_id: int) -> ChatContext:
+        chat = self.store.chat(chat_id)
+        block, version = self._block(chat_id)
+        return ChatContext(chat, self.store.messages(chat_id), block, version)
+
+    def _later_block(self, block: str) -> list[dict[str, str]]:
+        if self.block_role == "system":
+            return [{"role": "system", "content": block}]
+        marked = [{"role": "user", "content": BLOCK_LABEL_OPEN + block + BLOCK_LABEL_CLOSE}]
+        if self.block_role == "user+ack":
+            marked.append({"role": "assistant", "content": BLOCK_ACK})
+        return marked
+
+    def chat_messages(
+        self,
+        context: ChatContext,
+        *,
+        with_block: bool,
+        pending: str | None = None,
+        exclude: int | None = None,
+    ) -> list[dict[str, str]]:
+        """The layout's order as chat messages (what the server renders and caches)."""
+        chat, block = context.chat, context.block_text
+        messages: list[dict[str, str]] = []
+        if chat.layout == Layout.SYSTEM_FIRST and block:
+            messages.append({"role": "system", "content": block})
+        messages.extend(
+            {"role": str(m.role), "content": m.text}
+            for m in context.cached_messages
+            if m.id != exclude
+        )
+        if with_block and chat.layout == Layout.HISTORY_FIRST and block:
+            messages.extend(self._later_block(block))
+        if pending is not None:
+            messages.append({"role": "user", "content": pending})
+        return messages
+
+    def _has_late_block(self, context: ChatContext) -> bool:
+        return context.chat.layout == Layout.HISTORY_FIRST and bool(context.block_text)
+
+    def _complete(
+        self,
+        context: ChatContext,
+        *,
+        pending: str | None,
+        exclude: int | None,
+        max_tokens: int,
+        options: GenerationOptions,
+        on_text: TokenCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ChatCompletion:
+        """One request; a template that refuses the late system message gets the fallback."""
+        while True:
+            messages = self.chat_messages(
+                context, with_block=True, pending=pending, exclude=exclude
+            )
+            try:
+                reuse = not self._skip_cache_once
+                self._skip_cache_once = False
+                return self.client.chat(
+                    messages,
+                    reuse=reuse,
+                    max_tokens=max_tokens,
+                    temperature=options.temperature,
+                    seed=options.seed,
+                    slot=self.slot_for(context.chat.id),
+                    on_text=on_text,
+                    cancel=cancel,
+                )
+            except StreamDropped:
+                raise
+            except ServerError as error:
+                if not self._refused_block(error, context):
+                    raise
+                self.block_role = BLOCK_ROLES[BLOCK_ROLES.index(self.block_role) + 1]
+
+    def _refused_block(self, error: ServerError, context: ChatContext) -> bool:
+        text = str(error).lower()
+        return (
+            self._has_late_block(context)
+            and self.block_role != BLOCK_ROLES[-1]
+            and "answered" in text
+            and any(word in text for word in ("system", "template", "role", "alternate"))
+        )
+
+    def _count(self, text: str) -> int:
+        """Content tokens of ``text`` as the server counts them (0 if it cannot say)."""
+        if not text or self.info.kind != "llama-server":
+            return 0
+        return self.client.tokenize(text) or 0
+
+    # -- a turn -------------------------------------------------------------------------
+
+    def start_turn(
+        self,
+        chat_id: int,
+        text: str | None,
+        options: GenerationOptions | None = None,
+        *,
+        idle_steps: Sequence[Step] = IDLE_STEPS,
+    ) -> Turn:
+        """Store the user's message (``None``: answer the last one again) and open a turn."""
+        started = time.perf_counter()
+        if text is not None and not text.strip():
+            raise SessionError("the message is empty")
+        load = self.activate(chat_id)
+        context = self._load_context(chat_id)
+        options = options or GenerationOptions()
+        if text is None:
+            while context.messages and context.messages[-1].role == Role.ASSISTANT:
+                self.store.delete_message(context.messages.pop().id)
+            if not context.messages:
+                raise SessionError("there is no message to reply to")
+            user = context.messages[-1]
+        else:
+            user = self.store.add_message(
+                chat_id, Role.USER, text, instruction_version=context.instruction_version
+            )
+            context.messages.append(user)
+        turn = Turn(
+            self,  # type: ignore[arg-type]  # the same hooks as ChatSession
+            context,
+            user,
+            options,
+            load,
+            started,
+            (0, 0),
+            regenerated=text is None,
+            idle_steps=idle_steps,
+        )
+        self._current_work = turn
+        return turn
+
+    def send(
+        self,
+        chat_id: int,
+        text: str,
+        options: GenerationOptions | None = None,
+        *,
+        on_token: TokenCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TurnResult:
+        return self.start_turn(chat_id, text, options).respond(on_token=on_token, cancel=cancel)
+
+    def regenerate(
+        self,
+        chat_id: int,
+        options: GenerationOptions | None = None,
+        *,
+        on_token: TokenCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TurnResult:
+        return self.start_turn(chat_id, None, options).respond(on_token=on_token, cancel=cancel)
+
+    @property
+    def current_turn(self) -> Turn | None:
+        work = self._current_work
+        return work if isinstance(work, Turn) else None
+
+    def upkeep(self, chat_id: int, steps: Sequence[Step] = IDLE_STEPS) -> Upkeep:
+        work = Upkeep(self, chat_id, steps)  # type: ignore[arg-type]
+        self._current_work = work
+        return work
+
+    def idle_work(self, chat_id: int) -> Turn | Upkeep:
+        work = self._current_work
+        if isinstance(work, Turn) and work.chat_id == chat_id and not work.done:
+            return work
+        return self.upkeep(chat_id)
+
+    def after_reply(
+        self, chat_id: int, cancel: threading.Event | None = None
+    ) -> TurnMetrics | None:
+        """Commit + warm-up (one request) and save: what the CLI runs before exiting."""
+        work = self.idle_work(chat_id)
+        finished = work.run(cancel)
+        return work.metrics if isinstance(work, Turn) and finished else None
+
+    def _respond(
+        self,
+        turn: Turn,
+        on_token: TokenCallback | None,
+        progress: object,
+        cancel: threading.Event | None,
+    ) -> TurnResult:
+        context, user, options = turn.context, turn.user, turn.options
+        chat = context.chat
+        load = turn.load
+        metrics = TurnMetrics(
+            layout=chat.layout,
+            trim_mode=chat.trim_mode,
+            engine=ENGINE,
+            state_load_ms=load.ms if load.restored else None,
+            message_tokens=self._count(user.text),
+            block_tokens=self._count(context.block_text),
+        )
+        if load.restored:
+            metrics.notes.append(f"server slot restored: {load.tokens} tokens")
+        sent = time.perf_counter()
+        try:
+            completion = self._complete(
+                context,
+                pending=user.text,
+                exclude=user.id,
+                max_tokens=options.max_tokens,
+                options=options,
+                on_text=on_token,
+                cancel=cancel,
+            )
+        except StreamDropped as dropped:
+            partial = dropped.partial
+            if not partial.text:
+                raise
+            metrics.finish_reason = FinishReason.CANCELLED
+            metrics.decode_tokens = partial.pieces
+            metrics.notes.append(str(dropped))
+            reply = self.store.add_message(
+                chat.id,
+                Role.ASSISTANT,
+                partial.text,
+                status=MessageStatus.CANCELLED,
+                instruction_version=context.instruction_version,
+            )
+            self.store.add_metrics(chat.id, reply.id, metrics.as_dict())
+            self.mirror.changed = True
+            raise ServerError(f"{dropped}; the partial reply is stored as cancelled") from dropped
+        self._fill_metrics(metrics, completion, turn.started, sent)
+        if chat.layout == Layout.SYSTEM_FIRST and completion.evaluated_tokens > (
+            metrics.message_tokens + metrics.block_tokens
+        ):
+            metrics.notes.append(
+                f"system-first: {completion.evaluated_tokens} prompt tokens recomputed"
+            )
+        reply_id = None
+        if completion.text:
+            reply = self.store.add_message(
+                chat.id,
+                Role.ASSISTANT,
+                completion.text,
+                status=MessageStatus.CANCELLED
+                if metrics.finish_reason == FinishReason.CANCELLED
+                else MessageStatus.COMPLETE,
+                instruction_version=context.instruction_version,
+            )
+            context.messages.append(reply)
+            reply_id = reply.id
+        cache = self.mirror
+        cache.tokens = completion.prompt_tokens + completion.completion_tokens
+        cache.changed = True
+        metrics.cache_tokens = cache.tokens
+        metrics_id = self.store.add_metrics(chat.id, reply_id or user.id, metrics.as_dict())
+        return TurnResult(
+            chat.id, user.id, reply_id, completion.text, metrics, metrics_id, turn.regenerated
+        )
+
+    def _fill_metrics(
+        self, metrics: TurnMetrics, completion: ChatCompletion, started: float, sent: float
+    ) -> None:
+        """The server's token figures and the client's clock."""
+        metrics.prompt_tokens = completion.prompt_tokens
+        metrics.reused_tokens = completion.reused_tokens
+        metrics.prefill_tokens = max(0, completion.prompt_tokens - completion.reused_tokens)
+        metrics.history_tokens = max(
+            0, completion.prompt_tokens - metrics.prefill_tokens
+        ) if metrics.layout == Layout.HISTORY_FIRST else 0
+        metrics.prefill_ms = completion.timings.get("prompt_ms", completion.ttft_ms)
+        rate = completion.timings.get("prompt_per_second", 0.0)
+        if not rate and metrics.prefill_ms > 0 and metrics.prefill_tokens:
+            rate = metrics.prefill_tokens / (metrics.prefill_ms / 1000)
+        metrics.prefill_tokens_per_s = rate
+        if rate and metrics.prefill_tokens >= 16:
+            self.prefill_tokens_per_s = rate
+        metrics.ttft_ms = (sent - started) * 1000 + completion.ttft_ms
+        metrics.decode_tokens = completion.completion_tokens or completion.pieces
+        metrics.decode_ms = completion.decode_ms
+        if metrics.decode_ms > 0 and metrics.decode_tokens > 1:
+            metrics.decode_tokens_per_s = (metrics.decode_tokens - 1) / (metrics.decode_ms / 1000)
+        metrics.finish_reason = _finish(completion)
+
+    # -- idle-time steps ------------------------------------------------------------------
+
+    def _commit(self, context: ChatContext, cancel: threading.Event | None) -> StepResult:
+        """Nothing to send: the warm-up request evaluates the commit's tokens first."""
+        self.activate(context.chat.id)
+        return StepResult(Step.COMMIT, 0, 0.0, completed=not (cancel and cancel.is_set()))
+
+    def _warm_up(self, context: ChatContext, cancel: threading.Event | None) -> StepResult:
+        """history, new message, reply, then the block: what the next turn starts with."""
+        self.activate(context.chat.id)
+        if cancel is not None and cancel.is_set():
+            return StepResult(Step.WARM_UP, completed=False)
+        if not context.block_text:
+            return StepResult(Step.WARM_UP)  # the slot already ends with the reply
+        started = time.perf_counter()
+        options = GenerationOptions(max_tokens=1, temperature=0.0, seed=0)
+        try:
+            completion = self._complete(
+                context, pending=None, exclude=None, max_tokens=self.warmup_max_tokens,
+                options=options, cancel=cancel,
+            )
+        except ServerError:
+            if self.warmup_max_tokens != 0:
+                raise
+            self.warmup_max_tokens = 1  # e.g. vLLM: max_tokens must be at least 1
+            completion = self._complete(
+                context, pending=None, exclude=None, max_tokens=1, options=options, cancel=cancel
+            )
+        cache = self.mirror
+        cache.tokens = completion.prompt_tokens + completion.completion_tokens
+        cache.changed = True
+        ms = (time.perf_counter() - started) * 1000
+        return StepResult(
+            Step.WARM_UP, completion.evaluated_tokens, ms, completed=not completion.cancelled
+        )
+
+    # -- inspector helpers ----------------------------------------------------------------
+
+    def edit_cost(
+        self, chat_id: int, block_text: str, layout: str | None = None
+    ) -> tuple[int, float | None]:
+        """Tokens a new block would make the server recompute (and seconds at its speed)."""
+        layout = layout or self.store.chat(chat_id).layout
+        tokens = self._count(block_text) or len(block_text) // 4
+        if layout == Layout.SYSTEM_FIRST:
+            slot = self.slots.get(self.slot_for(chat_id))
+            held = slot.tokens if slot is not None and slot.chat_id == chat_id else 0
+            tokens = max(tokens, held)
+        rate = self.prefill_tokens_per_s
+        return tokens, (tokens / rate if rate else None)
+
+    def cache_view(self, chat_id: int) -> CacheView:
+        slot = self.slots.get(self.slot_for(chat_id))
+        held = slot.tokens if slot is not None and slot.chat_id == chat_id else 0
+        return CacheView(
+            chat_id=chat_id if held else None,
+            segments=[(f"server slot {self.slot_for(chat_id)}", held)] if held else [],
+            cache_tokens=held,
+            matching_tokens=held,
+            n_ctx=self.n_ctx,
+            bytes_per_token=self.bytes_per_token,
+        )
+
+    def preview_trim(self, chat_id: int, limit: int | None, mode: str | None = None) -> TrimPreview:
+        raise SessionError("limiting the cached history is not available on a server yet")
+
+    def set_trim(self, chat_id: int, limit: int | None, mode: str | None = None) -> TrimPreview:
+        raise SessionError("limiting the cached history is not available on a server yet")

@@ -1,0 +1,82 @@
+"""Model → Connect to server…: a base URL, a model name and a connection test.
+
+The test runs on the engine's worker thread (the GUI thread never waits on the network);
+the API key is never typed here: it comes from KVCHAT_API_KEY or the OS keyring.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Slot
+from PySide6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.ui.worker import EngineHost
+
+DEFAULT_URL = "http://127.0.0.1:8080/v1"
+
+
+class ServerDialog(QDialog):
+    """Asks for the server; ``accepted`` leaves ``url()`` and ``model()`` to connect with."""
+
+    def __init__(
+        self, host: EngineHost, url: str = "", model: str = "", parent: QWidget | None = None
+    ) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Connect to server")
+        self.host = host
+        self._request_id = 0
+        self.url_edit = QLineEdit(url or DEFAULT_URL)
+        self.url_edit.setPlaceholderText(DEFAULT_URL)
+        self.model_edit = QLineEdit(model)
+        self.model_edit.setPlaceholderText("the server's first model")
+        form = QFormLayout()
+        form.addRow("Base URL", self.url_edit)
+        form.addRow("Model", self.model_edit)
+        self.test_button = QPushButton("Test connection")
+        self.test_button.clicked.connect(self.test_connection)
+        self.result_label = QLabel(
+            "The API key, if the server needs one, comes from KVCHAT_API_KEY or the OS keyring."
+        )
+        self.result_label.setWordWrap(True)
+        buttons = QDialogButtonBox(
+            QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
+        )
+        buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Connect")
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.test_button)
+        layout.addWidget(self.result_label)
+        layout.addWidget(buttons)
+        host.worker.server_probed.connect(self._on_probed)
+
+    def url(self) -> str:
+        return self.url_edit.text().strip()
+
+    def model(self) -> str:
+        return self.model_edit.text().strip()
+
+    def test_connection(self) -> None:
+        self.result_label.setText(f"Connecting to {self.url()}…")
+        self.test_button.setEnabled(False)
+        self._request_id = self.host.probe_server(self.url(), self.model())
+
+    @Slot(int, bool, str)
+    def _on_probed(self, request_id: int, reachable: bool, text: str) -> None:
+        if request_id != self._request_id:
+            return
+        self.test_button.setEnabled(True)
+        self.result_label.setText(("Connected. " if reachable else "Not connected: ") + text)
+
+    def done(self, result: int) -> None:
+        self.host.worker.server_probed.disconnect(self._on_probed)
+        super().done(result)

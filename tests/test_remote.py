@@ -1,0 +1,353 @@
+"""The server engine against a real llama-server (the embedded model), and its failures.
+
+Cache figures are the server's own (``timings.cache_n``/``prompt_n``,
+``usage.prompt_tokens_details.cached_tokens``). Only the error paths that a healthy
+llama-server cannot produce (a 500, a stream cut mid-reply) use a tiny local HTTP
+server; it stands in for no cache logic.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from llama_server import LlamaServer, free_port, llama_server_binary
+
+from app.bench.config import HISTORY_FIRST_WARM, NAIVE, REOPEN, BenchConfig
+from app.bench.strategies import run_benchmark
+from app.core.models import default_model_path
+from app.domain import FinishReason, Layout, MessageStatus, Role
+from app.remote.client import ServerError
+from app.remote.session import RemoteChatSession
+from app.session.chat_session import IDLE_STEPS, GenerationOptions
+from app.storage.store import Store
+
+GREEDY = GenerationOptions(max_tokens=12, temperature=0.0, seed=0)
+#: Chat markup around a new message as the server's template writes it (SmolLM2's
+#: ChatML: "<|im_start|>user\n" … "<|im_end|>\n<|im_start|>assistant\n"), plus the
+#: token the cached prompt and the new one may share before they part.
+MARKUP = 10
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
+    binary = llama_server_binary()
+    folder = tmp_path_factory.mktemp("llama-server")
+    slots = folder / "slots"
+    slots.mkdir()
+    running = LlamaServer(binary, default_model_path(), slots, folder / "server.log")
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def remote(server: LlamaServer, store: Store) -> Iterator[RemoteChatSession]:
+    session = RemoteChatSession(store, server.base_url)
+    yield session
+    session.close()
+
+
+def _chat(store: Store, name: str, layout: str, block: str) -> int:
+    chat = store.create_chat(name, layout)
+    store.add_instruction_version(chat.id, block, {})
+    return chat.id
+
+
+def _turn(session: RemoteChatSession, chat_id: int, text: str, *, idle: bool = True):
+    turn = session.start_turn(chat_id, text, GREEDY, idle_steps=IDLE_STEPS if idle else ())
+    result = turn.respond()
+    if idle:
+        assert turn.run()
+    return result
+
+
+def _edited_third_turn(session: RemoteChatSession, store: Store, layout: str):
+    chat_id = _chat(store, layout, layout, "Be brief.")
+    _turn(session, chat_id, "Name a fruit.")
+    _turn(session, chat_id, "Name a colour.")
+    store.add_instruction_version(chat_id, "Answer like a pirate, in one short sentence.", {})
+    return session.start_turn(chat_id, "Name a city.", GREEDY).respond().metrics
+
+
+def test_history_first_edit_recomputes_only_block_and_message_on_the_server(
+    remote: RemoteChatSession, store: Store
+) -> None:
+    history_first = _edited_third_turn(remote, store, Layout.HISTORY_FIRST)
+    system_first = _edited_third_turn(remote, store, Layout.SYSTEM_FIRST)
+    assert history_first.engine == "server"
+    new_part = history_first.block_tokens + history_first.message_tokens
+    assert history_first.block_tokens > 5 and history_first.message_tokens > 2
+    assert new_part <= history_first.prefill_tokens <= new_part + 2 * MARKUP
+    assert history_first.reused_tokens == history_first.prompt_tokens - history_first.prefill_tokens
+    assert history_first.reused_tokens > 60  # two turns of history stayed on the server
+    # system-first: the edited block opens the prompt, so the server recomputes it all.
+    assert system_first.reused_tokens <= MARKUP
+    assert system_first.prefill_tokens >= system_first.prompt_tokens - MARKUP
+    stored = [row.data for row in store.metrics(store.chat_by_name("history-first").id)]
+    assert {row["engine"] for row in stored} == {"server"}
+    assert stored[-1]["reused_tokens"] == history_first.reused_tokens
+
+
+def test_warm_up_request_keeps_the_next_turn_down_to_the_new_message(
+    remote: RemoteChatSession, store: Store
+) -> None:
+    warm_chat = _chat(store, "warm", Layout.HISTORY_FIRST, "Be brief and friendly.")
+    cold_chat = _chat(store, "cold", Layout.HISTORY_FIRST, "Be brief and friendly.")
+    _turn(remote, warm_chat, "Name a fruit.")
+    warm = _turn(remote, warm_chat, "Name a colour.").metrics
+    _turn(remote, cold_chat, "Name a fruit.", idle=False)
+    cold = _turn(remote, cold_chat, "Name a colour.", idle=False).metrics
+    assert warm.warmup_tokens > 0
+    assert warm.message_tokens <= warm.prefill_tokens <= warm.message_tokens + MARKUP
+    # Without the warm-up the block sat before the last message and reply: recomputed.
+    assert cold.prefill_tokens >= cold.message_tokens + cold.block_tokens
+
+
+def test_chat_switch_and_server_restart_restore_the_saved_slot(
+    server: LlamaServer, store: Store
+) -> None:
+    session = RemoteChatSession(store, server.base_url)
+    assert session.info.slot_save and session.info.total_slots == 1
+    first = _chat(store, "first", Layout.HISTORY_FIRST, "Be brief.")
+    second = _chat(store, "second", Layout.HISTORY_FIRST, "Be brief.")
+    _turn(session, first, "Name a fruit.")
+    _turn(session, second, "Name a planet.")  # the one slot now holds the second chat
+    back = _turn(session, first, "Name a colour.").metrics
+    assert back.state_load_ms is not None
+    assert back.prefill_tokens <= back.message_tokens + MARKUP
+    session.close()
+
+    server.restart()
+    reopened = RemoteChatSession(store, server.base_url)
+    try:
+        after = _turn(reopened, first, "Name a city.").metrics
+    finally:
+        reopened.close()
+    assert after.state_load_ms is not None
+    assert after.reused_tokens > back.prompt_tokens
+    assert after.prefill_tokens <= after.message_tokens + MARKUP
+
+
+def test_cli_chat_prints_the_servers_figures(server: LlamaServer, tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "app", "chat", "--server", server.base_url, "--json",
+        "--temperature", "0", "--max-tokens", "12", "--db", str(tmp_path / "cli.db"),
+        "--chat", "demo",
+    ]  # fmt: skip
+    first = subprocess.run(
+        [*command, "--instructions", "Be brief.", "Hello"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run(
+        [*command, "And then?"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert second.returncode == 0, second.stderr
+    payload = json.loads(second.stdout)
+    metrics = payload["metrics"]
+    assert metrics["engine"] == "server"
+    assert metrics["state_load_ms"] is not None  # the slot file of the first process
+    assert metrics["reused_tokens"] > json.loads(first.stdout)["metrics"]["prompt_tokens"]
+    assert metrics["prefill_tokens"] == metrics["prompt_tokens"] - metrics["reused_tokens"]
+    assert payload["reply"]
+
+
+def test_bench_plays_the_strategies_on_the_server(tmp_path: Path) -> None:
+    slots = tmp_path / "slots"
+    slots.mkdir()
+    three = LlamaServer(
+        llama_server_binary(), default_model_path(), slots, tmp_path / "log", parallel=3
+    )
+    three.start()
+    try:
+        config = BenchConfig(
+            history_tokens=300, instruction_tokens=80, message_tokens=20, turns=2, max_tokens=4,
+            strategies=(NAIVE, HISTORY_FIRST_WARM, REOPEN), server_url=three.base_url,
+        )  # fmt: skip
+        report = run_benchmark(config)
+    finally:
+        three.stop()
+    assert report.model["kv_type"] == "server" and not report.cancelled
+    naive, warm, reopen = (report.summaries[name] for name in (NAIVE, HISTORY_FIRST_WARM, REOPEN))
+    assert naive.prompt_tokens is not None and naive.prompt_tokens > 300
+    assert naive.prefill_tokens == naive.prompt_tokens  # its slot was erased before each turn
+    assert warm.prefill_tokens is not None and warm.prefill_tokens <= 20 + MARKUP
+    assert reopen.state_load_ms is not None  # the slot file restored before each turn
+    assert reopen.prefill_tokens is not None and reopen.prefill_tokens <= 20 + MARKUP
+
+
+# -- failures -------------------------------------------------------------------------
+
+
+def _one_line(error: pytest.ExceptionInfo[ServerError]) -> str:
+    text = str(error.value)
+    assert "\n" not in text and text
+    return text
+
+
+def test_a_server_that_is_down_is_one_line(store: Store, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(ServerError) as error:
+        RemoteChatSession(store, url)
+    assert "cannot connect to http://127.0.0.1:" in _one_line(error)
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "chat", "--db", str(tmp_path / "cli.db"), "--chat", "x",
+         "--server", url, "Hello"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith(f"kvchat: error: cannot connect to {url}")
+    assert done.stderr.count("\n") == 1
+
+
+def test_a_wrong_url_and_an_unknown_model_are_one_line(server: LlamaServer, store: Store) -> None:
+    with pytest.raises(ServerError) as error:
+        RemoteChatSession(store, f"{server.root}/not-an-api/v1")
+    assert "404" in _one_line(error)
+    with pytest.raises(ServerError) as error:
+        RemoteChatSession(store, server.base_url, "no-such-model")
+    assert "no model named 'no-such-model'" in _one_line(error)
+    with pytest.raises(ServerError) as error:
+        RemoteChatSession(store, "127.0.0.1:8080/v1")
+    assert "http://" in _one_line(error)
+
+
+def test_a_4xx_answer_keeps_the_message(remote: RemoteChatSession, store: Store) -> None:
+    chat_id = store.create_chat("long", Layout.HISTORY_FIRST).id
+    too_long = "word " * 3000  # more tokens than the server's context
+    with pytest.raises(ServerError) as error:
+        remote.send(chat_id, too_long, GREEDY)
+    assert "400" in _one_line(error)
+    messages = store.messages(chat_id)
+    assert [(m.role, m.text) for m in messages] == [(Role.USER, too_long)]
+
+
+class _Misbehaving(BaseHTTPRequestHandler):
+    """Lists one model; answers chat completions with a 500 or cuts the stream."""
+
+    protocol_version = "HTTP/1.1"
+    mode = "500"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": "small"}]})
+        else:
+            self._json(404, {"error": {"message": "not found"}})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path != "/v1/chat/completions":
+            self._json(404, {"error": {"message": "not found"}})
+        elif self.mode == "500":
+            self._json(500, {"error": {"message": "CUDA out of memory"}})
+        else:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for piece in ("Hello", " there"):
+                event = f'data: {{"choices":[{{"index":0,"delta":{{"content":"{piece}"}}}}]}}\n\n'
+                data = event.encode()
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+            self.close_connection = True  # no last chunk, no [DONE]: the stream is cut
+
+
+@pytest.fixture
+def misbehaving() -> Iterator[type[_Misbehaving]]:
+    handler = type("Handler", (_Misbehaving,), {})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    handler.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"  # type: ignore[attr-defined]
+    yield handler
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_5xx_answer_is_one_line_and_keeps_the_message(
+    misbehaving: type[_Misbehaving], store: Store
+) -> None:
+    session = RemoteChatSession(store, misbehaving.url)  # type: ignore[attr-defined]
+    chat_id = store.create_chat("five hundred").id
+    with pytest.raises(ServerError) as error:
+        session.send(chat_id, "Hello?", GREEDY)
+    session.close()
+    assert "500 Internal Server Error: CUDA out of memory" in _one_line(error)
+    assert [m.text for m in store.messages(chat_id)] == ["Hello?"]
+
+
+def test_a_stream_dropped_mid_reply_stores_the_partial_reply_as_cancelled(
+    misbehaving: type[_Misbehaving], store: Store
+) -> None:
+    misbehaving.mode = "drop"
+    session = RemoteChatSession(store, misbehaving.url)  # type: ignore[attr-defined]
+    chat_id = store.create_chat("dropped").id
+    with pytest.raises(ServerError) as error:
+        session.send(chat_id, "Hello?", GREEDY)
+    session.close()
+    assert "the partial reply is stored as cancelled" in _one_line(error)
+    user, reply = store.messages(chat_id)
+    assert (user.role, user.text) == (Role.USER, "Hello?")
+    assert (reply.role, reply.text, reply.status) == (
+        Role.ASSISTANT,
+        "Hello there",
+        MessageStatus.CANCELLED,
+    )
+    (row,) = store.metrics(chat_id)
+    assert row.data["finish_reason"] == FinishReason.CANCELLED
+    assert row.data["engine"] == "server"
+
+
+# -- the window ---------------------------------------------------------------------------
+
+
+@pytest.mark.gui
+def test_window_connects_to_the_server_and_back_keeping_the_chat(
+    qtbot, server: LlamaServer, db_path: Path, tmp_path: Path
+) -> None:
+    from gui_helpers import close_window, open_window, send_turn, temp_settings
+
+    window = open_window(qtbot, db_path, temp_settings(tmp_path))
+    try:
+        dialog = window.ask_server()
+        dialog.url_edit.setText(server.base_url)
+        dialog.test_button.click()
+        qtbot.waitUntil(lambda: dialog.test_button.isEnabled(), timeout=30_000)
+        assert dialog.result_label.text().startswith("Connected. llama-server: SmolLM2")
+        assert "slot save/restore" in dialog.result_label.text()
+        with qtbot.waitSignal(window.model_ready, timeout=30_000):
+            dialog.accept()
+        assert window.model_status_label.text().startswith(f"Connected to {server.base_url}")
+        on_server, background = send_turn(qtbot, window, "Name a fruit.")
+        assert on_server.reply and background is not None and background.completed
+
+        with qtbot.waitSignal(window.model_ready, timeout=120_000):
+            window.load_model(None)  # back to the embedded model
+        assert not window.model_status_label.text().startswith("Connected")
+        local, _ = send_turn(qtbot, window, "Name a colour.")
+        chat_id = window.current_chat_id
+        texts = [m.text for m in window.store.messages(chat_id)]
+        assert texts == ["Name a fruit.", on_server.reply, "Name a colour.", local.reply]
+        engines = [row.data["engine"] for row in window.store.metrics(chat_id)]
+        assert engines == ["server", "local"]
+    finally:
+        close_window(window)
