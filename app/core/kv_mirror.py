@@ -14,7 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from app.core.llama_backend import ContextFullError, DecodeError, LlamaBackend
+from app.core.state_pages import ParsedState, parse_state
 from app.domain import Step
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -48,6 +51,10 @@ class KVMirror:
         self._tokens: list[int] = []
         self.changed = False  # cells changed since the last mark_saved()
         self.prefill_tokens_per_s: float | None = None  # smoothed, from large evaluations
+        # A restored sliding-window cache holds only the window before its last position:
+        # keeping less than this many tokens would leave later tokens a window with holes.
+        self._exact_floor = 0
+        self.recomputed_for_window = False  # the last sync started over because of that
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -65,6 +72,7 @@ class KVMirror:
 
     def reset(self) -> None:
         """Empty the cache."""
+        self._exact_floor = 0
         self.backend.clear()
         if self._tokens:
             self.changed = True
@@ -91,6 +99,11 @@ class KVMirror:
             reused -= 1
         if reused < 0:
             raise NothingToEvaluate("nothing to evaluate: the prompt is empty")
+        self.recomputed_for_window = 0 < reused < self._exact_floor
+        if self.recomputed_for_window:
+            reused = 0  # exact results need the whole window: start over
+        if reused < self._exact_floor:
+            self._exact_floor = 0
         if reused < len(self._tokens):
             self.backend.remove_cells(reused, -1)
             del self._tokens[reused:]
@@ -138,7 +151,7 @@ class KVMirror:
 
         False (cache untouched) when the model cannot shift positions.
         """
-        if not self.backend.can_shift or not 0 <= start <= end <= len(self._tokens):
+        if not self.backend.can_shift or not self._exact_floor <= start <= end <= len(self._tokens):
             return False
         self.backend.remove_cells(start, end)
         if len(self._tokens) > end:
@@ -156,10 +169,13 @@ class KVMirror:
         self.reset()
         if not self.backend.set_state(state):
             return "llama.cpp rejected the saved state"
-        held = self.backend.last_position() + 1
-        if held != len(token_ids) or self.backend.first_position() not in (0, -1):
+        parsed = parse_state(state)
+        reason = _cells_mismatch(parsed, len(token_ids), self.backend.last_position() + 1)
+        if reason is not None:
             self.backend.clear()
-            return f"the saved state holds {held} cells but {len(token_ids)} token ids"
+            return reason
+        windowed = parsed is not None and len(parsed.caches) > 1
+        self._exact_floor = len(token_ids) if windowed else 0
         self._tokens = list(token_ids)
         self.changed = False
         return None
@@ -170,3 +186,25 @@ class KVMirror:
             self.backend.clear()
             self._tokens = []
             self.changed = True
+
+
+def _cells_mismatch(parsed: ParsedState | None, expected: int, held: int) -> str | None:
+    """Why a restored state does not hold positions 0..expected-1, or None if it does.
+
+    The full-attention cache (the first in the state) must hold every position. A
+    sliding-window cache after it legitimately starts later, so llama.cpp's lowest
+    position of the sequence says nothing about the history; its positions are read
+    from the state itself when its layout is known.
+    """
+    if held != expected:
+        return f"the saved state holds {held} positions but {expected} token ids"
+    if parsed is None:
+        return None  # a layout we cannot read (e.g. recurrent memory): llama.cpp's checks stand
+    positions = parsed.caches[0].positions
+    if positions.shape[0] != expected or not np.array_equal(positions, np.arange(expected)):
+        first = int(positions[0]) if positions.shape[0] else -1
+        return (
+            f"the saved state's full-attention cache holds {positions.shape[0]} cells from "
+            f"position {first}, not the {expected} positions of its token ids"
+        )
+    return None

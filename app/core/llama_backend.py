@@ -140,6 +140,10 @@ class LlamaBackend:
         ctx_params.n_seq_max = 1
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
+        # Sliding-window layers keep every cell in memory (llama.cpp's swa_full), so any
+        # prefix of the cache can be kept and extended exactly; costs the full KV size for
+        # those layers instead of a window's.
+        ctx_params.swa_full = True
         ctx_params.type_k = KV_TYPES[kv_type]
         ctx_params.type_v = KV_TYPES[kv_type]
         # Without flash attention, llama.cpp's CPU results for a token do not depend on how
@@ -218,6 +222,11 @@ class LlamaBackend:
 
     def is_control(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_control(self._vocab, token))
+
+    @property
+    def sliding_window(self) -> int:
+        """The sliding-window size of the model's SWA layers; 0 when it has none."""
+        return max(0, int(llama_cpp.llama_model_n_swa(self._model)))
 
     @property
     def can_shift(self) -> bool:

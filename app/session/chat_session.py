@@ -199,7 +199,7 @@ class _IdleWork:
         self.session = session
         self.chat_id = chat_id
         # Whatever subset is asked for, the steps run in the one order that is correct.
-        self.remaining = [step for step in IDLE_STEPS if step in steps]
+        self.remaining = [step for step in session.idle_order if step in steps]
         self.stopped = False
 
     @property
@@ -418,6 +418,18 @@ class ChatSession:
         return self.mirror.tokens
 
     @property
+    def idle_order(self) -> tuple[Step, ...]:
+        """The order of the idle-time steps for this model.
+
+        A sliding-window cache is saved with only the window before its last cell, so
+        it is saved at the committed history, before the block is warmed up on top:
+        later turns then only ever remove cells above what was restored, and stay exact.
+        """
+        if self.backend.sliding_window:
+            return (Step.COMMIT, Step.SAVE, Step.WARM_UP)
+        return IDLE_STEPS
+
+    @property
     def has_unsaved_cache(self) -> bool:
         return self.cache_chat_id is not None and self.mirror.changed
 
@@ -466,6 +478,13 @@ class ChatSession:
         """Persist the cache of ``chat_id`` with its token ids."""
         if self.cache_chat_id != chat_id:
             raise SessionError("the cache does not hold this chat")
+        if self.backend.sliding_window and list(self.mirror.tokens) != self.history_plan(
+            chat_id
+        ).tokens:
+            # Only the committed history is worth a sliding-window save (see idle_order);
+            # the saved one stays, and the block on top is warmed up again after a restore.
+            self.mirror.mark_saved()
+            return StateSave(0, 0.0)
         save = self.states.save(chat_id)
         if save.bytes and len(self.mirror):
             self.bytes_per_token = save.bytes / len(self.mirror)
@@ -844,6 +863,11 @@ class ChatSession:
             )
         except NothingToEvaluate as error:
             raise SessionError(str(error)) from error
+        if self.mirror.recomputed_for_window:
+            metrics.notes.append(
+                "sliding-window model: the restored cache holds only the window before its "
+                "end, so a change below it recomputes from the start"
+            )
         metrics.reused_tokens = synced.reused
         metrics.prefill_tokens = synced.evaluated
         metrics.prefill_ms = synced.ms
