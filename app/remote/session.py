@@ -81,6 +81,9 @@ def _finish(completion: ChatCompletion) -> FinishReason:
 class RemoteChatSession:
     """The chats of one store on one server model; each chat is pinned to one slot."""
 
+    #: The server keeps its own cells: the usual order of the idle-time steps applies.
+    idle_order = IDLE_STEPS
+
     def __init__(
         self,
         store: Store,
