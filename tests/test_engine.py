@@ -426,3 +426,16 @@ def test_idle_steps_refuse_to_run_before_the_reply(engine: ChatSession, store: S
     newer = engine.upkeep(chat_id)
     assert turn.advance() is None and turn.stage == TurnStage.SUPERSEDED
     assert newer.run()
+
+
+def test_regenerate_draws_a_new_seed_unless_greedy(engine: ChatSession, store: Store) -> None:
+    chat_id = _chat(store, "seeds")
+    sampled = GenerationOptions(max_tokens=6, temperature=0.9, seed=7)
+    first = engine.send(chat_id, QUESTIONS[0], sampled)
+    assert first.metrics.seed == 7
+    seeds = {engine.regenerate(chat_id, sampled).metrics.seed for _ in range(3)}
+    assert len(seeds) == 3 and 7 not in seeds
+    greedy_a = engine.regenerate(chat_id, GREEDY)
+    greedy_b = engine.regenerate(chat_id, GREEDY)
+    assert greedy_a.metrics.seed == greedy_b.metrics.seed == GREEDY.seed
+    assert greedy_a.reply == greedy_b.reply

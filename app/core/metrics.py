@@ -43,6 +43,7 @@ class TurnMetrics:
     trimmed_tokens: int = 0
     trim_mode: str = "exact"
     finish_reason: str = ""
+    seed: int | None = None  # the sampler's seed; a regenerate at temperature > 0 draws a new one
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ It is not thread-safe; cancellation is a ``threading.Event`` set from anywhere.
 from __future__ import annotations
 
 import codecs
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -731,6 +732,9 @@ class ChatSession:
         context = self._load_context(chat_id)
         load = self.activate(chat_id, context)
         options = options or GenerationOptions()
+        if text is None and options.temperature > 0:
+            # Another reply, not the same one again: greedy replies stay reproducible.
+            options = replace(options, seed=secrets.randbelow(limits.MAX_SEED + 1))
         if text is None:
             while context.messages and context.messages[-1].role == Role.ASSISTANT:
                 self.store.delete_message(context.messages.pop().id)
@@ -889,6 +893,7 @@ class ChatSession:
                 options, content, text_parts, metrics, turn.started, on_token, cancel
             )
         metrics.finish_reason = finish
+        metrics.seed = options.seed
         reply_text = "".join(text_parts)
         reply_id = None
         if content:

@@ -511,7 +511,7 @@ class CacheInspector(QWidget):
             sum(t for _, t in view.segments if _ != "new message + reply") - view.matching_tokens
         )
         if view.cache_tokens == 0:
-            parts.append("<i>(not loaded: restored from the saved state at the next send)</i>")
+            parts.append("<i>(nothing of this chat is in the cache yet)</i>")
         elif pending > 0:
             parts.append(f"<i>(pale: {pending} not cached yet)</i>")
         self.legend_label.setText("&nbsp;&nbsp;".join(parts))
