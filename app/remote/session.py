@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 from app.core.chat_template import BLOCK_ACK, BLOCK_LABEL_CLOSE, BLOCK_LABEL_OPEN
 from app.core.metrics import TurnMetrics
-from app.core.prompt import render_instructions
 from app.domain import FinishReason, Layout, MessageStatus, Role, Step
 from app.remote.client import ChatCompletion, ServerClient, ServerError, ServerInfo, StreamDropped
 from app.session.chat_session import (
@@ -46,6 +45,8 @@ from app.session.chat_session import (
     Turn,
     TurnResult,
     Upkeep,
+    current_block,
+    load_chat_context,
 )
 from app.session.saved_state import StateLoad, StateSave
 from app.storage.store import Store
@@ -230,15 +231,10 @@ class RemoteChatSession:
     # -- prompts ------------------------------------------------------------------------
 
     def _block(self, chat_id: int) -> tuple[str, int | None]:
-        current = self.store.current_instructions(chat_id)
-        if current is None:
-            return "", None
-        return render_instructions(current.text, current.variables), current.version
+        return current_block(self.store, chat_id)
 
     def _load_context(self, chat_id: int) -> ChatContext:
-        chat = self.store.chat(chat_id)
-        block, version = self._block(chat_id)
-        return ChatContext(chat, self.store.messages(chat_id), block, version)
+        return load_chat_context(self.store, chat_id)
 
     def _later_block(self, block: str) -> list[dict[str, str]]:
         if self.block_role == "system":

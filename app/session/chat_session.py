@@ -171,6 +171,20 @@ class _ChatContext:
 ChatContext = _ChatContext
 
 
+def current_block(store: Store, chat_id: int) -> tuple[str, int | None]:
+    """The chat's instruction block as the model sees it, and its version."""
+    current = store.current_instructions(chat_id)
+    if current is None:
+        return "", None
+    return render_instructions(current.text, current.variables), current.version
+
+
+def load_chat_context(store: Store, chat_id: int) -> _ChatContext:
+    """A chat, its messages and its block, read once for one piece of work."""
+    block, version = current_block(store, chat_id)
+    return _ChatContext(store.chat(chat_id), store.messages(chat_id), block, version)
+
+
 def _turns(messages: list[Message]) -> list[list[Message]]:
     """Group messages into turns: a user message and the replies after it."""
     groups: list[list[Message]] = []
@@ -512,15 +526,10 @@ class ChatSession:
     # -- prompt plans -----------------------------------------------------------------
 
     def _block(self, chat_id: int) -> tuple[str, int | None]:
-        current = self.store.current_instructions(chat_id)
-        if current is None:
-            return "", None
-        return render_instructions(current.text, current.variables), current.version
+        return current_block(self.store, chat_id)
 
     def _load_context(self, chat_id: int) -> _ChatContext:
-        chat = self.store.chat(chat_id)
-        block, version = self._block(chat_id)
-        return _ChatContext(chat, self.store.messages(chat_id), block, version)
+        return load_chat_context(self.store, chat_id)
 
     def _message_tokens(self, message: Message) -> tuple[int, ...]:
         if message.token_format == self.token_format and message.token_ids:
