@@ -18,6 +18,7 @@ from app.arguments import positive_int, whole_number
 from app.core.models import ModelFileError
 from app.domain import KVType, Layout, MessageStatus, Role, TrimMode
 from app.session.chat_session import ChatSession, GenerationOptions, SessionError, TurnResult
+from app.storage.export import export_chat
 from app.storage.records import Message
 from app.storage.store import StorageError, Store, valid_chat_name
 
@@ -128,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the last message (seq, as `history` shows) the new chat keeps")
     fork.add_argument("--name", required=True, help="name of the new chat")
     fork.add_argument("--json", action="store_true")
+
+    export = commands.add_parser("export", help="write a chat as Markdown or JSON (with metrics)")
+    export.add_argument("--db", required=True)
+    export.add_argument("--chat", required=True)
+    export.add_argument("--out", required=True, metavar="FILE",
+                        help="*.json writes JSON; any other name writes Markdown")
 
     storage = commands.add_parser("storage", help="KV page storage per chat and in total")
     storage.add_argument("--db", required=True)
@@ -334,6 +341,22 @@ def run_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    valid_chat_name(args.chat)
+    if not Path(args.db).expanduser().exists():
+        raise CliError(f"database not found: {args.db}")
+    with Store(Path(args.db).expanduser(), read_only=True) as store:
+        chat = store.chat_by_name(args.chat)
+        if chat is None:
+            raise CliError(f"no chat named {args.chat!r}")
+        try:
+            target = export_chat(store, chat.id, Path(args.out).expanduser())
+        except OSError as error:
+            raise CliError(f"cannot write {args.out}: {error.strerror or error}") from error
+    print(target)
+    return 0
+
+
 def run_fork(args: argparse.Namespace) -> int:
     with _open_store(args.db) as store:
         source = store.chat_by_name(args.chat)
@@ -392,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_history(args)
         if args.command == "fork":
             return run_fork(args)
+        if args.command == "export":
+            return run_export(args)
         if args.command == "storage":
             return run_storage(args)
         from app.bench.cli import run_bench

@@ -6,6 +6,7 @@ Opens the main window on a temporary database and temporary settings, runs a few
 turns with an instruction block (and one edit of it), waits for the background
 commit/warm-up/save so the inspector is complete, then saves:
 
+- docs/main-<w>x<h>-<light|dark>.png  the window at 1024x640, 1280x720 and 1920x1080
 - docs/main-window.png      chat + instruction editor (with an edit-cost preview) + charts
 - docs/inspector-phases.png the same window with the per-turn phase table
 - docs/trim-preview.png     the trim slider dragged: turns that would leave the cache greyed
@@ -39,9 +40,11 @@ TURNS = (
     ("What does a lighthouse keeper do each evening?", None),
     ("Give me three safety tips for a stormy night, as a list.", INSTRUCTIONS_V2),
     ("Write a tiny Python function that converts nautical miles to kilometres.", None),
+    ("Make a Markdown table of three lighthouse parts and what each does.", None),
     ("Thanks! In one sentence: why does the light rotate?", None),
 )
 TIMEOUT_S = 600.0
+SIZES = ((1024, 640), (1280, 720), (1920, 1080))
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = TIMEOUT_S) -> None:
@@ -69,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
     create_application([sys.argv[0]])
-
+    from app.ui import theme
     from app.ui.main_window import MainWindow
 
     with tempfile.TemporaryDirectory(prefix="kvchat-shots-") as folder:
@@ -111,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                     lambda m=metrics_id: any(b.metrics_id == m for b in backgrounds),  # type: ignore[attr-defined]
                     f"background work of turn {index}",
                 )
-                print(f"turn {index}: {replies[-1].metrics.reused_tokens} reused, "  # type: ignore[attr-defined]
-                      f"{replies[-1].metrics.prefill_tokens} recomputed")  # type: ignore[attr-defined]
+                print(
+                    f"turn {index}: {replies[-1].metrics.reused_tokens} reused, "  # type: ignore[attr-defined]
+                    f"{replies[-1].metrics.prefill_tokens} recomputed"
+                )  # type: ignore[attr-defined]
 
             costs: list[object] = []
             window.edit_cost_shown.connect(lambda tokens, _seconds: costs.append(tokens))
@@ -120,12 +126,33 @@ def main(argv: list[str] | None = None) -> int:
             wait_for(lambda: bool(costs), "the edit-cost preview")
             window.input.setPlainText("What should I check before a storm?")
             window.inspector.tabs.setCurrentIndex(0)
+            for mode in (theme.ThemeMode.LIGHT, theme.ThemeMode.DARK):
+                theme.apply(mode)
+                for width, height in SIZES:
+                    window.resize(width, height)
+                    settle()
+                    window.chat_view.scroll_to_end()
+                    settle(0.2)
+                    name = f"main-{width}x{height}-{mode}.png"
+                    got = window.size()
+                    if (got.width(), got.height()) != (width, height):
+                        print(f"warning: {name}: the window is {got.width()}x{got.height()}")
+                    window.grab().save(str(out / name))
+                    written.append(out / name)
+            theme.apply(theme.ThemeMode.LIGHT)
+            window.resize(1280, 720)
+            window.inspector.chart_picker.setCurrentIndex(
+                window.inspector.chart_picker.findData("cache")
+            )
             settle()
             window.grab().save(str(out / "main-window.png"))
+            written.append(out / "main-window.png")
+            window.inspector.chart_picker.setCurrentIndex(0)
 
             window.inspector.tabs.setCurrentIndex(1)
             settle()
             window.grab().save(str(out / "inspector-phases.png"))
+            written.append(out / "inspector-phases.png")
 
             window.inspector.tabs.setCurrentIndex(0)
             previews: list[object] = []
@@ -140,12 +167,13 @@ def main(argv: list[str] | None = None) -> int:
             window.chat_view.scroll_to_top()  # the greyed, leaving turns are the oldest
             settle(0.2)
             window.grab().save(str(out / "trim-preview.png"))
+            written.append(out / "trim-preview.png")
             slider.blockSignals(True)  # leave without applying the previewed limit
             slider.setSliderDown(False)
         finally:
             window.close()
-    for name in ("main-window.png", "inspector-phases.png", "trim-preview.png"):
-        print(out / name)
+    for path in written:
+        print(path)
     return 0
 
 

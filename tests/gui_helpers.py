@@ -13,6 +13,7 @@ from typing import Any
 from PySide6.QtCore import QObject, QSettings, QTimer
 
 from app.session.chat_session import TurnResult
+from app.ui.app import create_application
 from app.ui.main_window import MainWindow
 from app.ui.worker import BackgroundOutcome
 
@@ -46,6 +47,7 @@ def log_of(window: MainWindow) -> SignalLog:
 def open_window(qtbot: Any, db_path: Path, settings: QSettings, **options: Any) -> MainWindow:
     """A shown window whose model has finished loading."""
     options.setdefault("n_ctx", GUI_CTX)
+    create_application(settings=settings)  # the app's style and theme, as users see it
     window = MainWindow(db_path, settings=settings, **options)
     LOGS[id(window)] = SignalLog(window)
     with qtbot.waitSignal(window.model_ready, timeout=MODEL_TIMEOUT_MS):

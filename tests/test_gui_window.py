@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from gui_helpers import (
     wait_background,
 )
 from PySide6.QtCore import QSettings, Qt
+from PySide6.QtWidgets import QApplication
 
 from app.core.metrics import PHASES
 from app.storage.store import DatabaseInUse, Store
@@ -24,9 +26,19 @@ from app.ui.main_window import MainWindow
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 
 COMPARED_FIELDS = (
-    "reused_tokens", "prefill_tokens", "background_tokens", "commit_tokens", "warmup_tokens",
-    "decode_tokens", "ttft_ms", "prefill_ms", "cache_tokens", "state_bytes", "state_save_ms",
-    "state_load_ms", "layout",
+    "reused_tokens",
+    "prefill_tokens",
+    "background_tokens",
+    "commit_tokens",
+    "warmup_tokens",
+    "decode_tokens",
+    "ttft_ms",
+    "prefill_ms",
+    "cache_tokens",
+    "state_bytes",
+    "state_save_ms",
+    "state_load_ms",
+    "layout",
 )
 
 
@@ -108,8 +120,10 @@ def test_reopening_restores_the_saved_cache(qtbot, db_path: Path, settings: QSet
         assert len(second.inspector.turns) == 1
         # The selected chat's state is restored in the background, before any send.
         qtbot.waitUntil(
-            lambda: second.host.worker.session is not None
-            and second.host.worker.session.cache_chat_id == chat_id,
+            lambda: (
+                second.host.worker.session is not None
+                and second.host.worker.session.cache_chat_id == chat_id
+            ),
             timeout=TURN_TIMEOUT_MS,
         )
         reply, _ = send_turn(qtbot, second, "And one about dogs.")
@@ -199,9 +213,7 @@ def test_escape_stops(qtbot, window: MainWindow) -> None:
     assert log.replies[0].metrics.finish_reason == "cancelled"
 
 
-def test_context_overflow_keeps_the_typed_text(
-    qtbot, db_path: Path, settings: QSettings
-) -> None:
+def test_context_overflow_keeps_the_typed_text(qtbot, db_path: Path, settings: QSettings) -> None:
     small = open_window(qtbot, db_path, settings, n_ctx=256)
     try:
         text = "word " * 600
@@ -247,12 +259,53 @@ def test_edit_cost_preview_and_layout_switch(qtbot, window: MainWindow) -> None:
     assert 0 < history_first_tokens < 40, "history-first: only the block is recomputed"
     assert "recomputes" in window.instructions.cost_label.text()
 
+    window.instructions.revert_button.click()  # back to the saved text, then a layout preview
     with qtbot.waitSignal(window.edit_cost_shown, timeout=TURN_TIMEOUT_MS) as switched:
         window.instructions.layout_combo.setCurrentIndex(
             window.instructions.layout_combo.findData("system-first")
         )
-    assert window.store.chat(window.current_chat_id).layout == "system-first"
+    chat_id = window.current_chat_id
+    assert window.store.chat(chat_id).layout == "history-first", "a preview changes nothing"
     assert switched.args[0] > history_first_tokens, "system-first recomputes the history"
+    assert "Applying this layout recomputes" in window.instructions.cost_label.text()
+    assert window.instructions.apply_layout_button.isVisible()
+
+    log = log_of(window)
+    seen = len(log.backgrounds)
+    window.instructions.apply_layout_button.click()
+    assert window.store.chat(chat_id).layout == "system-first"
+    assert not window.instructions.apply_layout_button.isVisible()
+    qtbot.waitUntil(lambda: len(log.backgrounds) > seen, timeout=TURN_TIMEOUT_MS)
+    # Once the idle-time rebuild is done, the label says the next message costs only itself.
+    qtbot.waitUntil(
+        lambda: "pays only for itself" in window.instructions.cost_label.text(),
+        timeout=TURN_TIMEOUT_MS,
+    )
+    outcome, _ = send_turn(qtbot, window, "Short answer please.")
+    message_tokens = len(window.store.messages(chat_id)[-2].token_ids)
+    assert outcome.metrics.prefill_tokens <= message_tokens + 16
+
+
+def test_variables_are_saved_with_each_version(qtbot, window: MainWindow) -> None:
+    editor = window.instructions
+    editor.editor.setPlainText("You help {{user}} with {{topic}}.")
+    table = editor.variables_table
+    names = [table.item(row, 0).text() for row in range(table.rowCount())]
+    assert names == ["user", "topic"], "placeholders typed in the text get rows"
+    editor.variables_table.item(0, 1).setText("Ada")
+    editor.variables_table.item(1, 1).setText("lighthouses")
+    assert editor.tabs.tabText(1) == "Variables (2)"
+    editor.save_button.click()
+    chat_id = window.current_chat_id
+    saved = window.store.current_instructions(chat_id)
+    assert saved.variables == {"user": "Ada", "topic": "lighthouses"}
+    # A new version with another value; the old one keeps its own.
+    editor.variables_table.item(0, 1).setText("Grace")
+    editor.save_button.click()
+    versions = window.store.instruction_versions(chat_id)
+    assert [v.variables["user"] for v in versions] == ["Ada", "Grace"]
+    editor.restore_version(1)
+    assert editor.variables() == {"user": "Ada", "topic": "lighthouses"}
 
 
 def test_instruction_versions_restore_and_save(qtbot, window: MainWindow) -> None:
@@ -262,7 +315,8 @@ def test_instruction_versions_restore_and_save(qtbot, window: MainWindow) -> Non
         window.save_instructions(editor.text())
     chat_id = window.current_chat_id
     assert [v.text for v in window.store.instruction_versions(chat_id)] == [
-        "Version one.", "Version two.",
+        "Version one.",
+        "Version two.",
     ]
     assert editor.versions.count() == 2
     editor.restore_version(1)
@@ -364,9 +418,7 @@ def test_switching_model_shows_load_progress(qtbot, window: MainWindow) -> None:
     assert outcome.reply
 
 
-def test_an_unanswered_message_shows_retry_which_answers_it(
-    qtbot, window: MainWindow
-) -> None:
+def test_an_unanswered_message_shows_retry_which_answers_it(qtbot, window: MainWindow) -> None:
     chat_id = window.current_chat_id or window.new_chat()
     window.store.add_message(chat_id, "user", "Name a bird.")  # as a kill would leave it
     window.select_chat(chat_id)
@@ -397,3 +449,84 @@ def test_generation_fields_refuse_out_of_range_numbers(window: MainWindow) -> No
     )
     window.max_tokens_spin.setValue(-5)
     assert window.generation_options().max_tokens == 1
+
+
+def test_window_fits_a_small_laptop_screen_after_a_reply(qtbot, window: MainWindow) -> None:
+    """A long status line used to set the composer's minimum width (1,305 px at least)."""
+    send_turn(qtbot, window, "Say hello in five words.")
+    window.turn_status.setText("Reused 123456, recomputed 654321 tokens · " * 6)
+    window.resize(1024, 640)
+    qtbot.waitUntil(lambda: window.size().toTuple() == (1024, 640), timeout=5000)
+    hint = window.minimumSizeHint()
+    assert hint.width() <= 1024 and hint.height() <= 640, hint
+    plot = window.inspector.plot_widgets[window.inspector.current_chart()]
+    assert plot.isVisible() and plot.height() >= 96, "the chart on show keeps a usable height"
+
+
+def test_labels_describe_the_chat_on_screen(qtbot, window: MainWindow) -> None:
+    first = window.current_chat_id or window.new_chat()
+    send_turn(qtbot, window, "Name a fruit.")
+    assert window.turn_status.text().startswith("Reused")
+    assert window.context_label.text() != "context — / 8192"
+    second = window.new_chat()
+    assert window.current_chat_id == second
+    assert window.turn_status.text() == "", "the previous chat's figures are gone"
+    assert "—" in window.context_label.text()
+    assert window.inspector.turns == []
+    qtbot.waitUntil(lambda: window.inspector.view is not None, timeout=TURN_TIMEOUT_MS)
+    assert window.inspector.view.cache_tokens == 0 or window.inspector.view.chat_id != second
+    assert "no model" not in window.inspector.size_label.text()
+    window.select_chat(first)
+    assert len(window.inspector.turns) == 1
+
+
+def test_export_chat_as_markdown_and_json(qtbot, window: MainWindow, tmp_path: Path) -> None:
+    window.instructions.editor.setPlainText("Answer for {{user}}.")
+    window.instructions.variables_table.item(0, 1).setText("Ada")
+    window.instructions.save_button.click()
+    outcome, _ = send_turn(qtbot, window, "Give me a `code` word and a | pipe.")
+    markdown = window.export_chat(tmp_path / "chat.md").read_text(encoding="utf-8")
+    assert "## You\n\nGive me a `code` word and a | pipe." in markdown
+    assert f"## Assistant\n\n{outcome.reply}" in markdown
+    assert f"reused {outcome.metrics.reused_tokens}" in markdown
+    assert "| user | Ada |" in markdown
+    document = json.loads(window.export_chat(tmp_path / "chat.json").read_text(encoding="utf-8"))
+    assert document["format"] == "kvchat-chat" and document["format_version"] == 1
+    reply = document["messages"][-1]
+    assert reply["text"] == outcome.reply and reply["role"] == "assistant"
+    stored = window.store.messages(window.current_chat_id)[-1]
+    assert reply["token_ids"] == list(stored.token_ids)
+    assert reply["metrics"]["prefill_tokens"] == outcome.metrics.prefill_tokens
+    assert document["instruction_versions"][-1]["variables"] == {"user": "Ada"}
+
+
+def test_model_settings_reload_with_a_new_context_size(qtbot, window: MainWindow) -> None:
+    send_turn(qtbot, window, "Hello.")
+    dialog = window.ask_model_settings()
+    assert dialog.n_ctx_spin.value() == window.model.n_ctx
+    dialog.n_ctx_spin.setValue(2048)
+    dialog.kv_combo.setCurrentIndex(dialog.kv_combo.findData("q8_0"))
+    with qtbot.waitSignal(window.model_ready, timeout=TURN_TIMEOUT_MS) as loaded:
+        dialog.accept()
+    assert (loaded.args[0].n_ctx, loaded.args[0].kv_type) == (2048, "q8_0")
+    assert window.settings.value("model/n_ctx") in (2048, "2048")
+    assert "/ 2048" in window.context_label.text()
+    outcome, _ = send_turn(qtbot, window, "Still there?")
+    assert outcome.reply, "the chat goes on with the reloaded model"
+
+
+def test_dark_theme_reaches_charts_and_rendered_replies(qtbot, window: MainWindow) -> None:
+    from app.ui import theme
+
+    send_turn(qtbot, window, "Write `x = 1` as a Python code block.")
+    try:
+        window.set_theme("dark")
+        assert window.settings.value("view/theme") == "dark"
+        plot = window.inspector.plot_widgets["tokens"]
+        assert plot.backgroundBrush().color().name() == theme.DARK.chart_background
+        assert theme.DARK.window in QApplication.instance().styleSheet()
+        reply = window.chat_view.bubbles[-1]
+        assert all(theme.LIGHT.code_background not in block.html for block in reply.body.blocks)
+    finally:
+        window.set_theme("light")
+    assert plot.backgroundBrush().color().name() == theme.LIGHT.chart_background

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 from app.core.chat_template import BLOCK_ACK, BlockPlacement, ChatMarkup, Wrapper
 from app.core.llama_backend import LlamaBackend
+from app.core.variables import PLACEHOLDER as _VARIABLE
 from app.domain import Layout, SegmentKind
-
-_VARIABLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
 def render_instructions(text: str, variables: dict[str, str] | None) -> str:

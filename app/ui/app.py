@@ -17,6 +17,7 @@ from app.arguments import positive_int
 from app.domain import KVType
 from app.resources import resource_path
 from app.storage.store import DatabaseCorrupt, DatabaseInUse, StorageError, set_aside
+from app.ui import system_libraries
 
 APP_NAME = "kvchat"
 DB_FILE = "chats.db"
@@ -36,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", help=f"database file (default: {default_db_path()})")
     parser.add_argument("--model", help="GGUF model file (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--n-ctx", type=positive_int, help="context size in tokens")
-    parser.add_argument(
-        "--kv-type", choices=list(KVType), default=KVType.F16, help="KV cache type"
-    )
+    parser.add_argument("--kv-type", choices=list(KVType), default=KVType.F16, help="KV cache type")
     parser.add_argument("--version", action="version", version=f"KV Chat {app.__version__}")
     return parser
 
@@ -48,12 +47,9 @@ def user_settings() -> QSettings:
     return QSettings(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, APP_NAME, APP_NAME)
 
 
-def _style_sheet() -> str:
-    path = resource_path("style.qss")
-    return path.read_text(encoding="utf-8") if path.is_file() else ""
-
-
-def create_application(argv: list[str] | None = None) -> QApplication:
+def create_application(
+    argv: list[str] | None = None, settings: QSettings | None = None
+) -> QApplication:
     """The QApplication with KV Chat's names, icon and style (reused by tests and scripts)."""
     application = QApplication.instance() or QApplication(argv or [sys.argv[0]])
     application.setApplicationName(APP_NAME)
@@ -63,7 +59,11 @@ def create_application(argv: list[str] | None = None) -> QApplication:
     icon = resource_path("icons", "kvchat-256.png")  # optional: shipped by the packaging
     if icon.is_file():
         application.setWindowIcon(QIcon(str(icon)))
-    application.setStyleSheet(_style_sheet())
+    from app.ui import theme  # pyqtgraph: imported once the application exists
+
+    application.setStyle("Fusion")  # the same look, light or dark, on every platform
+    settings = user_settings() if settings is None else settings
+    theme.apply(str(settings.value("view/theme", theme.ThemeMode.SYSTEM)))
     return application  # type: ignore[return-value]
 
 
@@ -71,6 +71,11 @@ def main(args: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if args is None else args)
     options = build_parser().parse_args(argv)
     db_path = Path(options.db).expanduser() if options.db else default_db_path()
+    if system_libraries.uses_xcb():
+        missing = system_libraries.missing_libraries()
+        if missing:  # Qt would abort naming one of them at most
+            print(system_libraries.missing_message(missing), file=sys.stderr)
+            return 1
     application = create_application([sys.argv[0]])
     try:
         db_path.parent.mkdir(parents=True, exist_ok=True)

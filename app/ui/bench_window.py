@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pyqtgraph as pg
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
-from PySide6.QtGui import QCloseEvent
+from PySide6.QtGui import QCloseEvent, QColor
 from PySide6.QtWidgets import (
     QFileDialog,
     QFormLayout,
@@ -26,6 +27,7 @@ from PySide6.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
+    QStackedWidget,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -37,11 +39,30 @@ from app.bench.plot import COLOURS, SYMBOLS
 from app.bench.report import BenchReport
 from app.bench.strategies import run_benchmark
 from app.ui import export as exporting
+from app.ui import theme
+from app.ui.worker import default_thread_count
 
 #: Per-turn CSV columns: every TurnSample field but the reply text (noise in a sheet).
 CSV_FIELDS = tuple(f.name for f in dataclasses.fields(TurnSample) if f.name != "reply")
 TABLE_HEADERS = ("Strategy", "Median TTFT (ms)", "Prefill tokens", "vs naive")
-INK = "#24292f"  # explicit: pyqtgraph's global defaults depend on which module loaded first
+#: The window's sizes: small enough for a run of well under 30 s on 2 cores (the CLI's
+#: defaults, 3,000 history tokens x 8 turns, take minutes). Bigger runs: raise them.
+WINDOW_SIZES = {"history_tokens": 300, "instruction_tokens": 150, "turns": 3}
+
+
+def window_config(model_path: str | Path | None = None) -> BenchConfig:
+    """The window's default run: light sizes, the chat worker's thread count."""
+    return BenchConfig(model_path=model_path, n_threads=default_thread_count(), **WINDOW_SIZES)
+
+
+def eta_text(done: int, total: int, elapsed_s: float) -> str:
+    """Remaining time from the pace so far (turns of one run take similar times)."""
+    if done <= 0 or total <= done:
+        return ""
+    remaining = elapsed_s / done * (total - done)
+    if remaining < 60:
+        return f"about {max(1, round(remaining))} s left"
+    return f"about {remaining / 60:.0f} min left"
 
 
 class BenchWorker(QObject):
@@ -87,7 +108,7 @@ class BenchWindow(QWidget):
     ) -> None:
         super().__init__(parent, Qt.WindowType.Window)
         self.setWindowTitle("KV Chat – Benchmark")
-        self.base_config = base_config or BenchConfig(model_path=model_path)
+        self.base_config = base_config or window_config(model_path)
         self.samples: list[TurnSample] = []
         self.report: BenchReport | None = None
         self.last_error: str | None = None
@@ -144,21 +165,24 @@ class BenchWindow(QWidget):
         self.progress.setTextVisible(True)
         self.progress.setValue(0)
 
-        self.plot_widget = pg.PlotWidget(background="w")
-        self.plot_widget.setMinimumHeight(300)
+        self.plot_widget = pg.PlotWidget()
+        self.plot_widget.setMinimumHeight(240)
         plot = self.plot_widget.getPlotItem()
-        plot.setTitle("TTFT per measured turn", color=INK)
-        for side, label in (("bottom", "measured turn"), ("left", "TTFT (ms, log scale)")):
-            axis = plot.getAxis(side)
-            axis.setPen(INK)
-            axis.setTextPen(INK)
-            plot.setLabel(side, label, color=INK)
         plot.setLogMode(x=False, y=True)
         plot.showGrid(x=True, y=True, alpha=0.3)
-        self.legend = plot.addLegend(
-            offset=(10, 10), labelTextColor=INK, brush=pg.mkBrush(255, 255, 255, 220),
-            pen=pg.mkPen("#d0d7de"),
-        )
+        plot.setMouseEnabled(x=False, y=False)
+        plot.hideButtons()
+        self.legend = plot.addLegend(offset=(10, 10))
+        self.empty_label = QLabel()
+        self.empty_label.setObjectName("emptyChart")
+        self.empty_label.setWordWrap(True)
+        self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.plot_stack = QStackedWidget()
+        self.plot_stack.addWidget(self.empty_label)
+        self.plot_stack.addWidget(self.plot_widget)
+        self._started_at = 0.0
+        theme.notifier.changed.connect(self.apply_theme)
+        self.apply_theme(theme.palette())
 
         self.table = QTableWidget(0, len(TABLE_HEADERS))
         self.table.setHorizontalHeaderLabels(TABLE_HEADERS)
@@ -170,9 +194,12 @@ class BenchWindow(QWidget):
             header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
         rows = len(STRATEGIES)  # fits every strategy without scrolling or empty space
         self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
-        height = (self.table.horizontalHeader().sizeHint().height()
-                  + rows * self.table.verticalHeader().defaultSectionSize()
-                  + 2 * self.table.frameWidth() + 2)
+        height = (
+            self.table.horizontalHeader().sizeHint().height()
+            + rows * self.table.verticalHeader().defaultSectionSize()
+            + 2 * self.table.frameWidth()
+            + 2
+        )
         self.table.setFixedHeight(height)
 
         self.export_png_button = QPushButton("Export PNG…")
@@ -188,12 +215,19 @@ class BenchWindow(QWidget):
         layout.addLayout(controls)
         layout.addWidget(self.status_label)
         layout.addWidget(self.progress)
-        layout.addWidget(self.plot_widget, 1)
+        layout.addWidget(self.plot_stack, 1)
         layout.addWidget(self.table)
         layout.addLayout(export_row)
 
         self.start_button.clicked.connect(self.start)
         self.stop_button.clicked.connect(self.stop)
+        for spin in (
+            self.history_spin,
+            self.instruction_spin,
+            self.turns_spin,
+            self.edit_every_spin,
+        ):
+            spin.valueChanged.connect(self._on_size_changed)
         self.export_png_button.clicked.connect(self.ask_export_png)
         self.export_csv_button.clicked.connect(self.ask_export_csv)
 
@@ -206,6 +240,36 @@ class BenchWindow(QWidget):
         self.instruction_spin.setValue(config.instruction_tokens)
         self.turns_spin.setValue(config.turns)
         self.edit_every_spin.setValue(config.edit_every)
+        self._show_empty_state()
+
+    def _show_empty_state(self) -> None:
+        """Before a run: what Start will do, instead of an empty plot."""
+        config = self.config()
+        self.empty_label.setText(
+            f"Start replays one scripted chat ({config.history_tokens} history tokens, a"
+            f" {config.instruction_tokens}-token instruction block, {config.turns} measured"
+            f" turns) under {len(config.strategies)} caching strategies, each with its own copy"
+            f" of the model on {config.n_threads or 'all'} threads, and plots the time to the"
+            " first token of every turn."
+        )
+        self.plot_stack.setCurrentWidget(self.empty_label)
+
+    def _on_size_changed(self, _value: int) -> None:
+        if not self.samples and not self.is_running():
+            self._show_empty_state()
+
+    def apply_theme(self, colours: theme.Palette) -> None:
+        self.plot_widget.setBackground(colours.chart_background)
+        plot = self.plot_widget.getPlotItem()
+        plot.setTitle("TTFT per measured turn", color=colours.chart_foreground)
+        for side, label in (("bottom", "measured turn"), ("left", "TTFT (ms, log scale)")):
+            axis = plot.getAxis(side)
+            axis.setPen(pg.mkPen(colours.border))
+            axis.setTextPen(pg.mkPen(colours.chart_foreground))
+            plot.setLabel(side, label, color=colours.chart_foreground)
+        self.legend.setLabelTextColor(colours.chart_foreground)
+        self.legend.setBrush(pg.mkBrush(QColor(colours.window)))
+        self.legend.setPen(pg.mkPen(colours.border))
 
     def config(self) -> BenchConfig:
         """The base config with the sizes the user chose."""
@@ -241,6 +305,8 @@ class BenchWindow(QWidget):
         self.progress.setRange(0, config.turns * len(config.strategies))
         self.progress.setValue(0)
         self.status_label.setText("Starting…")
+        self.plot_stack.setCurrentWidget(self.plot_widget)
+        self._started_at = time.monotonic()
         self._set_running(True)
 
         self._cancel = threading.Event()
@@ -277,8 +343,12 @@ class BenchWindow(QWidget):
     def _set_running(self, running: bool) -> None:
         self.start_button.setEnabled(not running)
         self.stop_button.setEnabled(running)
-        for spin in (self.history_spin, self.instruction_spin, self.turns_spin,
-                     self.edit_every_spin):
+        for spin in (
+            self.history_spin,
+            self.instruction_spin,
+            self.turns_spin,
+            self.edit_every_spin,
+        ):
             spin.setEnabled(not running)
         done = not running and bool(self.samples)
         self.export_png_button.setEnabled(done)
@@ -297,11 +367,14 @@ class BenchWindow(QWidget):
     def _on_turn(self, sample: TurnSample) -> None:
         self.samples.append(sample)
         turns = self._running_config.turns if self._running_config else sample.turn + 1
+        total = self.progress.maximum()
+        eta = eta_text(len(self.samples), total, time.monotonic() - self._started_at)
         self.status_label.setText(
             f"turn {sample.turn + 1}/{turns}: {sample.strategy} — TTFT {sample.ttft_ms:.0f} ms,"
-            f" {sample.prefill_tokens} tokens prefilled"
+            f" {sample.prefill_tokens} tokens prefilled" + (f" · {eta}" if eta else "")
         )
         self.progress.setValue(len(self.samples))
+        self.progress.setFormat(f"%v/%m turns · {eta}" if eta else "%v/%m turns")
         points = self._points.setdefault(sample.strategy, [])
         points.append((sample.turn + 1, max(sample.ttft_ms, 0.01)))
         curve = self.curves.get(sample.strategy)
@@ -316,8 +389,7 @@ class BenchWindow(QWidget):
         plot.setXRange(0.7, turns + 0.3, padding=0)
         values = [y for points in self._points.values() for _, y in points]
         if values:
-            plot.setYRange(math.log10(min(values) / 1.5), math.log10(max(values) * 8),
-                           padding=0)
+            plot.setYRange(math.log10(min(values) / 1.5), math.log10(max(values) * 8), padding=0)
 
     @Slot(object)
     def _on_finished(self, report: BenchReport | None) -> None:
@@ -349,7 +421,8 @@ class BenchWindow(QWidget):
         for index, name in enumerate(strategies):
             colour = COLOURS.get(name, (90, 90, 90))
             self.curves[name] = plot.plot(
-                [], [],
+                [],
+                [],
                 pen=pg.mkPen(colour, width=2),
                 symbol=SYMBOLS[index % len(SYMBOLS)],
                 symbolBrush=colour,
@@ -393,14 +466,16 @@ class BenchWindow(QWidget):
         return exporting.export_csv(path, CSV_FIELDS, (dataclasses.asdict(s) for s in self.samples))
 
     def ask_export_png(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export plot", "kvchat-bench.png",
-                                              "PNG (*.png)")
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export plot", "kvchat-bench.png", "PNG (*.png)"
+        )
         if path:
             self.export_png(path)
 
     def ask_export_csv(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Export samples", "kvchat-bench.csv",
-                                              "CSV (*.csv)")
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export samples", "kvchat-bench.csv", "CSV (*.csv)"
+        )
         if path:
             self.export_csv(path)
 

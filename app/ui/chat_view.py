@@ -21,7 +21,8 @@ from PySide6.QtWidgets import (
 )
 
 from app.storage.records import Message
-from app.ui.markdown import markdown_to_html, plain_to_html
+from app.ui import theme
+from app.ui.markdown import Block, CodeBlock, TextBlock, markdown_blocks, plain_to_html
 
 RENDER_INTERVAL_MS = 40
 
@@ -56,6 +57,102 @@ class WrappedLabel(QLabel):
                 self._heights.clear()
             self._heights[width] = height
         return height
+
+
+def _text_label() -> WrappedLabel:
+    label = WrappedLabel()
+    label.setObjectName("bubbleBody")
+    label.setWordWrap(True)
+    label.setTextFormat(Qt.TextFormat.RichText)
+    label.setTextInteractionFlags(
+        Qt.TextInteractionFlag.TextSelectableByMouse | Qt.TextInteractionFlag.LinksAccessibleByMouse
+    )
+    label.setOpenExternalLinks(True)  # links open in the browser
+    label.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+    return label
+
+
+class CodeBlockView(QFrame):
+    """A code block of a reply: its language, a Copy button, the highlighted code."""
+
+    def __init__(self, block: CodeBlock) -> None:
+        super().__init__()
+        self.setObjectName("codeBlock")
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(8, 4, 8, 6)
+        layout.setSpacing(2)
+        header = QHBoxLayout()
+        self.language_label = QLabel()
+        self.language_label.setObjectName("codeLanguage")
+        header.addWidget(self.language_label)
+        header.addStretch(1)
+        self.copy_button = QPushButton("Copy")
+        self.copy_button.setObjectName("codeCopy")
+        self.copy_button.setToolTip("Copy this code block")
+        self.copy_button.setCursor(Qt.CursorShape.PointingHandCursor)
+        self.copy_button.clicked.connect(self.copy_code)
+        header.addWidget(self.copy_button)
+        layout.addLayout(header)
+        self.code_label = _text_label()
+        self.code_label.setObjectName("codeText")
+        layout.addWidget(self.code_label)
+        self.block = block
+        self.set_block(block)
+
+    def set_block(self, block: CodeBlock) -> None:
+        self.block = block
+        self.language_label.setText(block.language or "code")
+        self.code_label.setText(block.html)
+
+    def copy_code(self) -> None:
+        QGuiApplication.clipboard().setText(self.block.code)
+
+
+class MarkdownBody(QWidget):
+    """A reply's blocks as widgets; on an update only the blocks that changed are redone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._layout = QVBoxLayout(self)
+        self._layout.setContentsMargins(0, 0, 0, 0)
+        self._layout.setSpacing(4)
+        self.blocks: list[Block] = []
+        self.views: list[QWidget] = []
+
+    def set_blocks(self, blocks: list[Block]) -> None:
+        for index, block in enumerate(blocks):
+            if index < len(self.blocks) and self.blocks[index] == block:
+                continue
+            view = self.views[index] if index < len(self.views) else None
+            if isinstance(block, CodeBlock) and isinstance(view, CodeBlockView):
+                view.set_block(block)
+            elif not isinstance(block, CodeBlock) and isinstance(view, WrappedLabel):
+                view.setText(block.html)
+            else:
+                replacement = CodeBlockView(block) if isinstance(block, CodeBlock) else None
+                if replacement is None:
+                    label = _text_label()
+                    label.setText(block.html)
+                    replacement = label
+                if view is not None:
+                    self._layout.replaceWidget(view, replacement)
+                    view.deleteLater()
+                    self.views[index] = replacement
+                else:
+                    self._layout.addWidget(replacement)
+                    self.views.append(replacement)
+        for view in self.views[len(blocks) :]:
+            self._layout.removeWidget(view)
+            view.deleteLater()
+        self.views = self.views[: len(blocks)]
+        self.blocks = list(blocks)
+
+    def code_views(self) -> list[CodeBlockView]:
+        return [view for view in self.views if isinstance(view, CodeBlockView)]
+
+    def plain_html(self) -> str:
+        """The rendered blocks as one string (tests look at what is shown)."""
+        return "".join(block.html for block in self.blocks)
 
 
 def _repolish(widget: QWidget) -> None:
@@ -93,7 +190,9 @@ class MessageBubble(QFrame):
         self.setObjectName("bubble")
         self.setProperty("role", role)
         self.setProperty("inCache", True)
-        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Maximum)
+        # Preferred, not Maximum: Maximum caps a bubble at its sizeHint, which is shorter
+        # than its height for a narrow width (a wrapped table), and cut the text off.
+        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(10, 6, 10, 8)
         layout.setSpacing(2)
@@ -120,16 +219,8 @@ class MessageBubble(QFrame):
         self.copy_button.clicked.connect(self.copy_text)
         header.addWidget(self.copy_button)
         layout.addLayout(header)
-        self.body = WrappedLabel()
-        self.body.setObjectName("bubbleBody")
-        self.body.setWordWrap(True)
-        self.body.setTextFormat(Qt.TextFormat.RichText)
-        self.body.setTextInteractionFlags(
-            Qt.TextInteractionFlag.TextSelectableByMouse
-            | Qt.TextInteractionFlag.LinksAccessibleByMouse
-        )
-        self.body.setOpenExternalLinks(True)
-        self.body.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        self.body = MarkdownBody()
+        self.body.setObjectName("bubbleContent")
         layout.addWidget(self.body)
         self.in_cache = True
         self.preview = False
@@ -138,10 +229,16 @@ class MessageBubble(QFrame):
 
     def set_text(self, text: str) -> None:
         self.text = text
+        self.render()
+
+    def render(self) -> None:
+        """Lay the text out again (also after a theme change: colours are in the HTML)."""
+        text = self.text
         if self.role == "user":
-            self.body.setText(plain_to_html(text))
+            blocks: list[Block] = [TextBlock(plain_to_html(text))]
         else:
-            self.body.setText(markdown_to_html(text) if text else "<i>…</i>")
+            blocks = markdown_blocks(text) if text.strip() else [TextBlock("<i>…</i>")]
+        self.body.set_blocks(blocks)
 
     def set_status(self, status: str) -> None:
         self.status = status
@@ -163,9 +260,7 @@ class MessageBubble(QFrame):
         elif self.status == "streaming":
             tags.append("writing…")
         if not self.in_cache:
-            tags.append(
-                "would leave the cache" if self.preview else "not in cache"
-            )
+            tags.append("would leave the cache" if self.preview else "not in cache")
         if self.tokens:
             tags.append(f"{self.tokens} tokens")
         self.tag_label.setText(" · ".join(tags))
@@ -187,6 +282,7 @@ class ChatView(QScrollArea):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        theme.notifier.changed.connect(self._on_theme_changed)
         self.setObjectName("chatView")
         self.setWidgetResizable(True)
         self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
@@ -214,6 +310,11 @@ class ChatView(QScrollArea):
         self._layout.insertWidget(0, self._placeholder)
 
     # -- whole chat -----------------------------------------------------------------
+
+    def _on_theme_changed(self, _palette: object) -> None:
+        """Rendered replies carry their colours (code, tables): render them again."""
+        for bubble in self.bubbles:
+            bubble.render()
 
     def clear(self) -> None:
         self._render_timer.stop()

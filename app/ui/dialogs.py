@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PySide6 import __version__ as pyside_version
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QPushButton, QWidget
+from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QWidget
 
 import app
 from app.core.models import DEFAULT_MODEL_FILE, DEFAULT_MODEL_LICENSE
@@ -59,6 +59,9 @@ class InfoBanner(QFrame):
         self.label = QLabel(text)
         self.label.setWordWrap(True)
         self.label.setTextFormat(Qt.TextFormat.RichText)
+        # A long data path must not set the window's minimum width: the label may cut it.
+        self.label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.label.setMinimumWidth(160)
         layout.addWidget(self.label, 1)
         button = QPushButton("Got it")
         button.clicked.connect(self._dismiss)

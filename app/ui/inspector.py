@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
     QPushButton,
     QSizePolicy,
     QSlider,
+    QStackedWidget,
     QStyledItemDelegate,
     QStyleOptionViewItem,
     QTableWidget,
@@ -33,11 +34,13 @@ from PySide6.QtWidgets import (
 
 from app.core.metrics import PHASES
 from app.ui import export as exporting
+from app.ui import theme
+from app.ui.theme import Palette, palette
 
 if TYPE_CHECKING:  # the worker sends these; only it imports the engine
     from app.session.chat_session import CacheView, TrimPreview
 
-pg.setConfigOptions(background="w", foreground="#24292f", antialias=True)
+pg.setConfigOptions(antialias=True)
 
 COLOURS = {
     "reused": "#2da44e",
@@ -50,6 +53,8 @@ COLOURS = {
     "history": "#2da44e",
     "instruction block": "#bf8700",
     "new message + reply": "#0969da",
+    "cache_tokens": "#0969da",
+    "state_bytes": "#bf8700",
 }
 TRIM_PREVIEW_DEBOUNCE_MS = 120
 TRIM_APPLY_DEBOUNCE_MS = 500
@@ -88,20 +93,40 @@ def format_bytes(size: float) -> str:
     return f"{size:.1f} GB"
 
 
-def _plot_title(title: str, *keys: tuple[str, str]) -> str:
-    """A chart title with its colour key: a legend inside the plot would cover the bars."""
-    legend = "&nbsp;&nbsp;".join(
-        f"<span style='color:{COLOURS[key]}'>&#9632;</span>"
-        f"<span style='color:#57606a'> {label}</span>"
-        for key, label in keys
-    )
-    text = f"<b>{title}</b>"
-    return f"<span style='font-size:9pt'>{text}&nbsp;&nbsp;&nbsp;{legend}</span>"
-
-
 def _axis_top(values: list[float]) -> float:
     """Upper y bound: the data's maximum plus headroom, never below 1 (axes start at 0)."""
     return max(max(values, default=0.0) * 1.15, 1.0)
+
+
+CHARTS = {
+    "tokens": (
+        "Tokens per turn",
+        "tokens",
+        (("reused", "reused"), ("prefill", "recomputed"), ("background", "background")),
+    ),
+    "ttft": ("Time to first token", "ms", (("ttft", "TTFT"),)),
+    "speed": ("Speed", "tok/s", (("prefill_speed", "prefill"), ("decode_speed", "decode"))),
+    "cache": (
+        "Cache size",
+        "tokens",
+        (("cache_tokens", "tokens in cache"), ("state_bytes", "saved state (MB, right)")),
+    ),
+}
+
+
+def _chart_key(chart: str) -> str:
+    """The colour key of a chart, beside the picker (a legend inside would cover data)."""
+    muted = palette().muted
+    return "&nbsp;&nbsp;".join(
+        f"<span style='color:{COLOURS[key]}'>&#9632;</span>"
+        f"<span style='color:{muted}'> {label}</span>"
+        for key, label in CHARTS[chart][2]
+    )
+
+
+def _points(xs: list[int], turns: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(turn, value) where the turn has that figure (older turns may lack newer fields)."""
+    return [(x, float(t[key])) for x, t in zip(xs, turns, strict=True) if t.get(key)]
 
 
 class SegmentBar(QWidget):
@@ -134,25 +159,26 @@ class SegmentBar(QWidget):
         painter = QPainter(self)
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
         rect = QRectF(self.rect()).adjusted(0.5, 0.5, -0.5, -0.5)
-        painter.setPen(QPen(QColor("#d0d7de")))
-        painter.setBrush(QBrush(QColor("#f6f8fa")))
+        colours = palette()
+        painter.setPen(QPen(QColor(colours.border)))
+        painter.setBrush(QBrush(QColor(colours.panel)))
         painter.drawRoundedRect(rect, 4, 4)
         total = sum(tokens for _, tokens, _ in self.parts)
         if not total:
-            painter.setPen(QColor("#57606a"))
+            painter.setPen(QColor(colours.muted))
             painter.drawText(rect, Qt.AlignmentFlag.AlignCenter, "cache empty")
             return
         x = rect.left()
         for label, tokens, held in self.parts:
             width = rect.width() * tokens / total
-            colour = QColor(COLOURS.get(label, "#6e7781"))
+            colour = QColor(COLOURS.get(label, colours.faint))
             if not held:
                 colour.setAlpha(60)
             painter.setPen(Qt.PenStyle.NoPen)
             painter.setBrush(colour)
             painter.drawRect(QRectF(x, rect.top() + 1, width, rect.height() - 2))
             if width > 46:
-                painter.setPen(QColor("white") if held else QColor("#24292f"))
+                painter.setPen(QColor("white") if held else QColor(colours.text))
                 painter.drawText(
                     QRectF(x, rect.top(), width, rect.height()),
                     Qt.AlignmentFlag.AlignCenter,
@@ -172,13 +198,14 @@ class ShareDelegate(QStyledItemDelegate):
         rect = QRectF(option.rect).adjusted(4, 5, -4, -5)
         painter.save()
         painter.setPen(Qt.PenStyle.NoPen)
-        painter.setBrush(QColor("#eaeef2"))
+        colours = palette()
+        painter.setBrush(QColor(colours.hover))
         painter.drawRect(rect)
-        painter.setBrush(QColor("#0969da"))
+        painter.setBrush(QColor(colours.accent))
         painter.drawRect(
             QRectF(rect.left(), rect.top(), rect.width() * float(share), rect.height())
         )
-        painter.setPen(QColor("#24292f"))
+        painter.setPen(QColor(colours.text))
         text_rect = rect.adjusted(4, 0, -4, 0)
         painter.drawText(
             text_rect,
@@ -279,10 +306,8 @@ class CacheInspector(QWidget):
 
         self.tabs = QTabWidget()
         layout.addWidget(self.tabs, 1)
-        self.charts = pg.GraphicsLayoutWidget()
-        self.charts.setObjectName("charts")
-        self._build_charts()
-        self.tabs.addTab(self.charts, "Turns")
+        self._empty_reason = ""
+        self.tabs.addTab(self._build_charts(), "Charts")
         phases = QWidget()
         phases_layout = QVBoxLayout(phases)
         phases_layout.setContentsMargins(4, 4, 4, 4)
@@ -335,22 +360,53 @@ class CacheInspector(QWidget):
         self.export_csv_button.clicked.connect(self.ask_export_csv)
         self.set_trim(None, "exact", 0)
         self.set_cache_view(None)
+        theme.notifier.changed.connect(self.apply_theme)
+        self.apply_theme(palette())
 
     # -- charts ---------------------------------------------------------------------
 
-    def _build_charts(self) -> None:
-        self.tokens_plot = self.charts.addPlot(
-            row=0,
-            col=0,
-            title=_plot_title(
-                "Tokens per turn",
-                ("reused", "reused"),
-                ("prefill", "recomputed"),
-                ("background", "background"),
-            ),
+    def _build_charts(self) -> QWidget:
+        """One chart at a time, picked from a list: readable from a 1024x640 window up."""
+        page = QWidget()
+        page_layout = QVBoxLayout(page)
+        page_layout.setContentsMargins(4, 4, 4, 4)
+        page_layout.setSpacing(4)
+        picker_row = QHBoxLayout()
+        self.chart_picker = QComboBox()
+        self.chart_picker.setObjectName("chartPicker")
+        picker_row.addWidget(self.chart_picker)
+        self.chart_key = QLabel("")
+        self.chart_key.setObjectName("legend")
+        self.chart_key.setTextFormat(Qt.TextFormat.RichText)
+        picker_row.addWidget(self.chart_key, 1)
+        page_layout.addLayout(picker_row)
+        self.chart_stack = QStackedWidget()
+        page_layout.addWidget(self.chart_stack, 1)
+        self.empty_chart = QLabel(
+            "No turns yet. Each reply adds a point: what it reused from the cache,"
+            " what it recomputed, how fast, and how big the cache grew."
         )
-        self.tokens_plot.setLabel("left", "tokens")
-        self.tokens_plot.showGrid(y=True, alpha=0.2)
+        self.empty_chart.setObjectName("emptyChart")
+        self.empty_chart.setWordWrap(True)
+        self.empty_chart.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.chart_stack.addWidget(self.empty_chart)
+        self.plots: dict[str, pg.PlotItem] = {}
+        self.plot_widgets: dict[str, pg.PlotWidget] = {}
+        for key, (title, unit, _keys) in CHARTS.items():
+            widget = pg.PlotWidget()
+            widget.setObjectName(f"chart-{key}")
+            widget.setMinimumHeight(96)
+            plot = widget.getPlotItem()
+            plot.setLabel("left", unit)
+            plot.setLabel("bottom", "turn")
+            plot.showGrid(y=True, alpha=0.2)
+            plot.setMouseEnabled(x=False, y=False)
+            plot.hideButtons()
+            plot.getAxis("left").setWidth(56)
+            self.plots[key] = plot
+            self.plot_widgets[key] = widget
+            self.chart_stack.addWidget(widget)
+            self.chart_picker.addItem(title, key)
         self.bars = {}
         for key, label in (
             ("reused", "reused"),
@@ -366,55 +422,73 @@ class CacheInspector(QWidget):
                 pen=pg.mkPen(COLOURS[key]),
                 name=label,
             )
-            self.tokens_plot.addItem(item)
+            self.plots["tokens"].addItem(item)
             self.bars[key] = item
-        self.ttft_plot = self.charts.addPlot(
-            row=1, col=0, title=_plot_title("Time to first token", ("ttft", "TTFT"))
+        self.ttft_curve = self._curve("ttft", "ttft", "o")
+        self.prefill_speed_curve = self._curve("speed", "prefill_speed", "o")
+        self.decode_speed_curve = self._curve("speed", "decode_speed", "s")
+        self.cache_tokens_curve = self._curve("cache", "cache_tokens", "o")
+        # Bytes on a second axis (right): the saved state's size in MB.
+        cache_plot = self.plots["cache"]
+        cache_plot.showAxis("right")
+        cache_plot.setLabel("right", "saved MB")
+        self.bytes_view = pg.ViewBox()
+        self.bytes_view.setMouseEnabled(x=False, y=False)
+        cache_plot.scene().addItem(self.bytes_view)
+        cache_plot.getAxis("right").linkToView(self.bytes_view)
+        self.bytes_view.setXLink(cache_plot)
+        self.state_mb_curve = pg.PlotDataItem(
+            [],
+            [],
+            pen=pg.mkPen(COLOURS["state_bytes"], width=2, style=Qt.PenStyle.DashLine),
+            symbol="t",
+            symbolSize=7,
+            symbolBrush=COLOURS["state_bytes"],
         )
-        self.ttft_plot.setLabel("left", "ms")
-        self.ttft_plot.showGrid(y=True, alpha=0.2)
-        self.ttft_curve = self.ttft_plot.plot(
+        self.bytes_view.addItem(self.state_mb_curve)
+        cache_plot.vb.sigResized.connect(self._align_bytes_view)
+        self.chart_picker.currentIndexChanged.connect(self._show_chart)
+        return page
+
+    def _curve(self, chart: str, colour: str, symbol: str) -> pg.PlotDataItem:
+        return self.plots[chart].plot(
             [],
             [],
-            pen=pg.mkPen(COLOURS["ttft"], width=2),
-            symbol="o",
+            pen=pg.mkPen(COLOURS[colour], width=2),
+            symbol=symbol,
             symbolSize=6,
-            symbolBrush=COLOURS["ttft"],
-            name="TTFT",
+            symbolBrush=COLOURS[colour],
         )
-        self.speed_plot = self.charts.addPlot(
-            row=2,
-            col=0,
-            title=_plot_title("Speed", ("prefill_speed", "prefill"), ("decode_speed", "decode")),
-        )
-        self.speed_plot.setLabel("left", "tok/s")
-        self.speed_plot.setLabel("bottom", "turn")
-        self.speed_plot.showGrid(y=True, alpha=0.2)
-        self.prefill_speed_curve = self.speed_plot.plot(
-            [],
-            [],
-            pen=pg.mkPen(COLOURS["prefill_speed"], width=2),
-            symbol="o",
-            symbolSize=6,
-            symbolBrush=COLOURS["prefill_speed"],
-            name="prefill",
-        )
-        self.decode_speed_curve = self.speed_plot.plot(
-            [],
-            [],
-            pen=pg.mkPen(COLOURS["decode_speed"], width=2),
-            symbol="s",
-            symbolSize=6,
-            symbolBrush=COLOURS["decode_speed"],
-            name="decode",
-        )
-        for plot in (self.tokens_plot, self.ttft_plot, self.speed_plot):
-            plot.setMouseEnabled(x=False, y=False)
-            plot.hideButtons()
-            plot.getAxis("left").setWidth(56)
-            plot.setXLink(self.speed_plot)
-        for plot in (self.tokens_plot, self.ttft_plot):
-            plot.getAxis("bottom").setStyle(showValues=True)
+
+    def _align_bytes_view(self) -> None:
+        plot = self.plots["cache"]
+        self.bytes_view.setGeometry(plot.vb.sceneBoundingRect())
+        self.bytes_view.linkedViewChanged(plot.vb, self.bytes_view.XAxis)
+
+    def current_chart(self) -> str:
+        return str(self.chart_picker.currentData())
+
+    def _show_chart(self, *_: object) -> None:
+        key = self.current_chart()
+        self.chart_key.setText(_chart_key(key))
+        if self.turns:
+            self.chart_stack.setCurrentWidget(self.plot_widgets[key])
+        else:
+            self.chart_stack.setCurrentWidget(self.empty_chart)
+
+    def apply_theme(self, colours: Palette) -> None:
+        """Charts, the cache bar and the keys in the new colours."""
+        for widget in self.plot_widgets.values():
+            widget.setBackground(colours.chart_background)
+            plot = widget.getPlotItem()
+            for side in ("left", "bottom", "right"):
+                axis = plot.getAxis(side)
+                axis.setPen(pg.mkPen(colours.border))
+                axis.setTextPen(pg.mkPen(colours.chart_foreground))
+            plot.showGrid(y=True, alpha=0.25 if colours.name == "dark" else 0.2)
+        self.segment_bar.update()
+        self._show_chart()
+        self.set_cache_view(self.view, self._empty_reason)
 
     def _refresh_charts(self) -> None:
         turns = self.turns
@@ -428,34 +502,34 @@ class CacheInspector(QWidget):
             x=xs, height=background, y0=[a + b for a, b in zip(reused, prefill, strict=True)]
         )
         self.ttft_curve.setData(xs, [float(t.get("ttft_ms") or 0) for t in turns])
-        prefill_points = [
-            (x, float(t["prefill_tokens_per_s"]))
-            for x, t in zip(xs, turns, strict=True)
-            if t.get("prefill_tokens_per_s")
-        ]
-        decode_points = [
-            (x, float(t["decode_tokens_per_s"]))
-            for x, t in zip(xs, turns, strict=True)
-            if t.get("decode_tokens_per_s")
-        ]
-        self.prefill_speed_curve.setData(
-            [p[0] for p in prefill_points], [p[1] for p in prefill_points]
-        )
-        self.decode_speed_curve.setData(
-            [p[0] for p in decode_points], [p[1] for p in decode_points]
-        )
+        prefill_points = _points(xs, turns, "prefill_tokens_per_s")
+        decode_points = _points(xs, turns, "decode_tokens_per_s")
+        cache_points = _points(xs, turns, "cache_tokens")
+        state_points = [(x, y / 1e6) for x, y in _points(xs, turns, "state_bytes")]
+        for curve, points in (
+            (self.prefill_speed_curve, prefill_points),
+            (self.decode_speed_curve, decode_points),
+            (self.cache_tokens_curve, cache_points),
+            (self.state_mb_curve, state_points),
+        ):
+            curve.setData([p[0] for p in points], [p[1] for p in points])
         ticks = [[(x, str(x)) for x in xs]] if len(xs) <= 20 else None
         tops = {
-            self.tokens_plot: _axis_top(
+            "tokens": _axis_top(
                 [a + b + c for a, b, c in zip(reused, prefill, background, strict=True)]
             ),
-            self.ttft_plot: _axis_top([float(t.get("ttft_ms") or 0) for t in turns]),
-            self.speed_plot: _axis_top([p[1] for p in prefill_points + decode_points]),
+            "ttft": _axis_top([float(t.get("ttft_ms") or 0) for t in turns]),
+            "speed": _axis_top([p[1] for p in prefill_points + decode_points]),
+            "cache": _axis_top([p[1] for p in cache_points]),
         }
-        for plot, top in tops.items():
+        for key, top in tops.items():
+            plot = self.plots[key]
             plot.getAxis("bottom").setTicks(ticks)
             plot.setXRange(0.4, max(len(xs), 1) + 0.6, padding=0)
             plot.setYRange(0, top, padding=0)
+        self.bytes_view.setYRange(0, _axis_top([p[1] for p in state_points]), padding=0)
+        self._align_bytes_view()
+        self._show_chart()
         self.turn_count_label.setText(f"{len(turns)} turns" if turns else "No turns yet")
 
     # -- data in --------------------------------------------------------------------
@@ -493,11 +567,13 @@ class CacheInspector(QWidget):
             ],
         }
 
-    def set_cache_view(self, view: CacheView | None) -> None:
+    def set_cache_view(self, view: CacheView | None, empty_reason: str = "") -> None:
+        """What the cache holds for the chat on screen; with no view, ``empty_reason`` says why."""
         self.view = view
+        self._empty_reason = empty_reason
         self.segment_bar.set_view(view)
         if view is None:
-            self.size_label.setText("no model loaded")
+            self.size_label.setText(empty_reason)
             self.legend_label.setText("")
             return
         size = view.cache_tokens * view.bytes_per_token
@@ -505,7 +581,7 @@ class CacheInspector(QWidget):
         self.size_label.setToolTip("Tokens held in the KV cache / context size · cache size")
         parts = []
         for label, tokens in view.segments:
-            colour = COLOURS.get(label, "#6e7781")
+            colour = COLOURS.get(label, palette().faint)
             parts.append(f"<span style='color:{colour}'>■</span> {label} {tokens}")
         pending = (
             sum(t for _, t in view.segments if _ != "new message + reply") - view.matching_tokens
@@ -626,7 +702,9 @@ class CacheInspector(QWidget):
     # -- export ---------------------------------------------------------------------
 
     def export_png(self, path: str | Path) -> Path:
-        return exporting.export_png(self.charts.ci, path, self.charts.width() * 2)
+        """The chart on show, at least 800 px wide."""
+        widget = self.plot_widgets[self.current_chart()]
+        return exporting.export_png(widget.getPlotItem(), path, widget.width() * 2)
 
     def export_csv(self, path: str | Path) -> Path:
         rows = ({**turn, "turn": index} for index, turn in enumerate(self.turns, start=1))
@@ -634,7 +712,7 @@ class CacheInspector(QWidget):
 
     def ask_export_png(self) -> None:
         path, _ = QFileDialog.getSaveFileName(
-            self, "Export charts", "kvchat-turns.png", "PNG (*.png)"
+            self, "Export chart", f"kvchat-{self.current_chart()}.png", "PNG (*.png)"
         )
         if path:
             self.export_png(path)

@@ -1,8 +1,9 @@
-"""Per-chat instruction block: editor, version history, layout switch, edit-cost preview.
+"""Per-chat instruction block: text, variables, versions, layout, and what a change costs.
 
-The preview matters because an edit is not free: with history-first only the block
-and what follows it are recomputed; with system-first the whole history is. The
-window asks the worker (engine.edit_cost) after typing pauses and shows the answer.
+The cost matters because an edit is not free: with history-first only the block and
+what follows it are recomputed; with system-first the whole history is. The window
+asks the worker (session.edit_cost) after typing pauses and shows the answer. A layout
+change is a preview until Apply, since applying it rebuilds the cache.
 """
 
 from __future__ import annotations
@@ -11,43 +12,137 @@ import datetime as dt
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
+    QAbstractItemView,
     QComboBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QListWidget,
     QListWidgetItem,
     QPlainTextEdit,
     QPushButton,
-    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
+from app.core.variables import placeholder_names
 from app.storage.records import InstructionVersion
 
 EDIT_COST_DEBOUNCE_MS = 350
 LAYOUT_LABELS = {
-    "history-first": "History first (edits recompute little)",
-    "system-first": "System first (edits recompute the history)",
+    "history-first": "History first",
+    "system-first": "System first",
+}
+LAYOUT_TIPS = {
+    "history-first": "History, then the instruction block, then your message: an edit of"
+    " the block recomputes only the block.",
+    "system-first": "Instructions at the top, as most chat apps do: an edit of the block"
+    " recomputes the whole history.",
 }
 
 
-def describe_edit_cost(tokens: int, seconds: float | None, prefill_speed: float | None) -> str:
-    """One sentence: what sending with this block would recompute on the critical path."""
+def describe_edit_cost(
+    tokens: int,
+    seconds: float | None,
+    prefill_speed: float | None,
+    *,
+    text_changed: bool = True,
+    layout_changed: bool = False,
+) -> str:
+    """One sentence: what the pending change would recompute, and when."""
+    if not text_changed and not layout_changed:
+        if tokens == 0:
+            return "The cache holds this block: the next message pays only for itself."
+        return f"{tokens} tokens to recompute; the idle-time warm-up will do it."
+    what = "Applying this layout" if layout_changed and not text_changed else "This change"
     if tokens == 0:
-        return "No recompute: the cache already holds this block."
-    if seconds is None:
-        return f"This change recomputes {tokens} tokens (speed not measured yet)."
-    speed = f" at {prefill_speed:.0f} tok/s" if prefill_speed else ""
-    return f"This change recomputes {tokens} tokens, about {seconds:.2f} s{speed}."
+        return f"{what} recomputes nothing: the cache already holds it."
+    timing = "" if seconds is None else f", about {seconds:.2f} s"
+    speed = f" at {prefill_speed:.0f} tok/s" if prefill_speed and seconds is not None else ""
+    when = " (in idle time, after Apply)" if layout_changed and not text_changed else ""
+    return f"{what} recomputes {tokens} tokens{timing}{speed}{when}."
+
+
+class VariablesTable(QTableWidget):
+    """name → value rows of an instruction version; placeholders of the text come first."""
+
+    edited = Signal()
+
+    def __init__(self) -> None:
+        super().__init__(0, 2)
+        self.setObjectName("variablesTable")
+        self.setHorizontalHeaderLabels(["Name", "Value"])
+        self.verticalHeader().setVisible(False)
+        header = self.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self._loading = False
+        self.itemChanged.connect(self._on_item_changed)
+
+    def set_variables(self, variables: dict[str, str], placeholders: list[str]) -> None:
+        self._loading = True
+        try:
+            self.setRowCount(0)
+            for name in [*placeholders, *(n for n in variables if n not in placeholders)]:
+                self._append(name, variables.get(name, ""))
+        finally:
+            self._loading = False
+
+    def add_placeholders(self, placeholders: list[str]) -> None:
+        """Rows for placeholders typed in the text that have no row yet."""
+        known = set(self.variables(include_empty=True))
+        self._loading = True
+        try:
+            for name in placeholders:
+                if name not in known:
+                    self._append(name, "")
+        finally:
+            self._loading = False
+
+    def add_row(self) -> None:
+        self._append("", "")
+        self.editItem(self.item(self.rowCount() - 1, 0))
+
+    def remove_selected(self) -> None:
+        rows = sorted({index.row() for index in self.selectedIndexes()}, reverse=True)
+        for row in rows:
+            self.removeRow(row)
+        if rows:
+            self.edited.emit()
+
+    def variables(self, include_empty: bool = False) -> dict[str, str]:
+        """The table as a dict: rows without a name are ignored, empty values kept only
+        when asked (a placeholder with no value is left as typed in the block)."""
+        result: dict[str, str] = {}
+        for row in range(self.rowCount()):
+            name_item, value_item = self.item(row, 0), self.item(row, 1)
+            name = name_item.text().strip() if name_item else ""
+            value = value_item.text() if value_item else ""
+            if name and (value or include_empty):
+                result[name] = value
+        return result
+
+    def _append(self, name: str, value: str) -> None:
+        row = self.rowCount()
+        self.insertRow(row)
+        self.setItem(row, 0, QTableWidgetItem(name))
+        self.setItem(row, 1, QTableWidgetItem(value))
+
+    def _on_item_changed(self, _item: QTableWidgetItem) -> None:
+        if not self._loading:
+            self.edited.emit()
 
 
 class InstructionEditor(QWidget):
     """Edits the current chat's block; saving creates a new version in the store."""
 
-    text_edited = Signal()
-    save_requested = Signal(str)
-    layout_changed = Signal(str)
+    text_edited = Signal()  # text, variables or the previewed layout changed (debounced)
+    save_requested = Signal(str, object)  # text, variables
+    layout_changed = Signal(str)  # Apply pressed
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -64,47 +159,59 @@ class InstructionEditor(QWidget):
         self.layout_combo = QComboBox()
         for key, label in LAYOUT_LABELS.items():
             self.layout_combo.addItem(label, key)
+            self.layout_combo.setItemData(
+                self.layout_combo.count() - 1, LAYOUT_TIPS[key], Qt.ItemDataRole.ToolTipRole
+            )
         self.layout_combo.setToolTip(
-            "Where the instruction block sits in the prompt. History-first keeps the history"
-            " at the start of the cache so editing the block recomputes only the block."
+            "Where the instruction block sits in the prompt. Picking one shows its cost;"
+            " Apply makes it the chat's layout."
         )
         header.addWidget(self.layout_combo)
+        self.apply_layout_button = QPushButton("Apply")
+        self.apply_layout_button.setToolTip("Use this layout for the chat (rebuilds the cache)")
+        header.addWidget(self.apply_layout_button)
         layout.addLayout(header)
 
-        splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.tabs = QTabWidget()
+        self.tabs.setObjectName("instructionTabs")
         self.editor = QPlainTextEdit()
         self.editor.setObjectName("instructionText")
+        self.editor.setMinimumHeight(48)
         self.editor.setPlaceholderText(
-            "Instructions for this chat (system prompt). {{name}} placeholders are filled"
-            " from the version's variables."
+            "Instructions for this chat (system prompt). Write {{name}} for a value set in"
+            " the Variables tab."
         )
-        splitter.addWidget(self.editor)
-        versions_box = QWidget()
-        versions_layout = QVBoxLayout(versions_box)
-        versions_layout.setContentsMargins(0, 0, 0, 0)
-        versions_layout.setSpacing(2)
-        versions_label = QLabel("Versions")
-        versions_label.setObjectName("subTitle")
-        versions_layout.addWidget(versions_label)
+        self.tabs.addTab(self.editor, "Text")
+        variables_page = QWidget()
+        variables_layout = QVBoxLayout(variables_page)
+        variables_layout.setContentsMargins(4, 4, 4, 4)
+        variables_layout.setSpacing(4)
+        self.variables_table = VariablesTable()
+        variables_layout.addWidget(self.variables_table, 1)
+        variable_buttons = QHBoxLayout()
+        hint = QLabel("{{name}} in the text is replaced; other rows are listed after it.")
+        hint.setObjectName("hint")
+        hint.setWordWrap(True)
+        variable_buttons.addWidget(hint, 1)
+        self.add_variable_button = QPushButton("Add")
+        self.remove_variable_button = QPushButton("Remove")
+        variable_buttons.addWidget(self.add_variable_button)
+        variable_buttons.addWidget(self.remove_variable_button)
+        variables_layout.addLayout(variable_buttons)
+        self.tabs.addTab(variables_page, "Variables")
         self.versions = QListWidget()
         self.versions.setObjectName("versionList")
         self.versions.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.versions.setTextElideMode(Qt.TextElideMode.ElideRight)
-        self.versions.setMinimumWidth(150)
-        self.versions.setToolTip("Click a version to restore it into the editor")
-        versions_layout.addWidget(self.versions)
-        splitter.addWidget(versions_box)
-        splitter.setStretchFactor(0, 3)
-        splitter.setStretchFactor(1, 1)
-        splitter.setSizes([340, 190])
-        layout.addWidget(splitter, 1)
+        self.versions.setToolTip("Click a version to put it back into the editor")
+        self.tabs.addTab(self.versions, "Versions")
+        layout.addWidget(self.tabs, 1)
 
+        footer = QHBoxLayout()
         self.cost_label = QLabel("")
         self.cost_label.setObjectName("costLabel")
         self.cost_label.setWordWrap(True)
-        layout.addWidget(self.cost_label)
-        footer = QHBoxLayout()
-        footer.addStretch(1)
+        footer.addWidget(self.cost_label, 1)
         self.revert_button = QPushButton("Revert")
         self.revert_button.setToolTip("Put the current saved version back into the editor")
         self.save_button = QPushButton("Save version")
@@ -114,16 +221,25 @@ class InstructionEditor(QWidget):
         layout.addLayout(footer)
 
         self._current: InstructionVersion | None = None
+        self._chat_layout = "history-first"
         self._loading = False
         self.debounce = QTimer(self)
         self.debounce.setSingleShot(True)
         self.debounce.setInterval(EDIT_COST_DEBOUNCE_MS)
         self.debounce.timeout.connect(self.text_edited)
         self.editor.textChanged.connect(self._on_text_changed)
-        self.save_button.clicked.connect(lambda: self.save_requested.emit(self.text()))
+        self.variables_table.edited.connect(self._on_variables_changed)
+        self.add_variable_button.clicked.connect(self.variables_table.add_row)
+        self.remove_variable_button.clicked.connect(self.variables_table.remove_selected)
+        self.save_button.clicked.connect(
+            lambda: self.save_requested.emit(self.text(), self.variables())
+        )
         self.revert_button.clicked.connect(self._revert)
+        self.apply_layout_button.clicked.connect(
+            lambda: self.layout_changed.emit(self.current_layout())
+        )
         self.versions.itemClicked.connect(self._restore_item)
-        self.layout_combo.currentIndexChanged.connect(self._on_layout_changed)
+        self.layout_combo.currentIndexChanged.connect(self._on_layout_previewed)
         self._update_buttons()
 
     # -- state ----------------------------------------------------------------------
@@ -131,21 +247,33 @@ class InstructionEditor(QWidget):
     def text(self) -> str:
         return self.editor.toPlainText()
 
+    def variables(self) -> dict[str, str]:
+        return self.variables_table.variables()
+
     def current_layout(self) -> str:
+        """The layout shown in the combo (a preview until applied)."""
         return str(self.layout_combo.currentData())
+
+    def chat_layout(self) -> str:
+        return self._chat_layout
 
     def current_version(self) -> InstructionVersion | None:
         return self._current
 
     def is_modified(self) -> bool:
-        saved = self._current.text if self._current else ""
-        return self.text() != saved
+        saved_text = self._current.text if self._current else ""
+        saved_variables = self._current.variables if self._current else {}
+        return self.text() != saved_text or self.variables() != dict(saved_variables)
+
+    def layout_pending(self) -> bool:
+        return self.current_layout() != self._chat_layout
 
     def load(self, versions: list[InstructionVersion], layout: str) -> None:
         """Show a chat's versions and put its current one in the editor."""
         self._loading = True
         try:
             self._current = versions[-1] if versions else None
+            self._chat_layout = layout
             self.versions.clear()
             for version in reversed(versions):
                 when = dt.datetime.fromtimestamp(version.created_at).strftime("%d %b %H:%M")
@@ -155,9 +283,13 @@ class InstructionEditor(QWidget):
                 item = QListWidgetItem(f"v{version.version} · {when}\n{first_line[:60]}")
                 item.setData(Qt.ItemDataRole.UserRole, version.version)
                 item.setData(Qt.ItemDataRole.UserRole + 1, version.text)
+                item.setData(Qt.ItemDataRole.UserRole + 2, dict(version.variables))
                 item.setToolTip(version.text[:500])
                 self.versions.addItem(item)
-            self.editor.setPlainText(self._current.text if self._current else "")
+            text = self._current.text if self._current else ""
+            self.editor.setPlainText(text)
+            variables = dict(self._current.variables) if self._current else {}
+            self.variables_table.set_variables(variables, placeholder_names(text))
             index = self.layout_combo.findData(layout)
             self.layout_combo.setCurrentIndex(max(index, 0))
             self.cost_label.setText("")
@@ -179,22 +311,50 @@ class InstructionEditor(QWidget):
     # -- events ---------------------------------------------------------------------
 
     def _restore_item(self, item: QListWidgetItem) -> None:
-        self.editor.setPlainText(str(item.data(Qt.ItemDataRole.UserRole + 1)))
+        text = str(item.data(Qt.ItemDataRole.UserRole + 1))
+        self.editor.setPlainText(text)
+        variables = item.data(Qt.ItemDataRole.UserRole + 2) or {}
+        self.variables_table.set_variables(dict(variables), placeholder_names(text))
+        self.tabs.setCurrentIndex(0)
+        self._on_variables_changed()
 
     def _revert(self) -> None:
-        self.editor.setPlainText(self._current.text if self._current else "")
+        self._loading = True
+        try:
+            text = self._current.text if self._current else ""
+            self.editor.setPlainText(text)
+            variables = dict(self._current.variables) if self._current else {}
+            self.variables_table.set_variables(variables, placeholder_names(text))
+            self.layout_combo.setCurrentIndex(max(self.layout_combo.findData(self._chat_layout), 0))
+        finally:
+            self._loading = False
+        self._update_buttons()
+        self._measure()
 
     def _on_text_changed(self) -> None:
+        if not self._loading:
+            self.variables_table.add_placeholders(placeholder_names(self.text()))
+        self._changed()
+
+    def _on_variables_changed(self) -> None:
+        self._changed()
+
+    def _on_layout_previewed(self, _index: int) -> None:
+        self._changed()
+
+    def _changed(self) -> None:
         self._update_buttons()
         if not self._loading:
-            self.cost_label.setText("Measuring the cost of this change…")
-            self.debounce.start()
+            self._measure()
 
-    def _on_layout_changed(self, _index: int) -> None:
-        if not self._loading:
-            self.layout_changed.emit(self.current_layout())
+    def _measure(self) -> None:
+        self.cost_label.setText("Measuring what this costs…")
+        self.debounce.start()
 
     def _update_buttons(self) -> None:
         modified = self.is_modified()
         self.save_button.setEnabled(modified)
-        self.revert_button.setEnabled(modified)
+        self.revert_button.setEnabled(modified or self.layout_pending())
+        self.apply_layout_button.setVisible(self.layout_pending())
+        count = len(self.variables())
+        self.tabs.setTabText(1, f"Variables ({count})" if count else "Variables")

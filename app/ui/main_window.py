@@ -16,19 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from PySide6.QtCore import QByteArray, QSettings, QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence, QShortcut
+from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QIcon, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
-    QHBoxLayout,
     QInputDialog,
     QLabel,
     QMainWindow,
     QMessageBox,
-    QPlainTextEdit,
     QProgressBar,
-    QPushButton,
+    QSizePolicy,
     QSpinBox,
     QSplitter,
     QToolBar,
@@ -39,14 +37,18 @@ from PySide6.QtWidgets import (
 from app.core.models import ModelChoice, available_models
 from app.domain import FinishReason
 from app.resources import resource_path
+from app.storage.export import export_chat
 from app.storage.records import Chat
 from app.storage.store import StorageError, Store
+from app.ui import theme
 from app.ui.bench_window import BenchWindow
 from app.ui.chat_list import ChatListPanel
 from app.ui.chat_view import ChatView
+from app.ui.composer import Composer, ElidedLabel
 from app.ui.dialogs import InfoBanner, about_html, storage_note
 from app.ui.inspector import CacheInspector, format_bytes
-from app.ui.instructions import InstructionEditor, describe_edit_cost
+from app.ui.instructions import LAYOUT_LABELS, InstructionEditor, describe_edit_cost
+from app.ui.model_settings import ModelSettingsDialog
 from app.ui.server_dialog import ServerDialog
 from app.ui.worker import BackgroundOutcome, EngineHost, GenerationOptions, ModelStatus
 
@@ -100,6 +102,9 @@ class MainWindow(QMainWindow):
         self.db_path = Path(db_path)
         self.settings = settings if settings is not None else QSettings("kvchat", "kvchat")
         self.models_dir = models_dir
+        if n_ctx is None and self.settings.value("model/n_ctx"):  # Model settings…
+            n_ctx = int(self.settings.value("model/n_ctx"))
+            kv_type = str(self.settings.value("model/kv_type", kv_type))
         # Exclusive store first: a second instance fails here, before anything else starts.
         self.host = EngineHost(
             self.db_path, n_ctx=n_ctx, kv_type=kv_type, n_threads=n_threads, parent=self
@@ -109,6 +114,7 @@ class MainWindow(QMainWindow):
         self.model: ModelStatus | None = None
         self.busy = False
         self.pending_text: str | None = None
+        self._pending_typed = ""
         self.last_error: str | None = None
         self._closed = False
         self._edit_cost_request = 0
@@ -187,31 +193,15 @@ class MainWindow(QMainWindow):
         self.chat_title.setObjectName("chatTitle")
         column.addWidget(self.chat_title)
         column.addWidget(self.chat_view, 1)
-        composer = QWidget()
-        composer.setObjectName("composer")
-        composer_layout = QVBoxLayout(composer)
-        composer_layout.setContentsMargins(8, 6, 8, 8)
-        composer_layout.setSpacing(6)
-        self.input = QPlainTextEdit()
-        self.input.setObjectName("messageInput")
-        self.input.setPlaceholderText("Message… (Ctrl+Enter sends, Esc stops)")
-        self.input.setFixedHeight(96)
-        composer_layout.addWidget(self.input)
-        buttons = QHBoxLayout()
-        self.turn_status = QLabel("")
-        self.turn_status.setObjectName("turnStatus")
-        buttons.addWidget(self.turn_status, 1)
-        self.regenerate_button = QPushButton("Regenerate")
-        self.regenerate_button.setToolTip("Replace the last reply")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setToolTip("Stop the reply (Esc); the partial reply is kept")
-        self.send_button = QPushButton("Send")
-        self.send_button.setObjectName("primaryButton")
-        self.send_button.setToolTip("Send (Ctrl+Enter)")
-        for button in (self.regenerate_button, self.stop_button, self.send_button):
-            buttons.addWidget(button)
-        composer_layout.addLayout(buttons)
-        column.addWidget(composer)
+        enter_sends = self.settings.value("composer/enter_sends", True, type=bool)
+        self.composer = Composer(bool(enter_sends))
+        self.input = self.composer.input
+        self.turn_status = self.composer.turn_status
+        self.regenerate_button = self.composer.regenerate_button
+        self.stop_button = self.composer.stop_button
+        self.send_button = self.composer.send_button
+        self.input.send_requested.connect(self.send)
+        column.addWidget(self.composer)
 
         self.side_splitter = QSplitter(Qt.Orientation.Vertical)
         self.side_splitter.setObjectName("sideSplitter")
@@ -253,7 +243,10 @@ class MainWindow(QMainWindow):
         self.progress.setMaximumWidth(220)
         self.progress.setTextVisible(True)
         self.progress.hide()
-        self.model_status_label = QLabel("")
+        self.model_status_label = ElidedLabel("")
+        self.model_status_label.setSizePolicy(
+            QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred
+        )
         self.context_label = QLabel("")
         self.kv_label = QLabel("")
         bar.addPermanentWidget(self.progress)
@@ -274,6 +267,13 @@ class MainWindow(QMainWindow):
         export_csv.triggered.connect(self.inspector.ask_export_csv)
         file_menu.addAction(export_csv)
         file_menu.addSeparator()
+        self.export_markdown_action = QAction("Export chat as &Markdown…", self)
+        self.export_markdown_action.triggered.connect(lambda: self.ask_export_chat("md"))
+        file_menu.addAction(self.export_markdown_action)
+        self.export_json_action = QAction("Export chat as &JSON (with metrics)…", self)
+        self.export_json_action.triggered.connect(lambda: self.ask_export_chat("json"))
+        file_menu.addAction(self.export_json_action)
+        file_menu.addSeparator()
         quit_action = QAction("&Quit", self)
         quit_action.setShortcut(QKeySequence.StandardKey.Quit)
         quit_action.triggered.connect(self.close)
@@ -281,6 +281,27 @@ class MainWindow(QMainWindow):
 
         self.model_menu = self.menuBar().addMenu("&Model")
         self.model_menu.aboutToShow.connect(self._fill_model_menu)
+
+        view_menu = self.menuBar().addMenu("&View")
+        theme_menu = view_menu.addMenu("&Theme")
+        self.theme_actions = QActionGroup(self)
+        current = str(self.settings.value("view/theme", theme.ThemeMode.SYSTEM))
+        for mode, label in (
+            (theme.ThemeMode.SYSTEM, "Follow the system"),
+            (theme.ThemeMode.LIGHT, "Light"),
+            (theme.ThemeMode.DARK, "Dark"),
+        ):
+            action = theme_menu.addAction(label)
+            action.setCheckable(True)
+            action.setChecked(current == mode)
+            action.setData(str(mode))
+            self.theme_actions.addAction(action)
+            action.triggered.connect(lambda _=False, m=mode: self.set_theme(m))
+        self.enter_sends_action = QAction("&Enter sends (Shift+Enter: new line)", self)
+        self.enter_sends_action.setCheckable(True)
+        self.enter_sends_action.setChecked(self.input.enter_sends)
+        self.enter_sends_action.toggled.connect(self.set_enter_sends)
+        view_menu.addAction(self.enter_sends_action)
 
         tools_menu = self.menuBar().addMenu("&Tools")
         self.benchmark_action = QAction("&Benchmark…", self)
@@ -427,6 +448,8 @@ class MainWindow(QMainWindow):
         self.model_menu.addSeparator()
         self.model_menu.addAction("Open GGUF…", self.open_gguf)
         self.model_menu.addSeparator()
+        settings_action = self.model_menu.addAction("Model settings…", self.ask_model_settings)
+        settings_action.setEnabled(self.model is None or self.model.kv_type != "server")
         self.model_menu.addAction("Connect to server…", self.ask_server)
 
     def _on_model_chosen(self, index: int) -> None:
@@ -456,6 +479,62 @@ class MainWindow(QMainWindow):
         dialog.open()
         return dialog
 
+    def ask_model_settings(self) -> ModelSettingsDialog:
+        """Context size and KV type; accepting reloads the model (with its progress bar)."""
+        n_ctx = self.model.n_ctx if self.model else 8192
+        kv_type = self.model.kv_type if self.model else "f16"
+        name = Path(self.model.path).name if self.model else "the model"
+        dialog = ModelSettingsDialog(n_ctx, kv_type, name, self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.accepted.connect(lambda: self.apply_model_settings(dialog.n_ctx(), dialog.kv_type()))
+        dialog.open()
+        return dialog
+
+    def apply_model_settings(self, n_ctx: int, kv_type: str) -> None:
+        """Reload the current model with another context size or KV type."""
+        if self.busy:
+            self.stop()
+        path = self.model.path if self.model else self._requested_model
+        self.settings.setValue("model/n_ctx", n_ctx)
+        self.settings.setValue("model/kv_type", kv_type)
+        self._requested_model = path
+        self.host.load_model(path, n_ctx=n_ctx, kv_type=kv_type)
+
+    def set_theme(self, mode: str) -> None:
+        self.settings.setValue("view/theme", str(mode))
+        theme.apply(mode)
+        for action in self.theme_actions.actions():
+            action.setChecked(action.data() == str(mode))
+
+    def set_enter_sends(self, enter_sends: bool) -> None:
+        self.settings.setValue("composer/enter_sends", enter_sends)
+        self.composer.set_enter_sends(enter_sends)
+
+    def ask_export_chat(self, kind: str) -> None:
+        chat = self.current_chat()
+        if chat is None:
+            self.statusBar().showMessage("Open a chat to export it.", 4000)
+            return
+        suffix, pattern = (
+            (".json", "JSON (*.json)") if kind == "json" else (".md", "Markdown (*.md)")
+        )
+        safe = "".join(c if c.isalnum() or c in " -_" else "_" for c in chat.name).strip() or "chat"
+        path, _ = QFileDialog.getSaveFileName(self, "Export chat", safe + suffix, pattern)
+        if path:
+            self.export_chat(path)
+
+    def export_chat(self, path: str | Path) -> Path | None:
+        """The chat on screen as Markdown (or JSON, by the file name), with its metrics."""
+        if self.current_chat_id is None:
+            return None
+        try:
+            target = export_chat(self.store, self.current_chat_id, path)
+        except (OSError, StorageError) as error:
+            self.show_error("Export chat", f"Could not write {path}: {error}")
+            return None
+        self.statusBar().showMessage(f"Exported to {target}", 5000)
+        return target
+
     def connect_server(self, url: str, model: str = "") -> None:
         """Chats continue on the server's model; a local model can be picked again any time."""
         if self.busy:
@@ -479,6 +558,8 @@ class MainWindow(QMainWindow):
         self.progress.show()
         name = path if path.startswith(("http://", "https://")) else Path(path).name
         self.model_status_label.setText(f"Loading {name or 'default model'}…")
+        if self.inspector.view is None:
+            self.inspector.set_cache_view(None, "loading the model…")
 
     @_unless_closed
     def _on_load_progress(self, fraction: float) -> None:
@@ -494,6 +575,8 @@ class MainWindow(QMainWindow):
         server = status.kv_type == "server"
         self.kv_label.setText("KV on the server" if server else f"KV {status.kv_type}")
         self._set_context_used(None)
+        if self.current_chat_id is None:
+            self.inspector.set_cache_view(None, "no chat open")
         self.statusBar().showMessage(f"Model loaded in {status.load_ms:.0f} ms", 5000)
         if self.current_chat_id is not None:
             self.host.prefetch_chat(self.current_chat_id)
@@ -562,17 +645,26 @@ class MainWindow(QMainWindow):
         if self.chat_list.current_chat_id() != chat_id:
             self.refresh_chats()
         self.chat_title.setText(chat.name)
+        if not self.busy:  # the status line and context label describe the chat on screen
+            self.turn_status.setText("")
+        self._set_context_used(None)
+        self.context_label.setToolTip("")
         self.reload_chat()
         versions = self.store.instruction_versions(chat_id)
         self.instructions.load(versions, chat.layout)
         rows = self.store.metrics(chat_id)
         self.inspector.set_turns([(row.id, row.data) for row in rows])
+        self.inspector.set_cache_view(None, self._cache_reason())
         if self.model is not None:
             self.host.prefetch_chat(chat_id)
             self.host.refresh_cache_view(chat_id)
-        else:
-            self.inspector.set_cache_view(None)
         self._update_actions()
+
+    def _cache_reason(self) -> str:
+        """What the inspector says while it has no cache view for the chat on screen."""
+        if self.model is None:
+            return "loading the model…" if self.progress.isVisible() else "no model loaded"
+        return "reading this chat's cache…"
 
     def current_chat(self) -> Chat | None:
         if self.current_chat_id is None:
@@ -643,12 +735,15 @@ class MainWindow(QMainWindow):
 
     # -- instructions and layout ----------------------------------------------------
 
-    def save_instructions(self, text: str) -> None:
+    def save_instructions(self, text: str, variables: dict[str, str] | None = None) -> None:
+        """A new version of the block (text and variables); warmed up in idle time."""
         chat_id = self.current_chat_id or self.new_chat()
         current = self.store.current_instructions(chat_id)
-        if current is not None and current.text == text:
+        if variables is None:
+            variables = dict(current.variables) if current else {}
+        if current is not None and current.text == text and current.variables == variables:
             return
-        variables = current.variables if current else {}
+        pending_layout = self.instructions.current_layout()
         try:
             self.store.add_instruction_version(chat_id, text, variables)
         except StorageError as error:
@@ -656,32 +751,43 @@ class MainWindow(QMainWindow):
             return
         chat = self.store.chat(chat_id)
         self.instructions.load(self.store.instruction_versions(chat_id), chat.layout)
-        self.instructions.show_cost(
-            "Saved. The cache is warming up with this version in idle time."
-        )
+        if pending_layout != chat.layout:  # a previewed layout stays a preview
+            index = self.instructions.layout_combo.findData(pending_layout)
+            self.instructions.layout_combo.setCurrentIndex(index)
+        self.instructions.show_cost("Saved. The cache takes this version in idle time.")
         if self.model is not None:
             self.host.prepare_chat(chat_id)
 
     def set_layout(self, layout: str) -> None:
+        """Apply a layout: the chat's prompt is rebuilt in idle time."""
         chat_id = self.current_chat_id
         if chat_id is None:
             return
-        self.store.update_chat(chat_id, layout=layout)
-        self.request_edit_cost()
+        chat = self.store.update_chat(chat_id, layout=layout)
+        text, variables = self.instructions.text(), self.instructions.variables()
+        modified = self.instructions.is_modified()
+        self.instructions.load(self.store.instruction_versions(chat_id), chat.layout)
+        if modified:  # keep unsaved edits in the editor
+            self.instructions.editor.setPlainText(text)
+            self.instructions.variables_table.set_variables(variables, [])
+        self.instructions.show_cost(
+            f"{LAYOUT_LABELS[layout]} applied. The cache follows in idle time."
+        )
         if self.model is not None:
             self.host.prepare_chat(chat_id)
 
     @_unless_closed
     def request_edit_cost(self) -> None:
-        """Ask the worker what sending with the editor's text would recompute."""
+        """Ask the worker what the editor's text, variables and layout would recompute."""
         chat_id = self.current_chat_id
         if chat_id is None or self.model is None:
             self.instructions.show_cost("")
             return
-        current = self.store.current_instructions(chat_id)
-        variables = current.variables if current else {}
         self._edit_cost_request = self.host.request_edit_cost(
-            chat_id, self.instructions.text(), variables, self.instructions.current_layout()
+            chat_id,
+            self.instructions.text(),
+            self.instructions.variables(),
+            self.instructions.current_layout(),
         )
 
     @_unless_closed
@@ -691,7 +797,15 @@ class MainWindow(QMainWindow):
         speed = None
         if seconds and tokens:
             speed = tokens / float(seconds)  # type: ignore[arg-type]
-        self.instructions.show_cost(describe_edit_cost(tokens, seconds, speed))  # type: ignore[arg-type]
+        self.instructions.show_cost(
+            describe_edit_cost(
+                tokens,
+                seconds,  # type: ignore[arg-type]
+                speed,
+                text_changed=self.instructions.is_modified(),
+                layout_changed=self.instructions.layout_pending(),
+            )
+        )
         self.edit_cost_shown.emit(tokens, seconds)
 
     # -- trim -----------------------------------------------------------------------
@@ -735,7 +849,8 @@ class MainWindow(QMainWindow):
         )
 
     def send(self) -> None:
-        text = self.input.toPlainText()
+        typed = self.input.toPlainText()
+        text = typed.rstrip()  # a trailing newline or space is never meant to be sent
         if not text.strip():
             return
         if self.busy:
@@ -743,6 +858,7 @@ class MainWindow(QMainWindow):
             return
         chat_id = self.current_chat_id or self.new_chat()
         self.pending_text = text
+        self._pending_typed = typed
         self.input.clear()
         self.chat_view.add_pending_user(text)
         self.chat_view.begin_reply()
@@ -814,11 +930,12 @@ class MainWindow(QMainWindow):
         )
         if outcome.metrics.finish_reason == FinishReason.CANCELLED:
             status = "Stopped. " + status
-        self._set_busy(False, status)
-        if outcome.chat_id == self.current_chat_id:
+        on_screen = outcome.chat_id == self.current_chat_id
+        self._set_busy(False, status if on_screen else "")
+        if on_screen:
             self.reload_chat(incremental=True)
             self.inspector.upsert_turn(outcome.metrics_id, metrics)
-        self._set_context_used(int(metrics.get("cache_tokens") or 0))
+            self._set_context_used(int(metrics.get("cache_tokens") or 0))
         self.refresh_chats()
         self._update_actions()
         self.reply_received.emit(outcome)
@@ -839,8 +956,10 @@ class MainWindow(QMainWindow):
                     m.role == "user" and m.text == text for m in self.store.messages(chat_id)[-2:]
                 )
         if text is not None and not stored and not self.input.toPlainText().strip():
-            self.input.setPlainText(text)  # nothing typed is lost
+            self.input.setPlainText(self._pending_typed)  # nothing typed is lost
         title = "Message too long" if kind == "overflow" else "The reply failed"
+        if kind == "overflow" and (self.model is None or self.model.kv_type != "server"):
+            message += " (Model → Model settings… sets the context size)"
         self.turn_error.emit(kind, message)
         self.show_error(title, message[:1].upper() + message[1:] + ".")
 
@@ -854,7 +973,8 @@ class MainWindow(QMainWindow):
                 self.inspector.set_turns([(row.id, row.data) for row in rows])
             if outcome.cache is not None:
                 self._on_cache_view(outcome.chat_id, outcome.cache)
-        if outcome.cache is not None and outcome.cache.chat_id is not None:
+            self.request_edit_cost()  # the cache changed: so did what an edit costs
+        if outcome.cache is not None and outcome.chat_id == self.current_chat_id:
             self._set_context_used(outcome.cache.cache_tokens)
         self.background_done.emit(outcome)
 

@@ -1,126 +1,156 @@
-"""A small Markdown-ish to Qt rich-text converter for replies.
+"""Replies as Markdown: markdown-it-py (CommonMark + GFM tables) and Pygments for code.
 
-Qt's own Markdown reader produces HTML that QLabel cannot style per block, and model
-replies are often half-finished while streaming (an open code fence must still show
-as code). So this handles only what chat replies use: fenced code, inline code,
-bold, italics, headings, bullet and numbered lists, paragraphs.
+A reply is cut into blocks: rich text between top-level code blocks, and each code
+block on its own, so the bubble can give every code block a Copy button. Qt's rich text
+understands only part of HTML/CSS, so the HTML is given explicit, theme-coloured styles
+here. Raw HTML in a reply is shown as text (``html: False``), never interpreted.
+Half-written Markdown while streaming is fine: an open fence is a code block to the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import html
 import re
 
-CODE_BACKGROUND = "#f1f3f5"
-CODE_BORDER = "#d0d7de"
-_INLINE_CODE = re.compile(r"`([^`\n]+)`")
-_BOLD = re.compile(r"\*\*(.+?)\*\*|__(.+?)__")
-_ITALIC = re.compile(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])")
-_BULLET = re.compile(r"^\s*[-*+]\s+(.*)$")
-_NUMBERED = re.compile(r"^\s*\d+[.)]\s+(.*)$")
-_HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
-_FENCE = re.compile(r"^\s*```")
+from markdown_it import MarkdownIt
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import get_lexer_by_name
+from pygments.lexers.special import TextLexer
+from pygments.util import ClassNotFound
+
+from app.ui.theme import Palette, palette
 
 
-def _inline(text: str) -> str:
-    """Escape, then mark up inline code first so its content is never bolded."""
-    pieces: list[str] = []
-    position = 0
-    for match in _INLINE_CODE.finditer(text):
-        pieces.append(_emphasis(html.escape(text[position : match.start()])))
-        pieces.append(
-            f"<code style='background:{CODE_BACKGROUND}'>{html.escape(match.group(1))}</code>"
+@dataclasses.dataclass(frozen=True)
+class TextBlock:
+    html: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeBlock:
+    code: str
+    language: str
+    html: str  # highlighted, ready for a QLabel
+
+
+Block = TextBlock | CodeBlock
+
+
+_LANGUAGE = re.compile(r"^\S+")
+
+
+@functools.lru_cache(maxsize=256)
+def highlight_code(code: str, language: str, style: str) -> str:
+    """Pygments spans with inline colours (Qt reads no CSS classes), in a wrapping <pre>."""
+    try:
+        lexer = get_lexer_by_name(language) if language else TextLexer()
+    except ClassNotFound:
+        lexer = TextLexer()
+    formatter = HtmlFormatter(style=style, noclasses=True, nowrap=True)
+    body = highlight(code, lexer, formatter).rstrip("\n") or "&nbsp;"
+    return f"<pre style='margin:0; white-space:pre-wrap; font-family:monospace'>{body}</pre>"
+
+
+def _style_html(fragment: str, colours: Palette) -> str:
+    """Explicit styles on the tags markdown-it emits (the text itself is already escaped)."""
+    replacements = {
+        "<p>": "<p style='margin:0 0 6px 0'>",
+        "<table>": (
+            f"<table border='1' cellspacing='0' cellpadding='4' "
+            f"style='border-collapse:collapse; border-color:{colours.border}; margin:4px 0'>"
+        ),
+        "<th>": f"<th style='background:{colours.panel}'>",
+        '<th style="text-align:left">': f"<th align='left' style='background:{colours.panel}'>",
+        '<th style="text-align:right">': f"<th align='right' style='background:{colours.panel}'>",
+        '<th style="text-align:center">': (
+            f"<th align='center' style='background:{colours.panel}'>"
+        ),
+        '<td style="text-align:left">': "<td align='left'>",
+        '<td style="text-align:right">': "<td align='right'>",
+        '<td style="text-align:center">': "<td align='center'>",
+        "<blockquote>": (f"<blockquote style='color:{colours.muted}; margin:4px 0 4px 12px'>"),
+        "<code>": (f"<code style='background:{colours.code_background}; font-family:monospace'>"),
+        "<ul>": "<ul style='margin:0 0 6px 0'>",
+        "<ol>": "<ol style='margin:0 0 6px 0'>",
+        "<h1>": "<h1 style='font-size:x-large; margin:4px 0'>",
+        "<h2>": "<h2 style='font-size:large; margin:4px 0'>",
+        "<h3>": "<h3 style='font-size:medium; margin:4px 0'>",
+    }
+    for tag, styled in replacements.items():
+        fragment = fragment.replace(tag, styled)
+    fragment = re.sub(r"<h([4-6])>", r"<h\1 style='font-size:medium; margin:4px 0'>", fragment)
+    fragment = fragment.replace("<a href=", f"<a style='color:{colours.accent}' href=")
+    return fragment
+
+
+def _nested_code(colours: Palette) -> object:
+    """markdown-it's highlight hook: code blocks inside lists or quotes stay in the text."""
+
+    def render(code: str, language: str, _attrs: object) -> str:
+        inner = highlight_code(code.rstrip("\n"), language, colours.pygments_style)
+        return inner.replace(
+            "<pre style='", f"<pre style='background:{colours.code_background}; ", 1
         )
-        position = match.end()
-    pieces.append(_emphasis(html.escape(text[position:])))
-    return "".join(pieces)
+
+    return render
 
 
-def _emphasis(escaped: str) -> str:
-    escaped = _BOLD.sub(lambda m: f"<b>{m.group(1) or m.group(2)}</b>", escaped)
-    return _ITALIC.sub(lambda m: f"<i>{m.group(1)}</i>", escaped)
-
-
-def _code_block(lines: list[str], language: str) -> str:
-    code = html.escape("\n".join(lines)) or "&nbsp;"
-    caption = (
-        f"<div style='color:#57606a; font-size:small'>{html.escape(language)}</div>"
-        if language
-        else ""
+@functools.cache
+def _parser(colours: Palette) -> MarkdownIt:
+    parser = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable(
+        ["table", "strikethrough"]
     )
-    return (
-        f"<table width='100%' cellspacing='0' cellpadding='6' "
-        f"style='background:{CODE_BACKGROUND}; border:1px solid {CODE_BORDER}; margin:4px 0'>"
-        f"<tr><td>{caption}<pre style='margin:0; font-family:monospace'>{code}</pre></td></tr>"
-        "</table>"
-    )
+    parser.options["highlight"] = _nested_code(colours)
+    return parser
 
 
-def markdown_to_html(text: str) -> str:
-    """Rich text for a QLabel; tolerant of unfinished Markdown (streaming)."""
-    out: list[str] = []
-    paragraph: list[str] = []
-    list_kind: str | None = None
-    code: list[str] | None = None
-    language = ""
+def markdown_blocks(text: str, colours: Palette | None = None) -> list[Block]:
+    """The reply as text blocks and top-level code blocks, in order."""
+    colours = colours or palette()
+    parser = _parser(colours)
+    tokens = parser.parse(text)
+    blocks: list[Block] = []
+    pending: list = []
 
-    def flush_paragraph() -> None:
-        if paragraph:
-            out.append("<p style='margin:0 0 6px 0'>" + "<br>".join(paragraph) + "</p>")
-            paragraph.clear()
+    def flush() -> None:
+        if pending:
+            rendered = parser.renderer.render(pending, parser.options, {})
+            if rendered.strip():
+                blocks.append(TextBlock(_style_html(rendered, colours)))
+            pending.clear()
 
-    def close_list() -> None:
-        nonlocal list_kind
-        if list_kind:
-            out.append(f"</{list_kind}>")
-            list_kind = None
-
-    for line in text.split("\n"):
-        if code is not None:
-            if _FENCE.match(line):
-                out.append(_code_block(code, language))
-                code = None
-            else:
-                code.append(line)
-            continue
-        if _FENCE.match(line):
-            flush_paragraph()
-            close_list()
-            code = []
-            language = line.strip()[3:].strip()
-            continue
-        bullet = _BULLET.match(line)
-        numbered = None if bullet else _NUMBERED.match(line)
-        if bullet or numbered:
-            flush_paragraph()
-            kind = "ul" if bullet else "ol"
-            if list_kind != kind:
-                close_list()
-                out.append(f"<{kind} style='margin:0 0 6px 0'>")
-                list_kind = kind
-            item = (bullet or numbered).group(1)  # type: ignore[union-attr]
-            out.append(f"<li>{_inline(item)}</li>")
-            continue
-        heading = _HEADING.match(line)
-        if heading:
-            flush_paragraph()
-            close_list()
-            size = {1: "x-large", 2: "large"}.get(len(heading.group(1)), "medium")
-            out.append(
-                f"<p style='margin:4px 0; font-size:{size}'><b>{_inline(heading.group(2))}</b></p>"
+    for token in tokens:
+        if token.level == 0 and token.type in ("fence", "code_block"):
+            flush()
+            match = _LANGUAGE.match(token.info.strip()) if token.info else None
+            language = match.group(0) if match else ""
+            code = token.content.rstrip("\n")
+            blocks.append(
+                CodeBlock(code, language, highlight_code(code, language, colours.pygments_style))
             )
-            continue
-        if not line.strip():
-            flush_paragraph()
-            close_list()
-            continue
-        close_list()
-        paragraph.append(_inline(line))
-    if code is not None:  # an unfinished fence while streaming
-        out.append(_code_block(code, language))
-    flush_paragraph()
-    close_list()
-    return "".join(out)
+        else:
+            pending.append(token)
+    flush()
+    return blocks
+
+
+def markdown_to_html(text: str, colours: Palette | None = None) -> str:
+    """The whole reply as one rich-text document (exports, tooltips, tests)."""
+    colours = colours or palette()
+    parts = []
+    for block in markdown_blocks(text, colours):
+        if isinstance(block, CodeBlock):
+            parts.append(
+                f"<table width='100%' cellspacing='0' cellpadding='6' style='background:"
+                f"{colours.code_background}; border:1px solid {colours.code_border}'>"
+                f"<tr><td>{block.html}</td></tr></table>"
+            )
+        else:
+            parts.append(block.html)
+    return "".join(parts)
 
 
 def plain_to_html(text: str) -> str:

@@ -132,6 +132,12 @@ class EngineWorker(QObject):
 
     # -- model ----------------------------------------------------------------------
 
+    @Slot(object, str)
+    def configure(self, n_ctx: int | None, kv_type: str) -> None:
+        """Context size and KV type for the next model load."""
+        self.n_ctx = n_ctx
+        self.kv_type = kv_type
+
     @Slot(str)
     def load_model(self, path: str) -> None:
         """Load a GGUF; on failure keep the previous engine so the app stays usable."""
@@ -417,6 +423,7 @@ class _IdleJob:
 class EngineHost(QObject):
     """The GUI thread's handle on the worker: queues requests, owns the cancel flags."""
 
+    _configure = Signal(object, str)
     _load_model = Signal(str)
     _connect_server = Signal(str, str)
     _probe_server = Signal(int, str, str)
@@ -449,6 +456,7 @@ class EngineHost(QObject):
         self.engine_thread.setObjectName("kvchat-engine")
         self.worker.moveToThread(self.engine_thread)
         queued = Qt.ConnectionType.QueuedConnection
+        self._configure.connect(self.worker.configure, queued)
         self._load_model.connect(self.worker.load_model, queued)
         self._connect_server.connect(self.worker.connect_server, queued)
         self._probe_server.connect(self.worker.probe_server, queued)
@@ -482,8 +490,13 @@ class EngineHost(QObject):
         self.background_cancel = threading.Event()
         return self.background_cancel
 
-    def load_model(self, path: str | None) -> None:
+    def load_model(
+        self, path: str | None, *, n_ctx: int | None = None, kv_type: str | None = None
+    ) -> None:
+        """Load a model; with n_ctx / kv_type, those apply from this load on."""
         self._preempt_background()
+        if n_ctx is not None or kv_type is not None:
+            self._configure.emit(n_ctx, kv_type or self.worker.kv_type)
         self._load_model.emit(path or "")
 
     def connect_server(self, url: str, model: str) -> None:

@@ -1,0 +1,132 @@
+"""The message composer: the text box, the turn's status line and the turn buttons.
+
+Enter sends and Shift+Enter starts a new line (the chat-app convention); a setting
+swaps that to Enter = new line, Ctrl+Enter = send. The status line elides its text
+instead of widening the window: its full text is in the tooltip.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtGui import QKeyEvent, QPainter, QResizeEvent
+from PySide6.QtWidgets import (
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
+
+_ENTER_KEYS = (Qt.Key.Key_Return, Qt.Key.Key_Enter)
+
+
+class ElidedLabel(QLabel):
+    """One line of plain text that shrinks with its parent and ends in "…" when cut."""
+
+    def __init__(self, text: str = "") -> None:
+        super().__init__(text)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.setTextFormat(Qt.TextFormat.PlainText)
+
+    def setText(self, text: str) -> None:
+        super().setText(text)
+        self.setToolTip(text if self.is_elided() else "")
+
+    def minimumSizeHint(self) -> QSize:
+        return QSize(0, super().minimumSizeHint().height())
+
+    def sizeHint(self) -> QSize:
+        """The whole text: where there is room (a status bar) it is shown uncut."""
+        margins = self.contentsMargins()
+        width = self.fontMetrics().horizontalAdvance(self.text()) + margins.left() + margins.right()
+        return QSize(width, super().sizeHint().height())
+
+    def is_elided(self) -> bool:
+        return self.fontMetrics().horizontalAdvance(self.text()) > self.contentsRect().width()
+
+    def displayed_text(self) -> str:
+        return self.fontMetrics().elidedText(
+            self.text(), Qt.TextElideMode.ElideRight, self.contentsRect().width()
+        )
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        self.setToolTip(self.text() if self.is_elided() else "")
+
+    def paintEvent(self, _event: object) -> None:
+        painter = QPainter(self)
+        painter.setPen(self.palette().color(self.foregroundRole()))
+        painter.drawText(
+            self.contentsRect(),
+            int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter),
+            self.displayed_text(),
+        )
+
+
+class MessageInput(QPlainTextEdit):
+    """Enter sends (or, with ``enter_sends`` off, Ctrl+Enter does); no newline is inserted."""
+
+    send_requested = Signal()
+
+    def __init__(self, enter_sends: bool = True) -> None:
+        super().__init__()
+        self.setObjectName("messageInput")
+        self.enter_sends = True
+        self.set_enter_sends(enter_sends)
+
+    def set_enter_sends(self, enter_sends: bool) -> None:
+        self.enter_sends = enter_sends
+        if enter_sends:
+            hint = "Message… (Enter sends, Shift+Enter new line, Esc stops)"
+        else:
+            hint = "Message… (Ctrl+Enter sends, Enter new line, Esc stops)"
+        self.setPlaceholderText(hint)
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:
+        if event.key() in _ENTER_KEYS:
+            modifiers = event.modifiers()
+            ctrl = bool(modifiers & Qt.KeyboardModifier.ControlModifier)
+            shift = bool(modifiers & Qt.KeyboardModifier.ShiftModifier)
+            if ctrl or (self.enter_sends and not shift):
+                event.accept()
+                self.send_requested.emit()
+                return
+            if shift:  # Shift+Enter would insert a paragraph separator; a newline is meant
+                self.insertPlainText("\n")
+                event.accept()
+                return
+        super().keyPressEvent(event)
+
+
+class Composer(QWidget):
+    """Text box over a status line and the Regenerate / Stop / Send buttons."""
+
+    def __init__(self, enter_sends: bool = True) -> None:
+        super().__init__()
+        self.setObjectName("composer")
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(8, 6, 8, 8)
+        layout.setSpacing(6)
+        self.input = MessageInput(enter_sends)
+        self.input.setFixedHeight(84)
+        layout.addWidget(self.input)
+        buttons = QHBoxLayout()
+        self.turn_status = ElidedLabel("")
+        self.turn_status.setObjectName("turnStatus")
+        buttons.addWidget(self.turn_status, 1)
+        self.regenerate_button = QPushButton("Regenerate")
+        self.regenerate_button.setToolTip("Replace the last reply")
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip("Stop the reply (Esc); the partial reply is kept")
+        self.send_button = QPushButton("Send")
+        self.send_button.setObjectName("primaryButton")
+        for button in (self.regenerate_button, self.stop_button, self.send_button):
+            buttons.addWidget(button)
+        layout.addLayout(buttons)
+        self.set_enter_sends(enter_sends)
+
+    def set_enter_sends(self, enter_sends: bool) -> None:
+        self.input.set_enter_sends(enter_sends)
+        self.send_button.setToolTip("Send (Enter)" if enter_sends else "Send (Ctrl+Enter)")
