@@ -10,6 +10,7 @@ commit/warm-up/save so the inspector is complete, then saves:
 - docs/main-window.png      chat + instruction editor (with an edit-cost preview) + charts
 - docs/inspector-phases.png the same window with the per-turn phase table
 - docs/trim-preview.png     the trim slider dragged: turns that would leave the cache greyed
+- docs/bench-window-*.png   the Benchmark window before and after a run with its defaults
 """
 
 from __future__ import annotations
@@ -170,6 +171,23 @@ def main(argv: list[str] | None = None) -> int:
             written.append(out / "trim-preview.png")
             slider.blockSignals(True)  # leave without applying the previewed limit
             slider.setSliderDown(False)
+            bench = window.show_benchmark()
+            bench.resize(1024, 640)
+            settle()
+            bench.grab().save(str(out / "bench-window-empty.png"))
+            written.append(out / "bench-window-empty.png")
+            finished: list[object] = []
+            bench.run_finished.connect(finished.append)
+            started = time.monotonic()
+            bench.start()
+            wait_for(lambda: bool(finished), "the benchmark window's run")
+            print(f"benchmark window run with its defaults: {time.monotonic() - started:.1f} s")
+            for mode in (theme.ThemeMode.LIGHT, theme.ThemeMode.DARK):
+                theme.apply(mode)
+                settle()
+                bench.grab().save(str(out / f"bench-window-{mode}.png"))
+                written.append(out / f"bench-window-{mode}.png")
+            theme.apply(theme.ThemeMode.LIGHT)
         finally:
             window.close()
     for path in written:

@@ -10,7 +10,8 @@ from typing import Any
 from PySide6.QtCore import QTimer
 
 from app.bench.config import STRATEGIES, BenchConfig
-from app.ui.bench_window import CSV_FIELDS, BenchWindow
+from app.ui.bench_window import CSV_FIELDS, WINDOW_SIZES, BenchWindow, eta_text
+from app.ui.worker import default_thread_count
 
 RUN_TIMEOUT_MS = 300_000  # five engines on a shared CPU: generous, never flaky
 TINY = dict(
@@ -41,6 +42,7 @@ def test_tiny_run_plots_tabulates_and_exports(qtbot, tmp_path: Path) -> None:  #
     assert window.config().turns == 2 and window.config().history_tokens == 160
     with qtbot.waitSignal(window.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
         window.start_button.click()
+        assert window.plot_stack.currentWidget() is window.plot_widget
         assert window.is_running() and not window.start_button.isEnabled()
     report = blocker.args[0]
     assert report is not None and not report.cancelled, window.last_error
@@ -92,3 +94,26 @@ def test_close_during_a_run_cancels_and_joins(qtbot) -> None:  # type: ignore[no
     qtbot.wait(50)
     _close(window)
     assert thread.isFinished()
+
+
+def test_window_defaults_are_light_and_use_the_chat_worker_threads(qtbot) -> None:  # type: ignore[no-untyped-def]
+    window = BenchWindow(model_path=None)
+    qtbot.addWidget(window)
+    window.show()
+    config = window.config()
+    for name, value in WINDOW_SIZES.items():
+        assert getattr(config, name) == value, name
+    assert config.n_threads == default_thread_count()
+    # Before a run: a sentence about what Start does, not empty axes and an empty legend.
+    assert window.plot_stack.currentWidget() is window.empty_label
+    assert f"{config.turns} measured turns" in window.empty_label.text()
+    window.turns_spin.setValue(5)
+    assert "5 measured turns" in window.empty_label.text()
+    _close(window)
+
+
+def test_eta_follows_the_pace_so_far() -> None:
+    assert eta_text(0, 10, 0.0) == ""
+    assert eta_text(2, 10, 4.0) == "about 16 s left"
+    assert eta_text(1, 100, 10.0) == "about 16 min left"
+    assert eta_text(10, 10, 20.0) == ""

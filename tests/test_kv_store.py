@@ -96,6 +96,12 @@ def test_a_fork_restores_the_pages_it_shares(store: Store, engine: ChatSession) 
     usage = {u.chat_id: u for u in store.kv.usage()}
     assert usage[fork.id].shared_bytes > 0
     assert store.kv.total_bytes() < usage[chat_id].bytes + usage[fork.id].bytes
+    assert store.kv.usage(fork.id) == [usage[fork.id]]
+    view = engine.cache_view(fork.id)  # what the inspector shows for the chat on screen
+    assert (view.saved_bytes, view.saved_shared_bytes) == (
+        usage[fork.id].bytes,
+        usage[fork.id].shared_bytes,
+    )
 
 
 def test_deleting_the_kv_file_loses_no_message(

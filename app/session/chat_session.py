@@ -144,6 +144,9 @@ class CacheView:
     matching_tokens: int
     n_ctx: int
     bytes_per_token: float
+    #: The chat's saved state on disk, and how much of it other chats share (forks).
+    saved_bytes: int = 0
+    saved_shared_bytes: int = 0
 
 
 @dataclass
@@ -1040,6 +1043,7 @@ class ChatSession:
         matching = common_prefix_length(held, target)
         if len(held) > matching:
             segments.append(("new message + reply", len(held) - matching))
+        usage = self.store.kv.usage(chat_id)
         return CacheView(
             chat_id=self.cache_chat_id,
             segments=segments,
@@ -1047,4 +1051,6 @@ class ChatSession:
             matching_tokens=matching,
             n_ctx=self.n_ctx,
             bytes_per_token=self.bytes_per_token,
+            saved_bytes=usage[0].bytes if usage else 0,
+            saved_shared_bytes=usage[0].shared_bytes if usage else 0,
         )

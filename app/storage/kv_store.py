@@ -411,9 +411,12 @@ class KVStore:
         whole = self._query("SELECT coalesce(sum(length(whole)), 0) FROM states")[0][0]
         return int(pages) + int(whole)
 
-    def usage(self) -> list[ChatUsage]:
+    def usage(self, chat_id: int | None = None) -> list[ChatUsage]:
+        """Bytes per chat (one chat's, with ``chat_id``): what deleting it would not free
+        is in ``shared_bytes``."""
+        where = "" if chat_id is None else "WHERE s.chat_id = ?"
         rows = self._query(
-            """
+            f"""
             SELECT s.chat_id,
                    coalesce(sum(p.bytes), 0) + coalesce(length(s.whole), 0),
                    coalesce(sum(CASE WHEN (SELECT count(DISTINCT o.chat_id) FROM state_pages o
@@ -422,8 +425,10 @@ class KVStore:
             FROM states s
             LEFT JOIN state_pages sp ON sp.chat_id = s.chat_id
             LEFT JOIN pages p ON p.hash = sp.hash
+            {where}
             GROUP BY s.chat_id ORDER BY s.chat_id
-            """
+            """,
+            () if chat_id is None else (chat_id,),
         )
         return [ChatUsage(int(c), int(b), int(s)) for c, b, s in rows]
 

@@ -45,14 +45,33 @@ from app.ui.worker import default_thread_count
 #: Per-turn CSV columns: every TurnSample field but the reply text (noise in a sheet).
 CSV_FIELDS = tuple(f.name for f in dataclasses.fields(TurnSample) if f.name != "reply")
 TABLE_HEADERS = ("Strategy", "Median TTFT (ms)", "Prefill tokens", "vs naive")
-#: The window's sizes: small enough for a run of well under 30 s on 2 cores (the CLI's
-#: defaults, 3,000 history tokens x 8 turns, take minutes). Bigger runs: raise them.
-WINDOW_SIZES = {"history_tokens": 300, "instruction_tokens": 150, "turns": 3}
+#: The window's sizes: a run of 24 s on 2 cores with the chat worker's single thread
+#: (measured; the CLI's defaults, 3,000 history tokens x 8 turns, take minutes). Five
+#: strategies x 2 turns, each turn with its idle-time steps, is most of it.
+WINDOW_SIZES = {
+    "history_tokens": 160,
+    "instruction_tokens": 80,
+    "message_tokens": 24,
+    "max_tokens": 8,
+    "turns": 2,
+}
 
 
 def window_config(model_path: str | Path | None = None) -> BenchConfig:
     """The window's default run: light sizes, the chat worker's thread count."""
     return BenchConfig(model_path=model_path, n_threads=default_thread_count(), **WINDOW_SIZES)
+
+
+def log_ticks(low_ms: float, high_ms: float) -> list[tuple[float, str]]:
+    """1-2-5 ticks between two times, as log10 positions with readable labels."""
+    ticks = []
+    for exponent in range(math.floor(math.log10(max(low_ms, 1e-3))), 8):
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10.0**exponent
+            if low_ms <= value <= high_ms:
+                label = f"{value / 1000:g} s" if value >= 1000 else f"{value:g} ms"
+                ticks.append((math.log10(value), label))
+    return ticks
 
 
 def eta_text(done: int, total: int, elapsed_s: float) -> str:
@@ -249,7 +268,7 @@ class BenchWindow(QWidget):
             f"Start replays one scripted chat ({config.history_tokens} history tokens, a"
             f" {config.instruction_tokens}-token instruction block, {config.turns} measured"
             f" turns) under {len(config.strategies)} caching strategies, each with its own copy"
-            f" of the model on {config.n_threads or 'all'} threads, and plots the time to the"
+            f" of the model on {_threads(config.n_threads)}, and plots the time to the"
             " first token of every turn."
         )
         self.plot_stack.setCurrentWidget(self.empty_label)
@@ -262,12 +281,15 @@ class BenchWindow(QWidget):
         self.plot_widget.setBackground(colours.chart_background)
         plot = self.plot_widget.getPlotItem()
         plot.setTitle("TTFT per measured turn", color=colours.chart_foreground)
-        for side, label in (("bottom", "measured turn"), ("left", "TTFT (ms, log scale)")):
+        labels = (("bottom", "measured turn"), ("left", "time to first token (log scale)"))
+        for side, label in labels:
             axis = plot.getAxis(side)
             axis.setPen(pg.mkPen(colours.border))
             axis.setTextPen(pg.mkPen(colours.chart_foreground))
             plot.setLabel(side, label, color=colours.chart_foreground)
         self.legend.setLabelTextColor(colours.chart_foreground)
+        for _sample, label in self.legend.items:
+            label.setText(label.text, color=colours.chart_foreground)
         self.legend.setBrush(pg.mkBrush(QColor(colours.window)))
         self.legend.setPen(pg.mkPen(colours.border))
 
@@ -389,7 +411,9 @@ class BenchWindow(QWidget):
         plot.setXRange(0.7, turns + 0.3, padding=0)
         values = [y for points in self._points.values() for _, y in points]
         if values:
-            plot.setYRange(math.log10(min(values) / 1.5), math.log10(max(values) * 8), padding=0)
+            low, high = min(values) / 1.5, max(values) * 8
+            plot.setYRange(math.log10(low), math.log10(high), padding=0)
+            plot.getAxis("left").setTicks([log_ticks(low, high)])
 
     @Slot(object)
     def _on_finished(self, report: BenchReport | None) -> None:
@@ -430,6 +454,7 @@ class BenchWindow(QWidget):
                 symbolSize=8,
                 name=name,
             )
+        self.apply_theme(theme.palette())  # the new legend entries in the theme's ink
 
     def _fill_table(self, report: BenchReport) -> None:
         vs_naive: dict[str, Any] = report.ratios.get(f"vs_{NAIVE}", {})
@@ -488,6 +513,12 @@ class BenchWindow(QWidget):
             self._join()
             self._set_running(False)
         event.accept()
+
+
+def _threads(count: int | None) -> str:
+    if count is None:
+        return "all cores"
+    return "1 thread" if count == 1 else f"{count} threads"
 
 
 def _number(value: float | None) -> str:

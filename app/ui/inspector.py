@@ -577,8 +577,16 @@ class CacheInspector(QWidget):
             self.legend_label.setText("")
             return
         size = view.cache_tokens * view.bytes_per_token
-        self.size_label.setText(f"{view.cache_tokens} / {view.n_ctx} tokens · {format_bytes(size)}")
-        self.size_label.setToolTip("Tokens held in the KV cache / context size · cache size")
+        text = f"{view.cache_tokens} / {view.n_ctx} tokens · {format_bytes(size)}"
+        tip = "Tokens held in the KV cache / context size · cache size in memory"
+        if view.saved_bytes:
+            text += f" · {format_bytes(view.saved_bytes)} saved"
+            tip += (
+                f"\nThis chat's saved state on disk: {format_bytes(view.saved_bytes)}"
+                f" ({format_bytes(view.saved_shared_bytes)} of it shared with other chats)"
+            )
+        self.size_label.setText(text)
+        self.size_label.setToolTip(tip)
         parts = []
         for label, tokens in view.segments:
             colour = COLOURS.get(label, palette().faint)
