@@ -121,6 +121,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"{replies[-1].metrics.prefill_tokens} recomputed"
                 )  # type: ignore[attr-defined]
 
+            # Edit the last question: a second version of it, behind the ‹ 2/2 › arrows.
+            last_question = window.store.messages(chat_id)[-2]
+            window.start_edit(last_question.seq)
+            window.input.setPlainText("Thanks! In one sentence: why does the lamp flash?")
+            edits = len(replies)
+            window.send()
+            wait_for(lambda: len(replies) > edits, "the edited question's reply")
+            metrics_id = replies[-1].metrics_id  # type: ignore[attr-defined]
+            wait_for(
+                lambda m=metrics_id: any(b.metrics_id == m for b in backgrounds),  # type: ignore[attr-defined]
+                "background work of the edited turn",
+            )
+            chat_id = window.current_chat_id
+
             costs: list[object] = []
             window.edit_cost_shown.connect(lambda tokens, _seconds: costs.append(tokens))
             window.instructions.editor.setPlainText(INSTRUCTIONS_DRAFT)

@@ -474,7 +474,10 @@ def test_labels_describe_the_chat_on_screen(qtbot, window: MainWindow) -> None:
     assert "—" in window.context_label.text()
     assert window.inspector.turns == []
     qtbot.waitUntil(lambda: window.inspector.view is not None, timeout=TURN_TIMEOUT_MS)
-    assert window.inspector.view.cache_tokens == 0 or window.inspector.view.chat_id != second
+    view = window.inspector.view
+    # Whatever the cache holds now belongs to the new chat's prompt (its preamble, shared
+    # with the first chat, may be kept): nothing of the first chat's messages.
+    assert view.chat_id in (None, second) and view.cache_tokens == view.matching_tokens
     assert "no model" not in window.inspector.size_label.text()
     window.select_chat(first)
     assert len(window.inspector.turns) == 1
@@ -530,3 +533,47 @@ def test_dark_theme_reaches_charts_and_rendered_replies(qtbot, window: MainWindo
     finally:
         window.set_theme("light")
     assert plot.backgroundBrush().color().name() == theme.LIGHT.chart_background
+
+
+def test_edit_makes_a_version_with_arrows_and_fork_makes_a_chat(
+    qtbot, window: MainWindow
+) -> None:
+    first, _ = send_turn(qtbot, window, "Name a big city.")
+    send_turn(qtbot, window, "Name a river there.")
+    original = window.current_chat_id
+    bubble = window.chat_view.bubbles[2]
+    assert bubble.role == "user" and bubble.edit_button.isVisible()
+    bubble.edit_button.click()
+    assert window.composer.edit_bar.isVisible()
+    assert window.input.toPlainText() == "Name a river there."
+    window.input.setPlainText("Name a mountain there.")
+    log = log_of(window)
+    seen = len(log.replies)
+    window.send()
+    qtbot.waitUntil(lambda: len(log.replies) > seen, timeout=TURN_TIMEOUT_MS)
+    edited = log.replies[-1]
+    branch = window.current_chat_id
+    assert branch != original and not window.composer.edit_bar.isVisible()
+    shared = sum(len(m.token_ids) for m in window.store.messages(branch)[:2])
+    assert edited.metrics.reused_tokens >= shared, "the messages before the edit are reused"
+    texts = [b.text for b in window.chat_view.bubbles]
+    assert texts[:2] == [m.text for m in window.store.messages(original)[:2]]
+    assert texts[2] == "Name a mountain there."
+    edited_bubble = window.chat_view.bubbles[2]
+    assert edited_bubble.version_label.isVisible()
+    assert edited_bubble.version_label.text() == "2/2"
+    assert [window.chat_list.list.count()] == [1], "the versions are one chat in the list"
+
+    wait_background(qtbot, window, edited.metrics_id)
+    edited_bubble.previous_version.click()
+    assert window.current_chat_id == original
+    assert window.chat_view.bubbles[2].text == "Name a river there."
+    assert window.chat_view.bubbles[2].version_label.text() == "1/2"
+    assert window.store.latest_in_family(original).id == original
+
+    fork_id = window.fork_at(1)  # "Fork from here" on the first reply
+    assert fork_id is not None and window.current_chat_id == fork_id
+    assert [m.text for m in window.store.messages(fork_id)] == [
+        "Name a big city.", first.reply,
+    ]
+    assert window.chat_list.list.count() == 2

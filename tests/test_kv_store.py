@@ -88,6 +88,7 @@ def test_a_fork_restores_the_pages_it_shares(store: Store, engine: ChatSession) 
     fork = store.fork_chat(chat_id, last_history_seq, "fork")
     shared = engine.history_plan(fork.id).tokens
     assert shared == engine.history_plan(chat_id).tokens[: len(shared)]
+    engine.drop_cache()  # as after a restart: the fork restores pages, not cells in memory
     result = engine.send(fork.id, "And which need shade?", GREEDY)
     full_pages = len(shared) // PAGE_TOKENS * PAGE_TOKENS
     assert result.metrics.reused_tokens >= full_pages > 0
@@ -187,3 +188,49 @@ def test_storage_and_fork_commands(tmp_path: Path) -> None:
     assert report["total_bytes"] == sum(c["bytes"] for c in chats.values()) - chats["b"][
         "shared_bytes"
     ]
+
+
+def test_branches_restore_the_shared_prefix_and_share_storage(
+    store: Store, engine: ChatSession
+) -> None:
+    """Five edits of the last question: each branch restores the shared history from the
+    original's pages (no prefill of it) and stores only what differs: the page the edit
+    falls in, the new message, reply and block. So the cost of a branch does not grow
+    with the chat (5 branches of a 3,000-token chat: see README)."""
+    chat_id = _long_chat(store, engine, "original")
+    engine.send(chat_id, "Which plants need the most sun?", GREEDY)
+    engine.after_reply(chat_id)
+    one_chat = store.kv.usage(chat_id)[0].bytes
+    edited_seq = store.messages(chat_id)[-2].seq
+    last_pair = sum(len(m.token_ids) for m in store.messages(chat_id)[-2:])
+    shared = len(engine.history_plan(chat_id).tokens) - last_pair
+    per_token = 0.0
+    for number in range(5):
+        before = store.kv.total_bytes()
+        branch = store.branch_chat(chat_id, edited_seq)
+        result = engine.send(branch.id, f"Which plants need shade? Version {number}.", GREEDY)
+        assert result.metrics.reused_tokens >= shared // PAGE_TOKENS * PAGE_TOKENS
+        assert result.metrics.prefill_tokens < shared // 4, "the shared history is reused"
+        finished = engine.after_reply(branch.id)
+        per_token = finished.state_bytes / finished.cache_tokens
+        own_tokens = (
+            finished.block_tokens + finished.message_tokens + finished.decode_tokens + 32
+        )
+        added = store.kv.total_bytes() - before
+        assert added <= (own_tokens + PAGE_TOKENS) * per_token, (added, own_tokens)
+        if number == 0:  # the reply on reused cells is the reply of a cold evaluation
+            saved = {c.id: store.kv.state(c.id) for c in store.family(chat_id)}
+            engine.drop_cache()
+            for family_chat in saved:
+                store.kv.delete_state(family_chat)
+            cold = engine.regenerate(branch.id, GREEDY)
+            assert cold.metrics.reused_tokens == 0
+            assert cold.reply == result.reply
+            engine.after_reply(branch.id)
+            engine.forget_chat(branch.id)
+            engine.activate(chat_id, None)  # the original's pages are gone: recompute it
+            engine.regenerate(chat_id, GREEDY)
+            engine.after_reply(chat_id)
+    assert len(store.branches(chat_id)[edited_seq]) == 6
+    ratio = store.kv.total_bytes() / one_chat
+    print(f"\n{shared} shared tokens, 6 versions of the last question: {ratio:.2f}x one chat")

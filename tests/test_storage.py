@@ -196,3 +196,56 @@ def test_read_only_database_gives_a_clear_message(store: Store) -> None:
 def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StorageWriteError, match="cannot open"):
         Store(tmp_path / "no" / "such" / "dir" / "x.db")
+
+
+def test_old_databases_upgrade_to_branches(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "v4.db"
+    monkeypatch.setattr("app.storage.store.MIGRATIONS", migrations.MIGRATIONS[:4])
+    monkeypatch.setattr("app.storage.store.SCHEMA_VERSION", 4)
+    with Store(path) as old:
+        chat = old.create_chat("before branches")
+        old.add_message(chat.id, "user", "hello")
+    monkeypatch.undo()
+    with Store(path) as store:
+        assert store.schema_version() == migrations.SCHEMA_VERSION
+        upgraded = store.chat(chat.id)
+        assert (upgraded.root_chat_id, upgraded.branch_seq, upgraded.family_id) == (
+            None, None, chat.id,
+        )
+        assert [c.name for c in store.chats()] == ["before branches"]
+        branch = store.branch_chat(chat.id, 0)  # the first message can be edited too
+        assert store.messages(branch.id) == []
+
+
+def test_branches_share_the_prefix_and_list_as_one_chat(store: Store) -> None:
+    chat = store.create_chat("trip")
+    store.add_instruction_version(chat.id, "Be brief.", {"city": "Oslo"})
+    for index, (role, text) in enumerate(
+        [("user", "Where to?"), ("assistant", "Oslo."), ("user", "When?"), ("assistant", "May.")]
+    ):
+        store.add_message(chat.id, role, text, token_ids=[index, index + 1])
+    branch = store.branch_chat(chat.id, 2)
+    assert (branch.root_chat_id, branch.branch_seq) == (chat.id, 2)
+    assert [(m.seq, m.text, m.token_ids) for m in store.messages(branch.id)] == [
+        (0, "Where to?", [0, 1]), (1, "Oslo.", [1, 2]),
+    ]
+    assert store.current_instructions(branch.id).variables == {"city": "Oslo"}
+    assert store.branches(chat.id) == {}, "no second version of a message yet"
+    store.add_message(branch.id, "user", "How long?")
+    assert store.branches(chat.id) == {2: [chat.id, branch.id]}
+    assert store.branches(branch.id) == {2: [chat.id, branch.id]}
+    nested = store.branch_chat(branch.id, 2)  # a third version of the same message
+    store.add_message(nested.id, "user", "How much?")
+    assert store.branches(chat.id)[2] == [chat.id, branch.id, nested.id]
+    assert nested.root_chat_id == chat.id
+
+    assert [c.id for c in store.chats()] == [chat.id], "one entry per family"
+    assert [c.id for c in store.chats("How long")] == [chat.id], "search finds branch text"
+    store.touch_chat(branch.id)
+    assert store.latest_in_family(chat.id).id == branch.id
+    with pytest.raises(ValueError, match="no user message"):
+        store.branch_chat(chat.id, 1)
+
+    _save_state(store, branch.id, b"branch state")
+    store.delete_chat(chat.id)
+    assert store.chats() == [] and store.kv.state(branch.id) is None

@@ -48,6 +48,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--saves", type=_size_list, metavar="N,N,...",
                         help="instead: measure save and reopen costs at these history sizes "
                         "(e.g. 500,2000,4000,8000)")
+    parser.add_argument("--branches", type=positive_int, metavar="N",
+                        help="instead: N edits of the last question of a chat of"
+                        " --history-tokens, each a branch; storage and reuse per branch")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--plot", metavar="FILE.png", help="write a chart of TTFT per turn")
 
@@ -90,10 +93,31 @@ def run_saves(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_branches(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from app.bench.saves import format_branches, run_branch_benchmark
+
+    def show(sample: object) -> None:
+        print(f"bench: {sample}", file=sys.stderr, flush=True)
+
+    one_chat_mb, samples = run_branch_benchmark(
+        getattr(args, "model", None), args.history_tokens, args.branches,
+        block_tokens=args.instruction_tokens, n_threads=args.threads, on_sample=show,
+    )
+    if args.json:
+        print(json.dumps({"one_chat_mb": one_chat_mb, "branches": [asdict(s) for s in samples]}))
+    else:
+        print(format_branches(one_chat_mb, samples))
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """``python -m app bench``: progress on stderr, the table (or one JSON object) on stdout."""
     if args.saves:
         return run_saves(args)
+    if args.branches:
+        return run_branches(args)
     config = config_from_args(args)
     plot_path: Path | None = None
     if args.plot:

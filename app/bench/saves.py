@@ -38,10 +38,17 @@ class SaveSample:
     reopen_tokens: int
 
 
-def _history(session: ChatSession, store: Store, name: str, target: int, seed: int) -> int:
+def _history(
+    session: ChatSession,
+    store: Store,
+    name: str,
+    target: int,
+    seed: int,
+    block_tokens: int = 400,
+) -> int:
     script = Script(session.builder.content_tokens, seed)
     chat = store.create_chat(name)
-    store.add_instruction_version(chat.id, script.rules(400))
+    store.add_instruction_version(chat.id, script.rules(block_tokens))
     size = 0
     while size < target:
         user = script.user_message(40)
@@ -139,3 +146,83 @@ def format_saves(samples: Sequence[SaveSample]) -> str:
 
 def saves_as_json(samples: Sequence[SaveSample]) -> list[dict[str, Any]]:
     return [asdict(sample) for sample in samples]
+
+
+@dataclass
+class BranchSample:
+    """One version of the chat's last question: what it reused and what it added on disk."""
+
+    version: int
+    reused_tokens: int
+    prefill_tokens: int
+    ttft_ms: float
+    added_mb: float
+    total_mb: float
+
+
+def run_branch_benchmark(
+    model_path: str | Path | None,
+    history_tokens: int = 3000,
+    branches: int = 5,
+    *,
+    block_tokens: int = 400,
+    n_threads: int | None = None,
+    on_sample: Callable[[BranchSample], None] | None = None,
+) -> tuple[float, list[BranchSample]]:
+    """A chat of ``history_tokens``, then ``branches`` edits of its last question, each a
+    branch (as Edit in the app does). Returns one chat's saved MB and a sample per branch."""
+    options = GenerationOptions(max_tokens=16, temperature=0.0)
+    samples: list[BranchSample] = []
+    with tempfile.TemporaryDirectory(prefix="kvchat-branches-") as folder:
+        store = Store(Path(folder) / "branches.db")
+        session = ChatSession(
+            store, model_path, n_ctx=history_tokens + 1024, n_threads=n_threads
+        )
+        try:
+            chat_id = _history(session, store, "original", history_tokens, 0, block_tokens)
+            session.after_reply(chat_id)
+            session.send(chat_id, "And what should I plant next to them?", options)
+            session.after_reply(chat_id)
+            one_chat_mb = store.kv.usage(chat_id)[0].bytes / 1e6
+            edited = store.messages(chat_id)[-2].seq
+            for version in range(1, branches + 1):
+                before = store.kv.total_bytes()
+                branch = store.branch_chat(chat_id, edited)
+                result = session.send(
+                    branch.id, f"And what grows well in shade? (version {version})", options
+                )
+                session.after_reply(branch.id)
+                sample = BranchSample(
+                    version=version,
+                    reused_tokens=result.metrics.reused_tokens,
+                    prefill_tokens=result.metrics.prefill_tokens,
+                    ttft_ms=result.metrics.ttft_ms or 0.0,
+                    added_mb=(store.kv.total_bytes() - before) / 1e6,
+                    total_mb=store.kv.total_bytes() / 1e6,
+                )
+                samples.append(sample)
+                if on_sample is not None:
+                    on_sample(sample)
+        finally:
+            session.close()
+            store.close()
+    return one_chat_mb, samples
+
+
+def format_branches(one_chat_mb: float, samples: Sequence[BranchSample]) -> str:
+    rows = [f"one chat: {one_chat_mb:.1f} MB saved"]
+    rows.append(
+        f"{'branch':>6} {'reused':>7} {'prefill':>7} {'TTFT ms':>8} {'+MB':>6} {'total MB':>9}"
+    )
+    rows += [
+        f"{s.version:>6} {s.reused_tokens:>7} {s.prefill_tokens:>7} {s.ttft_ms:>8.0f} "
+        f"{s.added_mb:>6.2f} {s.total_mb:>9.1f}"
+        for s in samples
+    ]
+    if samples:
+        # The original plus the branches, against the original alone.
+        rows.append(
+            f"{len(samples)} branches + the original: x{samples[-1].total_mb / one_chat_mb:.2f}"
+            " the storage of one chat"
+        )
+    return "\n".join(rows)

@@ -468,10 +468,19 @@ class ChatSession:
         if self.cache_chat_id == chat_id:
             return StateLoad(restored=False, tokens=len(self.mirror))
         self.save_if_changed()
+        hint = self._plan(context, with_block=True).tokens if context is not None else []
+        shared = common_prefix_length(self.mirror.tokens, hint) if hint else 0
+        if shared and self.store.kv.state(chat_id) is None:
+            # A new branch or fork of the chat in the cache: its messages begin with the
+            # same token ids, so those cells are kept as they are (no restore at all).
+            self.mirror.sync(hint[:shared], need_logits=False)
+            self.cache_chat_id = chat_id
+            self.mirror.changed = True  # the branch has no state of its own yet
+            note = f"{shared} tokens shared with the previous chat's cache are reused"
+            return StateLoad(restored=False, tokens=shared, note=note)
         self.mirror.reset()
         self.mirror.mark_saved()
         self.cache_chat_id = chat_id
-        hint = self._plan(context, with_block=True).tokens if context is not None else []
         load = self.states.restore(chat_id, hint)
         history_but_no_state = (
             context is not None
@@ -516,8 +525,10 @@ class ChatSession:
         return self.save_state(self.cache_chat_id)
 
     def drop_cache(self) -> None:
-        """Empty the cache without saving it (the next turn recomputes everything)."""
+        """Empty the cache without saving it (the next turn recomputes everything); the
+        chat's saved state stays as it is, never overwritten by the empty cache."""
         self.mirror.reset()
+        self.mirror.mark_saved()
 
     def forget_chat(self, chat_id: int) -> None:
         """Drop the cache if it belongs to ``chat_id`` (the chat is closed or deleted)."""

@@ -115,12 +115,25 @@ def _v4_mark_as_ours(db: sqlite_utils.Database) -> None:
     db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
 
+def _v5_branches(db: sqlite_utils.Database) -> None:
+    """Chats form trees: an edited message starts a branch, a chat of the same family
+    that holds the messages before the edit (their token ids too, so the branch's prompt
+    begins with exactly the original's tokens and restores from the same KV pages)."""
+    db.execute(
+        "ALTER TABLE chats ADD COLUMN root_chat_id INTEGER"
+        " REFERENCES chats(id) ON DELETE CASCADE"
+    )
+    db.execute("ALTER TABLE chats ADD COLUMN branch_seq INTEGER")
+    db.execute("CREATE INDEX chats_by_root ON chats (root_chat_id)")
+
+
 #: MIGRATIONS[i] upgrades a database at version i to version i + 1.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_drop_history_tokens,
     _v3_states_move_to_the_kv_store,
     _v4_mark_as_ours,
+    _v5_branches,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

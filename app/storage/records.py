@@ -74,6 +74,14 @@ class Chat:
     cache_start_seq: int
     created_at: float
     updated_at: float
+    #: A branch's family (the chat it was first branched from, None for that chat) and
+    #: the seq of its first own message.
+    root_chat_id: int | None = None
+    branch_seq: int | None = None
+
+    @property
+    def family_id(self) -> int:
+        return self.root_chat_id if self.root_chat_id is not None else self.id
 
 
 @dataclass(frozen=True)

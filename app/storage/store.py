@@ -419,15 +419,26 @@ class Store:
 
     def chats(self, search: str = "") -> list[Chat]:
         """Chats, most recently used first; ``search`` matches names and message text."""
+        # One entry per family (its first chat), ordered by the family's latest use.
+        latest = (
+            "(SELECT max(f.updated_at) FROM chats f WHERE f.id = c.id OR f.root_chat_id = c.id)"
+        )
         if not search:
-            rows = self._rows("SELECT * FROM chats ORDER BY updated_at DESC, id DESC")
+            rows = self._rows(
+                f"SELECT c.* FROM chats c WHERE c.root_chat_id IS NULL"
+                f" ORDER BY {latest} DESC, c.id DESC"
+            )
         else:
             pattern = f"%{search}%"
             rows = self._rows(
-                """
-                SELECT * FROM chats WHERE name LIKE ?1 OR id IN (
-                    SELECT chat_id FROM messages WHERE text LIKE ?1
-                ) ORDER BY updated_at DESC, id DESC
+                f"""
+                SELECT c.* FROM chats c WHERE c.root_chat_id IS NULL AND (c.name LIKE ?1
+                    OR c.id IN (
+                        SELECT coalesce(m_chat.root_chat_id, m_chat.id)
+                        FROM messages m JOIN chats m_chat ON m_chat.id = m.chat_id
+                        WHERE m.text LIKE ?1
+                    ))
+                ORDER BY {latest} DESC, c.id DESC
                 """,
                 (pattern,),
             )
@@ -467,19 +478,48 @@ class Store:
         kept = [m for m in self.messages(chat_id) if m.seq <= at_seq]
         if not kept or kept[-1].seq != at_seq:
             raise ValueError(f"{source.name!r} has no message with seq {at_seq}")
-        current = self.current_instructions(chat_id)
-        fork = self.create_chat(name, source.layout)
+        return self._copy_chat(source, at_seq, name)
+
+    def branch_chat(self, chat_id: int, at_seq: int) -> Chat:
+        """A branch of ``chat_id``'s family for a new version of its user message ``at_seq``.
+
+        The branch holds the messages before it (the same token ids: it restores from the
+        same KV pages) and the current instructions; the caller then sends the new text.
+        """
+        source = self.chat(chat_id)
+        edited = [m for m in self.messages(chat_id) if m.seq == at_seq]
+        if not edited or edited[0].role != "user":
+            raise ValueError(f"{source.name!r} has no user message with seq {at_seq}")
+        root = self.chat(source.family_id)
+        taken = {chat.name for chat in self.family(root.id)}
+        number = len(taken) + 1
+        while f"{root.name} (branch {number})" in taken or self.chat_by_name(
+            f"{root.name} (branch {number})"
+        ):
+            number += 1
+        branch = self._copy_chat(source, at_seq - 1, f"{root.name} (branch {number})")
+        with self.transaction():
+            self._write(
+                "UPDATE chats SET root_chat_id = ?, branch_seq = ? WHERE id = ?",
+                (root.id, at_seq, branch.id),
+            )
+        return self.chat(branch.id)
+
+    def _copy_chat(self, source: Chat, keep_through: int, name: str) -> Chat:
+        """A new chat with ``source``'s settings, instructions and messages up to a seq."""
+        current = self.current_instructions(source.id)
+        copy = self.create_chat(name, source.layout)
         with self.transaction():
             self._write(
                 "UPDATE chats SET trim_tokens = ?, trim_mode = ?, cache_start_seq = ? WHERE id = ?",
-                (source.trim_tokens, source.trim_mode, min(source.cache_start_seq, at_seq + 1),
-                 fork.id),
+                (source.trim_tokens, source.trim_mode,
+                 max(0, min(source.cache_start_seq, keep_through + 1)), copy.id),
             )
             if current is not None:
                 self._write(
                     "INSERT INTO instruction_versions (chat_id, version, text, variables,"
                     " created_at) VALUES (?, 1, ?, ?, ?)",
-                    (fork.id, storable_text(current.text), json.dumps(current.variables),
+                    (copy.id, storable_text(current.text), json.dumps(current.variables),
                      time.time()),
                 )
             self._write(
@@ -488,16 +528,63 @@ class Store:
                 " SELECT ?, seq, role, text, token_ids, token_format, status,"
                 " CASE WHEN instruction_version IS NULL THEN NULL ELSE 1 END,"
                 " created_at, finished_at FROM messages WHERE chat_id = ? AND seq <= ?",
-                (fork.id, chat_id, at_seq),
+                (copy.id, source.id, keep_through),
             )
-        return self.chat(fork.id)
+        return self.chat(copy.id)
+
+    def touch_chat(self, chat_id: int) -> None:
+        """Mark the chat as the one used last (its family opens on it)."""
+        with self.transaction():
+            self._write("UPDATE chats SET updated_at = ? WHERE id = ?", (time.time(), chat_id))
+
+    def family(self, chat_id: int) -> list[Chat]:
+        """The chat's family: the chat it was first branched from and every branch."""
+        root = self.chat(chat_id).family_id
+        rows = self._rows(
+            "SELECT * FROM chats WHERE id = ?1 OR root_chat_id = ?1 ORDER BY id", (root,)
+        )
+        return [Chat(**row) for row in rows]
+
+    def latest_in_family(self, chat_id: int) -> Chat:
+        """The branch of the family used last (what opening the family shows)."""
+        return max(self.family(chat_id), key=lambda chat: (chat.updated_at, chat.id))
+
+    def branches(self, chat_id: int) -> dict[int, list[int]]:
+        """For each user message of the chat that has other versions: seq → the chats
+        (this one included, oldest first) whose messages before it are the same and
+        that have their own user message there."""
+        family = self.family(chat_id)
+        if len(family) < 2:
+            return {}
+        paths = {
+            chat.id: [(m.role, m.text) for m in self.messages(chat.id)] for chat in family
+        }
+        mine = paths[chat_id]
+        result: dict[int, list[int]] = {}
+        for seq, (role, _text) in enumerate(mine):
+            if role != "user":
+                continue
+            siblings = [
+                other
+                for other, theirs in paths.items()
+                if len(theirs) > seq and theirs[seq][0] == "user" and theirs[:seq] == mine[:seq]
+            ]
+            versions = {paths[other][seq] for other in siblings}
+            if len(versions) > 1:
+                result[seq] = siblings
+        return result
 
     def delete_chat(self, chat_id: int) -> None:
+        """Delete a chat; deleting the first chat of a family deletes its branches too."""
+        doomed = [chat_id]
+        if self.chat(chat_id).root_chat_id is None:
+            doomed = [chat.id for chat in self.family(chat_id)]
         with self.transaction():
             self._write("DELETE FROM chats WHERE id = ?", (chat_id,))
         self._reclaim_space(vacuum=True)
         if self._kv is not None or self.kv_path.exists():
-            self.kv.delete_state(chat_id)
+            for doomed_id in doomed:
+                self.kv.delete_state(doomed_id)
 
     # -- instruction block ----------------------------------------------------------
 

@@ -59,6 +59,14 @@ class WrappedLabel(QLabel):
         return height
 
 
+def _link_button(text: str, tip: str) -> QPushButton:
+    button = QPushButton(text)
+    button.setObjectName("bubbleCopy")  # the same quiet, link-like look
+    button.setToolTip(tip)
+    button.setCursor(Qt.CursorShape.PointingHandCursor)
+    return button
+
+
 def _text_label() -> WrappedLabel:
     label = WrappedLabel()
     label.setObjectName("bubbleBody")
@@ -171,6 +179,9 @@ class MessageBubble(QFrame):
     """
 
     retry_clicked = Signal()
+    edit_clicked = Signal(int)  # seq of this user message
+    fork_clicked = Signal(int)  # seq of this message
+    branch_clicked = Signal(int)  # chat id of another version of this message
 
     def __init__(
         self,
@@ -205,6 +216,23 @@ class MessageBubble(QFrame):
         self.tag_label.setObjectName("bubbleTag")
         header.addWidget(self.tag_label)
         header.addStretch(1)
+        self.previous_version = _link_button("‹", "The previous version of this message")
+        self.version_label = QLabel()
+        self.version_label.setObjectName("bubbleTag")
+        self.next_version = _link_button("›", "The next version of this message")
+        self.previous_version.clicked.connect(lambda: self._switch_version(-1))
+        self.next_version.clicked.connect(lambda: self._switch_version(+1))
+        for widget in (self.previous_version, self.version_label, self.next_version):
+            widget.hide()
+            header.addWidget(widget)
+        self.versions: list[int] = []  # chat ids of this message's versions, oldest first
+        self.version_index = 0
+        self.edit_button = _link_button("Edit", "Send a new version of this message (a branch)")
+        self.edit_button.clicked.connect(self._on_edit)
+        header.addWidget(self.edit_button)
+        self.fork_button = _link_button("Fork", "A new chat with the messages up to this one")
+        self.fork_button.clicked.connect(self._on_fork)
+        header.addWidget(self.fork_button)
         self.retry_button = QPushButton("Retry")
         self.retry_button.setObjectName("bubbleRetry")
         self.retry_button.setToolTip("Answer this message now")
@@ -224,6 +252,8 @@ class MessageBubble(QFrame):
         layout.addWidget(self.body)
         self.in_cache = True
         self.preview = False
+        self.seq: int | None = None
+        self._update_message_actions()
         self.set_text(text)
         self._update_tags()
 
@@ -239,6 +269,54 @@ class MessageBubble(QFrame):
         else:
             blocks = markdown_blocks(text) if text.strip() else [TextBlock("<i>…</i>")]
         self.body.set_blocks(blocks)
+
+    def set_message(self, message_id: int | None, seq: int | None) -> None:
+        """The stored message this bubble shows (Edit and Fork need its seq)."""
+        self.message_id = message_id
+        self.seq = seq
+        self._update_message_actions()
+
+    def _update_message_actions(self) -> None:
+        stored = self.seq is not None
+        self.edit_button.setVisible(stored and self.role == "user")
+        self.fork_button.setVisible(stored)
+
+    def set_versions(self, chat_ids: list[int], current_chat_id: int) -> None:
+        """‹ 2/3 ›: the chats holding other versions of this message (their branches)."""
+        self.versions = list(chat_ids) if len(chat_ids) > 1 else []
+        self.version_index = (
+            self.versions.index(current_chat_id) if current_chat_id in self.versions else 0
+        )
+        shown = bool(self.versions)
+        for widget in (self.previous_version, self.version_label, self.next_version):
+            widget.setVisible(shown)
+        if shown:
+            self.version_label.setText(f"{self.version_index + 1}/{len(self.versions)}")
+            self.previous_version.setEnabled(self.version_index > 0)
+            self.next_version.setEnabled(self.version_index < len(self.versions) - 1)
+
+    def _switch_version(self, step: int) -> None:
+        target = self.version_index + step
+        if 0 <= target < len(self.versions):
+            self.branch_clicked.emit(self.versions[target])
+
+    def _on_edit(self) -> None:
+        if self.seq is not None:
+            self.edit_clicked.emit(self.seq)
+
+    def _on_fork(self) -> None:
+        if self.seq is not None:
+            self.fork_clicked.emit(self.seq)
+
+    def set_actions_enabled(self, enabled: bool) -> None:
+        """No edit, fork or version switch while a reply is being written."""
+        for button in (self.edit_button, self.fork_button):
+            button.setEnabled(enabled)
+        if self.versions:
+            self.previous_version.setEnabled(enabled and self.version_index > 0)
+            self.next_version.setEnabled(
+                enabled and self.version_index < len(self.versions) - 1
+            )
 
     def set_status(self, status: str) -> None:
         self.status = status
@@ -279,6 +357,9 @@ class ChatView(QScrollArea):
     """Scrollable column of bubbles with a streaming reply at the end."""
 
     retry_requested = Signal()  # the last message is unanswered and the user asked for a reply
+    edit_requested = Signal(int)  # seq of a user message
+    fork_requested = Signal(int)  # seq of a message
+    branch_requested = Signal(int)  # chat id of another version
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -338,6 +419,7 @@ class ChatView(QScrollArea):
                     tokens=len(message.token_ids),
                 )
             )
+            bubble.set_message(message.id, message.seq)
             bubble.set_in_cache(message.seq >= cache_start_seq)
         self._offer_retry()
         self.scroll_to_end()
@@ -366,7 +448,7 @@ class ChatView(QScrollArea):
         for message in messages[keep:]:
             self._add(MessageBubble(message.role, message.text, message_id=message.id))
         for bubble, message in zip(self.bubbles, messages, strict=True):
-            bubble.message_id = message.id
+            bubble.set_message(message.id, message.seq)
             bubble.tokens = len(message.token_ids)
             bubble.status = message.status
             in_cache = message.seq >= cache_start_seq
@@ -386,8 +468,21 @@ class ChatView(QScrollArea):
                 continue
             bubble.set_in_cache(bubble.message_id not in message_ids, preview=preview)
 
+    def set_branches(self, branches: dict[int, list[int]], chat_id: int) -> None:
+        """Version arrows on the messages that have other versions (seq → chat ids)."""
+        for bubble in self.bubbles:
+            versions = branches.get(bubble.seq, []) if bubble.seq is not None else []
+            bubble.set_versions(versions, chat_id)
+
+    def set_actions_enabled(self, enabled: bool) -> None:
+        for bubble in self.bubbles:
+            bubble.set_actions_enabled(enabled)
+
     def _add(self, bubble: MessageBubble) -> MessageBubble:
         bubble.retry_clicked.connect(self.retry_requested)
+        bubble.edit_clicked.connect(self.edit_requested)
+        bubble.fork_clicked.connect(self.fork_requested)
+        bubble.branch_clicked.connect(self.branch_requested)
         for earlier in self.bubbles:
             earlier.set_retry_offered(False)
         self._placeholder.hide()

@@ -101,7 +101,13 @@ class MessageInput(QPlainTextEdit):
 
 
 class Composer(QWidget):
-    """Text box over a status line and the Regenerate / Stop / Send buttons."""
+    """Text box over a status line and the Regenerate / Stop / Send buttons.
+
+    While a sent message is being edited, a bar above the box says so: sending then
+    makes a new version of that message (a branch), and Cancel goes back.
+    """
+
+    edit_cancelled = Signal()
 
     def __init__(self, enter_sends: bool = True) -> None:
         super().__init__()
@@ -109,6 +115,18 @@ class Composer(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(8, 6, 8, 8)
         layout.setSpacing(6)
+        self.edit_bar = QWidget()
+        self.edit_bar.setObjectName("editBar")
+        edit_row = QHBoxLayout(self.edit_bar)
+        edit_row.setContentsMargins(0, 0, 0, 0)
+        self.edit_label = ElidedLabel("")
+        self.edit_label.setObjectName("hint")
+        edit_row.addWidget(self.edit_label, 1)
+        self.cancel_edit_button = QPushButton("Cancel edit")
+        self.cancel_edit_button.clicked.connect(self.edit_cancelled)
+        edit_row.addWidget(self.cancel_edit_button)
+        self.edit_bar.hide()
+        layout.addWidget(self.edit_bar)
         self.input = MessageInput(enter_sends)
         self.input.setFixedHeight(84)
         layout.addWidget(self.input)
@@ -126,6 +144,19 @@ class Composer(QWidget):
             buttons.addWidget(button)
         layout.addLayout(buttons)
         self.set_enter_sends(enter_sends)
+
+    def show_editing(self, text: str) -> None:
+        self.edit_label.setText(
+            "Editing a sent message: sending makes a new version of it (a branch);"
+            " the other versions stay, behind ‹ ›."
+        )
+        self.edit_bar.show()
+        self.input.setPlainText(text)
+        self.input.setFocus()
+        self.input.moveCursor(self.input.textCursor().MoveOperation.End)
+
+    def hide_editing(self) -> None:
+        self.edit_bar.hide()
 
     def set_enter_sends(self, enter_sends: bool) -> None:
         self.input.set_enter_sends(enter_sends)

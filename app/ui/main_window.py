@@ -65,9 +65,9 @@ def _unless_closed(slot: _Slot) -> _Slot:
     """Worker answers still queued when the window closed must not touch the closed store."""
 
     @functools.wraps(slot)
-    def guarded(self: MainWindow, *args: Any) -> None:
+    def guarded(self: MainWindow, *args: Any, **kwargs: Any) -> None:
         if not self._closed:
-            slot(self, *args)
+            slot(self, *args, **kwargs)
 
     return guarded  # type: ignore[return-value]
 
@@ -115,9 +115,11 @@ class MainWindow(QMainWindow):
         self.busy = False
         self.pending_text: str | None = None
         self._pending_typed = ""
+        self.editing_seq: int | None = None  # a sent user message being edited
         self.last_error: str | None = None
         self._closed = False
         self._edit_cost_request = 0
+        self._edit_cost_refresh = False
         self._trim_request = 0
         self._requested_model: str | None = str(model_path) if model_path else None
         self.bench_window: BenchWindow | None = None
@@ -226,7 +228,11 @@ class MainWindow(QMainWindow):
         self.stop_button.clicked.connect(self.stop)
         self.regenerate_button.clicked.connect(self.regenerate)
         self.chat_view.retry_requested.connect(self.regenerate)
-        self.chat_list.chat_selected.connect(self.select_chat)
+        self.chat_view.edit_requested.connect(self.start_edit)
+        self.chat_view.fork_requested.connect(self.fork_at)
+        self.chat_view.branch_requested.connect(self.switch_branch)
+        self.composer.edit_cancelled.connect(self.cancel_edit)
+        self.chat_list.chat_selected.connect(self.open_family)
         self.chat_list.new_requested.connect(self.new_chat)
         self.chat_list.rename_requested.connect(self._ask_rename)
         self.chat_list.delete_requested.connect(self._ask_delete)
@@ -620,7 +626,8 @@ class MainWindow(QMainWindow):
         except StorageError as error:
             self.show_error("Chats", str(error))
             return
-        self.chat_list.set_chats(chats, self.current_chat_id)
+        chat = self.current_chat()
+        self.chat_list.set_chats(chats, chat.family_id if chat else None)
 
     def new_chat(self) -> int:
         names = {chat.name for chat in self.store.chats()}
@@ -641,10 +648,12 @@ class MainWindow(QMainWindow):
             chat = self.store.chat(chat_id)
         except KeyError:
             return
+        if chat_id != self.current_chat_id:
+            self.cancel_edit()
         self.current_chat_id = chat_id
-        if self.chat_list.current_chat_id() != chat_id:
+        if self.chat_list.current_chat_id() != chat.family_id:
             self.refresh_chats()
-        self.chat_title.setText(chat.name)
+        self.chat_title.setText(self.store.chat(chat.family_id).name)
         if not self.busy:  # the status line and context label describe the chat on screen
             self.turn_status.setText("")
         self._set_context_used(None)
@@ -666,6 +675,14 @@ class MainWindow(QMainWindow):
             return "loading the model…" if self.progress.isVisible() else "no model loaded"
         return "reading this chat's cache…"
 
+    def open_family(self, family_id: int) -> None:
+        """A chat picked in the list: open the version of it used last."""
+        try:
+            latest = self.store.latest_in_family(family_id)
+        except KeyError:
+            return
+        self.select_chat(latest.id)
+
     def current_chat(self) -> Chat | None:
         if self.current_chat_id is None:
             return None
@@ -685,6 +702,8 @@ class MainWindow(QMainWindow):
             self.chat_view.sync_messages(messages, chat.cache_start_seq)
         else:
             self.chat_view.show_messages(messages, chat.cache_start_seq)
+        self.chat_view.set_branches(self.store.branches(chat.id), chat.id)
+        self.chat_view.set_actions_enabled(not self.busy)
         history_tokens = sum(len(m.token_ids) for m in messages)
         self.inspector.set_trim(chat.trim_tokens, chat.trim_mode, history_tokens)
 
@@ -694,7 +713,8 @@ class MainWindow(QMainWindow):
         except (ValueError, StorageError) as error:
             self.show_error("Rename chat", str(error))
             return
-        if chat_id == self.current_chat_id:
+        current = self.current_chat()
+        if current is not None and current.family_id == chat_id:
             self.chat_title.setText(chat.name)
         self.refresh_chats()
 
@@ -710,17 +730,20 @@ class MainWindow(QMainWindow):
 
     def _ask_delete(self, chat_id: int) -> None:
         chat = self.store.chat(chat_id)
+        versions = len(self.store.family(chat_id)) - 1
+        extra = f" and its {versions} other version(s) of edited messages" if versions else ""
         answer = QMessageBox.question(
             self,
             "Delete chat",
-            f"Delete “{chat.name}” with its messages, instruction versions and saved cache?",
+            f"Delete “{chat.name}”{extra}, with the messages, instruction versions and"
+            " saved cache?",
         )
         if answer == QMessageBox.StandardButton.Yes:
             self.delete_chat(chat_id)
 
     @_unless_closed
     def _on_chat_deleted(self, chat_id: int) -> None:
-        if chat_id == self.current_chat_id:
+        if self.current_chat_id is not None and self.current_chat() is None:
             self.current_chat_id = None
             self.chat_view.clear()
             self.chat_title.setText("")
@@ -777,12 +800,19 @@ class MainWindow(QMainWindow):
             self.host.prepare_chat(chat_id)
 
     @_unless_closed
-    def request_edit_cost(self) -> None:
-        """Ask the worker what the editor's text, variables and layout would recompute."""
+    def request_edit_cost(self, refresh: bool = False) -> None:
+        """Ask the worker what the editor's text, variables and layout would recompute.
+
+        ``refresh``: the cache changed (not the editor); the label is brought up to date
+        unless an edit's own measurement is pending.
+        """
         chat_id = self.current_chat_id
         if chat_id is None or self.model is None:
             self.instructions.show_cost("")
             return
+        if refresh and self.instructions.debounce.isActive():
+            return
+        self._edit_cost_refresh = refresh
         self._edit_cost_request = self.host.request_edit_cost(
             chat_id,
             self.instructions.text(),
@@ -806,7 +836,8 @@ class MainWindow(QMainWindow):
                 layout_changed=self.instructions.layout_pending(),
             )
         )
-        self.edit_cost_shown.emit(tokens, seconds)
+        if not self._edit_cost_refresh:
+            self.edit_cost_shown.emit(tokens, seconds)
 
     # -- trim -----------------------------------------------------------------------
 
@@ -856,6 +887,14 @@ class MainWindow(QMainWindow):
         if self.busy:
             self.statusBar().showMessage("A reply is still being written; Esc stops it.", 4000)
             return
+        if self.editing_seq is not None and self.current_chat_id is not None:
+            try:
+                branch = self.store.branch_chat(self.current_chat_id, self.editing_seq)
+            except (KeyError, ValueError, StorageError) as error:
+                self.show_error("Edit message", str(error))
+                return
+            self.select_chat(branch.id)  # shows the messages before the edited one
+            self.refresh_chats()
         chat_id = self.current_chat_id or self.new_chat()
         self.pending_text = text
         self._pending_typed = typed
@@ -864,6 +903,59 @@ class MainWindow(QMainWindow):
         self.chat_view.begin_reply()
         self._set_busy(True, "Reading the prompt…")
         self.host.send(chat_id, text, self.generation_options())
+
+    # -- edits, versions and forks ------------------------------------------------------
+
+    def start_edit(self, seq: int) -> None:
+        """Put a sent user message into the composer; sending makes a new version of it."""
+        if self.busy or self.current_chat_id is None:
+            self.statusBar().showMessage("Wait for the reply to finish, then edit.", 4000)
+            return
+        message = next(
+            (m for m in self.store.messages(self.current_chat_id) if m.seq == seq), None
+        )
+        if message is None or message.role != "user":
+            return
+        self.editing_seq = seq
+        self.composer.show_editing(message.text)
+
+    def cancel_edit(self) -> None:
+        if self.editing_seq is None:
+            return
+        self.editing_seq = None
+        self.composer.hide_editing()
+        self.input.clear()
+
+    def switch_branch(self, chat_id: int) -> None:
+        """‹ ›: show another version of a message (and what followed it)."""
+        if self.busy:
+            return
+        try:
+            self.store.touch_chat(chat_id)
+        except StorageError as error:
+            self.show_error("Versions", str(error))
+            return
+        self.select_chat(chat_id)
+
+    def fork_at(self, seq: int) -> int | None:
+        """Fork from here: a new chat with the messages up to this one (and shared pages)."""
+        chat = self.current_chat()
+        if chat is None or self.busy:
+            return None
+        base = f"{self.store.chat(chat.family_id).name} (fork)"
+        name, number = base, 2
+        while self.store.chat_by_name(name) is not None:
+            name, number = f"{base} {number}", number + 1
+        try:
+            fork = self.store.fork_chat(chat.id, seq, name)
+        except (ValueError, StorageError) as error:
+            self.show_error("Fork", str(error))
+            return None
+        self.chat_list.search.clear()
+        self.select_chat(fork.id)
+        self.refresh_chats()
+        self.statusBar().showMessage(f"Forked into “{name}”.", 5000)
+        return fork.id
 
     def regenerate(self) -> None:
         chat_id = self.current_chat_id
@@ -892,6 +984,7 @@ class MainWindow(QMainWindow):
     def _set_busy(self, busy: bool, status: str = "") -> None:
         self.busy = busy
         self.turn_status.setText(status)
+        self.chat_view.set_actions_enabled(not busy)
         self._update_actions()
 
     def _update_actions(self) -> None:
@@ -973,7 +1066,7 @@ class MainWindow(QMainWindow):
                 self.inspector.set_turns([(row.id, row.data) for row in rows])
             if outcome.cache is not None:
                 self._on_cache_view(outcome.chat_id, outcome.cache)
-            self.request_edit_cost()  # the cache changed: so did what an edit costs
+            self.request_edit_cost(refresh=True)  # the cache changed: so did an edit's cost
         if outcome.cache is not None and outcome.chat_id == self.current_chat_id:
             self._set_context_used(outcome.cache.cache_tokens)
         self.background_done.emit(outcome)

@@ -392,10 +392,16 @@ class EngineWorker(QObject):
     @Slot(int)
     def delete_chat(self, chat_id: int) -> None:
         """Forget the chat's cache, then delete it (after any turn still running for it)."""
-        if self.session is not None:
-            self.session.forget_chat(chat_id)
         try:
+            doomed = [chat.id for chat in self.store.family(chat_id)]
+            if self.store.chat(chat_id).root_chat_id is not None:
+                doomed = [chat_id]  # a branch alone; the first chat takes its branches along
+            if self.session is not None:
+                for doomed_id in doomed:
+                    self.session.forget_chat(doomed_id)
             self.store.delete_chat(chat_id)
+        except KeyError:
+            return  # already gone
         except StorageError as error:
             self.error.emit(f"could not delete the chat: {error}")
             return
