@@ -467,6 +467,8 @@ def test_labels_describe_the_chat_on_screen(qtbot, window: MainWindow) -> None:
     first = window.current_chat_id or window.new_chat()
     send_turn(qtbot, window, "Name a fruit.")
     assert window.turn_status.text().startswith("Reused")
+    assert "saved" in window.inspector.size_label.text(), "the chat's state on disk"
+    assert "budget" in window.inspector.size_label.toolTip(), "and all chats' against it"
     assert window.context_label.text() != "context — / 8192"
     second = window.new_chat()
     assert window.current_chat_id == second

@@ -103,6 +103,10 @@ def test_a_fork_restores_the_pages_it_shares(store: Store, engine: ChatSession) 
         usage[fork.id].bytes,
         usage[fork.id].shared_bytes,
     )
+    assert (view.store_bytes, view.budget_bytes) == (
+        store.kv.total_bytes(),
+        store.kv.budget_bytes,
+    )
 
 
 def test_deleting_the_kv_file_loses_no_message(

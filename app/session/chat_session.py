@@ -147,6 +147,9 @@ class CacheView:
     #: The chat's saved state on disk, and how much of it other chats share (forks).
     saved_bytes: int = 0
     saved_shared_bytes: int = 0
+    #: Every chat's saved states (each page once) and the budget they are kept under.
+    store_bytes: int = 0
+    budget_bytes: int = 0
 
 
 @dataclass
@@ -1064,4 +1067,6 @@ class ChatSession:
             bytes_per_token=self.bytes_per_token,
             saved_bytes=usage[0].bytes if usage else 0,
             saved_shared_bytes=usage[0].shared_bytes if usage else 0,
+            store_bytes=self.store.kv.total_bytes(),
+            budget_bytes=self.store.kv.budget_bytes,
         )

@@ -585,6 +585,12 @@ class CacheInspector(QWidget):
                 f"\nThis chat's saved state on disk: {format_bytes(view.saved_bytes)}"
                 f" ({format_bytes(view.saved_shared_bytes)} of it shared with other chats)"
             )
+        if view.budget_bytes:
+            tip += (
+                f"\nAll chats' saved states: {format_bytes(view.store_bytes)} of a"
+                f" {format_bytes(view.budget_bytes)} budget (least recently used pages go"
+                " first)"
+            )
         self.size_label.setText(text)
         self.size_label.setToolTip(tip)
         parts = []
