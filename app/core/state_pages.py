@@ -208,25 +208,46 @@ class Page:
     payload: bytes
 
 
-def split_pages(parsed: ParsedState, page_tokens: int = PAGE_TOKENS) -> list[Page]:
+@dataclass(frozen=True)
+class PageBounds:
+    """Where a page lies in a parsed state, before its bytes are copied out."""
+
+    cache: int
+    first_position: int
+    count: int
+    start: int  # cell index in its cache
+    stop: int
+
+
+def split_bounds(parsed: ParsedState, page_tokens: int = PAGE_TOKENS) -> list[PageBounds]:
     """The first cache in pages of ``page_tokens`` positions; any later cache as one page."""
-    pages: list[Page] = []
+    bounds: list[PageBounds] = []
     for index, cells in enumerate(parsed.caches):
         if cells.count == 0:
             continue
         if index > 0:
-            first = int(cells.positions[0])
-            pages.append(Page(index, first, cells.count, cells.payload(0, cells.count)))
+            bounds.append(PageBounds(index, int(cells.positions[0]), cells.count, 0, cells.count))
             continue
         buckets = cells.positions // page_tokens
-        bounds = np.flatnonzero(np.diff(buckets)) + 1
-        starts = [0, *bounds.tolist()]
-        stops = [*bounds.tolist(), cells.count]
-        for start, stop in zip(starts, stops, strict=True):
-            pages.append(
-                Page(index, int(cells.positions[start]), stop - start, cells.payload(start, stop))
+        cuts = (np.flatnonzero(np.diff(buckets)) + 1).tolist()
+        for start, stop in zip([0, *cuts], [*cuts, cells.count], strict=True):
+            bounds.append(
+                PageBounds(index, int(cells.positions[start]), stop - start, start, stop)
             )
-    return pages
+    return bounds
+
+
+def page_at(parsed: ParsedState, bounds: PageBounds) -> Page:
+    """Copy one page's bytes out of the state (only pages not stored yet need it)."""
+    cells = parsed.caches[bounds.cache]
+    return Page(
+        bounds.cache, bounds.first_position, bounds.count, cells.payload(bounds.start, bounds.stop)
+    )
+
+
+def split_pages(parsed: ParsedState, page_tokens: int = PAGE_TOKENS) -> list[Page]:
+    """Every page of the state, with its bytes."""
+    return [page_at(parsed, bounds) for bounds in split_bounds(parsed, page_tokens)]
 
 
 def page_positions(page: Page, fmt: CacheFormat) -> np.ndarray:

@@ -29,9 +29,10 @@ from app.core.state_pages import (
     CacheFormat,
     Page,
     join_pages,
+    page_at,
     page_positions,
     parse_state,
-    split_pages,
+    split_bounds,
 )
 from app.storage.kv_store import KVStore, StateRecord, StoredPage
 
@@ -252,22 +253,28 @@ class SavedStates:
             written = self.kv.save_state(record, whole=blob)
         else:
             record.formats = [c.format.describe() if c.format else None for c in parsed.caches]
-            pages = split_pages(parsed, self.page_tokens)
-            bounds = [(p.first_position, p.count) for p in pages if p.cache == 0]
-            hashes = self._chain(tokens, bounds)
-            for page in pages[len(bounds) :]:
-                fmt = parsed.caches[page.cache].format
+            # Bounds first: only the pages not stored yet are copied out of the state.
+            bounds = split_bounds(parsed, self.page_tokens)
+            first = [(b.first_position, b.count) for b in bounds if b.cache == 0]
+            hashes = self._chain(tokens, first)
+            copied: dict[int, Page] = {}
+            for index in range(len(first), len(bounds)):
+                fmt = parsed.caches[bounds[index].cache].format
                 assert fmt is not None  # a page is only cut from a cache that has cells
+                copied[index] = page_at(parsed, bounds[index])
                 parent = hashes[-1] if hashes else self._root
-                positions = page_positions(page, fmt).tolist()
+                positions = page_positions(copied[index], fmt).tolist()
                 hashes.append(self._tail_hash(parent, tokens, positions))
             record.page_hashes = hashes
             known = self.kv.known_pages(hashes)
-            new = [
-                StoredPage(digest, page.cache, page.first_position, page.count, page.payload)
-                for digest, page in zip(hashes, pages, strict=True)
-                if digest not in known
-            ]
+            new = []
+            for index, (digest, where) in enumerate(zip(hashes, bounds, strict=True)):
+                if digest in known:
+                    continue
+                page = copied.get(index) or page_at(parsed, where)
+                new.append(
+                    StoredPage(digest, page.cache, page.first_position, page.count, page.payload)
+                )
             written = self.kv.save_state(record, new)
             self.kv.enforce_budget(keep=hashes)
         self.mirror.mark_saved()
