@@ -21,6 +21,7 @@ from PySide6.QtWidgets import QApplication
 
 from app.core.metrics import PHASES
 from app.storage.store import DatabaseInUse, Store
+from app.ui.chat_view import MessageBubble
 from app.ui.main_window import MainWindow
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
@@ -571,6 +572,14 @@ def test_edit_makes_a_version_with_arrows_and_fork_makes_a_chat(
     assert window.current_chat_id == original
     assert window.chat_view.bubbles[2].text == "Name a river there."
     assert window.chat_view.bubbles[2].version_label.text() == "1/2"
+
+    def shown_bubbles() -> set[int]:
+        children = window.chat_view.widget().findChildren(MessageBubble)
+        return {id(bubble) for bubble in children if bubble.isVisible()}
+
+    current = {id(b) for b in window.chat_view.bubbles}
+    assert not shown_bubbles() - current, "no bubble of the other version stays on screen"
+    qtbot.waitUntil(lambda: shown_bubbles() == current)  # the new ones show when the loop runs
     assert window.store.latest_in_family(original).id == original
 
     fork_id = window.fork_at(1)  # "Fork from here" on the first reply

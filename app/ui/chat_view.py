@@ -144,6 +144,7 @@ class MarkdownBody(QWidget):
                     replacement = label
                 if view is not None:
                     self._layout.replaceWidget(view, replacement)
+                    view.hide()  # gone from sight now; deleted when the loop is idle
                     view.deleteLater()
                     self.views[index] = replacement
                 else:
@@ -151,6 +152,7 @@ class MarkdownBody(QWidget):
                     self.views.append(replacement)
         for view in self.views[len(blocks) :]:
             self._layout.removeWidget(view)
+            view.hide()  # gone from sight now; deleted when the loop is idle
             view.deleteLater()
         self.views = self.views[: len(blocks)]
         self.blocks = list(blocks)
@@ -401,6 +403,7 @@ class ChatView(QScrollArea):
         self._render_timer.stop()
         for bubble in self.bubbles:
             self._layout.removeWidget(bubble)
+            bubble.hide()  # gone from sight now; deleted when the loop is idle
             bubble.deleteLater()
         self.bubbles = []
         self.streaming = None
@@ -442,6 +445,7 @@ class ChatView(QScrollArea):
             keep += 1
         for bubble in self.bubbles[keep:]:
             self._layout.removeWidget(bubble)
+            bubble.hide()  # gone from sight now; deleted when the loop is idle
             bubble.deleteLater()
         self.bubbles = self.bubbles[:keep]
         self.streaming = None

@@ -530,7 +530,10 @@ class CacheInspector(QWidget):
         self.bytes_view.setYRange(0, _axis_top([p[1] for p in state_points]), padding=0)
         self._align_bytes_view()
         self._show_chart()
-        self.turn_count_label.setText(f"{len(turns)} turns" if turns else "No turns yet")
+        count = len(turns)
+        self.turn_count_label.setText(
+            f"{count} turn{'s' if count != 1 else ''}" if turns else "No turns yet"
+        )
 
     # -- data in --------------------------------------------------------------------
 
