@@ -4,6 +4,7 @@ prefixes across chats, a budget, and a KV file that can be deleted without losin
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,9 +14,17 @@ import pytest
 from conftest import GREEDY, TEST_CTX
 
 from app.core.llama_backend import LlamaBackend
-from app.core.state_pages import PAGE_TOKENS, join_pages, parse_state, split_pages
+from app.core.state_pages import (
+    PAGE_TOKENS,
+    CacheFormat,
+    Page,
+    join_pages,
+    parse_state,
+    split_pages,
+)
 from app.domain import Role
 from app.session.chat_session import ChatSession
+from app.storage import kv_store
 from app.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +87,25 @@ def test_a_save_writes_only_the_new_pages(store: Store, engine: ChatSession) -> 
     assert metrics.state_bytes_written < metrics.state_bytes / 3
     stored = store.metrics(chat_id)[-1].data
     assert stored["state_bytes_written"] == metrics.state_bytes_written
+
+
+def test_a_save_copies_out_only_the_new_cells_and_its_pages_join_to_the_whole_state(
+    store: Store, engine: ChatSession
+) -> None:
+    chat_id = _long_chat(store, engine, "long")
+    engine.send(chat_id, "Which plants need the most sun?", GREEDY)
+    engine.after_reply(chat_id)
+    engine.send(chat_id, "And which need shade?", GREEDY)
+    engine.mirror.changed = True
+    save = engine.states.save(chat_id)  # the cells as they are now, most pages stored
+    whole = bytes(engine.mirror.snapshot())
+    assert save.bytes == len(whole)
+    assert 0 < save.copied < len(whole) / 3, "only the cells past the stored pages are copied"
+    record = store.kv.state(chat_id)
+    pages = store.kv.read_pages(record.page_hashes)
+    formats = [CacheFormat.from_description(f) for f in record.formats]
+    stored = [Page(p.cache, p.first_position, p.count, p.payload) for p in pages]
+    assert bytes(join_pages(record.seq_id, formats, stored)) == whole
 
 
 def test_a_fork_restores_the_pages_it_shares(store: Store, engine: ChatSession) -> None:
@@ -238,3 +266,36 @@ def test_branches_restore_the_shared_prefix_and_share_storage(
     assert len(store.branches(chat_id)[edited_seq]) == 6
     ratio = store.kv.total_bytes() / one_chat
     print(f"\n{shared} shared tokens, 6 versions of the last question: {ratio:.2f}x one chat")
+
+
+def test_a_first_version_page_store_is_upgraded_with_its_pages_and_their_use(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "chats.kv.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size = {kv_store.PAGE_SIZE}")
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    for statement in kv_store._SCHEMA:  # the first version's tables, as older files have them
+        conn.execute(statement)
+    conn.execute(f"PRAGMA application_id = {kv_store.KV_APPLICATION_ID}")
+    conn.execute("PRAGMA user_version = 1")
+    for number, used in ((1, 50.0), (2, 10.0)):
+        payload = bytes([number]) * 1000
+        conn.execute(
+            "INSERT INTO pages (hash, cache, first_position, count, bytes, digest, payload,"
+            " last_used) VALUES (?, 0, 0, 1, ?, ?, ?, ?)",
+            (bytes([number]) * 16, len(payload), kv_store.payload_digest(payload), payload, used),
+        )
+    conn.close()
+
+    store = kv_store.KVStore(path)
+    try:
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        uses = store.conn.execute("SELECT page_id, last_used FROM page_use ORDER BY page_id")
+        assert uses.fetchall() == [(1, 50.0), (2, 10.0)]
+        store.set_budget(1500)
+        left = store.conn.execute("SELECT hash FROM pages").fetchall()
+        assert left == [(bytes([1]) * 16,)], "the least recently used page goes first"
+        assert store.conn.execute("SELECT count(*) FROM page_use").fetchone()[0] == 1
+    finally:
+        store.close()

@@ -164,6 +164,14 @@ class KVMirror:
         """llama.cpp's serialized state of the cells (``llama_state_seq_get_data``)."""
         return self.backend.get_state()
 
+    def snapshot_from(self, start: int) -> bytearray:
+        """The serialized state of the cells at positions >= ``start`` only."""
+        return self.backend.get_state_from(start)
+
+    def state_size(self) -> int:
+        """Bytes of the whole serialized state, counted without copying it."""
+        return self.backend.state_size()
+
     def restore(self, state: bytes | bytearray, token_ids: Sequence[int]) -> str | None:
         """Load a saved state that claims to hold ``token_ids``; the reason if it does not."""
         self.reset()

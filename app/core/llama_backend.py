@@ -24,6 +24,10 @@ from app.core.models import ModelFileError, check_gguf_file
 from app.domain import KVType
 
 SEQ = 0
+#: A second sequence that shares sequence 0's cells for the length of one state copy:
+#: llama.cpp serializes a whole sequence, so the cells of a range are serialized by
+#: tagging them with this sequence (no data moves), reading it, and untagging them.
+RANGE_SEQ = 1
 KV_TYPES = {KVType.F16: llama_cpp.GGML_TYPE_F16, KVType.Q8_0: llama_cpp.GGML_TYPE_Q8_0}
 
 _log_lines: collections.deque[str] = collections.deque(maxlen=40)
@@ -137,7 +141,10 @@ class LlamaBackend:
         ctx_params.n_ctx = wanted_ctx
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = n_batch
-        ctx_params.n_seq_max = 1
+        # Two sequences over one unified cache: sequence 0 is the chat, RANGE_SEQ only ever
+        # tags cells of sequence 0 while a range of them is serialized (get_state_from).
+        ctx_params.n_seq_max = 2
+        ctx_params.kv_unified = True
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
         # Sliding-window layers keep every cell in memory (llama.cpp's swa_full), so any
@@ -332,6 +339,26 @@ class LlamaBackend:
         view = (ctypes.c_uint8 * size).from_buffer(data)
         written = llama_cpp.llama_state_seq_get_data(self._ctx, view, size, SEQ)
         del view  # release the export so the bytearray may be resized
+        if written <= 0:
+            raise DecodeError("llama.cpp could not serialize the sequence state")
+        del data[written:]
+        return data
+
+    def get_state_from(self, start: int) -> bytearray:
+        """Like get_state, but only the cells at positions >= ``start``.
+
+        Costs the range's bytes, not the whole sequence's: a save of a long chat copies
+        out only the pages it has not stored yet. The cell metadata names RANGE_SEQ.
+        """
+        llama_cpp.llama_memory_seq_cp(self._memory, SEQ, RANGE_SEQ, start, -1)
+        try:
+            size = int(llama_cpp.llama_state_seq_get_size(self._ctx, RANGE_SEQ))
+            data = bytearray(size)
+            view = (ctypes.c_uint8 * size).from_buffer(data)
+            written = llama_cpp.llama_state_seq_get_data(self._ctx, view, size, RANGE_SEQ)
+            del view
+        finally:
+            llama_cpp.llama_memory_seq_rm(self._memory, RANGE_SEQ, -1, -1)
         if written <= 0:
             raise DecodeError("llama.cpp could not serialize the sequence state")
         del data[written:]

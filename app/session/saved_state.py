@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.core.kv_mirror import KVMirror
-from app.core.llama_backend import llama_cpp_version
+from app.core.llama_backend import SEQ, llama_cpp_version
 from app.core.state_pages import (
     PAGE_FORMAT_VERSION,
     PAGE_TOKENS,
@@ -56,6 +56,7 @@ class StateSave:
     bytes: int  # size of the state
     ms: float
     written: int = 0  # bytes actually written: new pages only
+    copied: int = 0  # bytes of state llama.cpp serialized for this save
 
 
 def _digest(*parts: bytes) -> bytes:
@@ -81,6 +82,7 @@ class SavedStates:
         self._identity = identity
         self.page_tokens = page_tokens
         self._root = _digest(json.dumps(self.fingerprint(), sort_keys=True).encode())
+        self._seq_id = SEQ
 
     def fingerprint(self) -> dict[str, object]:
         """Everything that changes the KV values of the same token ids."""
@@ -235,6 +237,65 @@ class SavedStates:
             self.kv.delete_state(chat_id)
             self.mirror.mark_saved()
             return StateSave(0, (time.perf_counter() - started) * 1000)
+        saved = self._save_range(chat_id, tokens)
+        if saved is None:
+            saved = self._save_whole_state(chat_id, tokens)
+        self.mirror.mark_saved()
+        size, written, copied = saved
+        return StateSave(size, (time.perf_counter() - started) * 1000, written, copied)
+
+    def _save_range(self, chat_id: int, tokens: list[int]) -> tuple[int, int, int] | None:
+        """Copy out of llama.cpp only the pages not stored yet; None if the cache has another shape.
+
+        The pages are cut from a state of the cells past the last stored page, so a save
+        costs the new tokens, not the whole history. Only a single cache whose cells hold
+        positions 0..n-1 qualifies (a sliding-window cache, recurrent memory or shifted
+        positions take the whole-state path).
+        """
+        bounds = self._bounds(len(tokens))
+        hashes = self._chain(tokens, bounds)
+        known = self.kv.known_pages(hashes)
+        # At least the last page is cut again: it carries the cache's format for the record.
+        first_new = next((i for i, digest in enumerate(hashes) if digest not in known), None)
+        first_new = len(hashes) - 1 if first_new is None else first_new
+        start = bounds[first_new][0]
+        blob = self.mirror.snapshot_from(start)
+        parsed = parse_state(blob)
+        if parsed is None or len(parsed.caches) != 1 or parsed.caches[0].format is None:
+            return None
+        cells = parsed.caches[0]
+        if not np.array_equal(cells.positions, np.arange(start, len(tokens), dtype=np.int32)):
+            return None
+        fmt = cells.format
+        # The cells were read as RANGE_SEQ's; the pages hold the chat sequence's id, as a
+        # whole-state save would, so a page is the same bytes whichever way it was cut.
+        cells.meta[:, fmt.meta_size - 4 :] = np.frombuffer(
+            struct.pack("<i", self._seq_id), dtype=np.uint8
+        )
+        new = []
+        for where in split_bounds(parsed, self.page_tokens):
+            index = where.first_position // self.page_tokens
+            if hashes[index] in known:
+                continue
+            page = page_at(parsed, where)
+            new.append(
+                StoredPage(hashes[index], page.cache, page.first_position, page.count, page.payload)
+            )
+        record = StateRecord(
+            chat_id=chat_id,
+            format_version=STATE_FORMAT_VERSION,
+            fingerprint=self.fingerprint(),
+            seq_id=self._seq_id,
+            formats=[fmt.describe()],
+            token_ids=tokens,
+            page_hashes=hashes,
+        )
+        written = self.kv.save_state(record, new)
+        self.kv.enforce_budget(keep=hashes)
+        return self.mirror.state_size(), written, len(blob)
+
+    def _save_whole_state(self, chat_id: int, tokens: list[int]) -> tuple[int, int, int]:
+        """Copy the whole state out; page it if it is recognised, else keep it as one blob."""
         blob = self.mirror.snapshot()
         parsed = parse_state(blob)
         record = StateRecord(
@@ -251,34 +312,33 @@ class SavedStates:
             record.whole = True
             record.checksum = zlib.crc32(blob)
             written = self.kv.save_state(record, whole=blob)
-        else:
-            record.formats = [c.format.describe() if c.format else None for c in parsed.caches]
-            # Bounds first: only the pages not stored yet are copied out of the state.
-            bounds = split_bounds(parsed, self.page_tokens)
-            first = [(b.first_position, b.count) for b in bounds if b.cache == 0]
-            hashes = self._chain(tokens, first)
-            copied: dict[int, Page] = {}
-            for index in range(len(first), len(bounds)):
-                fmt = parsed.caches[bounds[index].cache].format
-                assert fmt is not None  # a page is only cut from a cache that has cells
-                copied[index] = page_at(parsed, bounds[index])
-                parent = hashes[-1] if hashes else self._root
-                positions = page_positions(copied[index], fmt).tolist()
-                hashes.append(self._tail_hash(parent, tokens, positions))
-            record.page_hashes = hashes
-            known = self.kv.known_pages(hashes)
-            new = []
-            for index, (digest, where) in enumerate(zip(hashes, bounds, strict=True)):
-                if digest in known:
-                    continue
-                page = copied.get(index) or page_at(parsed, where)
-                new.append(
-                    StoredPage(digest, page.cache, page.first_position, page.count, page.payload)
-                )
-            written = self.kv.save_state(record, new)
-            self.kv.enforce_budget(keep=hashes)
-        self.mirror.mark_saved()
-        return StateSave(len(blob), (time.perf_counter() - started) * 1000, written)
+            return len(blob), written, len(blob)
+        record.formats = [c.format.describe() if c.format else None for c in parsed.caches]
+        # Bounds first: only the pages not stored yet are copied out of the state.
+        bounds = split_bounds(parsed, self.page_tokens)
+        first = [(b.first_position, b.count) for b in bounds if b.cache == 0]
+        hashes = self._chain(tokens, first)
+        copied: dict[int, Page] = {}
+        for index in range(len(first), len(bounds)):
+            fmt = parsed.caches[bounds[index].cache].format
+            assert fmt is not None  # a page is only cut from a cache that has cells
+            copied[index] = page_at(parsed, bounds[index])
+            parent = hashes[-1] if hashes else self._root
+            positions = page_positions(copied[index], fmt).tolist()
+            hashes.append(self._tail_hash(parent, tokens, positions))
+        record.page_hashes = hashes
+        known = self.kv.known_pages(hashes)
+        new = []
+        for index, (digest, where) in enumerate(zip(hashes, bounds, strict=True)):
+            if digest in known:
+                continue
+            page = copied.get(index) or page_at(parsed, where)
+            new.append(
+                StoredPage(digest, page.cache, page.first_position, page.count, page.payload)
+            )
+        written = self.kv.save_state(record, new)
+        self.kv.enforce_budget(keep=hashes)
+        return len(blob), written, len(blob)
 
     def held_token_ids(self, chat_id: int) -> list[int]:
         """The token ids of the chat's saved state (empty if none)."""

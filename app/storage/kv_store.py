@@ -27,7 +27,7 @@ from typing import Any
 from app.storage.errors import StorageError, describe_error
 from app.storage.records import pack_tokens, unpack_tokens
 
-KV_SCHEMA_VERSION = 1
+KV_SCHEMA_VERSION = 2
 KV_APPLICATION_ID = 0x4B564B56  # "KVKV": marks the file as a KV Chat page store
 DEFAULT_BUDGET_BYTES = 2 * 1024**3
 JOURNAL_LIMIT_BYTES = 64 * 1024**2  # the WAL is truncated back to this after a checkpoint
@@ -72,6 +72,27 @@ _SCHEMA = (
     "CREATE INDEX state_pages_by_hash ON state_pages(hash)",
     "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
+
+
+def _v2_page_use(conn: sqlite3.Connection) -> None:
+    """When each page was last used, in a table of its own.
+
+    Updating ``pages.last_used`` made SQLite read each page's megabytes of payload to
+    rewrite its row: a save that marked a long chat's pages as used cost time in
+    proportion to the chat. ``pages.last_used`` stays (dropping a column rewrites every
+    page) but is no longer read.
+    """
+    conn.execute(
+        "CREATE TABLE page_use (page_id INTEGER PRIMARY KEY"
+        " REFERENCES pages(id) ON DELETE CASCADE, last_used REAL NOT NULL)"
+    )
+    conn.execute("INSERT INTO page_use (page_id, last_used) SELECT id, last_used FROM pages")
+    conn.execute("CREATE INDEX page_use_by_time ON page_use(last_used)")
+    conn.execute("DROP INDEX pages_by_use")
+
+
+#: Ordered upgrades of the page store; entry i brings user_version i + 1 to i + 2.
+_MIGRATIONS = (_v2_page_use,)
 
 
 def payload_digest(payload: bytes | bytearray | memoryview) -> bytes:
@@ -167,7 +188,12 @@ class KVStore:
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA application_id = {KV_APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version = {KV_SCHEMA_VERSION}")
+                conn.execute("PRAGMA user_version = 1")
+            version = 1
+        for target in range(version + 1, KV_SCHEMA_VERSION + 1):
+            with self.transaction():
+                _MIGRATIONS[target - 2](conn)
+                conn.execute(f"PRAGMA user_version = {target}")
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -245,7 +271,9 @@ class KVStore:
     def _touch(self, hashes: list[bytes], when: float) -> None:
         with self.transaction():
             self.conn.executemany(
-                "UPDATE pages SET last_used = ? WHERE hash = ?", [(when, h) for h in hashes]
+                "UPDATE page_use SET last_used = ?"
+                " WHERE page_id = (SELECT id FROM pages WHERE hash = ?)",
+                [(when, h) for h in hashes],
             )
 
     # -- states ---------------------------------------------------------------------
@@ -275,7 +303,12 @@ class KVStore:
                         now,
                     ),
                 )
-                written += len(page.payload) if cursor.rowcount else 0
+                if cursor.rowcount:
+                    written += len(page.payload)
+                    self.conn.execute(
+                        "INSERT INTO page_use (page_id, last_used) VALUES (?, ?)",
+                        (cursor.lastrowid, now),
+                    )
             self.conn.execute(
                 "INSERT OR REPLACE INTO states (chat_id, format_version, fingerprint, seq_id,"
                 " formats, token_ids, whole, checksum, saved_at)"
@@ -298,7 +331,8 @@ class KVStore:
                 [(record.chat_id, i, digest) for i, digest in enumerate(record.page_hashes)],
             )
             self.conn.executemany(
-                "UPDATE pages SET last_used = ? WHERE hash = ?",
+                "UPDATE page_use SET last_used = ?"
+                " WHERE page_id = (SELECT id FROM pages WHERE hash = ?)",
                 [(now, digest) for digest in record.page_hashes],
             )
             # Pages no state lists any more (e.g. the last turn's partial page) go now.
@@ -440,7 +474,10 @@ class KVStore:
         protected = set(keep)
         victims: list[tuple[bytes, int]] = []
         # Oldest first; within one save, the last pages first: a prefix stays restorable.
-        query = "SELECT hash, bytes FROM pages ORDER BY last_used, first_position DESC"
+        query = (
+            "SELECT hash, bytes FROM pages JOIN page_use ON page_use.page_id = pages.id"
+            " ORDER BY page_use.last_used, pages.first_position DESC"
+        )
         for digest, size in self._query(query):
             if digest in protected:
                 continue
