@@ -15,6 +15,7 @@ It is not thread-safe; cancellation is a ``threading.Event`` set from anywhere.
 from __future__ import annotations
 
 import codecs
+import datetime
 import secrets
 import threading
 import time
@@ -183,6 +184,11 @@ def current_block(store: Store, chat_id: int) -> tuple[str, int | None]:
     if current is None:
         return "", None
     return render_instructions(current.text, current.variables), current.version
+
+
+def chat_started(messages: list[Message]) -> datetime.datetime | None:
+    """When the chat's first turn was sent (None before it): the date its template shows."""
+    return datetime.datetime.fromtimestamp(messages[0].created_at) if messages else None
 
 
 def load_chat_context(store: Store, chat_id: int) -> _ChatContext:
@@ -575,7 +581,8 @@ class ChatSession:
         """
         chat = context.chat
         block = context.block_text if block_text is None else block_text
-        plan = PromptPlan(chat.layout, [self.builder.opening(chat.layout, block)])
+        opening = self.builder.opening(chat.layout, block, chat_started(context.messages))
+        plan = PromptPlan(chat.layout, [opening])
         plan.segments.extend(
             Segment(SegmentKind.MESSAGE, self._message_tokens(m), m.id, m.role)
             for m in context.cached_messages
