@@ -8,16 +8,20 @@ checkout.
 from __future__ import annotations
 
 import datetime
+import json
 import subprocess
 import sys
 import tarfile
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import platformdirs
 import pytest
+from conftest import GREEDY
 
 from app.core import chat_template
+from app.core import prompt as prompt_module
 from app.core.chat_template import (
     EMPTY_TOOLS_NOTE,
     ChatMarkup,
@@ -26,6 +30,11 @@ from app.core.chat_template import (
     markup_for,
     probe_markup,
 )
+from app.core.llama_backend import builtin_template_names
+from app.core.models import model_file_identity
+from app.domain import FinishReason, TemplateChoice, TemplateKind
+from app.session.chat_session import ChatSession, GenerationOptions, SessionError
+from app.storage.store import Store
 
 SDIST_VERSION = "0.3.36"
 TEMPLATES_IN_SDIST = "vendor/llama.cpp/models/templates/"
@@ -247,3 +256,179 @@ def test_the_reproduction_check_catches_a_wrong_piece() -> None:
         }
     )
     assert len(reproduction_errors(LLAMA3_STYLE, broken)) == 3
+
+
+# -- on the real models ---------------------------------------------------------------
+
+GEMMA_CTX = 2048
+GREEDY_40 = GenerationOptions(max_tokens=40, temperature=0.0, seed=0)
+LLAMA3_CHOICE = TemplateChoice(TemplateKind.JINJA, LLAMA3_STYLE, "llama3-style.jinja")
+
+
+def _content_text(session: ChatSession, token_ids: list[int]) -> str:
+    """The text of a stored reply's tokens, without the template's own wrapper."""
+    before, after = session.builder.wrapper_sizes(session.markup.assistant)
+    return session.backend.detokenize(list(token_ids[before : len(token_ids) - after]))
+
+
+@pytest.mark.slow
+def test_chatml_markers_on_gemma_end_the_reply_and_never_show(
+    store: Store, make_engine: Callable, gemma_model_path: Path
+) -> None:
+    """Gemma's vocabulary has no <|im_end|> token: the ChatML fallback's end marker is
+    written as text, and generation must stop there without keeping it."""
+    session = make_engine(store, model_path=gemma_model_path, n_ctx=GEMMA_CTX)
+    assert session.markup.template_origin == "builtin-chatml"
+    assert "choose one with --chat-template" in session.markup.notes[0]
+    assert len(session.backend.tokenize("<|im_end|>", special=True)) > 1
+    chat = store.create_chat("chatml on gemma")
+    shown: list[str] = []
+    result = session.send(chat.id, "Hello! Who are you?", GREEDY_40, on_token=shown.append)
+    assert result.reply.strip()
+    assert result.metrics.finish_reason == FinishReason.STOP
+    for text in (result.reply, "".join(shown), store.message(result.reply_message_id).text):
+        assert "<|im_end|>" not in text and "<|im_" not in text
+    assert "".join(shown) == result.reply
+    stored = store.message(result.reply_message_id).token_ids
+    assert _content_text(session, stored) == result.reply
+    # The next turn's prompt holds the reply as the template writes it: one end marker.
+    prompt = session.rendered_prompt(chat.id, "Thanks.")
+    assert prompt.count("<|im_end|>") == prompt.count("<|im_start|>") - 1
+
+
+@pytest.mark.slow
+def test_gemma_with_the_gemma_template_replies_cleanly_and_keeps_the_choice(
+    store: Store, make_engine: Callable, gemma_model_path: Path, model_path: Path
+) -> None:
+    choice = TemplateChoice(TemplateKind.BUILTIN, "gemma", "gemma")
+    session = make_engine(store, model_path=gemma_model_path, n_ctx=GEMMA_CTX, chat_template=choice)
+    assert session.markup.template_origin == "builtin:gemma"
+    assert session.markup.user.before == "<start_of_turn>user\n"
+    # The turn markers are Gemma's own special tokens, not text.
+    start = session.backend.tokenize("<start_of_turn>", special=True)
+    assert len(start) == 1 and session.backend.is_control(start[0])
+    for index, question in enumerate(["Hello! Who are you?", "Name three fruits."]):
+        chat = store.create_chat(f"gemma {index}")
+        result = session.send(chat.id, question, GREEDY_40)
+        assert result.reply.strip()
+        for marker in ("<start_of_turn>", "<end_of_turn>", "<|im_", "<eos>"):
+            assert marker not in result.reply
+        stored = store.message(result.reply_message_id).token_ids
+        assert _content_text(session, stored) == result.reply
+    session.close()
+    # Kept for this model file, and only for it.
+    again = make_engine(store, model_path=gemma_model_path, n_ctx=GEMMA_CTX)
+    assert again.markup.template_origin == "builtin:gemma"
+    assert again.template_choice == choice
+    smol = make_engine(store, model_path=model_path)
+    assert smol.markup.template_origin == "gguf"
+
+
+def test_every_built_in_format_of_llama_cpp_can_be_chosen(engine: ChatSession) -> None:
+    names = builtin_template_names()
+    assert {"chatml", "gemma", "llama3", "mistral-v7"} <= set(names)
+    failed = {}
+    for name in names:
+        try:
+            engine.use_template(TemplateChoice(TemplateKind.BUILTIN, name, name))
+        except SessionError as error:
+            failed[name] = str(error)
+    assert failed == {}
+    with pytest.raises(SessionError, match="unknown chat template 'no-such-format'"):
+        engine.use_template(TemplateChoice(TemplateKind.BUILTIN, "no-such-format", "x"))
+    assert engine.markup.template_origin == f"builtin:{names[-1]}"  # unchanged by the refusal
+
+
+def _move_chat_to(store: Store, chat_id: int, when: datetime.datetime) -> None:
+    with store.transaction():
+        store.db.execute(
+            "UPDATE messages SET created_at = ? WHERE chat_id = ?", (when.timestamp(), chat_id)
+        )
+
+
+def test_a_chat_keeps_the_date_of_its_first_turn(store: Store, make_engine: Callable) -> None:
+    session = make_engine(store, chat_template=LLAMA3_CHOICE)
+    today = datetime.datetime.now()
+    yesterday = today - datetime.timedelta(days=1)
+    old = store.create_chat("started yesterday")
+    store.add_message(old.id, "user", "Hello!")
+    store.add_message(old.id, "assistant", "Hi there. How can I help?")
+    _move_chat_to(store, old.id, yesterday)
+    prompt = session.rendered_prompt(old.id, "What day is it?")
+    assert f"Today Date: {yesterday:%d %b %Y}\n" in prompt
+    assert f"Today Date: {today:%d %b %Y}\n" not in prompt
+    new = store.create_chat("started today")
+    assert f"Today Date: {today:%d %b %Y}\n" in session.rendered_prompt(new.id, "Hi")
+    # The pieces are the template's own render with that day as "today".
+    messages = store.messages(old.id)
+    renderer = TemplateRenderer(LLAMA3_STYLE, "<s>", "</s>", now=yesterday)
+    conversation = [{"role": m.role, "content": m.text} for m in messages]
+    conversation.append({"role": "user", "content": "What day is it?"})
+    expected = renderer.render(conversation, add_generation_prompt=True)
+    assert prompt == expected.replace("<s>", session.backend.info.bos_token, 1)
+
+
+def test_a_new_day_does_not_invalidate_a_saved_state(
+    store: Store, make_engine: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = make_engine(store, chat_template=LLAMA3_CHOICE)
+    chat = store.create_chat("over midnight")
+    first.send(chat.id, "Hello!", GREEDY)
+    first.after_reply(chat.id)
+    history = len(first.history_plan(chat.id).tokens)
+    first.close()
+    tomorrow = datetime.datetime.now() + datetime.timedelta(days=1)
+    _fake_today(monkeypatch, tomorrow)
+    monkeypatch.setattr(prompt_module, "datetime", chat_template.datetime)
+    second = make_engine(store)  # the template chosen for the model is kept
+    assert second.markup.template_origin == "jinja:llama3-style.jinja"
+    result = second.send(chat.id, "And now?", GREEDY)
+    assert result.metrics.state_rejected is None, result.metrics.notes
+    assert result.metrics.reused_tokens >= history
+    assert f"Today Date: {tomorrow:%d %b %Y}" in second.rendered_prompt(
+        store.create_chat("tomorrow").id, "Hi"
+    )
+
+
+# -- the command line -----------------------------------------------------------------
+
+
+def _cli(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable, "-m", "app", "chat", "--db", str(db), "--chat", "demo",
+        "--temperature", "0", "--max-tokens", "8", "--json", *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.slow
+def test_the_chat_template_flag_chooses_keeps_and_forgets_a_template(
+    tmp_path: Path, model_path: Path
+) -> None:
+    db = tmp_path / "cli.db"
+    unknown = _cli(db, "--chat-template", "no-such-format", "Hello")
+    assert unknown.returncode == 1
+    assert unknown.stderr.count("\n") == 1
+    assert "unknown chat template 'no-such-format'" in unknown.stderr
+    assert "gemma" in unknown.stderr  # the names it could have been
+    missing = _cli(db, "--chat-template", str(tmp_path / "nope.jinja"), "Hello")
+    assert missing.returncode == 2 and "chat template file not found" in missing.stderr
+
+    template = tmp_path / "llama3-style.jinja"
+    template.write_text(LLAMA3_STYLE, encoding="utf-8")
+    first = _cli(db, "--chat-template", str(template), "Hello")
+    assert first.returncode == 0, first.stderr
+    with Store(db) as store:
+        chosen = store.model_template(model_file_identity(model_path))
+        assert chosen == TemplateChoice(TemplateKind.JINJA, LLAMA3_STYLE, "llama3-style.jinja")
+    # Without the flag the choice holds: the saved state (made with it) is reused.
+    second = _cli(db, "And then?")
+    assert second.returncode == 0, second.stderr
+    metrics = json.loads(second.stdout)["metrics"]
+    assert metrics["state_rejected"] is None
+    assert metrics["reused_tokens"] > 0
+    back = _cli(db, "--chat-template", "gguf", "Once more")
+    assert back.returncode == 0, back.stderr
+    assert json.loads(back.stdout)["metrics"]["state_rejected"]  # another template's state
+    with Store(db) as store:
+        assert store.model_template(model_file_identity(model_path)) is None

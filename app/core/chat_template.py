@@ -30,6 +30,8 @@ import jinja2.parser
 import jinja2.sandbox
 import markupsafe
 
+from app.domain import TemplateChoice, TemplateKind
+
 # Private-use code points: no real message contains them and templates leave them alone.
 _SENTINELS = {name: f"\ue000{name}\ue001" for name in ("A", "B", "C", "D", "E", "S")}
 
@@ -48,6 +50,10 @@ CHATML_TEMPLATE = (
     "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+#: How to replace the ChatML fallback, said wherever the fallback is reported.
+CHOOSE_TEMPLATE_HINT = "choose one with --chat-template NAME|FILE or Model → Chat template…"
 
 
 class TemplateProbeError(Exception):
@@ -464,8 +470,32 @@ def _probe_with(
     )
 
 
-def markup_for(source: str | None, bos_token: str, eos_token: str) -> ChatMarkup:
-    """Probe the GGUF's template; fall back to ChatML, saying why, if it cannot be used."""
+def markup_for(
+    source: str | None,
+    bos_token: str,
+    eos_token: str,
+    choice: TemplateChoice | None = None,
+    builtin: Renderer | None = None,
+) -> ChatMarkup:
+    """The markup a model's prompts are written with.
+
+    ``choice`` (a template chosen for the model) comes first; ``builtin`` renders it when
+    it is one of llama.cpp's built-in formats. A choice that cannot be used raises
+    :class:`TemplateProbeError`. Otherwise the GGUF's template is probed, and when it is
+    missing or cannot be used, ChatML, with a note saying why and how to choose one.
+    """
+    if choice is not None:
+        if choice.kind == TemplateKind.BUILTIN and builtin is None:
+            raise TemplateProbeError(f"no renderer for llama.cpp's {choice.label} format")
+        markup = probe_markup(
+            choice.value,
+            bos_token,
+            eos_token,
+            origin=f"{choice.kind}:{choice.label}",
+            renderer=builtin if choice.kind == TemplateKind.BUILTIN else None,
+        )
+        note = f"chat template chosen for this model: {choice}"
+        return ChatMarkup(**{**asdict_shallow(markup), "notes": (note, *markup.notes)})
     if source:
         try:
             return probe_markup(source, bos_token, eos_token)
@@ -473,6 +503,7 @@ def markup_for(source: str | None, bos_token: str, eos_token: str) -> ChatMarkup
             reason = f"the model's chat template could not be used ({error}); using ChatML"
     else:
         reason = "the model has no chat template; using ChatML"
+    reason += f" ({CHOOSE_TEMPLATE_HINT})"
     markup = probe_markup(CHATML_TEMPLATE, bos_token, eos_token, origin="builtin-chatml")
     return ChatMarkup(**{**asdict_shallow(markup), "notes": (reason, *markup.notes)})
 
