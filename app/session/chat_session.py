@@ -37,6 +37,7 @@ from app.core.llama_backend import (
     BuiltinTemplateRenderer,
     LlamaBackend,
     ModelInfo,
+    builtin_template_names,
     llama_cpp_version,
 )
 from app.core.metrics import TurnMetrics
@@ -542,6 +543,18 @@ class ChatSession:
         if tokens and self.backend.is_control(tokens[0]):
             return tokens[0], ""
         return None, marker
+
+    @property
+    def model_has_template(self) -> bool:
+        """The GGUF holds a chat template that can be used as written."""
+        info = self.backend.info
+        markup = markup_for(info.chat_template, info.bos_token, info.eos_token)
+        return markup.template_origin == "gguf"
+
+    @staticmethod
+    def builtin_templates() -> list[str]:
+        """The names of llama.cpp's built-in chat formats, any of which can be chosen."""
+        return builtin_template_names()
 
     @property
     def template_choice(self) -> TemplateChoice | None:
