@@ -432,3 +432,26 @@ def test_the_chat_template_flag_chooses_keeps_and_forgets_a_template(
     assert json.loads(back.stdout)["metrics"]["state_rejected"]  # another template's state
     with Store(db) as store:
         assert store.model_template(model_file_identity(model_path)) is None
+
+
+@pytest.mark.slow
+def test_the_command_line_says_when_it_falls_back_and_gemma_replies_cleanly_with_its_format(
+    tmp_path: Path, gemma_model_path: Path
+) -> None:
+    db = tmp_path / "gemma.db"
+    model = ("--model", str(gemma_model_path), "--n-ctx", "2048")
+    fallback = _cli(db, *model, "Hello! Who are you?")
+    assert fallback.returncode == 0, fallback.stderr
+    assert "the model has no chat template; using ChatML" in fallback.stderr
+    assert "--chat-template" in fallback.stderr
+    payload = json.loads(fallback.stdout)
+    assert any("using ChatML" in note for note in payload["metrics"]["notes"])
+    assert "<|im_" not in payload["reply"]
+
+    chosen = _cli(db, *model, "--chat-template", "gemma", "Name three fruits.")
+    assert chosen.returncode == 0, chosen.stderr
+    assert "ChatML" not in chosen.stderr
+    reply = json.loads(chosen.stdout)["reply"]
+    assert reply.strip()
+    for marker in ("<start_of_turn>", "<end_of_turn>", "<|im_", "<eos>"):
+        assert marker not in reply
