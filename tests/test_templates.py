@@ -23,17 +23,18 @@ from conftest import GREEDY
 from app.core import chat_template
 from app.core import prompt as prompt_module
 from app.core.chat_template import (
-    EMPTY_TOOLS_NOTE,
+    CONTENT_LISTS_NOTE,
     ChatMarkup,
     TemplateRenderer,
     fill_dates,
     markup_for,
+    markup_renderer,
     probe_markup,
 )
 from app.core.llama_backend import builtin_template_names
 from app.core.models import model_file_identity
 from app.domain import FinishReason, TemplateChoice, TemplateKind
-from app.session.chat_session import ChatSession, GenerationOptions, SessionError
+from app.session.chat_session import ChatSession, GenerationOptions, SessionError, _ReplyText
 from app.storage.store import Store
 
 SDIST_VERSION = "0.3.36"
@@ -118,6 +119,50 @@ def test_a_template_that_writes_the_last_reply_differently_is_cut_as_history() -
     assert markup.user.before == "<|im_start|>user\n"
 
 
+def test_templates_that_read_content_as_parts_or_always_list_tools_are_used() -> None:
+    parts_only = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{% for part in m['content'] %}"
+        "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}<|end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    markup = markup_for(parts_only, "<s>", "</s>")
+    assert markup.template_origin == "gguf", markup.notes
+    assert CONTENT_LISTS_NOTE in markup.notes
+    assert markup.user == chat_template.Wrapper("<|user|>", "<|end|>\n")
+    assert reproduction_errors(parts_only, markup) == []
+    tools_always = (
+        "<tools>{% for t in tools %}{{ t }}{% endfor %}</tools>\n" + parts_only.replace(
+            "{% for part in m['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+            "{% endif %}{% endfor %}",
+            "{{ m['content'] }}",
+        )
+    )
+    markup = markup_for(tools_always, "<s>", "</s>")
+    assert markup.template_origin == "gguf", markup.notes
+    assert markup.preamble == "<tools></tools>\n"
+    assert reproduction_errors(tools_always, markup) == []
+
+
+def test_a_reply_stops_at_its_end_marker_written_as_text() -> None:
+    shown: list[str] = []
+    reply = _ReplyText("<|im_end|>", shown.append)
+    assert not reply.add("Hel")
+    assert not reply.add("lo <|")  # may begin the marker: held back
+    assert "".join(shown) == "Hello "
+    assert not reply.add("im")
+    assert reply.add("_end|>\n<|im_start|>")
+    assert reply.text == "Hello " and "".join(shown) == "Hello "
+    assert reply.tokens_before_end() is None  # the marker began inside a token
+    aligned = _ReplyText("<|im_end|>", None)
+    for piece in ("Paris", ".", "<|im_", "end|>"):
+        ended = aligned.add(piece)
+    assert ended and aligned.text == "Paris." and aligned.tokens_before_end() == 2
+    plain = _ReplyText("<|im_end|>", shown.append)
+    assert not plain.add("a <| b") and not plain.add(" c")
+    plain.flush()
+    assert plain.text == "a <| b c" and "".join(shown).endswith("a <| b c")
+
+
 # -- the corpus -----------------------------------------------------------------------
 
 
@@ -188,8 +233,7 @@ def _block(placement: chat_template.BlockPlacement) -> tuple[list[dict[str, str]
 
 def reproduction_errors(source: str, markup: ChatMarkup) -> list[str]:
     """Where the pieces joined differ from the template's own render, for both layouts."""
-    extra = {"tools": []} if EMPTY_TOOLS_NOTE in markup.notes else None
-    renderer = TemplateRenderer(source, "<s>", "</s>", now=NOW, extra=extra)
+    renderer = markup_renderer(source, "<s>", "</s>", markup.notes, now=NOW)
     user1, reply1, user2 = (
         {"role": "user", "content": TEXTS["u1"]},
         {"role": "assistant", "content": TEXTS["a1"]},

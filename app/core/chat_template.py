@@ -43,6 +43,8 @@ BLOCK_LABEL_CLOSE = "\n[End of instructions]"
 BLOCK_ACK = "Understood."
 #: The note of a template probed with ``tools=[]`` (it lists tools unconditionally).
 EMPTY_TOOLS_NOTE = "rendered with an empty tool list"
+#: The note of a template that reads a message's content only as a list of parts.
+CONTENT_LISTS_NOTE = "message contents given as lists of text parts"
 
 # Used when a GGUF has no template or its template cannot be probed.
 CHATML_TEMPLATE = (
@@ -162,7 +164,9 @@ class TemplateRenderer:
         *,
         now: datetime.datetime | None = None,
         extra: dict[str, object] | None = None,
+        content_lists: bool = False,
     ) -> None:
+        self._content_lists = content_lists
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True,
             lstrip_blocks=True,
@@ -187,6 +191,13 @@ class TemplateRenderer:
         }
 
     def render(self, messages: list[dict[str, object]], add_generation_prompt: bool = False) -> str:
+        if self._content_lists:
+            messages = [
+                {**m, "content": [{"type": "text", "text": m["content"]}]}
+                if isinstance(m.get("content"), str)
+                else m
+                for m in messages
+            ]
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **self._context
@@ -388,18 +399,45 @@ def probe_markup(
     """
     if renderer is not None:
         return _probe_with(_Probe(renderer), source, origin, ())
-    try:
-        plain = TemplateRenderer(source, bos_token, eos_token)
-        return _probe_with(_Probe(plain), source, origin, ())
-    except TemplateProbeError as error:
-        # Templates written for tool use list the tools unconditionally: an empty list.
+    first_error: TemplateProbeError | None = None
+    for notes in _RENDER_VARIANTS:
         try:
-            renderer = TemplateRenderer(source, bos_token, eos_token, extra={"tools": []})
-            notes = (EMPTY_TOOLS_NOTE,)
-            markup = _probe_with(_Probe(renderer), source, origin, notes)
-        except TemplateProbeError:
-            raise error from None
-        return markup
+            plain = markup_renderer(source, bos_token, eos_token, notes)
+            return _probe_with(_Probe(plain), source, origin, notes)
+        except TemplateProbeError as error:
+            first_error = first_error or error
+    assert first_error is not None
+    raise first_error
+
+
+#: How a template is rendered, tried in this order: as transformers and llama.cpp call
+#: it; with an empty tool list (tool-use templates list tools unconditionally); with
+#: each message's content as a list of parts (templates written for multimodal input).
+_RENDER_VARIANTS: tuple[tuple[str, ...], ...] = (
+    (),
+    (EMPTY_TOOLS_NOTE,),
+    (CONTENT_LISTS_NOTE,),
+    (EMPTY_TOOLS_NOTE, CONTENT_LISTS_NOTE),
+)
+
+
+def markup_renderer(
+    source: str,
+    bos_token: str,
+    eos_token: str,
+    notes: tuple[str, ...] = (),
+    now: datetime.datetime | None = None,
+) -> TemplateRenderer:
+    """The renderer a Jinja markup was probed with (its ``notes`` say how it was called);
+    with ``now``, dates are real (to compare a prompt with the template's own render)."""
+    return TemplateRenderer(
+        source,
+        bos_token,
+        eos_token,
+        now=now,
+        extra={"tools": []} if EMPTY_TOOLS_NOTE in notes else None,
+        content_lists=CONTENT_LISTS_NOTE in notes,
+    )
 
 
 def _probe_with(
