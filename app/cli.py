@@ -284,7 +284,9 @@ def _chat_turn(
     result, stored_reply, warnings = _answer(engine, store, chat.id, message, options)
     markup = getattr(engine, "markup", None)
     if markup is not None and markup.template_origin == "builtin-chatml":
-        warnings.insert(0, markup.notes[0])  # never a silent ChatML fallback
+        suggested = engine.suggested_template  # type: ignore[union-attr]
+        hint = f"; this model's format is likely --chat-template {suggested}" if suggested else ""
+        warnings.insert(0, markup.notes[0] + hint)  # never a silent ChatML fallback
     reply = result.reply if result is not None else stored_reply.text if stored_reply else ""
     metrics = result.metrics.as_dict() if result is not None else {}
     if warnings and metrics:

@@ -29,13 +29,16 @@ def test_a_model_without_a_template_gets_one_chosen_in_the_app(
     window = open_window(qtbot, db_path, settings, model_path=str(gemma_model_path))
     try:
         assert window.model is not None and window.model.template == "builtin-chatml"
-        assert "Chat template" in window.statusBar().currentMessage()
+        assert "Chat template… chooses one (likely gemma)" in window.statusBar().currentMessage()
         window.model_menu.aboutToShow.emit()  # the menu is filled when it opens
         actions = [a.text() for a in window.model_menu.actions()]
         assert "Chat template…" in actions
 
         dialog = _open_dialog(qtbot, window)
         assert dialog.combo.itemText(0) == "None in the model file: ChatML"
+        # Gemma 3's likely format is offered first.
+        assert dialog.combo.currentText() == "gemma (llama.cpp, likely for this model)"
+        dialog.select("own")
         assert dialog.choice() is None
         dialog.select("gemma")
         assert dialog.choice() == TemplateChoice(TemplateKind.BUILTIN, "gemma", "gemma")

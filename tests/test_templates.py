@@ -30,6 +30,7 @@ from app.core.chat_template import (
     markup_for,
     markup_renderer,
     probe_markup,
+    suggest_format,
 )
 from app.core.llama_backend import builtin_template_names
 from app.core.models import model_file_identity
@@ -201,7 +202,7 @@ def template_corpus() -> list[Path]:
                         partial.write_bytes(extracted.read())
                         partial.replace(folder / relative)
     templates = sorted(folder.glob("*.jinja"))
-    assert len(templates) >= 60, f"only {len(templates)} templates in {folder}"
+    assert len(templates) == 70, f"{len(templates)} templates in {folder}, not 70"
     return templates
 
 
@@ -383,6 +384,16 @@ def test_every_built_in_format_of_llama_cpp_can_be_chosen(engine: ChatSession) -
     assert engine.markup.template_origin == f"builtin:{names[-1]}"  # unchanged by the refusal
 
 
+def test_a_model_without_a_template_is_offered_its_likely_format() -> None:
+    names = builtin_template_names()
+    assert suggest_format("gemma3", names) == "gemma"
+    assert suggest_format("phi3", names) == "phi3"
+    assert suggest_format("deepseek2", names) == "deepseek2"
+    assert suggest_format("qwen3", names) == "chatml"
+    assert suggest_format("llama", names) is None  # llama2, 3 or 4: no guess
+    assert suggest_format("", names) is None
+
+
 def _move_chat_to(store: Store, chat_id: int, when: datetime.datetime) -> None:
     with store.transaction():
         store.db.execute(
@@ -487,7 +498,7 @@ def test_the_command_line_says_when_it_falls_back_and_gemma_replies_cleanly_with
     fallback = _cli(db, *model, "Hello! Who are you?")
     assert fallback.returncode == 0, fallback.stderr
     assert "the model has no chat template; using ChatML" in fallback.stderr
-    assert "--chat-template" in fallback.stderr
+    assert "this model's format is likely --chat-template gemma" in fallback.stderr
     payload = json.loads(fallback.stdout)
     assert any("using ChatML" in note for note in payload["metrics"]["notes"])
     assert "<|im_" not in payload["reply"]

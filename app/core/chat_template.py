@@ -508,6 +508,21 @@ def _probe_with(
     )
 
 
+#: Architectures whose chat format llama.cpp knows under another name.
+_FORMAT_OF_ARCHITECTURE = {"qwen": "chatml", "smollm": "chatml", "exaone": "exaone3"}
+
+
+def suggest_format(architecture: str, names: list[str]) -> str | None:
+    """The llama.cpp built-in format a GGUF of ``architecture`` most likely wants (e.g.
+    ``gemma`` for ``gemma3``), offered first when the GGUF has no usable template."""
+    arch = architecture.lower()
+    for prefix, name in _FORMAT_OF_ARCHITECTURE.items():
+        if arch.startswith(prefix) and name in names:
+            return name
+    matches = [name for name in names if arch == name or (arch.startswith(name) and arch)]
+    return max(matches, key=len) if matches else None
+
+
 def markup_for(
     source: str | None,
     bos_token: str,

@@ -133,6 +133,7 @@ class ModelInfo:
     chat_template: str | None
     bos_token: str
     eos_token: str
+    architecture: str = ""  # general.architecture, e.g. "llama", "gemma3"
 
 
 class LlamaBackend:
@@ -255,6 +256,7 @@ class LlamaBackend:
             chat_template=self._meta("tokenizer.chat_template"),
             bos_token=self.token_text(bos) if bos >= 0 else "",
             eos_token=self.token_text(eos) if eos >= 0 else "",
+            architecture=self._meta("general.architecture") or "",
         )
 
     def token_text(self, token: int) -> str:

@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from app import limits
-from app.core.chat_template import ChatMarkup, TemplateProbeError, markup_for
+from app.core.chat_template import ChatMarkup, TemplateProbeError, markup_for, suggest_format
 from app.core.kv_mirror import (
     KVMirror,
     NothingToEvaluate,
@@ -550,6 +550,14 @@ class ChatSession:
         info = self.backend.info
         markup = markup_for(info.chat_template, info.bos_token, info.eos_token)
         return markup.template_origin == "gguf"
+
+    @property
+    def suggested_template(self) -> str | None:
+        """For a GGUF without a usable template: the llama.cpp format its architecture
+        most likely wants (e.g. gemma for gemma3); None when it has one."""
+        if self.model_has_template:
+            return None
+        return suggest_format(self.backend.info.architecture, builtin_template_names())
 
     @staticmethod
     def builtin_templates() -> list[str]:

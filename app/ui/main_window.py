@@ -639,9 +639,12 @@ class MainWindow(QMainWindow):
         if self.current_chat_id is None:
             self.inspector.set_cache_view(None, "no chat open")
         if status.template == "builtin-chatml":
+            likely = (
+                f" (likely {status.suggested_template})" if status.suggested_template else ""
+            )
             self.statusBar().showMessage(
                 f"{Path(status.path).name} has no usable chat template: using ChatML. "
-                "Model → Chat template… chooses one.",
+                f"Model → Chat template… chooses one{likely}.",
                 15000,
             )
         else:

@@ -49,8 +49,10 @@ class ChatTemplateDialog(QDialog):
             else "None in the model file: ChatML"
         )
         self.combo.addItem(own, OWN)
+        suggested = info.suggested  # type: ignore[attr-defined]
         for name in info.builtin_names:  # type: ignore[attr-defined]
-            self.combo.addItem(f"{name} (llama.cpp)", name)
+            likely = ", likely for this model" if name == suggested else ""
+            self.combo.addItem(f"{name} (llama.cpp{likely})", name)
         chosen: TemplateChoice | None = info.choice  # type: ignore[attr-defined]
         if chosen is not None and chosen.kind == TemplateKind.JINJA:
             self._file_choice = chosen
@@ -58,6 +60,8 @@ class ChatTemplateDialog(QDialog):
             self.combo.setCurrentIndex(self.combo.count() - 1)
         elif chosen is not None:
             self.combo.setCurrentIndex(max(self.combo.findData(chosen.value), 0))
+        elif suggested:  # no template in the GGUF: its likely format comes first
+            self.combo.setCurrentIndex(max(self.combo.findData(suggested), 0))
         row = QHBoxLayout()
         row.addWidget(self.combo, 1)
         self.file_button = QPushButton("Jinja file…")

@@ -67,6 +67,7 @@ class ModelStatus:
     #: The chat template in use ("" on a server) and what to tell the user about it.
     template: str = ""
     template_notes: tuple[str, ...] = ()
+    suggested_template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class TemplateInfo:
     choice: TemplateChoice | None  # chosen for this model; None: the GGUF's own (or ChatML)
     in_use: str  # the markup's origin, e.g. "gguf", "builtin:gemma", "builtin-chatml"
     notes: tuple[str, ...] = ()
+    suggested: str | None = None  # the likely format of a GGUF without a template
 
 
 @dataclass
@@ -204,6 +206,7 @@ class EngineWorker(QObject):
                 load_ms=(time.perf_counter() - started) * 1000,
                 template=markup.template_origin,
                 template_notes=markup.notes,
+                suggested_template=engine.suggested_template,
             )
         )
 
@@ -219,6 +222,7 @@ class EngineWorker(QObject):
             choice=session.template_choice,
             in_use=session.markup.template_origin,
             notes=session.markup.notes,
+            suggested=session.suggested_template,
         )
 
     @Slot()
