@@ -468,6 +468,13 @@ def test_the_chat_template_flag_chooses_keeps_and_forgets_a_template(
     assert "gemma" in unknown.stderr  # the names it could have been
     missing = _cli(db, "--chat-template", str(tmp_path / "nope.jinja"), "Hello")
     assert missing.returncode == 2 and "chat template file not found" in missing.stderr
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m['content'] }}", encoding="utf-8")
+    refused = _cli(db, "--chat-template", str(broken), "Hello")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "the chat template broken.jinja (Jinja) cannot be used" in refused.stderr
+    with Store(db) as store:
+        assert store.chats() == []  # refused before anything was written
 
     template = tmp_path / "llama3-style.jinja"
     template.write_text(LLAMA3_STYLE, encoding="utf-8")

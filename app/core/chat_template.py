@@ -10,6 +10,12 @@ the instruction block's wrapper at the two positions the layouts need. A prompt
 is then a concatenation of per-message token segments, so adding a turn can
 never change the tokens of earlier turns.
 
+Every conversation probed ends with a user message, as every prompt sent does, so
+a template that writes the last reply differently (a think block, no end marker)
+is cut the way it writes replies in the history. Dates the template writes are
+placeholders here; the prompt builder fills them with the chat's first-turn date,
+so the pieces and the markup hash are the same whatever the day.
+
 Markup is tokenized with special tokens parsed; contents never are, so text that
 looks like ``<|im_start|>`` in a message stays text.
 """
@@ -87,7 +93,8 @@ class BlockPlacement:
 @dataclass(frozen=True)
 class ChatMarkup:
     template_source: str
-    template_origin: str  # "gguf" or "builtin-chatml"
+    #: "gguf", "builtin-chatml" (the fallback), "builtin:NAME" or "jinja:FILE" (chosen)
+    template_origin: str
     preamble: str
     user: Wrapper
     assistant: Wrapper
@@ -180,7 +187,10 @@ class TemplateRenderer:
 
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = strftime_now
-        self._template = env.from_string(source)
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateError as error:  # e.g. a syntax error in a chosen file
+            raise TemplateProbeError(f"{type(error).__name__}: {error}") from error
         self._context: dict[str, object] = {
             "bos_token": bos_token,
             "eos_token": eos_token,

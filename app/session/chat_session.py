@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import datetime
+import functools
 import secrets
 import threading
 import time
@@ -544,7 +545,7 @@ class ChatSession:
             return tokens[0], ""
         return None, marker
 
-    @property
+    @functools.cached_property
     def model_has_template(self) -> bool:
         """The GGUF holds a chat template that can be used as written."""
         info = self.backend.info
