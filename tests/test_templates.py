@@ -32,7 +32,7 @@ from app.core.chat_template import (
     probe_markup,
     suggest_format,
 )
-from app.core.llama_backend import builtin_template_names
+from app.core.llama_backend import BuiltinTemplateRenderer, builtin_template_names
 from app.core.models import model_file_identity
 from app.domain import FinishReason, TemplateChoice, TemplateKind
 from app.session.chat_session import ChatSession, GenerationOptions, SessionError, _ReplyText
@@ -360,6 +360,20 @@ def test_gemma_with_the_gemma_template_replies_cleanly_and_keeps_the_choice(
             assert marker not in result.reply
         stored = store.message(result.reply_message_id).token_ids
         assert _content_text(session, stored) == result.reply
+    # Token for token what llama.cpp's own gemma formatter writes (plus the BOS it adds).
+    chat = store.create_chat("faithful")
+    for role, text in (("user", "Hi there."), ("assistant", "Hello! How can I help?")):
+        store.add_message(chat.id, role, text)
+    written = BuiltinTemplateRenderer("gemma").render(
+        [
+            {"role": "user", "content": "Hi there."},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Thanks!"},
+        ],
+        add_generation_prompt=True,
+    )
+    expected = [session.backend.bos_token_id, *session.backend.tokenize(written, special=True)]
+    assert session.prompt_plan(chat.id, "Thanks!").tokens == expected
     session.close()
     # Kept for this model file, and only for it.
     again = make_engine(store, model_path=gemma_model_path, n_ctx=GEMMA_CTX)
