@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from app import limits
+from app import domain, limits
 
 
 def _whole(text: str) -> int:
@@ -63,3 +64,24 @@ def trim_tokens(text: str) -> int:
 
 def n_ctx(text: str) -> int:
     return _checked(limits.check_n_ctx, _whole(text))
+
+
+def chat_template(text: str) -> domain.TemplateChoice:
+    """``--chat-template NAME|FILE``: a Jinja file, the name of a llama.cpp built-in format
+    (checked against llama.cpp's list when the model loads), or ``gguf``: the GGUF's own."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            message = f"cannot read chat template {text}: {error}"
+            raise argparse.ArgumentTypeError(message) from error
+        if not source.strip():
+            raise argparse.ArgumentTypeError(f"the chat template file {text} is empty")
+        return domain.TemplateChoice(domain.TemplateKind.JINJA, source, path.name)
+    if not text.strip() or "/" in text or text.endswith(".jinja") or path.exists():
+        raise argparse.ArgumentTypeError(f"chat template file not found: {text}")
+    name = text.strip()
+    if name == domain.TemplateKind.GGUF:
+        return domain.TemplateChoice(domain.TemplateKind.GGUF, "", "the model's own")
+    return domain.TemplateChoice(domain.TemplateKind.BUILTIN, name, name)

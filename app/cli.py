@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--db", required=True, help="SQLite database file (created if missing)")
     chat.add_argument("--chat", required=True, help="chat name (created if missing)")
     _add_model_options(chat)
+    chat.add_argument(
+        "--chat-template",
+        type=arguments.chat_template,
+        metavar="NAME|FILE",
+        help="chat template for this model, kept for it from now on: a llama.cpp built-in "
+        "name (e.g. gemma, llama3, chatml), a Jinja file, or gguf (the GGUF's own again)",
+    )
     chat.add_argument("--layout", choices=list(Layout), help="prompt layout for this chat")
     source = chat.add_mutually_exclusive_group()
     source.add_argument("--instructions", help="instruction block text (new version if changed)")
@@ -209,9 +216,18 @@ def _open_session(args: argparse.Namespace, store: Store) -> ChatSession | Remot
     if not args.server:
         if args.server_model:
             raise CliError("--server-model needs --server")
-        return ChatSession(store, args.model, n_ctx=args.n_ctx, kv_type=args.kv_type)
-    if args.model or args.n_ctx:
-        raise CliError("--model and --n-ctx are for the local engine; the server has its model")
+        return ChatSession(
+            store,
+            args.model,
+            n_ctx=args.n_ctx,
+            kv_type=args.kv_type,
+            chat_template=args.chat_template,
+        )
+    if args.model or args.n_ctx or args.chat_template:
+        raise CliError(
+            "--model, --n-ctx and --chat-template are for the local engine; "
+            "the server has its model and template"
+        )
     if args.trim_tokens is not None or args.trim_mode is not None:
         raise CliError("--trim-tokens and --trim-mode are not available with --server yet")
     from app.remote.session import RemoteChatSession  # local: httpx only when used
@@ -266,6 +282,11 @@ def _chat_turn(
         )
     options = GenerationOptions(args.max_tokens, args.temperature, args.seed)
     result, stored_reply, warnings = _answer(engine, store, chat.id, message, options)
+    markup = getattr(engine, "markup", None)
+    if markup is not None and markup.template_origin == "builtin-chatml":
+        suggested = engine.suggested_template  # type: ignore[union-attr]
+        hint = f"; this model's format is likely --chat-template {suggested}" if suggested else ""
+        warnings.insert(0, markup.notes[0] + hint)  # never a silent ChatML fallback
     reply = result.reply if result is not None else stored_reply.text if stored_reply else ""
     metrics = result.metrics.as_dict() if result is not None else {}
     if warnings and metrics:

@@ -7,6 +7,7 @@ conversions, while code gets names a type checker can follow.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -71,3 +72,23 @@ class MessageStatus(StrEnum):
     #: A user message with no reply after it. Derived from the message order when
     #: messages are read (never stored): a kill or a full disk cannot leave it wrong.
     UNANSWERED = "unanswered"
+
+
+class TemplateKind(StrEnum):
+    """Where a chat template chosen for a model comes from."""
+
+    BUILTIN = "builtin"  # one of llama.cpp's built-in formatters, by name
+    JINJA = "jinja"  # a Jinja source (read from a file when chosen)
+    GGUF = "gguf"  # the GGUF's own template: forgets an earlier choice (never stored)
+
+
+@dataclass(frozen=True)
+class TemplateChoice:
+    """A chat template used for a model instead of the one in its GGUF (or its absence)."""
+
+    kind: TemplateKind
+    value: str  # the built-in's name, or the Jinja source
+    label: str  # what the user sees: the name, or the file's name
+
+    def __str__(self) -> str:
+        return self.label if self.kind == TemplateKind.BUILTIN else f"{self.label} (Jinja)"

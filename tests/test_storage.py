@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from app.domain import TemplateChoice, TemplateKind
 from app.storage import migrations
 from app.storage.kv_store import StateRecord, StoredPage
 from app.storage.store import (
     DatabaseCorrupt,
     DatabaseInUse,
     SchemaTooNew,
+    StorageError,
     StorageWriteError,
     Store,
     set_aside,
@@ -249,3 +251,32 @@ def test_branches_share_the_prefix_and_list_as_one_chat(store: Store) -> None:
     _save_state(store, branch.id, b"branch state")
     store.delete_chat(chat.id)
     assert store.chats() == [] and store.kv.state(branch.id) is None
+
+
+def test_old_databases_upgrade_to_templates_chosen_per_model(
+    tmp_path: Path, monkeypatch
+) -> None:
+    path = tmp_path / "v5.db"
+    monkeypatch.setattr("app.storage.store.MIGRATIONS", migrations.MIGRATIONS[:5])
+    monkeypatch.setattr("app.storage.store.SCHEMA_VERSION", 5)
+    with Store(path) as old:
+        chat = old.create_chat("before templates")
+        old.add_message(chat.id, "user", "hello")
+        assert old.schema_version() == 5
+    monkeypatch.undo()
+    assert migrations.SCHEMA_VERSION == 6
+    choice = TemplateChoice(TemplateKind.BUILTIN, "gemma", "gemma")
+    with Store(path) as store:
+        assert store.schema_version() == 6
+        assert [m.text for m in store.messages(chat.id)] == ["hello"]
+        assert store.model_template("123:abc") is None
+        store.set_model_template("123:abc", choice)
+        jinja = TemplateChoice(TemplateKind.JINJA, "{{ messages }}", "mine.jinja")
+        store.set_model_template("456:def", jinja)
+    with Store(path) as reopened:
+        assert reopened.model_template("123:abc") == choice
+        assert reopened.model_template("456:def") == jinja
+        reopened.set_model_template("123:abc", None)
+        assert reopened.model_template("123:abc") is None
+        with pytest.raises(StorageError):
+            reopened.set_model_template("7:x", TemplateChoice(TemplateKind.GGUF, "", "x"))

@@ -10,6 +10,12 @@ the instruction block's wrapper at the two positions the layouts need. A prompt
 is then a concatenation of per-message token segments, so adding a turn can
 never change the tokens of earlier turns.
 
+Every conversation probed ends with a user message, as every prompt sent does, so
+a template that writes the last reply differently (a think block, no end marker)
+is cut the way it writes replies in the history. Dates the template writes are
+placeholders here; the prompt builder fills them with the chat's first-turn date,
+so the pieces and the markup hash are the same whatever the day.
+
 Markup is tokenized with special tokens parsed; contents never are, so text that
 looks like ``<|im_start|>`` in a message stays text.
 """
@@ -19,13 +25,21 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
+from typing import ClassVar, Protocol
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
 import jinja2.sandbox
+import markupsafe
+
+from app.domain import TemplateChoice, TemplateKind
 
 # Private-use code points: no real message contains them and templates leave them alone.
-_SENTINELS = {name: f"\ue000{name}\ue001" for name in ("A", "B", "C", "D", "S")}
+_SENTINELS = {name: f"\ue000{name}\ue001" for name in ("A", "B", "C", "D", "E", "S")}
 
 #: The instruction block's fallback when the template refuses a system message in
 #: the middle of a chat: a clearly marked user turn (and, for templates that
@@ -33,6 +47,10 @@ _SENTINELS = {name: f"\ue000{name}\ue001" for name in ("A", "B", "C", "D", "S")}
 BLOCK_LABEL_OPEN = "[Instructions for the next reply]\n"
 BLOCK_LABEL_CLOSE = "\n[End of instructions]"
 BLOCK_ACK = "Understood."
+#: The note of a template probed with ``tools=[]`` (it lists tools unconditionally).
+EMPTY_TOOLS_NOTE = "rendered with an empty tool list"
+#: The note of a template that reads a message's content only as a list of parts.
+CONTENT_LISTS_NOTE = "message contents given as lists of text parts"
 
 # Used when a GGUF has no template or its template cannot be probed.
 CHATML_TEMPLATE = (
@@ -40,6 +58,10 @@ CHATML_TEMPLATE = (
     "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+#: How to replace the ChatML fallback, said wherever the fallback is reported.
+CHOOSE_TEMPLATE_HINT = "choose one with --chat-template NAME|FILE or Model → Chat template…"
 
 
 class TemplateProbeError(Exception):
@@ -71,7 +93,8 @@ class BlockPlacement:
 @dataclass(frozen=True)
 class ChatMarkup:
     template_source: str
-    template_origin: str  # "gguf" or "builtin-chatml"
+    #: "gguf", "builtin-chatml" (the fallback), "builtin:NAME" or "jinja:FILE" (chosen)
+    template_origin: str
     preamble: str
     user: Wrapper
     assistant: Wrapper
@@ -95,28 +118,99 @@ def _raise_exception(message: str) -> None:
     raise TemplateProbeError(message)
 
 
-def _strftime_now(fmt: str) -> str:
-    return datetime.datetime.now().strftime(fmt)
+# A date the template asks for (strftime_now, Llama 3.x's date_string) is written as a
+# placeholder holding its format; PromptBuilder fills it with the chat's first-turn date.
+_DATE_OPEN, _DATE_CLOSE = "\ue002", "\ue003"
+_DATE_PLACEHOLDER = re.compile(f"{_DATE_OPEN}([^{_DATE_OPEN}{_DATE_CLOSE}]*){_DATE_CLOSE}")
+#: The formats llama.cpp passes as plain variables to templates that read them.
+_DATE_VARIABLES = {"date_string": "%d %b %Y", "datetime": "%b %d %Y %H:%M:%S GMT"}
+
+
+def date_placeholder(fmt: str) -> str:
+    return f"{_DATE_OPEN}{fmt}{_DATE_CLOSE}"
+
+
+def has_dates(text: str) -> bool:
+    return _DATE_OPEN in text
+
+
+def fill_dates(text: str, when: datetime.datetime) -> str:
+    """Replace every date placeholder with ``when`` in the template's own format."""
+    if _DATE_OPEN not in text:
+        return text
+    return _DATE_PLACEHOLDER.sub(lambda match: when.strftime(match.group(1)), text)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """``{% generation %}…{% endgeneration %}``: transformers' marker of the assistant's
+    tokens (for training masks); rendering keeps its body as it is."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
 
 
 class TemplateRenderer:
-    def __init__(self, source: str, bos_token: str, eos_token: str) -> None:
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined
-        )
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = _strftime_now
-        self._template = env.from_string(source)
-        self._bos = bos_token
-        self._eos = eos_token
+    """Renders a Jinja chat template the way transformers and llama.cpp do.
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    The context holds what real templates read: ``tools`` (None: no tools),
+    ``raise_exception``, ``strftime_now``, ``namespace``, loop controls
+    (``{% break %}``/``{% continue %}``) and ``{% generation %}``. With ``now`` the
+    dates are real; without it (when probing) they are placeholders, so the probed
+    pieces, and the markup hash, do not depend on the day.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        bos_token: str,
+        eos_token: str,
+        *,
+        now: datetime.datetime | None = None,
+        extra: dict[str, object] | None = None,
+        content_lists: bool = False,
+    ) -> None:
+        self._content_lists = content_lists
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True,
+            lstrip_blocks=True,
+            undefined=jinja2.Undefined,
+            extensions=["jinja2.ext.loopcontrols", _GenerationTag],
+        )
+        env.filters["tojson"] = _tojson
+
+        def strftime_now(fmt: str) -> str:
+            return now.strftime(fmt) if now is not None else date_placeholder(fmt)
+
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = strftime_now
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateError as error:  # e.g. a syntax error in a chosen file
+            raise TemplateProbeError(f"{type(error).__name__}: {error}") from error
+        self._context: dict[str, object] = {
+            "bos_token": bos_token,
+            "eos_token": eos_token,
+            "tools": None,
+            "functions": "",
+            **{name: strftime_now(fmt) for name, fmt in _DATE_VARIABLES.items()},
+            **(extra or {}),
+        }
+
+    def render(self, messages: list[dict[str, object]], add_generation_prompt: bool = False) -> str:
+        if self._content_lists:
+            messages = [
+                {**m, "content": [{"type": "text", "text": m["content"]}]}
+                if isinstance(m.get("content"), str)
+                else m
+                for m in messages
+            ]
         try:
             return self._template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self._bos,
-                eos_token=self._eos,
+                messages=messages, add_generation_prompt=add_generation_prompt, **self._context
             )
         except TemplateProbeError:
             raise
@@ -124,19 +218,21 @@ class TemplateRenderer:
             raise TemplateProbeError(f"{type(error).__name__}: {error}") from error
 
 
-def _msg(role: str, key: str) -> dict[str, str]:
-    return {"role": role, "content": _SENTINELS[key]}
-
-
-def _delta(
-    renderer: TemplateRenderer, before: list[dict[str, str]], after: list[dict[str, str]]
+def _tojson(
+    value: object, indent: int | None = None, ensure_ascii: bool = False, **_: object
 ) -> str:
-    """Text that rendering ``after`` adds to rendering ``before``; it must only append."""
-    head = renderer.render(before) if before else ""
-    full = renderer.render(after)
-    if not full.startswith(head):
-        raise TemplateProbeError("the template rewrites earlier turns when a turn is added")
-    return full[len(head) :]
+    """transformers' tojson: keeps non-ASCII text as is (Jinja's escapes it for HTML)."""
+    return markupsafe.Markup(json.dumps(value, indent=indent, ensure_ascii=ensure_ascii))
+
+
+class Renderer(Protocol):
+    def render(
+        self, messages: list[dict[str, object]], add_generation_prompt: bool = False
+    ) -> str: ...
+
+
+def _msg(role: str, key: str) -> dict[str, object]:
+    return {"role": role, "content": _SENTINELS[key]}
 
 
 def _split(text: str, key: str) -> Wrapper:
@@ -147,69 +243,263 @@ def _split(text: str, key: str) -> Wrapper:
     return Wrapper(before, after)
 
 
-def _probe_block(
-    renderer: TemplateRenderer, history: list[dict[str, str]], user: Wrapper
+def _clean_cut(text: str, index: int) -> bool:
+    """A cut between two pieces of markup, not inside a marker (``<|…|>``, ``[INST]``) or
+    a word: pieces are tokenized apart, so a marker cut in two would not be one token."""
+    if index <= 0 or index >= len(text):
+        return True
+    head = text[:index]
+    for open_, close in (("<", ">"), ("[", "]")):
+        if head.rfind(open_) > head.rfind(close):
+            return False
+    return not (text[index - 1].isalnum() and text[index].isalnum())
+
+
+def _common_prefix(a: str, b: str) -> int:
+    size = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        size += 1
+    return size
+
+
+class _Probe:
+    """Renders of real prompt shapes: every conversation probed ends with a user message,
+    as every prompt the app sends does (a template may write the last assistant message
+    differently, e.g. with its reasoning, or without its end marker)."""
+
+    def __init__(self, renderer: Renderer) -> None:
+        self.renderer = renderer
+        self.tail = self._find_tail()
+
+    def _find_tail(self) -> str:
+        """Text some templates write after the last message only (e.g. an EOS when there is
+        no generation prompt): it is not part of any turn."""
+        one = self.renderer.render([_msg("user", "A")])
+        three = self.renderer.render([_msg("user", "A"), _msg("assistant", "B"), _msg("user", "C")])
+        if three.startswith(one):
+            return ""
+        for size in range(1, len(one) + 1):
+            tail = one[-size:]
+            if not three.endswith(tail) or any(s in tail for s in _SENTINELS.values()):
+                break
+            cut = len(one) - size
+            if three.startswith(one[:cut]) and _clean_cut(one, cut) and _clean_cut(three, cut):
+                return tail
+        raise TemplateProbeError("the template rewrites earlier turns when a turn is added")
+
+    def body(self, messages: list[dict[str, object]]) -> str:
+        if not messages:
+            return ""
+        text = self.renderer.render(messages)
+        if self.tail:
+            if not text.endswith(self.tail):
+                raise TemplateProbeError("the template ends conversations in different ways")
+            text = text[: len(text) - len(self.tail)]
+        return text
+
+    def delta(self, before: list[dict[str, object]], after: list[dict[str, object]]) -> str:
+        """Text that ``after`` adds to ``before``; it must only append."""
+        head = self.body(before)
+        full = self.body(after)
+        if not full.startswith(head):
+            raise TemplateProbeError("the template rewrites earlier turns when a turn is added")
+        return full[len(head) :]
+
+    def generation_prompt(self, messages: list[dict[str, object]]) -> str:
+        with_prompt = self.renderer.render(messages, add_generation_prompt=True)
+        without = self.body(messages)
+        if not with_prompt.startswith(without):
+            raise TemplateProbeError("the generation prompt rewrites the conversation")
+        return with_prompt[len(without) :]
+
+
+def _wrapped(wrapper: Wrapper, key: str) -> str:
+    return wrapper.before + _SENTINELS[key] + wrapper.after
+
+
+def _split_between(between: str, first_before: str, assistant_before: str, hint: str) -> int:
+    """Where the assistant's end markup stops and the next user turn's starts.
+
+    The user turn's opening must also end the first user turn's opening (after the
+    preamble). Preferred: the end markup the template writes after a last assistant
+    message; else the cut where the user's opening looks most like the assistant's
+    (both start with the same turn marker, e.g. ``<|im_start|>``).
+    """
+    candidates = [i for i in range(len(between) + 1) if first_before.endswith(between[i:])]
+    candidates = [i for i in candidates if _clean_cut(between, i)] or candidates
+    if hint and len(hint) in candidates and between.startswith(hint):
+        return len(hint)
+    return max(candidates, key=lambda i: (_common_prefix(between[i:], assistant_before), -i))
+
+
+def _block_later(
+    probe: _Probe, user: Wrapper, assistant: Wrapper
 ) -> BlockPlacement:
-    """Best role for the instruction block after ``history``: system, else a marked user turn."""
+    """The instruction block after the history: a system message, else a marked user turn."""
+    start = [_msg("user", "A")]
+    history = [*start, _msg("assistant", "B")]
+    old = _wrapped(assistant, "B")
+    new = _wrapped(user, "C")
     try:
-        text = _delta(renderer, history, [*history, _msg("system", "S")])
-        wrapper = _split(text, "S")
-        follow = _delta(
-            renderer,
-            [*history, _msg("system", "S")],
-            [*history, _msg("system", "S"), _msg("user", "C")],
-        )
-        if not history or _split(follow, "C") == user:
-            return BlockPlacement("system", wrapper)
+        text = probe.delta(start, [*history, _msg("system", "S"), _msg("user", "C")])
+        if text.startswith(old) and text.endswith(new):
+            return BlockPlacement("system", _split(text[len(old) : len(text) - len(new)], "S"))
     except TemplateProbeError:
         pass
+    return _block_as_user(probe, start, history, old, user, assistant, "")
+
+
+def _block_as_user(
+    probe: _Probe,
+    start: list[dict[str, object]],
+    history: list[dict[str, object]],
+    old: str,
+    user: Wrapper,
+    assistant: Wrapper,
+    preamble: str,
+) -> BlockPlacement:
+    new = _wrapped(user, "C")
+    labels = {"label_open": BLOCK_LABEL_OPEN, "label_close": BLOCK_LABEL_CLOSE}
+    opening = Wrapper(preamble + user.before, user.after)
     try:
-        blocked = [*history, _msg("user", "S")]
-        renderer.render([*blocked, _msg("user", "C")])
-        return BlockPlacement(
-            "user", user, label_open=BLOCK_LABEL_OPEN, label_close=BLOCK_LABEL_CLOSE
-        )
+        text = probe.delta(start, [*history, _msg("user", "S"), _msg("user", "C")])
+        if text == preamble + old + _wrapped(user, "S") + new:
+            return BlockPlacement("user", opening, **labels)
     except TemplateProbeError:
         pass
-    acked = [*history, _msg("user", "S"), {"role": "assistant", "content": BLOCK_ACK}]
-    renderer.render([*acked, _msg("user", "C")])  # raises if nothing works
-    ack_text = _delta(renderer, [*history, _msg("user", "S")], acked)
-    if BLOCK_ACK not in ack_text:
-        raise TemplateProbeError("the template drops the acknowledgement turn")
-    ack_before, ack_after = ack_text.split(BLOCK_ACK, 1)
-    return BlockPlacement(
-        "user+ack",
-        user,
-        label_open=BLOCK_LABEL_OPEN,
-        label_close=BLOCK_LABEL_CLOSE,
-        ack=Wrapper(ack_before, ack_after),
+    ack = {"role": "assistant", "content": BLOCK_ACK}
+    text = probe.delta(start, [*history, _msg("user", "S"), ack, _msg("user", "C")])
+    acknowledged = assistant.before + BLOCK_ACK + assistant.after
+    expected = preamble + old + _wrapped(user, "S") + acknowledged + new
+    if text != expected:
+        raise TemplateProbeError("the template accepts no instruction block before a message")
+    return BlockPlacement("user+ack", opening, ack=assistant, **labels)
+
+
+def _block_first(
+    probe: _Probe, preamble: str, user: Wrapper, assistant: Wrapper, pair: str
+) -> BlockPlacement:
+    """The instruction block opening the prompt (system-first): a system message, whose
+    markup replaces the preamble, else a marked user turn after the preamble."""
+    first = [_msg("system", "S"), _msg("user", "C")]
+    try:
+        text = probe.body(first)
+        new = _wrapped(user, "C")
+        more = probe.delta(first, [*first, _msg("assistant", "B"), _msg("user", "A")])
+        if text.endswith(new) and more == pair.replace(_SENTINELS["C"], _SENTINELS["A"]):
+            return BlockPlacement("system", _split(text[: len(text) - len(new)], "S"))
+    except TemplateProbeError:
+        pass
+    return _block_as_user(probe, [], [], "", user, assistant, preamble)
+
+
+def probe_markup(
+    source: str,
+    bos_token: str,
+    eos_token: str,
+    origin: str = "gguf",
+    renderer: Renderer | None = None,
+) -> ChatMarkup:
+    """Cut the template's renders into pieces (see the module's docstring).
+
+    ``renderer`` renders something other than Jinja the same way (llama.cpp's
+    built-in formatters); ``source`` then names it.
+    """
+    if renderer is not None:
+        return _probe_with(_Probe(renderer), source, origin, ())
+    first_error: TemplateProbeError | None = None
+    for notes in _RENDER_VARIANTS:
+        try:
+            plain = markup_renderer(source, bos_token, eos_token, notes)
+            return _probe_with(_Probe(plain), source, origin, notes)
+        except TemplateProbeError as error:
+            first_error = first_error or error
+    assert first_error is not None
+    raise first_error
+
+
+#: How a template is rendered, tried in this order: as transformers and llama.cpp call
+#: it; with an empty tool list (tool-use templates list tools unconditionally); with
+#: each message's content as a list of parts (templates written for multimodal input).
+_RENDER_VARIANTS: tuple[tuple[str, ...], ...] = (
+    (),
+    (EMPTY_TOOLS_NOTE,),
+    (CONTENT_LISTS_NOTE,),
+    (EMPTY_TOOLS_NOTE, CONTENT_LISTS_NOTE),
+)
+
+
+def markup_renderer(
+    source: str,
+    bos_token: str,
+    eos_token: str,
+    notes: tuple[str, ...] = (),
+    now: datetime.datetime | None = None,
+) -> TemplateRenderer:
+    """The renderer a Jinja markup was probed with (its ``notes`` say how it was called);
+    with ``now``, dates are real (to compare a prompt with the template's own render)."""
+    return TemplateRenderer(
+        source,
+        bos_token,
+        eos_token,
+        now=now,
+        extra={"tools": []} if EMPTY_TOOLS_NOTE in notes else None,
+        content_lists=CONTENT_LISTS_NOTE in notes,
     )
 
 
-def probe_markup(source: str, bos_token: str, eos_token: str, origin: str = "gguf") -> ChatMarkup:
-    renderer = TemplateRenderer(source, bos_token, eos_token)
-    first_user = _split(_delta(renderer, [], [_msg("user", "A")]), "A")
-    base = [_msg("user", "A"), _msg("assistant", "B")]
-    user = _split(_delta(renderer, base, [*base, _msg("user", "C")]), "C")
-    assistant = _split(
-        _delta(
-            renderer, [*base, _msg("user", "C")], [*base, _msg("user", "C"), _msg("assistant", "D")]
-        ),
-        "D",
+def _probe_with(
+    probe: _Probe, source: str, origin: str, notes_before: tuple[str, ...]
+) -> ChatMarkup:
+    one = [_msg("user", "A")]
+    three = [*one, _msg("assistant", "B"), _msg("user", "C")]
+    five = [*three, _msg("assistant", "D"), _msg("user", "E")]
+    first = _split(probe.delta([], one), "A")
+    pair = probe.delta(one, three)
+    if pair.count(_SENTINELS["B"]) != 1 or pair.count(_SENTINELS["C"]) != 1:
+        raise TemplateProbeError("the template drops or repeats a message")
+    assistant_before, rest = pair.split(_SENTINELS["B"])
+    if _SENTINELS["C"] not in rest:
+        raise TemplateProbeError("the template reorders messages")
+    between, user_after = rest.split(_SENTINELS["C"])
+    again = probe.delta(three, five)
+    expected = pair.replace(_SENTINELS["B"], _SENTINELS["D"]).replace(
+        _SENTINELS["C"], _SENTINELS["E"]
     )
-    if not first_user.before.endswith(user.before) or first_user.after != user.after:
+    if again != expected:
+        raise TemplateProbeError("the template writes later turns differently from earlier ones")
+    if user_after != first.after:
         raise TemplateProbeError("the first user turn is written differently from later ones")
-    preamble = first_user.before[: len(first_user.before) - len(user.before)]
-    with_prompt = renderer.render([*base, _msg("user", "C")], add_generation_prompt=True)
-    without_prompt = renderer.render([*base, _msg("user", "C")])
-    if not with_prompt.startswith(without_prompt):
-        raise TemplateProbeError("the generation prompt rewrites the conversation")
-    generation_prompt = with_prompt[len(without_prompt) :]
-    notes = []
+    try:
+        last = probe.body([*one, _msg("assistant", "B")])
+        hint = last.split(_SENTINELS["B"], 1)[1] if last.count(_SENTINELS["B"]) == 1 else ""
+    except TemplateProbeError:
+        hint = ""
+    cut = _split_between(between, first.before, assistant_before, hint)
+    assistant = Wrapper(assistant_before, between[:cut])
+    user = Wrapper(between[cut:], user_after)
+    if not first.before.endswith(user.before):
+        raise TemplateProbeError("the first user turn is written differently from later ones")
+    preamble = first.before[: len(first.before) - len(user.before)]
+    generation_prompt = probe.generation_prompt(three)
+    if probe.generation_prompt(one) != generation_prompt:
+        raise TemplateProbeError("the generation prompt changes from turn to turn")
+    block_first = _block_first(probe, preamble, user, assistant, pair)
+    block_later = _block_later(probe, user, assistant)
+    turn_pieces = (user, assistant, block_later.wrapper, block_later.ack or user)
+    if has_dates(generation_prompt) or any(
+        has_dates(wrapper.before + wrapper.after) for wrapper in turn_pieces
+    ):
+        raise TemplateProbeError(
+            "the template writes the date inside turns, so stored turns would change daily"
+        )
+    notes = list(notes_before)
     if assistant.before != generation_prompt:
         notes.append("assistant turns are written differently from the generation prompt")
-    block_first = _probe_block(renderer, [], user)
-    block_later = _probe_block(renderer, base, user)
+    if probe.tail:
+        notes.append(f"the template ends every conversation with {probe.tail!r}; left out")
     if block_later.role != "system":
         notes.append(
             f"this template refuses a system message after the history; the instruction block "
@@ -228,8 +518,47 @@ def probe_markup(source: str, bos_token: str, eos_token: str, origin: str = "ggu
     )
 
 
-def markup_for(source: str | None, bos_token: str, eos_token: str) -> ChatMarkup:
-    """Probe the GGUF's template; fall back to ChatML, saying why, if it cannot be used."""
+#: Architectures whose chat format llama.cpp knows under another name.
+_FORMAT_OF_ARCHITECTURE = {"qwen": "chatml", "smollm": "chatml", "exaone": "exaone3"}
+
+
+def suggest_format(architecture: str, names: list[str]) -> str | None:
+    """The llama.cpp built-in format a GGUF of ``architecture`` most likely wants (e.g.
+    ``gemma`` for ``gemma3``), offered first when the GGUF has no usable template."""
+    arch = architecture.lower()
+    for prefix, name in _FORMAT_OF_ARCHITECTURE.items():
+        if arch.startswith(prefix) and name in names:
+            return name
+    matches = [name for name in names if arch == name or (arch.startswith(name) and arch)]
+    return max(matches, key=len) if matches else None
+
+
+def markup_for(
+    source: str | None,
+    bos_token: str,
+    eos_token: str,
+    choice: TemplateChoice | None = None,
+    builtin: Renderer | None = None,
+) -> ChatMarkup:
+    """The markup a model's prompts are written with.
+
+    ``choice`` (a template chosen for the model) comes first; ``builtin`` renders it when
+    it is one of llama.cpp's built-in formats. A choice that cannot be used raises
+    :class:`TemplateProbeError`. Otherwise the GGUF's template is probed, and when it is
+    missing or cannot be used, ChatML, with a note saying why and how to choose one.
+    """
+    if choice is not None:
+        if choice.kind == TemplateKind.BUILTIN and builtin is None:
+            raise TemplateProbeError(f"no renderer for llama.cpp's {choice.label} format")
+        markup = probe_markup(
+            choice.value,
+            bos_token,
+            eos_token,
+            origin=f"{choice.kind}:{choice.label}",
+            renderer=builtin if choice.kind == TemplateKind.BUILTIN else None,
+        )
+        note = f"chat template chosen for this model: {choice}"
+        return ChatMarkup(**{**asdict_shallow(markup), "notes": (note, *markup.notes)})
     if source:
         try:
             return probe_markup(source, bos_token, eos_token)
@@ -237,6 +566,7 @@ def markup_for(source: str | None, bos_token: str, eos_token: str) -> ChatMarkup
             reason = f"the model's chat template could not be used ({error}); using ChatML"
     else:
         reason = "the model has no chat template; using ChatML"
+    reason += f" ({CHOOSE_TEMPLATE_HINT})"
     markup = probe_markup(CHATML_TEMPLATE, bos_token, eos_token, origin="builtin-chatml")
     return ChatMarkup(**{**asdict_shallow(markup), "notes": (reason, *markup.notes)})
 

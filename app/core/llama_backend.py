@@ -20,6 +20,7 @@ from pathlib import Path
 import llama_cpp
 
 from app import limits
+from app.core.chat_template import TemplateProbeError
 from app.core.models import ModelFileError, check_gguf_file
 from app.domain import KVType
 
@@ -61,6 +62,57 @@ def llama_cpp_version() -> str:
     return str(getattr(llama_cpp, "__version__", "unknown"))
 
 
+def builtin_template_names() -> list[str]:
+    """The chat formats llama.cpp writes itself (``llama_chat_builtin_templates``)."""
+    count = int(llama_cpp.llama_chat_builtin_templates((ctypes.c_char_p * 1)(), 0))
+    names = (ctypes.c_char_p * max(count, 1))()
+    llama_cpp.llama_chat_builtin_templates(names, count)
+    return [name.decode() for name in names[:count] if name]
+
+
+class BuiltinTemplateRenderer:
+    """Renders a conversation with one of llama.cpp's built-in chat formats.
+
+    These are C++ formatters, not Jinja sources: ``llama_chat_apply_template`` with the
+    name writes the conversation, so the probe in ``chat_template`` cuts them into
+    pieces with sentinel contents exactly as it cuts a Jinja template. This offers every
+    format llama.cpp knows, written exactly as llama.cpp (and llama-server) writes it,
+    with no copied templates to keep in step with it.
+    """
+
+    def __init__(self, name: str) -> None:
+        if name not in builtin_template_names():
+            raise ValueError(
+                f"unknown chat template {name!r}; llama.cpp's built-in ones are: "
+                + ", ".join(builtin_template_names())
+            )
+        self.name = name
+
+    def render(self, messages: list[dict[str, object]], add_generation_prompt: bool = False) -> str:
+        chat = (llama_cpp.llama_chat_message * max(len(messages), 1))()
+        keep = []
+        for index, message in enumerate(messages):
+            role = str(message["role"]).encode()
+            content = str(message["content"]).encode("utf-8", errors="replace")
+            keep.extend((role, content))
+            chat[index].role = role
+            chat[index].content = content
+        size = 4096
+        for _ in range(2):
+            buffer = ctypes.create_string_buffer(size)
+            written = int(
+                llama_cpp.llama_chat_apply_template(
+                    self.name.encode(), chat, len(messages), add_generation_prompt, buffer, size
+                )
+            )
+            if written < 0:
+                raise TemplateProbeError(f"llama.cpp cannot write this chat as {self.name}")
+            if written <= size:
+                return buffer.raw[:written].decode("utf-8", errors="replace")
+            size = written
+        raise TemplateProbeError(f"llama.cpp's {self.name} output keeps growing")
+
+
 class ModelLoadError(ModelFileError):
     pass
 
@@ -85,6 +137,7 @@ class ModelInfo:
     chat_template: str | None
     bos_token: str
     eos_token: str
+    architecture: str = ""  # general.architecture, e.g. "llama", "gemma3"
 
 
 class LlamaBackend:
@@ -210,6 +263,7 @@ class LlamaBackend:
             chat_template=self._meta("tokenizer.chat_template"),
             bos_token=self.token_text(bos) if bos >= 0 else "",
             eos_token=self.token_text(eos) if eos >= 0 else "",
+            architecture=self._meta("general.architecture") or "",
         )
 
     def token_text(self, token: int) -> str:

@@ -10,10 +10,11 @@ a reply keeps the token ids it was generated with.
 
 from __future__ import annotations
 
+import datetime
 import re
 from dataclasses import dataclass, field
 
-from app.core.chat_template import BLOCK_ACK, BlockPlacement, ChatMarkup, Wrapper
+from app.core.chat_template import BLOCK_ACK, BlockPlacement, ChatMarkup, Wrapper, fill_dates
 from app.core.llama_backend import LlamaBackend
 from app.core.variables import PLACEHOLDER as _VARIABLE
 from app.domain import Layout, SegmentKind
@@ -72,7 +73,9 @@ class PromptBuilder:
         self.markup = markup
         self._markup_cache: dict[str, tuple[int, ...]] = {}
 
-    def _special(self, text: str) -> tuple[int, ...]:
+    def _special(self, text: str, when: datetime.datetime | None = None) -> tuple[int, ...]:
+        if when is not None:
+            text = fill_dates(text, when)
         cached = self._markup_cache.get(text)
         if cached is None:
             cached = tuple(self.backend.tokenize(text, special=True))
@@ -83,9 +86,16 @@ class PromptBuilder:
         return self.backend.tokenize(text, special=False)
 
     def wrap(
-        self, wrapper: Wrapper, content_tokens: list[int] | tuple[int, ...]
+        self,
+        wrapper: Wrapper,
+        content_tokens: list[int] | tuple[int, ...],
+        when: datetime.datetime | None = None,
     ) -> tuple[int, ...]:
-        return (*self._special(wrapper.before), *content_tokens, *self._special(wrapper.after))
+        return (
+            *self._special(wrapper.before, when),
+            *content_tokens,
+            *self._special(wrapper.after, when),
+        )
 
     def wrapper_sizes(self, wrapper: Wrapper) -> tuple[int, int]:
         """Markup tokens before and after a message's content (the template's own markup)."""
@@ -106,20 +116,30 @@ class PromptBuilder:
     def content_tokens(self, text: str) -> int:
         return len(self._text(text))
 
-    def block_segment(self, text: str, placement: BlockPlacement) -> tuple[int, ...]:
+    def block_segment(
+        self, text: str, placement: BlockPlacement, when: datetime.datetime | None = None
+    ) -> tuple[int, ...]:
         body = self._text(placement.label_open + text + placement.label_close)
-        tokens = self.wrap(placement.wrapper, body)
+        tokens = self.wrap(placement.wrapper, body, when)
         if placement.ack is not None:
             tokens = (*tokens, *self.wrap(placement.ack, self._text(BLOCK_ACK)))
         return tokens
 
-    def opening(self, layout: Layout, block_text: str) -> Segment:
-        """What starts every prompt: the block (system-first, when set) or the preamble."""
+    def opening(
+        self, layout: Layout, block_text: str, started: datetime.datetime | None = None
+    ) -> Segment:
+        """What starts every prompt: the block (system-first, when set) or the preamble.
+
+        A date the template writes there (Llama 3.x's "Today Date", ``strftime_now``) is
+        ``started``: the chat's first turn, so a chat's opening never changes from one
+        day to the next (now when the chat has no turn yet).
+        """
+        when = started or datetime.datetime.now()
         if layout == Layout.SYSTEM_FIRST and block_text:
-            tokens = self.block_segment(block_text, self.markup.block_first)
+            tokens = self.block_segment(block_text, self.markup.block_first, when)
             kind = SegmentKind.BLOCK
         else:
-            tokens = self._special(self.markup.preamble)
+            tokens = self._special(self.markup.preamble, when)
             kind = SegmentKind.PREAMBLE
         if self.backend.adds_bos and (not tokens or tokens[0] != self.backend.bos_token_id):
             tokens = (self.backend.bos_token_id, *tokens)

@@ -15,6 +15,8 @@ It is not thread-safe; cancellation is a ``threading.Event`` set from anywhere.
 from __future__ import annotations
 
 import codecs
+import datetime
+import functools
 import secrets
 import threading
 import time
@@ -24,7 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from app import limits
-from app.core.chat_template import ChatMarkup, markup_for
+from app.core.chat_template import ChatMarkup, TemplateProbeError, markup_for, suggest_format
 from app.core.kv_mirror import (
     KVMirror,
     NothingToEvaluate,
@@ -32,11 +34,27 @@ from app.core.kv_mirror import (
     SyncResult,
     common_prefix_length,
 )
-from app.core.llama_backend import LlamaBackend, ModelInfo, llama_cpp_version
+from app.core.llama_backend import (
+    BuiltinTemplateRenderer,
+    LlamaBackend,
+    ModelInfo,
+    builtin_template_names,
+    llama_cpp_version,
+)
 from app.core.metrics import TurnMetrics
 from app.core.models import default_model_path, model_file_identity
 from app.core.prompt import PromptBuilder, PromptPlan, Segment, render_instructions
-from app.domain import FinishReason, KVType, Layout, MessageStatus, Role, SegmentKind, Step
+from app.domain import (
+    FinishReason,
+    KVType,
+    Layout,
+    MessageStatus,
+    Role,
+    SegmentKind,
+    Step,
+    TemplateChoice,
+    TemplateKind,
+)
 from app.session.context_size import ContextTooSmall, check_context_size
 from app.session.saved_state import SavedStates, StateLoad, StateSave
 from app.storage.records import Chat, Message, unanswered_ids
@@ -183,6 +201,11 @@ def current_block(store: Store, chat_id: int) -> tuple[str, int | None]:
     if current is None:
         return "", None
     return render_instructions(current.text, current.variables), current.version
+
+
+def chat_started(messages: list[Message]) -> datetime.datetime | None:
+    """When the chat's first turn was sent (None before it): the date its template shows."""
+    return datetime.datetime.fromtimestamp(messages[0].created_at) if messages else None
 
 
 def load_chat_context(store: Store, chat_id: int) -> _ChatContext:
@@ -372,6 +395,60 @@ class Turn(_IdleWork):
         self.session.store.update_metrics(self.result.metrics_id, metrics.as_dict())
 
 
+class _ReplyText:
+    """A reply's text as it streams, cut at the end-of-turn marker when the model writes
+    it as text (a marker that is not one special token of its vocabulary, e.g. ChatML's
+    ``<|im_end|>`` on Gemma). Text that may be the marker's beginning is held back, so
+    the marker never reaches the screen, the stored reply or its token ids."""
+
+    def __init__(self, end_text: str, on_token: TokenCallback | None) -> None:
+        self.end_text = end_text
+        self.on_token = on_token
+        self.text = ""
+        self.ends: list[int] = [0]  # the text's length after each token
+        self.shown = 0
+        self.ended = False
+
+    def add(self, piece: str) -> bool:
+        """Add a token's text; True when the marker is complete (the reply ends before it)."""
+        self.text += piece
+        self.ends.append(len(self.text))
+        if not self.end_text:
+            self._show(len(self.text))
+            return False
+        at = self.text.find(self.end_text, max(0, self.shown - len(self.end_text)))
+        if at >= 0:
+            self.text = self.text[:at]
+            self.ended = True
+            self._show(at)
+            return True
+        held = next(
+            (
+                size
+                for size in range(min(len(self.end_text) - 1, len(self.text)), 0, -1)
+                if self.end_text.startswith(self.text[-size:])
+            ),
+            0,
+        )
+        self._show(len(self.text) - held)
+        return False
+
+    def tokens_before_end(self) -> int | None:
+        """How many tokens hold exactly the reply before the marker; None when the marker
+        starts inside a token (the reply's text is then tokenized again)."""
+        cut = len(self.text)
+        return self.ends.index(cut) if cut in self.ends else None
+
+    def flush(self) -> None:
+        self._show(len(self.text))
+
+    def _show(self, upto: int) -> None:
+        if upto > self.shown:
+            if self.on_token is not None:
+                self.on_token(self.text[self.shown : upto])
+            self.shown = upto
+
+
 class ChatSession:
     """The chats of one store on one loaded model; the cache holds one chat at a time."""
 
@@ -384,36 +461,132 @@ class ChatSession:
         kv_type: str = KVType.F16,
         n_threads: int | None = None,
         load_progress: Callable[[float], None] | None = None,
+        chat_template: TemplateChoice | None = None,
     ) -> None:
         self.store = store
         path = Path(model_path) if model_path else default_model_path()
         self.backend = LlamaBackend(
             path, n_ctx=n_ctx, kv_type=kv_type, n_threads=n_threads, progress=load_progress
         )
-        info = self.backend.info
-        self.markup: ChatMarkup = markup_for(info.chat_template, info.bos_token, info.eos_token)
-        self.builder = PromptBuilder(self.backend, self.markup)
+        self.model_identity = model_file_identity(self.backend.path)
+        self.mirror = KVMirror(self.backend)
         try:
-            check_context_size(self.builder, min(n_ctx or self.backend.n_ctx, self.backend.n_ctx))
-        except ContextTooSmall:
+            if chat_template is not None:
+                # Chosen now (e.g. --chat-template): refused here if it cannot be used,
+                # before anything is written; kept for the model once it works.
+                chosen = None if chat_template.kind == TemplateKind.GGUF else chat_template
+                self._use_markup(self._markup(chosen), n_ctx)
+                store.set_model_template(self.model_identity, chosen)
+            else:
+                self._use_markup(self._stored_markup(), n_ctx)
+        except (ContextTooSmall, SessionError):
             self.backend.close()
             raise
-        self.mirror = KVMirror(self.backend)
-        model_identity = model_file_identity(self.backend.path)
-        self.token_format = f"{model_identity}|{self.markup.markup_hash}"
-        self.states = SavedStates(
-            store.kv,
-            self.mirror,
-            {
-                "model": model_identity,
-                "n_ctx": self.n_ctx,
-                "kv_type": self.kv_type,
-                "template": self.markup.markup_hash,
-            },
-        )
         self.cache_chat_id: int | None = None
         self.bytes_per_token: float = 0.0
         self._current_work: _IdleWork | None = None
+
+    # -- chat template ----------------------------------------------------------------
+
+    def _markup(self, choice: TemplateChoice | None) -> ChatMarkup:
+        """The markup for ``choice`` (None: the GGUF's template, else ChatML)."""
+        info = self.backend.info
+        try:
+            builtin = (
+                BuiltinTemplateRenderer(choice.value)
+                if choice is not None and choice.kind == TemplateKind.BUILTIN
+                else None
+            )
+            return markup_for(
+                info.chat_template, info.bos_token, info.eos_token, choice, builtin
+            )
+        except (TemplateProbeError, ValueError) as error:
+            raise SessionError(f"the chat template {choice} cannot be used: {error}") from error
+
+    def _stored_markup(self) -> ChatMarkup:
+        """The template chosen for this model before, else the GGUF's (or ChatML)."""
+        stored = self.store.model_template(self.model_identity)
+        try:
+            return self._markup(stored)
+        except SessionError as error:
+            fallback = self._markup(None)
+            notes = (f"{error}; the model's own is used", *fallback.notes)
+            return replace(fallback, notes=notes)
+
+    def _use_markup(self, markup: ChatMarkup, n_ctx: int | None = None) -> None:
+        """Write prompts with ``markup`` from now on (message tokens written with another
+        markup are re-tokenized when next used; saved states made with it are not reused)."""
+        builder = PromptBuilder(self.backend, markup)
+        check_context_size(builder, min(n_ctx or self.backend.n_ctx, self.backend.n_ctx))
+        self.markup = markup
+        self.builder = builder
+        self._end_token, self._end_text = self._end_of_turn(markup)
+        self.token_format = f"{self.model_identity}|{markup.markup_hash}"
+        self.states = SavedStates(
+            self.store.kv,
+            self.mirror,
+            {
+                "model": self.model_identity,
+                "n_ctx": self.n_ctx,
+                "kv_type": self.kv_type,
+                "template": markup.markup_hash,
+            },
+        )
+
+    def _end_of_turn(self, markup: ChatMarkup) -> tuple[int | None, str]:
+        """How a reply ends besides llama.cpp's end-of-generation tokens: the assistant's
+        end markup, as a token when it starts with a special token of the vocabulary,
+        else as text (stopped at, and cut from the reply)."""
+        marker = markup.assistant.after.strip()
+        if not marker:
+            return None, ""
+        tokens = self.backend.tokenize(marker, special=True)
+        if tokens and self.backend.is_control(tokens[0]):
+            return tokens[0], ""
+        return None, marker
+
+    @functools.cached_property
+    def model_has_template(self) -> bool:
+        """The GGUF holds a chat template that can be used as written."""
+        info = self.backend.info
+        markup = markup_for(info.chat_template, info.bos_token, info.eos_token)
+        return markup.template_origin == "gguf"
+
+    @property
+    def suggested_template(self) -> str | None:
+        """For a GGUF without a usable template: the llama.cpp format its architecture
+        most likely wants (e.g. gemma for gemma3); None when it has one."""
+        if self.model_has_template:
+            return None
+        return suggest_format(self.backend.info.architecture, builtin_template_names())
+
+    @staticmethod
+    def builtin_templates() -> list[str]:
+        """The names of llama.cpp's built-in chat formats, any of which can be chosen."""
+        return builtin_template_names()
+
+    @property
+    def template_choice(self) -> TemplateChoice | None:
+        """The template chosen for this model (None: its GGUF's own, or ChatML)."""
+        return self.store.model_template(self.model_identity)
+
+    def use_template(self, choice: TemplateChoice | None) -> ChatMarkup:
+        """Choose the model's chat template (None: the GGUF's own) and keep the choice.
+
+        The open chat's cache is saved first; the cache is then emptied, since its
+        tokens were written with the previous markup.
+        """
+        if choice is not None and choice.kind == TemplateKind.GGUF:
+            choice = None
+        markup = self._markup(choice)
+        self.save_if_changed()
+        self._use_markup(markup)
+        self.store.set_model_template(self.model_identity, choice)
+        self._current_work = None
+        self.mirror.reset()
+        self.mirror.mark_saved()
+        self.cache_chat_id = None
+        return markup
 
     # -- facts ------------------------------------------------------------------------
 
@@ -575,7 +748,8 @@ class ChatSession:
         """
         chat = context.chat
         block = context.block_text if block_text is None else block_text
-        plan = PromptPlan(chat.layout, [self.builder.opening(chat.layout, block)])
+        opening = self.builder.opening(chat.layout, block, chat_started(context.messages))
+        plan = PromptPlan(chat.layout, [opening])
         plan.segments.extend(
             Segment(SegmentKind.MESSAGE, self._message_tokens(m), m.id, m.role)
             for m in context.cached_messages
@@ -953,6 +1127,7 @@ class ChatSession:
         cancel: threading.Event | None,
     ) -> FinishReason:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        reply = _ReplyText(self._end_text, on_token)
         finish = FinishReason.LENGTH
         decode_started = time.perf_counter()
         with self.backend.make_sampler(options.temperature, options.seed) as sampler:
@@ -964,25 +1139,28 @@ class ChatSession:
                 if index == 0:
                     metrics.ttft_ms = (time.perf_counter() - started) * 1000
                     decode_started = time.perf_counter()
-                if self.backend.is_end_of_generation(token):
+                if self.backend.is_end_of_generation(token) or token == self._end_token:
                     finish = FinishReason.STOP
                     break
                 content.append(token)
-                piece = decoder.decode(self.backend.token_bytes(token))
-                if piece:
-                    text_parts.append(piece)
-                    if on_token is not None:
-                        on_token(piece)
+                if reply.add(decoder.decode(self.backend.token_bytes(token))):
+                    finish = FinishReason.STOP  # the end-of-turn marker, written as text
+                    kept = reply.tokens_before_end()
+                    content[:] = (
+                        content[:kept]
+                        if kept is not None
+                        else self.backend.tokenize(reply.text, special=False)
+                    )
+                    break
                 if index == options.max_tokens - 1:
                     break  # the last token need not be evaluated
                 if not self.mirror.append(token):
                     finish = FinishReason.CONTEXT_FULL
                     break
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            text_parts.append(tail)
-            if on_token is not None:
-                on_token(tail)
+        if not reply.ended:
+            reply.add(decoder.decode(b"", final=True))
+        reply.flush()
+        text_parts[:] = [reply.text]
         metrics.decode_tokens = len(content)
         metrics.decode_ms = (time.perf_counter() - decode_started) * 1000
         if metrics.decode_ms > 0 and len(content) > 1:

@@ -127,6 +127,22 @@ def _v5_branches(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX chats_by_root ON chats (root_chat_id)")
 
 
+def _v6_model_templates(db: sqlite_utils.Database) -> None:
+    """A chat template chosen per model (by its file identity), used instead of the
+    GGUF's own template or ChatML: a llama.cpp built-in name or a Jinja source."""
+    db.execute(
+        """
+        CREATE TABLE model_templates (
+            model TEXT PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('builtin', 'jinja')),
+            value TEXT NOT NULL,
+            label TEXT NOT NULL,
+            chosen_at REAL NOT NULL
+        )
+        """
+    )
+
+
 #: MIGRATIONS[i] upgrades a database at version i to version i + 1.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
@@ -134,6 +150,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v3_states_move_to_the_kv_store,
     _v4_mark_as_ours,
     _v5_branches,
+    _v6_model_templates,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

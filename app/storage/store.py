@@ -32,7 +32,7 @@ from typing import Any
 
 import sqlite_utils
 
-from app.domain import Layout, MessageStatus, TrimMode
+from app.domain import Layout, MessageStatus, TemplateChoice, TemplateKind, TrimMode
 from app.storage.errors import (
     DatabaseCorrupt,
     DatabaseInUse,
@@ -703,6 +703,30 @@ class Store:
         if self._kv is None:
             self._kv = KVStore(self.kv_path)
         return self._kv
+
+    # -- chat templates chosen per model ---------------------------------------------
+
+    def model_template(self, model: str) -> TemplateChoice | None:
+        """The template chosen for a model (``model_file_identity``), if any."""
+        query = "SELECT kind, value, label FROM model_templates WHERE model = ?"
+        rows = self._rows(query, (model,))
+        if not rows:
+            return None
+        row = rows[0]
+        return TemplateChoice(TemplateKind(row["kind"]), row["value"], row["label"])
+
+    def set_model_template(self, model: str, choice: TemplateChoice | None) -> None:
+        """Use ``choice`` for the model from now on; None goes back to the GGUF's own."""
+        with self.transaction():
+            if choice is None:
+                self._write("DELETE FROM model_templates WHERE model = ?", (model,))
+                return
+            self._write(
+                "INSERT INTO model_templates (model, kind, value, label, chosen_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (model) DO UPDATE SET kind = excluded.kind,"
+                " value = excluded.value, label = excluded.label, chosen_at = excluded.chosen_at",
+                (model, str(choice.kind), choice.value, choice.label, time.time()),
+            )
 
     # -- per-turn metrics -----------------------------------------------------------
 

@@ -13,7 +13,7 @@ from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 import app
-from app.arguments import positive_int
+from app.arguments import chat_template, positive_int
 from app.domain import KVType
 from app.resources import resource_path
 from app.storage.store import DatabaseCorrupt, DatabaseInUse, StorageError, set_aside
@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="GGUF model file (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--n-ctx", type=positive_int, help="context size in tokens")
     parser.add_argument("--kv-type", choices=list(KVType), default=KVType.F16, help="KV cache type")
+    parser.add_argument(
+        "--chat-template",
+        type=chat_template,
+        metavar="NAME|FILE",
+        help="chat template for the model, kept for it: a llama.cpp built-in name (e.g. gemma), "
+        "a Jinja file, or gguf (the GGUF's own); also Model → Chat template…",
+    )
     parser.add_argument("--version", action="version", version=f"KV Chat {app.__version__}")
     return parser
 
@@ -95,6 +102,7 @@ def main(args: list[str] | None = None) -> int:
                 settings=user_settings(),
                 n_ctx=options.n_ctx,
                 kv_type=options.kv_type,
+                chat_template=options.chat_template,
             )
             break
         except DatabaseInUse as error:

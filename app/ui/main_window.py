@@ -35,7 +35,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.models import ModelChoice, available_models
-from app.domain import FinishReason
+from app.domain import FinishReason, TemplateChoice
 from app.resources import resource_path
 from app.storage.export import export_chat
 from app.storage.records import Chat
@@ -50,7 +50,14 @@ from app.ui.inspector import CacheInspector, format_bytes
 from app.ui.instructions import LAYOUT_LABELS, InstructionEditor, describe_edit_cost
 from app.ui.model_settings import ModelSettingsDialog
 from app.ui.server_dialog import ServerDialog
-from app.ui.worker import BackgroundOutcome, EngineHost, GenerationOptions, ModelStatus
+from app.ui.template_dialog import ChatTemplateDialog, describe_origin
+from app.ui.worker import (
+    BackgroundOutcome,
+    EngineHost,
+    GenerationOptions,
+    ModelStatus,
+    TemplateInfo,
+)
 
 if TYPE_CHECKING:  # the window only receives these from the worker's signals
     from app.session.chat_session import TurnResult
@@ -77,6 +84,8 @@ class MainWindow(QMainWindow):
 
     model_ready = Signal(object)  # ModelStatus
     model_error = Signal(str)
+    template_dialog_shown = Signal(object)  # ChatTemplateDialog
+    template_applied = Signal(object)  # TemplateInfo
     reply_received = Signal(object)  # TurnResult
     turn_error = Signal(str, str)  # kind, message
     background_done = Signal(object)  # BackgroundOutcome
@@ -97,6 +106,7 @@ class MainWindow(QMainWindow):
         kv_type: str = "f16",
         n_threads: int | None = None,
         models_dir: Path | None = None,
+        chat_template: TemplateChoice | None = None,
     ) -> None:
         super().__init__()
         self.db_path = Path(db_path)
@@ -107,8 +117,14 @@ class MainWindow(QMainWindow):
             kv_type = str(self.settings.value("model/kv_type", kv_type))
         # Exclusive store first: a second instance fails here, before anything else starts.
         self.host = EngineHost(
-            self.db_path, n_ctx=n_ctx, kv_type=kv_type, n_threads=n_threads, parent=self
+            self.db_path,
+            n_ctx=n_ctx,
+            kv_type=kv_type,
+            n_threads=n_threads,
+            chat_template=chat_template,
+            parent=self,
         )
+        self._template_dialog_wanted = False
         self.store = Store(self.db_path)
         self.current_chat_id: int | None = None
         self.model: ModelStatus | None = None
@@ -350,6 +366,8 @@ class MainWindow(QMainWindow):
         worker.trim_applied.connect(self._on_trim_applied)
         worker.cache_view_ready.connect(self._on_cache_view)
         worker.chat_deleted.connect(self._on_chat_deleted)
+        worker.template_info.connect(self._on_template_info)
+        worker.template_changed.connect(self._on_template_changed)
         worker.error.connect(lambda text: self.show_error("KV Chat", text))
 
     # -- settings and first run -----------------------------------------------------
@@ -456,6 +474,8 @@ class MainWindow(QMainWindow):
         self.model_menu.addSeparator()
         settings_action = self.model_menu.addAction("Model settings…", self.ask_model_settings)
         settings_action.setEnabled(self.model is None or self.model.kv_type != "server")
+        template_action = self.model_menu.addAction("Chat template…", self.ask_chat_template)
+        template_action.setEnabled(self.model is not None and self.model.kv_type != "server")
         self.model_menu.addAction("Connect to server…", self.ask_server)
 
     def _on_model_chosen(self, index: int) -> None:
@@ -495,6 +515,41 @@ class MainWindow(QMainWindow):
         dialog.accepted.connect(lambda: self.apply_model_settings(dialog.n_ctx(), dialog.kv_type()))
         dialog.open()
         return dialog
+
+    def ask_chat_template(self) -> None:
+        """Model → Chat template…: the worker says what it offers, then the dialog opens."""
+        self._template_dialog_wanted = True
+        self.host.describe_templates()
+
+    @_unless_closed
+    def _on_template_info(self, info: TemplateInfo) -> None:
+        if not self._template_dialog_wanted:
+            return
+        self._template_dialog_wanted = False
+        dialog = ChatTemplateDialog(info, self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.accepted.connect(lambda: self.set_chat_template(dialog.choice()))
+        dialog.open()
+        self.template_dialog_shown.emit(dialog)
+
+    def set_chat_template(self, choice: TemplateChoice | None) -> None:
+        """Write the model's prompts with ``choice`` from now on (None: its own template)."""
+        if self.busy:
+            self.stop()
+        self.host.set_chat_template(choice)
+
+    @_unless_closed
+    def _on_template_changed(self, info: TemplateInfo) -> None:
+        if self.model is not None:
+            self.model = dataclasses.replace(
+                self.model, template=info.in_use, template_notes=info.notes
+            )
+        self.statusBar().showMessage(
+            f"{info.model_name} now uses {describe_origin(info.in_use)}", 8000
+        )
+        if self.current_chat_id is not None:
+            self.host.refresh_cache_view(self.current_chat_id)
+        self.template_applied.emit(info)
 
     def apply_model_settings(self, n_ctx: int, kv_type: str) -> None:
         """Reload the current model with another context size or KV type."""
@@ -583,7 +638,17 @@ class MainWindow(QMainWindow):
         self._set_context_used(None)
         if self.current_chat_id is None:
             self.inspector.set_cache_view(None, "no chat open")
-        self.statusBar().showMessage(f"Model loaded in {status.load_ms:.0f} ms", 5000)
+        if status.template == "builtin-chatml":
+            likely = (
+                f" (likely {status.suggested_template})" if status.suggested_template else ""
+            )
+            self.statusBar().showMessage(
+                f"{Path(status.path).name} has no usable chat template: using ChatML. "
+                f"Model → Chat template… chooses one{likely}.",
+                15000,
+            )
+        else:
+            self.statusBar().showMessage(f"Model loaded in {status.load_ms:.0f} ms", 5000)
         if self.current_chat_id is not None:
             self.host.prefetch_chat(self.current_chat_id)
             self.host.refresh_cache_view(self.current_chat_id)

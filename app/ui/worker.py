@@ -24,7 +24,7 @@ from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
 from app.core.models import ModelFileError, check_gguf_file
 from app.core.prompt import render_instructions
-from app.domain import Step
+from app.domain import Step, TemplateChoice
 from app.remote.client import ServerClient, ServerError, ServerInfo
 from app.remote.session import RemoteChatSession
 from app.session.chat_session import (
@@ -64,6 +64,23 @@ class ModelStatus:
     kv_type: str
     backend_version: str
     load_ms: float = 0.0
+    #: The chat template in use ("" on a server) and what to tell the user about it.
+    template: str = ""
+    template_notes: tuple[str, ...] = ()
+    suggested_template: str | None = None
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """What the Chat template dialog offers and shows (plain data, safe between threads)."""
+
+    model_name: str
+    model_has_template: bool  # the GGUF holds a usable template of its own
+    builtin_names: tuple[str, ...]  # llama.cpp's built-in formats
+    choice: TemplateChoice | None  # chosen for this model; None: the GGUF's own (or ChatML)
+    in_use: str  # the markup's origin, e.g. "gguf", "builtin:gemma", "builtin-chatml"
+    notes: tuple[str, ...] = ()
+    suggested: str | None = None  # the likely format of a GGUF without a template
 
 
 @dataclass
@@ -110,6 +127,8 @@ class EngineWorker(QObject):
     cache_view_ready = Signal(int, object)  # chat id, CacheView
     chat_deleted = Signal(int)
     server_probed = Signal(int, bool, str)  # request id, reachable, description or error
+    template_info = Signal(object)  # TemplateInfo, for the Chat template dialog
+    template_changed = Signal(object)  # TemplateInfo, after a choice was applied
     error = Signal(str)
     _continue_background = Signal(object)
 
@@ -120,6 +139,7 @@ class EngineWorker(QObject):
         n_ctx: int | None = None,
         kv_type: str = "f16",
         n_threads: int | None = None,
+        chat_template: TemplateChoice | None = None,
     ) -> None:
         super().__init__()
         self.store = store
@@ -127,6 +147,9 @@ class EngineWorker(QObject):
         self.n_ctx = n_ctx
         self.kv_type = kv_type
         self.n_threads = n_threads
+        #: A template given at start-up (--chat-template): applied to the first model
+        #: loaded, which keeps it from then on.
+        self.chat_template = chat_template
         self.shutting_down = threading.Event()
         self._continue_background.connect(self._background_step, Qt.ConnectionType.QueuedConnection)
 
@@ -145,6 +168,7 @@ class EngineWorker(QObject):
             return
         self.model_loading.emit(path)
         started = time.perf_counter()
+        template, self.chat_template = self.chat_template, None  # the first load only
         try:
             model_path = check_gguf_file(path) if path else None
             engine = ChatSession(
@@ -154,8 +178,9 @@ class EngineWorker(QObject):
                 kv_type=self.kv_type,
                 n_threads=self.n_threads,
                 load_progress=self.load_progress.emit,
+                chat_template=template,
             )
-        except (ModelFileError, ValueError, OSError) as error:
+        except (ModelFileError, ValueError, OSError, SessionError) as error:
             self.model_failed.emit(str(error))
             return
         except Exception as error:  # e.g. an unreadable chat template: report, keep running
@@ -168,6 +193,7 @@ class EngineWorker(QObject):
             previous.close()
         self.session = engine
         info = engine.backend.info
+        markup = engine.markup
         self.model_loaded.emit(
             ModelStatus(
                 path=str(info.path),
@@ -178,8 +204,48 @@ class EngineWorker(QObject):
                 kv_type=engine.kv_type,
                 backend_version=engine.backend_version,
                 load_ms=(time.perf_counter() - started) * 1000,
+                template=markup.template_origin,
+                template_notes=markup.notes,
+                suggested_template=engine.suggested_template,
             )
         )
+
+    def _template_info(self) -> TemplateInfo:
+        session = self._require_session()
+        if not isinstance(session, ChatSession):
+            raise SessionError("a server writes prompts with its own chat template")
+        info = session.backend.info
+        return TemplateInfo(
+            model_name=info.path.name,
+            model_has_template=session.model_has_template,
+            builtin_names=tuple(session.builtin_templates()),
+            choice=session.template_choice,
+            in_use=session.markup.template_origin,
+            notes=session.markup.notes,
+            suggested=session.suggested_template,
+        )
+
+    @Slot()
+    def describe_templates(self) -> None:
+        """What Model → Chat template… offers for the loaded model."""
+        try:
+            self.template_info.emit(self._template_info())
+        except (SessionError, StorageError) as error:
+            self.error.emit(str(error))
+
+    @Slot(object)
+    def set_chat_template(self, choice: TemplateChoice | None) -> None:
+        """Use ``choice`` for the loaded model from now on (None: the GGUF's own)."""
+        if self.shutting_down.is_set():
+            return
+        try:
+            session = self._require_session()
+            if not isinstance(session, ChatSession):
+                raise SessionError("a server writes prompts with its own chat template")
+            session.use_template(choice)
+            self.template_changed.emit(self._template_info())
+        except (SessionError, StorageError, ValueError) as error:
+            self.error.emit(f"could not use the chat template: {error}")
 
     @Slot(str, str)
     def connect_server(self, url: str, model: str) -> None:
@@ -441,6 +507,8 @@ class EngineHost(QObject):
     _apply_trim = Signal(int, object, str, object)
     _refresh_cache_view = Signal(int)
     _delete_chat = Signal(int)
+    _describe_templates = Signal()
+    _set_chat_template = Signal(object)
     _shutdown = Signal()
 
     def __init__(
@@ -450,13 +518,18 @@ class EngineHost(QObject):
         n_ctx: int | None = None,
         kv_type: str = "f16",
         n_threads: int | None = None,
+        chat_template: TemplateChoice | None = None,
         parent: QObject | None = None,
     ) -> None:
         super().__init__(parent)
         # Exclusive: a second KV Chat on the same database fails here, before any thread starts.
         store = Store(db_path, exclusive=True)
         self.worker = EngineWorker(
-            store, n_ctx=n_ctx, kv_type=kv_type, n_threads=n_threads or default_thread_count()
+            store,
+            n_ctx=n_ctx,
+            kv_type=kv_type,
+            n_threads=n_threads or default_thread_count(),
+            chat_template=chat_template,
         )
         self.engine_thread = QThread()
         self.engine_thread.setObjectName("kvchat-engine")
@@ -474,6 +547,8 @@ class EngineHost(QObject):
         self._apply_trim.connect(self.worker.apply_trim, queued)
         self._refresh_cache_view.connect(self.worker.refresh_cache_view, queued)
         self._delete_chat.connect(self.worker.delete_chat, queued)
+        self._describe_templates.connect(self.worker.describe_templates, queued)
+        self._set_chat_template.connect(self.worker.set_chat_template, queued)
         self._shutdown.connect(self.worker.shutdown, Qt.ConnectionType.BlockingQueuedConnection)
         self.turn_cancel: threading.Event | None = None
         self.background_cancel = threading.Event()
@@ -554,6 +629,15 @@ class EngineHost(QObject):
 
     def refresh_cache_view(self, chat_id: int) -> None:
         self._refresh_cache_view.emit(chat_id)
+
+    def describe_templates(self) -> None:
+        """Ask what Model → Chat template… offers (answered by ``template_info``)."""
+        self._describe_templates.emit()
+
+    def set_chat_template(self, choice: TemplateChoice | None) -> None:
+        """Use another chat template for the loaded model (answered by ``template_changed``)."""
+        self._preempt_background()
+        self._set_chat_template.emit(choice)
 
     def delete_chat(self, chat_id: int) -> None:
         if self.busy_chat_id == chat_id:
