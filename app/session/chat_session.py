@@ -32,7 +32,13 @@ from app.core.kv_mirror import (
     SyncResult,
     common_prefix_length,
 )
-from app.core.llama_backend import LlamaBackend, ModelInfo, llama_cpp_version
+from app.core.llama_backend import (
+    DecodeError,
+    LlamaBackend,
+    ModelInfo,
+    ModelLoadCancelled,
+    llama_cpp_version,
+)
 from app.core.metrics import TurnMetrics
 from app.core.models import default_model_path, model_file_identity
 from app.core.prompt import PromptBuilder, PromptPlan, Segment, render_instructions
@@ -57,7 +63,9 @@ __all__ = [
     "ChatContext",
     "ChatSession",
     "ContextOverflowError",
+    "DecodeError",
     "GenerationOptions",
+    "ModelLoadCancelled",
     "SessionError",
     "StateLoad",
     "StepResult",
