@@ -12,11 +12,18 @@ from app.core.llama_backend import LlamaBackend
 
 
 class NoPartialRemoval:
-    """The real backend, except that removing part of the sequence is refused."""
+    """The real backend, except that removing part of the sequence is refused.
 
-    def __init__(self, real: LlamaBackend) -> None:
+    ``announced``: it also says so up front, as llama.cpp's ``llama_model_is_recurrent``
+    does for a real recurrent model; otherwise the engine learns it from a refusal.
+    """
+
+    def __init__(self, real: LlamaBackend, *, announced: bool = False) -> None:
         self._real = real
         self.refused: list[tuple[int, int]] = []
+        if announced:
+            self.memory_kind = "recurrent"
+            self.partial_removal = False
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)

@@ -28,8 +28,9 @@ REPLY = GenerationOptions(max_tokens=16, temperature=0.0)
 def recurrent_engine(model_path: Path) -> Iterator[Callable[[Store], ChatSession]]:
     made: list[ChatSession] = []
 
-    def factory(store: Store) -> ChatSession:
-        backend = NoPartialRemoval(LlamaBackend(model_path, n_ctx=TEST_CTX))
+    def factory(store: Store, *, announced: bool = False) -> ChatSession:
+        real = LlamaBackend(model_path, n_ctx=TEST_CTX)
+        backend = NoPartialRemoval(real, announced=announced)
         engine = ChatSession(store, backend=backend)  # type: ignore[arg-type]
         made.append(engine)
         return engine
@@ -160,3 +161,34 @@ def test_an_edited_block_goes_back_to_the_snapshot_and_no_snapshot_means_a_recom
                 assert again.metrics.prefill_tokens > history
                 _consistent(engine)
         assert replies[engine] == replies[normal]
+
+
+def test_after_a_restart_the_restored_history_is_the_snapshot(
+    store: Store, recurrent_engine: Callable[..., ChatSession]
+) -> None:
+    first = recurrent_engine(store, announced=True)
+    chat_id = _chat(store, "restart")
+    for question in QUESTIONS[:2]:
+        first.send(chat_id, question, GREEDY)
+        first.after_reply(chat_id)
+    history = first.history_plan(chat_id).tokens
+    # Saved at the committed history (before the block's warm-up), like sliding windows.
+    assert store.kv.state(chat_id).token_ids == history
+    first.close()
+
+    second = recurrent_engine(store, announced=True)
+    result = second.send(chat_id, QUESTIONS[2], GREEDY)
+    assert result.metrics.state_load_ms is not None and result.metrics.reused_tokens == len(
+        history
+    )
+    metrics = second.after_reply(chat_id)
+    assert metrics is not None
+    assert any("restored the snapshot" in note for note in metrics.notes), metrics.notes
+    assert metrics.commit_tokens < len(history)
+    _consistent(second)
+    # Regenerate drops the last turn: the snapshot before it (the restored one) serves.
+    again = second.regenerate(chat_id, GREEDY)
+    assert any("restored the snapshot" in note for note in again.metrics.notes)
+    assert again.metrics.reused_tokens >= len(history)
+    assert again.reply == result.reply
+    _consistent(second)
