@@ -373,6 +373,10 @@ class Turn(_IdleWork):
         metrics.background_tokens = metrics.commit_tokens + metrics.warmup_tokens
         metrics.cache_tokens = len(self.session.mirror)
         metrics.notes.extend(f"{result.step}: {note}" for note in result.notes)
+        if result.step != Step.SAVE and metrics.state_save_ms is not None and self.result:
+            # A step after the save (the warm-up of a sliding-window or recurrent model):
+            # its figures and notes reach the stored row too.
+            self.session.store.update_metrics(self.result.metrics_id, metrics.as_dict())
 
     def _saved(self, save: StateSave) -> None:
         if self.result is None:
