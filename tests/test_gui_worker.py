@@ -139,6 +139,56 @@ def test_shutdown_closes_the_engine_and_the_store_even_if_saving_raises(
     assert threading.active_count() <= threads
 
 
+SLOTS = {
+    # slot: (the real method that raises, how the GUI asks, the outcome signal it must send)
+    "load_model": ("save_if_changed", lambda h, c: h.load_model(None), "model_loaded"),
+    "prefetch_chat": ("prefetch", lambda h, c: h.prefetch_chat(c), None),
+    "prepare_chat": ("upkeep", lambda h, c: h.prepare_chat(c), "background_finished"),
+    "edit_cost": ("edit_cost", lambda h, c: h.request_edit_cost(c, "Be kind.", {}, ""), None),
+    "preview_trim": ("preview_trim", lambda h, c: h.request_trim_preview(c, 10, "exact"), None),
+    "apply_trim": ("set_trim", lambda h, c: h.apply_trim(c, 10, "exact"), None),
+    "refresh_cache_view": ("cache_view", lambda h, c: h.refresh_cache_view(c), None),
+    "delete_chat": ("forget_chat", lambda h, c: h.delete_chat(c), None),
+}
+
+
+def test_every_worker_slot_reports_what_it_raised_and_the_worker_carries_on(
+    qtbot, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads = threading.active_count()
+    host = EngineHost(db_path, n_ctx=TEST_CTX)
+    seen: dict[str, list[object]] = {}
+    direct = Qt.ConnectionType.DirectConnection
+    for name in ("error", "model_loaded", "background_finished", "reply_finished"):
+        seen[name] = []
+        getattr(host.worker, name).connect(seen[name].append, direct)
+    host.load_model(None)
+    qtbot.waitUntil(lambda: len(seen["model_loaded"]) == 1, timeout=TURN_TIMEOUT_MS)
+    with Store(db_path) as store:
+        chat = store.create_chat("slots")
+        store.add_instruction_version(chat.id, "Answer briefly.")
+    try:
+        for slot, (method, ask, outcome) in SLOTS.items():
+            errors, outcomes = len(seen["error"]), len(seen.get(outcome or "error"))
+            with monkeypatch.context() as patch:
+                patch.setattr(ChatSession, method, _raise(RuntimeError(f"{slot} broke")))
+                ask(host, chat.id)
+                qtbot.waitUntil(lambda n=errors: len(seen["error"]) > n, timeout=TURN_TIMEOUT_MS)
+                if outcome is not None:  # the step's own outcome arrives as well
+                    qtbot.waitUntil(
+                        lambda o=outcome, n=outcomes: len(seen[o]) > n, timeout=TURN_TIMEOUT_MS
+                    )
+            assert f"{slot} broke" in str(seen["error"][-1]), slot
+            assert "unexpected error: RuntimeError" in str(seen["error"][-1]), slot
+        host.send(chat.id, "Name a fruit.", GenerationOptions(max_tokens=4, temperature=0.0))
+        qtbot.waitUntil(lambda: len(seen["reply_finished"]) == 1, timeout=TURN_TIMEOUT_MS)
+    finally:
+        host.shutdown()
+    assert host.engine_thread.isFinished()
+    host.deleteLater()
+    assert threading.active_count() <= threads
+
+
 def test_cancel_on_the_load_progress_keeps_the_previous_model(qtbot, window: MainWindow) -> None:
     previous = window.model
     assert previous is not None
