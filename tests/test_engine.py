@@ -439,3 +439,14 @@ def test_regenerate_draws_a_new_seed_unless_greedy(engine: ChatSession, store: S
     greedy_b = engine.regenerate(chat_id, GREEDY)
     assert greedy_a.metrics.seed == greedy_b.metrics.seed == GREEDY.seed
     assert greedy_a.reply == greedy_b.reply
+
+
+def test_attention_memory_keeps_no_snapshots(engine: ChatSession, store: Store) -> None:
+    """Snapshots are only for memory that cannot drop a partial range (recurrent)."""
+    assert engine.backend.memory_kind == "attention" and engine.mirror.partial_removal
+    chat_id = _chat(store, "no-snapshots")
+    for question in QUESTIONS[:2]:
+        _turn(engine, chat_id, question)
+    assert engine.mirror.checkpoints == []
+    assert engine.idle_order == (Step.COMMIT, Step.WARM_UP, Step.SAVE)
+    assert not any(row.data["notes"] for row in store.metrics(chat_id))

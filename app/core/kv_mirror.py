@@ -5,6 +5,12 @@ disagree: ``sync`` (keep the longest common prefix with a target, evaluate the r
 ``drop_range`` (remove cells and slide the rest down), ``restore`` and ``reset``.
 Which chat the cells belong to, and whether they were saved, is the session's
 business; this class only knows tokens.
+
+Recurrent and hybrid memory (Mamba, LFM2, Granite 4.0-H, Qwen3-Next) cannot drop a
+partial range: llama.cpp refuses the removal. The mirror then goes back to a
+``checkpoint`` (a copy of the sequence state taken where the session asked, e.g. at the
+committed history) whose tokens begin the target, or, when none does, starts over; the
+sync says which in ``SyncResult.fallback``.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.core.llama_backend import ContextFullError, DecodeError, LlamaBackend
+from app.core.llama_backend import ContextFullError, DecodeAborted, DecodeError, LlamaBackend
 from app.core.state_pages import ParsedState, parse_state
 from app.domain import Step
 
 ProgressCallback = Callable[[str, int, int], None]
+#: Checkpoints kept in memory: the committed history, and the one before it (regenerate).
+MAX_CHECKPOINTS = 2
 
 
 class NothingToEvaluate(ValueError):
@@ -31,8 +39,19 @@ class NothingToEvaluate(ValueError):
 class SyncResult:
     reused: int  # tokens of the target already held (kept as they were)
     evaluated: int  # tokens computed by this call
-    completed: bool  # False: cancelled between two batches
+    completed: bool  # False: cancelled (between two batches or inside llama_decode)
     ms: float
+    #: Why fewer tokens were reused than the cache held in common with the target, when
+    #: the memory could not drop a partial range (a checkpoint restored, or a recompute).
+    fallback: str | None = None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A copy of the sequence state while the cache held exactly ``tokens``."""
+
+    tokens: tuple[int, ...]
+    state: bytearray
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -55,6 +74,9 @@ class KVMirror:
         # keeping less than this many tokens would leave later tokens a window with holes.
         self._exact_floor = 0
         self.recomputed_for_window = False  # the last sync started over because of that
+        # Learned from llama.cpp too: a refused removal turns it off for good.
+        self.partial_removal = bool(backend.partial_removal)
+        self.checkpoints: list[Checkpoint] = []
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -71,12 +93,10 @@ class KVMirror:
         self.changed = False
 
     def reset(self) -> None:
-        """Empty the cache."""
-        self._exact_floor = 0
-        self.backend.clear()
+        """Empty the cache (checkpoints stay: they are valid for any chat with their tokens)."""
         if self._tokens:
             self.changed = True
-        self._tokens = []
+        self._clear()
 
     def sync(
         self,
@@ -104,10 +124,10 @@ class KVMirror:
             reused = 0  # exact results need the whole window: start over
         if reused < self._exact_floor:
             self._exact_floor = 0
+        fallback = None
         if reused < len(self._tokens):
-            self.backend.remove_cells(reused, -1)
-            del self._tokens[reused:]
-            self.changed = True
+            fallback = self._truncate(reused, target)
+            reused = len(self._tokens)
         size = min(chunk or self.backend.n_batch, self.backend.n_batch)
         position = reused
         started = time.perf_counter()
@@ -117,7 +137,12 @@ class KVMirror:
             run = list(target[position : position + size])
             last = position + len(run) == len(target)
             try:
-                self.backend.decode(run, position, logits_for_last=need_logits and last)
+                self.backend.decode(
+                    run, position, logits_for_last=need_logits and last, cancel=cancel
+                )
+            except DecodeAborted:
+                position = self._after_abort(target, position, len(run))
+                break
             except DecodeError:
                 self._resync_after_error()
                 raise
@@ -126,13 +151,94 @@ class KVMirror:
             position += len(run)
             if progress is not None:
                 progress(step, position - reused, len(target) - reused)
-        evaluated = position - reused
+        evaluated = max(0, position - reused)
         elapsed = time.perf_counter() - started
         if evaluated >= 32 and elapsed > 0:
             rate = evaluated / elapsed
             previous = self.prefill_tokens_per_s
             self.prefill_tokens_per_s = rate if previous is None else 0.5 * previous + 0.5 * rate
-        return SyncResult(reused, evaluated, position == len(target), elapsed * 1000)
+        completed = position == len(target) and len(self._tokens) == len(target)
+        held = min(reused, len(self._tokens))
+        return SyncResult(held, evaluated, completed, elapsed * 1000, fallback)
+
+    def _truncate(self, keep: int, target: Sequence[int]) -> str | None:
+        """Make the cache hold its first ``keep`` tokens, or fewer when it cannot.
+
+        None when exactly ``keep`` are held; otherwise the fallback taken, in words.
+        """
+        self.changed = True
+        if keep == 0:
+            self._clear()
+            return None
+        if self.partial_removal:
+            if self.backend.try_remove_cells(keep, -1):
+                del self._tokens[keep:]
+                return None
+            self.partial_removal = False  # llama.cpp refused: the memory is recurrent
+        held = len(self._tokens)
+        why = (
+            f"the model's memory cannot drop part of the sequence (positions {keep}-{held - 1})"
+        )
+        restored = self._restore_checkpoint(target, keep)
+        if restored:
+            return f"{why}: restored the snapshot of {restored} tokens"
+        self._clear()
+        return f"{why} and no snapshot fits: recomputed from the start"
+
+    def _clear(self) -> None:
+        self.backend.clear()
+        self._tokens = []
+        self._exact_floor = 0
+
+    def _restore_checkpoint(self, target: Sequence[int], limit: int) -> int:
+        """Load the longest checkpoint that begins ``target`` within ``limit`` tokens."""
+        fitting = [
+            c
+            for c in self.checkpoints
+            if 0 < len(c.tokens) <= limit and tuple(target[: len(c.tokens)]) == c.tokens
+        ]
+        for checkpoint in sorted(fitting, key=lambda c: len(c.tokens), reverse=True):
+            loaded = self.backend.set_state(checkpoint.state)
+            if loaded and self.backend.last_position() + 1 == len(checkpoint.tokens):
+                self._tokens = list(checkpoint.tokens)
+                self._exact_floor = 0
+                return len(self._tokens)
+            self.checkpoints.remove(checkpoint)  # llama.cpp rejected it: never again
+        self._clear()
+        return 0
+
+    def checkpoint(self) -> int:
+        """Keep a copy of the sequence state now, if the memory needs one to go back to.
+
+        Only where a partial range cannot be dropped (recurrent and hybrid memory);
+        returns the bytes kept (0: not needed, or already held).
+        """
+        if self.partial_removal or not self._tokens:
+            return 0
+        tokens = tuple(self._tokens)
+        if any(c.tokens == tokens for c in self.checkpoints):
+            return 0
+        state = self.backend.get_state()
+        self.checkpoints.append(Checkpoint(tokens, state))
+        del self.checkpoints[:-MAX_CHECKPOINTS]
+        return len(state)
+
+    def _after_abort(self, target: Sequence[int], position: int, count: int) -> int:
+        """Where the cache stands after llama_decode was aborted inside a run.
+
+        llama.cpp keeps the micro-batches it finished and removes the one it was
+        computing (``llama_memory_seq_rm`` from its first position on). Recurrent memory
+        refuses that removal and may hold a half-updated state: it goes back to a
+        checkpoint, or is emptied.
+        """
+        held = self.backend.last_position() + 1
+        if self.partial_removal and position <= held <= position + count:
+            self._tokens.extend(target[position:held])
+            self.changed = self.changed or held > position
+            return held
+        self.changed = True
+        self._restore_checkpoint(target, position)
+        return len(self._tokens)
 
     def append(self, token: int) -> bool:
         """Evaluate one generated token at the end; False when the context is full."""
@@ -151,9 +257,13 @@ class KVMirror:
 
         False (cache untouched) when the model cannot shift positions.
         """
-        if not self.backend.can_shift or not self._exact_floor <= start <= end <= len(self._tokens):
+        if not self.partial_removal or not self.backend.can_shift:
             return False
-        self.backend.remove_cells(start, end)
+        if not self._exact_floor <= start <= end <= len(self._tokens):
+            return False
+        if not self.backend.try_remove_cells(start, end):
+            self.partial_removal = False  # refused, cache untouched
+            return False
         if len(self._tokens) > end:
             self.backend.shift_cells(end, -1, start - end)
         del self._tokens[start:end]

@@ -29,6 +29,8 @@ SEQ = 0
 #: llama.cpp serializes a whole sequence, so the cells of a range are serialized by
 #: tagging them with this sequence (no data moves), reading it, and untagging them.
 RANGE_SEQ = 1
+#: ``bool (*)(void *)``: llama.cpp's abort callback, polled while a decode runs.
+_ABORT_CALLBACK = llama_cpp.ggml_abort_callback
 KV_TYPES = {KVType.F16: llama_cpp.GGML_TYPE_F16, KVType.Q8_0: llama_cpp.GGML_TYPE_Q8_0}
 
 _log_lines: collections.deque[str] = collections.deque(maxlen=40)
@@ -125,6 +127,14 @@ class ContextFullError(DecodeError):
     """The context has no free cells for the tokens asked for."""
 
 
+class DecodeAborted(DecodeError):
+    """llama_decode stopped early because its cancel flag was set (the abort callback)."""
+
+
+class ModelLoadCancelled(ModelLoadError):
+    """The load was cancelled (the progress callback returned False)."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     path: Path
@@ -152,6 +162,7 @@ class LlamaBackend:
         n_threads: int | None = None,
         n_batch: int = 512,
         progress: Callable[[float], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         if n_ctx is not None:
             limits.check_n_ctx(n_ctx)
@@ -171,16 +182,22 @@ class LlamaBackend:
         # on AMX-capable Xeons for this build, and a repacked layout would make results
         # depend on which kernels the machine picks.
         model_params.use_extra_bufts = False
-        if progress is not None:
+        if progress is not None or cancel is not None:
 
             def report(fraction: float, user_data: ctypes.c_void_p) -> bool:
-                progress(float(fraction))
+                # Called by llama.cpp once per tensor: returning False aborts the load.
+                if cancel is not None and cancel.is_set():
+                    return False
+                if progress is not None:
+                    progress(float(fraction))
                 return True
 
             self._progress_cb = llama_cpp.llama_progress_callback(report)
             model_params.progress_callback = self._progress_cb
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not model:
+            if cancel is not None and cancel.is_set():
+                raise ModelLoadCancelled(f"loading {path.name} was cancelled")
             raise ModelLoadError(
                 f"llama.cpp could not load {path.name}: {recent_log() or 'unknown error'}"
             )
@@ -223,7 +240,15 @@ class LlamaBackend:
                 f"{path.name}: {recent_log() or 'unknown error'}"
             )
         self._ctx = ctx
+        if cancel is not None and cancel.is_set():
+            self.close()
+            raise ModelLoadCancelled(f"loading {path.name} was cancelled")
         self._memory = llama_cpp.llama_get_memory(ctx)
+        # llama.cpp polls this between the graph's nodes while llama_decode runs; it is
+        # installed only for the decodes that can be cancelled (see decode()).
+        self._abort_event: threading.Event | None = None
+        self._abort_cb = _ABORT_CALLBACK(self._should_abort)
+        self._abort_installed = False
         self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
         # llama.cpp lowers n_batch/n_ubatch to the requested n_ctx (before padding it) and
         # aborts the process (GGML_ASSERT) on a larger llama_decode call: every run we
@@ -293,6 +318,24 @@ class LlamaBackend:
     def can_shift(self) -> bool:
         return bool(llama_cpp.llama_memory_can_shift(self._memory))
 
+    @property
+    def memory_kind(self) -> str:
+        """"attention" (KV cells per token), "recurrent" (Mamba, RWKV) or "hybrid" (both)."""
+        if llama_cpp.llama_model_is_hybrid(self._model):
+            return "hybrid"
+        if llama_cpp.llama_model_is_recurrent(self._model):
+            return "recurrent"
+        return "attention"
+
+    @property
+    def partial_removal(self) -> bool:
+        """Whether the memory can drop the cells of a partial range of positions.
+
+        Recurrent state holds no per-token cells: llama.cpp refuses such a removal
+        (``llama_memory_seq_rm`` returns false) and only the whole sequence can go.
+        """
+        return self.memory_kind == "attention"
+
     # -- text <-> tokens ------------------------------------------------------------
 
     def tokenize(self, text: str, *, special: bool) -> list[int]:
@@ -335,8 +378,20 @@ class LlamaBackend:
 
     # -- KV cache of sequence 0 -------------------------------------------------------
 
-    def decode(self, tokens: list[int], start_pos: int, *, logits_for_last: bool) -> None:
-        """Evaluate ``tokens`` at positions start_pos.. in one llama_decode call (≤ n_batch)."""
+    def decode(
+        self,
+        tokens: list[int],
+        start_pos: int,
+        *,
+        logits_for_last: bool,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Evaluate ``tokens`` at positions start_pos.. in one llama_decode call (≤ n_batch).
+
+        With ``cancel``, llama.cpp polls it while computing and stops within one graph
+        node of it being set (DecodeAborted). llama.cpp then removes the positions of the
+        micro-batch it was computing; earlier micro-batches of the call stay in memory.
+        """
         count = len(tokens)
         if count == 0:
             return
@@ -356,15 +411,41 @@ class LlamaBackend:
         if logits_for_last:
             batch.logits[count - 1] = 1
         batch.n_tokens = count
-        status = llama_cpp.llama_decode(self._ctx, batch)
+        self._set_abort(cancel)
+        try:
+            status = llama_cpp.llama_decode(self._ctx, batch)
+        finally:
+            self._set_abort(None)
+        if status == 2:
+            raise DecodeAborted(f"llama_decode of {count} tokens was cancelled")
         if status == 1:
             raise ContextFullError(f"no free KV cells for {count} tokens ({recent_log(2)})")
         if status != 0:
             raise DecodeError(f"llama_decode failed with status {status}: {recent_log(2)}")
 
+    def _should_abort(self, user_data: ctypes.c_void_p) -> bool:
+        event = self._abort_event
+        return event is not None and event.is_set()
+
+    def _set_abort(self, cancel: threading.Event | None) -> None:
+        self._abort_event = cancel
+        wanted = cancel is not None
+        if wanted != self._abort_installed:
+            # Installed only while needed: each poll takes the GIL from llama.cpp's thread.
+            callback = self._abort_cb if wanted else _ABORT_CALLBACK()
+            llama_cpp.llama_set_abort_callback(self._ctx, callback, ctypes.c_void_p(0))
+            self._abort_installed = wanted
+
+    def try_remove_cells(self, start: int, end: int = -1) -> bool:
+        """Drop sequence 0's cells with positions in [start, end) (end < 0: to the end).
+
+        False when the memory refuses (a partial range of recurrent state); the
+        memory is then left as it was.
+        """
+        return bool(llama_cpp.llama_memory_seq_rm(self._memory, SEQ, start, end))
+
     def remove_cells(self, start: int, end: int = -1) -> None:
-        """Drop sequence 0's cells with positions in [start, end) (end < 0: to the end)."""
-        if not llama_cpp.llama_memory_seq_rm(self._memory, SEQ, start, end):
+        if not self.try_remove_cells(start, end):
             raise DecodeError(f"llama.cpp refused to remove cells [{start}, {end})")
 
     def shift_cells(self, start: int, end: int, delta: int) -> None:

@@ -36,8 +36,10 @@ from app.core.kv_mirror import (
 )
 from app.core.llama_backend import (
     BuiltinTemplateRenderer,
+    DecodeError,
     LlamaBackend,
     ModelInfo,
+    ModelLoadCancelled,
     builtin_template_names,
     llama_cpp_version,
 )
@@ -75,7 +77,9 @@ __all__ = [
     "ChatContext",
     "ChatSession",
     "ContextOverflowError",
+    "DecodeError",
     "GenerationOptions",
+    "ModelLoadCancelled",
     "SessionError",
     "StateLoad",
     "StepResult",
@@ -138,6 +142,7 @@ class StepResult:
     completed: bool = True
     trimmed_turns: int = 0
     trimmed_tokens: int = 0
+    notes: tuple[str, ...] = ()  # e.g. a fallback the memory needed (see SyncResult.fallback)
 
 
 @dataclass
@@ -267,6 +272,9 @@ class _IdleWork:
         if not self._is_current():
             self.stopped = True
             return None
+        # The order can change once the memory turns out not to drop partial ranges.
+        order = self.session.idle_order
+        self.remaining.sort(key=lambda s: order.index(s) if s in order else len(order))
         step = self.remaining[0]
         context = self._context()
         if step == Step.COMMIT:
@@ -383,6 +391,11 @@ class Turn(_IdleWork):
             metrics.warmup_ms += result.ms
         metrics.background_tokens = metrics.commit_tokens + metrics.warmup_tokens
         metrics.cache_tokens = len(self.session.mirror)
+        metrics.notes.extend(f"{result.step}: {note}" for note in result.notes)
+        if result.step != Step.SAVE and metrics.state_save_ms is not None and self.result:
+            # A step after the save (the warm-up of a sliding-window or recurrent model):
+            # its figures and notes reach the stored row too.
+            self.session.store.update_metrics(self.result.metrics_id, metrics.as_dict())
 
     def _saved(self, save: StateSave) -> None:
         if self.result is None:
@@ -462,12 +475,23 @@ class ChatSession:
         n_threads: int | None = None,
         load_progress: Callable[[float], None] | None = None,
         chat_template: TemplateChoice | None = None,
+        load_cancel: threading.Event | None = None,
+        backend: LlamaBackend | None = None,
     ) -> None:
+        """Load the model (``load_cancel`` set: ModelLoadCancelled within one tensor), or
+        run on an already open ``backend``, which the session then owns and closes."""
         self.store = store
-        path = Path(model_path) if model_path else default_model_path()
-        self.backend = LlamaBackend(
-            path, n_ctx=n_ctx, kv_type=kv_type, n_threads=n_threads, progress=load_progress
-        )
+        if backend is None:
+            path = Path(model_path) if model_path else default_model_path()
+            backend = LlamaBackend(
+                path,
+                n_ctx=n_ctx,
+                kv_type=kv_type,
+                n_threads=n_threads,
+                progress=load_progress,
+                cancel=load_cancel,
+            )
+        self.backend = backend
         self.model_identity = model_file_identity(self.backend.path)
         self.mirror = KVMirror(self.backend)
         try:
@@ -618,10 +642,16 @@ class ChatSession:
         A sliding-window cache is saved with only the window before its last cell, so
         it is saved at the committed history, before the block is warmed up on top:
         later turns then only ever remove cells above what was restored, and stay exact.
+        Memory that cannot drop a partial range (recurrent) is saved there too: restored,
+        it is the snapshot a later commit goes back to instead of recomputing.
         """
-        if self.backend.sliding_window:
+        if self._history_only_saves:
             return (Step.COMMIT, Step.SAVE, Step.WARM_UP)
         return IDLE_STEPS
+
+    @property
+    def _history_only_saves(self) -> bool:
+        return bool(self.backend.sliding_window) or not self.mirror.partial_removal
 
     @property
     def has_unsaved_cache(self) -> bool:
@@ -649,11 +679,13 @@ class ChatSession:
         if shared and self.store.kv.state(chat_id) is None:
             # A new branch or fork of the chat in the cache: its messages begin with the
             # same token ids, so those cells are kept as they are (no restore at all).
-            self.mirror.sync(hint[:shared], need_logits=False)
+            kept = self.mirror.sync(hint[:shared], need_logits=False)
             self.cache_chat_id = chat_id
             self.mirror.changed = True  # the branch has no state of its own yet
-            note = f"{shared} tokens shared with the previous chat's cache are reused"
-            return StateLoad(restored=False, tokens=shared, note=note)
+            note = f"{len(self.mirror)} tokens shared with the previous chat's cache are reused"
+            if kept.fallback:
+                note += f" ({kept.fallback})"
+            return StateLoad(restored=False, tokens=len(self.mirror), note=note)
         self.mirror.reset()
         self.mirror.mark_saved()
         self.cache_chat_id = chat_id
@@ -669,6 +701,7 @@ class ChatSession:
             load = replace(load, note=note)
         if load.restored and load.tokens:
             self.bytes_per_token = load.bytes / load.tokens
+            self.mirror.checkpoint()  # recurrent memory: what a commit goes back to
         return load
 
     def prefetch(self, chat_id: int) -> StateLoad:
@@ -681,7 +714,7 @@ class ChatSession:
         """Persist the cache of ``chat_id`` with its token ids."""
         if self.cache_chat_id != chat_id:
             raise SessionError("the cache does not hold this chat")
-        if self.backend.sliding_window and list(self.mirror.tokens) != self.history_plan(
+        if self._history_only_saves and list(self.mirror.tokens) != self.history_plan(
             chat_id
         ).tokens:
             # Only the committed history is worth a sliding-window save (see idle_order);
@@ -1067,6 +1100,8 @@ class ChatSession:
             )
         except NothingToEvaluate as error:
             raise SessionError(str(error)) from error
+        if synced.fallback:
+            metrics.notes.append(synced.fallback)
         if self.mirror.recomputed_for_window:
             metrics.notes.append(
                 "sliding-window model: the restored cache holds only the window before its "
@@ -1184,8 +1219,13 @@ class ChatSession:
             chunk=BACKGROUND_CHUNK,
             step=Step.COMMIT,
         )
+        if synced.completed:
+            # Recurrent memory cannot drop the block, the message or a cancelled reply
+            # later: a copy of the state at the committed history is what it goes back to.
+            self.mirror.checkpoint()
+        notes = (synced.fallback,) if synced.fallback else ()
         return StepResult(
-            Step.COMMIT, synced.evaluated, synced.ms, synced.completed, turns, tokens
+            Step.COMMIT, synced.evaluated, synced.ms, synced.completed, turns, tokens, notes
         )
 
     def _warm_up(self, context: _ChatContext, cancel: threading.Event | None) -> StepResult:
@@ -1198,7 +1238,10 @@ class ChatSession:
             chunk=BACKGROUND_CHUNK,
             step=Step.WARM_UP,
         )
-        return StepResult(Step.WARM_UP, synced.evaluated, synced.ms, synced.completed)
+        notes = (synced.fallback,) if synced.fallback else ()
+        return StepResult(
+            Step.WARM_UP, synced.evaluated, synced.ms, synced.completed, notes=notes
+        )
 
     # -- inspector helpers ------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
     QSpinBox,
     QSplitter,
     QToolBar,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -86,6 +87,7 @@ class MainWindow(QMainWindow):
     model_error = Signal(str)
     template_dialog_shown = Signal(object)  # ChatTemplateDialog
     template_applied = Signal(object)  # TemplateInfo
+    model_load_cancelled = Signal(str)  # the path whose load was cancelled
     reply_received = Signal(object)  # TurnResult
     turn_error = Signal(str, str)  # kind, message
     background_done = Signal(object)  # BackgroundOutcome
@@ -265,6 +267,11 @@ class MainWindow(QMainWindow):
         self.progress.setMaximumWidth(220)
         self.progress.setTextVisible(True)
         self.progress.hide()
+        self.cancel_load_button = QToolButton()
+        self.cancel_load_button.setText("Cancel")
+        self.cancel_load_button.setToolTip("Stop loading this model; the current one stays")
+        self.cancel_load_button.clicked.connect(self.cancel_model_load)
+        self.cancel_load_button.hide()
         self.model_status_label = ElidedLabel("")
         self.model_status_label.setSizePolicy(
             QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred
@@ -272,6 +279,7 @@ class MainWindow(QMainWindow):
         self.context_label = QLabel("")
         self.kv_label = QLabel("")
         bar.addPermanentWidget(self.progress)
+        bar.addPermanentWidget(self.cancel_load_button)
         bar.addPermanentWidget(self.model_status_label)
         bar.addPermanentWidget(self.context_label)
         bar.addPermanentWidget(self.kv_label)
@@ -356,6 +364,7 @@ class MainWindow(QMainWindow):
         worker.load_progress.connect(self._on_load_progress)
         worker.model_loaded.connect(self._on_model_loaded)
         worker.model_failed.connect(self._on_model_failed)
+        worker.model_load_cancelled.connect(self._on_model_load_cancelled)
         worker.token.connect(self._on_token)
         worker.progress.connect(self._on_progress)
         worker.reply_finished.connect(self._on_reply)
@@ -368,7 +377,8 @@ class MainWindow(QMainWindow):
         worker.chat_deleted.connect(self._on_chat_deleted)
         worker.template_info.connect(self._on_template_info)
         worker.template_changed.connect(self._on_template_changed)
-        worker.error.connect(lambda text: self.show_error("KV Chat", text))
+        # A method of the window, not a lambda: it runs in the GUI thread (queued).
+        worker.error.connect(self._on_worker_error)
 
     # -- settings and first run -----------------------------------------------------
 
@@ -421,6 +431,9 @@ class MainWindow(QMainWindow):
 
     def show_about(self) -> None:
         QMessageBox.about(self, "About KV Chat", self.about_text())
+
+    def _on_worker_error(self, text: str) -> None:
+        self.show_error("KV Chat", text)
 
     def show_error(self, title: str, text: str) -> None:
         """Non-blocking: the message appears, the window stays usable, nothing is lost."""
@@ -617,7 +630,9 @@ class MainWindow(QMainWindow):
         self.progress.setValue(0)
         self.progress.setFormat("Loading model %p%")
         self.progress.show()
-        name = path if path.startswith(("http://", "https://")) else Path(path).name
+        remote = path.startswith(("http://", "https://"))
+        self.cancel_load_button.setVisible(not remote)  # llama.cpp's load can be cancelled
+        name = path if remote else Path(path).name
         self.model_status_label.setText(f"Loading {name or 'default model'}…")
         if self.inspector.view is None:
             self.inspector.set_cache_view(None, "loading the model…")
@@ -630,6 +645,7 @@ class MainWindow(QMainWindow):
     def _on_model_loaded(self, status: ModelStatus) -> None:
         self.model = status
         self.progress.hide()
+        self.cancel_load_button.hide()
         self._select_model_in_combo()
         self.model_status_label.setText(self._model_line(status))
         self.model_status_label.setToolTip(status.path)
@@ -658,6 +674,7 @@ class MainWindow(QMainWindow):
     @_unless_closed
     def _on_model_failed(self, message: str) -> None:
         self.progress.hide()
+        self.cancel_load_button.hide()
         if self.model is not None:
             self.model_status_label.setText(self._model_line(self.model))
             self._select_model_in_combo()
@@ -668,6 +685,24 @@ class MainWindow(QMainWindow):
             text = f"Could not load the model: {message}\n\nPick another one in the Model menu."
         self.model_error.emit(message)
         self.show_error("Model not loaded", text)
+
+    def cancel_model_load(self) -> None:
+        """The progress bar's Cancel: llama.cpp stops at its next tensor."""
+        self.host.cancel_load()
+
+    @_unless_closed
+    def _on_model_load_cancelled(self, path: str) -> None:
+        self.progress.hide()
+        self.cancel_load_button.hide()
+        if self.model is not None:
+            self.model_status_label.setText(self._model_line(self.model))
+            self._select_model_in_combo()
+            message = f"Loading cancelled; still using {self._model_line(self.model)}"
+        else:
+            self.model_status_label.setText("No model loaded")
+            message = "Loading cancelled; pick a model in the Model menu"
+        self.statusBar().showMessage(message, 10_000)
+        self.model_load_cancelled.emit(path)
 
     @staticmethod
     def _model_line(status: ModelStatus) -> str:

@@ -4,8 +4,14 @@ The GUI thread never calls llama.cpp. It posts requests through queued signals o
 :class:`EngineHost`; the :class:`EngineWorker` runs them one at a time in its own
 QThread and answers with signals. Cancellation cannot wait in the queue behind the
 job it is meant to stop, so it goes through ``threading.Event`` objects that the GUI
-thread sets directly: one per turn (Stop/Esc) and one per turn's background work
-(commit, warm-up, save), which the next send pre-empts.
+thread sets directly: one per turn (Stop/Esc), one per turn's background work
+(commit, warm-up, save), which the next send pre-empts, and one per model load. llama.cpp
+polls them inside a decode (its abort callback) and between a load's tensors.
+
+No request is ever lost: whatever a slot raises, it still ends with its own outcome
+signal (``turn_failed``, ``model_failed``, ``background_finished``, ...) and, for
+errors the user did not cause, a line on ``error``; shutdown closes the engine and the
+store even after a failure.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from app.session.chat_session import (
     CacheView,
     ChatSession,
     ContextOverflowError,
+    DecodeError,
     GenerationOptions,
+    ModelLoadCancelled,
     SessionError,
     TrimPreview,
     Turn,
@@ -45,6 +53,12 @@ def describe_server(info: ServerInfo) -> str:
     model = info.model.rsplit("/", 1)[-1]
     context = f", n_ctx {info.n_ctx}" if info.n_ctx else ""
     return f"{info.kind}: {model}{context} · " + "; ".join(info.features)
+
+
+def unexpected(error: BaseException) -> str:
+    """One line for an error no handler expected; the traceback goes to stderr."""
+    traceback.print_exception(error)
+    return f"unexpected error: {type(error).__name__}: {error}"
 
 
 def default_thread_count() -> int:
@@ -115,6 +129,7 @@ class EngineWorker(QObject):
     load_progress = Signal(float)
     model_loaded = Signal(object)  # ModelStatus
     model_failed = Signal(str)
+    model_load_cancelled = Signal(str)  # what was being loaded
     turn_started = Signal(int)
     token = Signal(int, str)  # chat id, text piece
     progress = Signal(int, str, int, int)  # chat id, phase, done, total
@@ -161,13 +176,19 @@ class EngineWorker(QObject):
         self.n_ctx = n_ctx
         self.kv_type = kv_type
 
-    @Slot(str)
-    def load_model(self, path: str) -> None:
-        """Load a GGUF; on failure keep the previous engine so the app stays usable."""
+    @Slot(str, object)
+    def load_model(self, path: str, cancel: threading.Event | None = None) -> None:
+        """Load a GGUF; on failure keep the previous engine so the app stays usable.
+
+        ``cancel`` set (the progress bar's Cancel) stops the load within one tensor.
+        """
         if self.shutting_down.is_set():
             return
         self.model_loading.emit(path)
         started = time.perf_counter()
+        if cancel is not None and cancel.is_set():
+            self.model_load_cancelled.emit(path)
+            return
         template, self.chat_template = self.chat_template, None  # the first load only
         try:
             model_path = check_gguf_file(path) if path else None
@@ -179,19 +200,18 @@ class EngineWorker(QObject):
                 n_threads=self.n_threads,
                 load_progress=self.load_progress.emit,
                 chat_template=template,
+                load_cancel=cancel,
             )
+        except ModelLoadCancelled:
+            self.model_load_cancelled.emit(path)
+            return
         except (ModelFileError, ValueError, OSError, SessionError) as error:
             self.model_failed.emit(str(error))
             return
         except Exception as error:  # e.g. an unreadable chat template: report, keep running
-            traceback.print_exc()
-            self.model_failed.emit(f"{type(error).__name__}: {error}")
+            self.model_failed.emit(unexpected(error))
             return
-        previous = self.session
-        if previous is not None:
-            self._save_dirty_cache(previous)
-            previous.close()
-        self.session = engine
+        self._replace_session(engine)
         info = engine.backend.info
         markup = engine.markup
         self.model_loaded.emit(
@@ -232,6 +252,8 @@ class EngineWorker(QObject):
             self.template_info.emit(self._template_info())
         except (SessionError, StorageError) as error:
             self.error.emit(str(error))
+        except Exception as error:
+            self.error.emit(f"could not list the chat templates: {unexpected(error)}")
 
     @Slot(object)
     def set_chat_template(self, choice: TemplateChoice | None) -> None:
@@ -246,6 +268,8 @@ class EngineWorker(QObject):
             self.template_changed.emit(self._template_info())
         except (SessionError, StorageError, ValueError) as error:
             self.error.emit(f"could not use the chat template: {error}")
+        except Exception as error:
+            self.error.emit(f"could not use the chat template: {unexpected(error)}")
 
     @Slot(str, str)
     def connect_server(self, url: str, model: str) -> None:
@@ -263,11 +287,7 @@ class EngineWorker(QObject):
             traceback.print_exc()
             self.model_failed.emit(f"{type(error).__name__}: {error}")
             return
-        previous = self.session
-        if previous is not None:
-            self._save_dirty_cache(previous)
-            previous.close()
-        self.session = remote
+        self._replace_session(remote)
         self.model_loaded.emit(
             ModelStatus(
                 path=remote.info.base_url,
@@ -293,13 +313,33 @@ class EngineWorker(QObject):
         except ServerError as error:
             self.server_probed.emit(request_id, False, str(error))
             return
+        except Exception as error:
+            self.server_probed.emit(request_id, False, unexpected(error))
+            return
         self.server_probed.emit(request_id, True, describe_server(info))
+
+    def _replace_session(self, engine: ChatSession | RemoteChatSession) -> None:
+        """Make ``engine`` the session; the previous one is saved (if it can be) and closed."""
+        previous, self.session = self.session, engine
+        if previous is not None:
+            self._close_session(previous)
+
+    def _close_session(self, engine: ChatSession | RemoteChatSession) -> None:
+        try:
+            self._save_dirty_cache(engine)
+        finally:
+            try:
+                engine.close()
+            except Exception as error:
+                self.error.emit(f"could not close the previous model: {unexpected(error)}")
 
     def _save_dirty_cache(self, engine: ChatSession | RemoteChatSession) -> None:
         try:
             engine.save_if_changed()
-        except (SessionError, StorageError, KeyError) as error:
+        except (SessionError, StorageError, KeyError, DecodeError) as error:
             self.error.emit(f"could not save the cache of the open chat: {error}")
+        except Exception as error:
+            self.error.emit(f"could not save the cache of the open chat: {unexpected(error)}")
 
     def _require_session(self) -> ChatSession | RemoteChatSession:
         if self.session is None:
@@ -332,9 +372,11 @@ class EngineWorker(QObject):
         except (SessionError, StorageError, KeyError, ValueError) as error:
             self.turn_failed.emit(chat_id, "error", str(error))
             return
+        except DecodeError as error:  # llama.cpp failed; the cache was put back in step
+            self.turn_failed.emit(chat_id, "error", f"the model failed: {error}")
+            return
         except Exception as error:  # a bug must not kill the worker thread
-            traceback.print_exc()
-            self.turn_failed.emit(chat_id, "error", f"unexpected error: {error}")
+            self.turn_failed.emit(chat_id, "error", unexpected(error))
             return
         # A snapshot: the turn's own metrics keep changing in this thread (commit, warm-up).
         self.reply_finished.emit(replace(result, metrics=copy.deepcopy(result.metrics)))
@@ -345,7 +387,14 @@ class EngineWorker(QObject):
         """Warm up a chat's instruction block in idle time (after an edit)."""
         if self.shutting_down.is_set() or self.session is None:
             return
-        upkeep = self.session.upkeep(chat_id, (Step.WARM_UP, Step.SAVE))
+        try:
+            upkeep = self.session.upkeep(chat_id, (Step.WARM_UP, Step.SAVE))
+        except Exception as error:
+            self.error.emit(f"could not prepare the chat: {unexpected(error)}")
+            self.background_finished.emit(
+                BackgroundOutcome(chat_id, None, None, False, notes=["failed to start"])
+            )
+            return
         self._continue_background.emit(_IdleJob(upkeep, cancel))
 
     @Slot(int, object)
@@ -360,8 +409,11 @@ class EngineWorker(QObject):
             self.session.prefetch(chat_id)
         except KeyError:
             return
-        except (SessionError, StorageError, ValueError) as error:
+        except (SessionError, StorageError, ValueError, DecodeError) as error:
             self.error.emit(f"could not restore the chat's saved state: {error}")
+            return
+        except Exception as error:
+            self.error.emit(f"could not restore the chat's saved state: {unexpected(error)}")
             return
         view = self._cache_view(chat_id)
         if view is not None:
@@ -373,28 +425,37 @@ class EngineWorker(QObject):
         if self.session is None or self.shutting_down.is_set():
             return
         work = job.work
+        failure: str | None = None
         if not job.cancel.is_set() and not work.done:
             step = work.next_step
             try:
                 work.advance(job.cancel)
             except KeyError:
-                return  # the chat was deleted meanwhile
-            except (SessionError, StorageError, ValueError) as error:
-                self.error.emit(f"background {step} failed: {error}")
+                failure = "the chat was deleted"  # meanwhile: nothing to report
+            except (SessionError, StorageError, ValueError, DecodeError) as error:
+                failure = f"background {step} failed: {error}"
+                self.error.emit(failure)
+            except Exception as error:  # a bug must not leave the turn's steps hanging
+                failure = f"background {step} failed: {unexpected(error)}"
+                self.error.emit(failure)
+            if failure is not None:
                 work.stopped = True
-            if not work.done and not job.cancel.is_set():
+            elif not work.done and not job.cancel.is_set():
                 self._continue_background.emit(job)
                 return
         completed = not work.remaining
         turn = work if isinstance(work, Turn) else None
+        metrics = None
+        if turn and turn.metrics and completed:
+            metrics = turn.metrics.as_dict()
         self.background_finished.emit(
             BackgroundOutcome(
                 chat_id=work.chat_id,
                 metrics_id=turn.result.metrics_id if turn and turn.result else None,
-                metrics=turn.metrics.as_dict() if turn and turn.metrics and completed else None,
+                metrics=metrics,
                 completed=completed,
                 cache=self._cache_view(work.chat_id),
-                notes=[] if completed else ["pre-empted by a new request"],
+                notes=[] if completed else [failure or "pre-empted by a new request"],
             )
         )
 
@@ -404,6 +465,9 @@ class EngineWorker(QObject):
         try:
             return self.session.cache_view(chat_id)
         except (KeyError, SessionError, StorageError):
+            return None
+        except Exception as error:
+            self.error.emit(f"could not describe the cache: {unexpected(error)}")
             return None
 
     # -- previews and settings ------------------------------------------------------
@@ -419,6 +483,9 @@ class EngineWorker(QObject):
             tokens, seconds = self.session.edit_cost(chat_id, block, layout or None)
         except (KeyError, SessionError, StorageError, ValueError):
             return
+        except Exception as error:
+            self.error.emit(f"could not estimate the edit's cost: {unexpected(error)}")
+            return
         self.edit_cost_ready.emit(request_id, chat_id, tokens, seconds)
 
     @Slot(int, int, object, str)
@@ -428,6 +495,9 @@ class EngineWorker(QObject):
         try:
             preview: TrimPreview = self.session.preview_trim(chat_id, limit, mode)
         except (KeyError, SessionError, StorageError, ValueError):
+            return
+        except Exception as error:
+            self.error.emit(f"could not preview the limit: {unexpected(error)}")
             return
         self.trim_preview_ready.emit(request_id, chat_id, preview)
 
@@ -441,11 +511,15 @@ class EngineWorker(QObject):
         try:
             self.session.activate(chat_id)
             preview = self.session.set_trim(chat_id, limit, mode)
-        except (KeyError, SessionError, StorageError, ValueError) as error:
+            upkeep = self.session.upkeep(chat_id)
+        except (KeyError, SessionError, StorageError, ValueError, DecodeError) as error:
             self.error.emit(f"could not change the cached-history limit: {error}")
             return
+        except Exception as error:
+            self.error.emit(f"could not change the cached-history limit: {unexpected(error)}")
+            return
         self.trim_applied.emit(chat_id, preview)
-        self._continue_background.emit(_IdleJob(self.session.upkeep(chat_id), background_cancel))
+        self._continue_background.emit(_IdleJob(upkeep, background_cancel))
 
     @Slot(int)
     def refresh_cache_view(self, chat_id: int) -> None:
@@ -471,17 +545,27 @@ class EngineWorker(QObject):
         except StorageError as error:
             self.error.emit(f"could not delete the chat: {error}")
             return
+        except Exception as error:
+            self.error.emit(f"could not delete the chat: {unexpected(error)}")
+            return
         self.chat_deleted.emit(chat_id)
 
     @Slot()
     def shutdown(self) -> None:
-        """Save the open chat's cache if it changed, free the model, close the database."""
+        """Save the open chat's cache if it changed, free the model, close the database.
+
+        The model and the database are closed even if saving (or closing) raised.
+        """
         self.shutting_down.set()
-        if self.session is not None:
-            self._save_dirty_cache(self.session)
-            self.session.close()
-            self.session = None
-        self.store.close()
+        session, self.session = self.session, None
+        try:
+            if session is not None:
+                self._close_session(session)
+        finally:
+            try:
+                self.store.close()
+            except Exception as error:
+                self.error.emit(f"could not close the database: {unexpected(error)}")
 
 
 @dataclass
@@ -496,7 +580,7 @@ class EngineHost(QObject):
     """The GUI thread's handle on the worker: queues requests, owns the cancel flags."""
 
     _configure = Signal(object, str)
-    _load_model = Signal(str)
+    _load_model = Signal(str, object)
     _connect_server = Signal(str, str)
     _probe_server = Signal(int, str, str)
     _run_turn = Signal(object)
@@ -551,6 +635,7 @@ class EngineHost(QObject):
         self._set_chat_template.connect(self.worker.set_chat_template, queued)
         self._shutdown.connect(self.worker.shutdown, Qt.ConnectionType.BlockingQueuedConnection)
         self.turn_cancel: threading.Event | None = None
+        self.load_cancel = threading.Event()
         self.background_cancel = threading.Event()
         self._request_ids = 0
         self.busy_chat_id: int | None = None
@@ -578,7 +663,13 @@ class EngineHost(QObject):
         self._preempt_background()
         if n_ctx is not None or kv_type is not None:
             self._configure.emit(n_ctx, kv_type or self.worker.kv_type)
-        self._load_model.emit(path or "")
+        self.load_cancel.set()  # a newer load supersedes one still queued or running
+        self.load_cancel = threading.Event()
+        self._load_model.emit(path or "", self.load_cancel)
+
+    def cancel_load(self) -> None:
+        """Stop the model load under way (and any queued): the previous model stays."""
+        self.load_cancel.set()
 
     def connect_server(self, url: str, model: str) -> None:
         self._preempt_background()
@@ -651,6 +742,7 @@ class EngineHost(QObject):
             return
         self.worker.shutting_down.set()
         self.stop()
+        self.load_cancel.set()
         self.background_cancel.set()
         with contextlib.suppress(RuntimeError):
             self._shutdown.emit()  # blocks until the worker has run it
