@@ -82,7 +82,10 @@ class SavedStates:
         self._identity = identity
         self.page_tokens = page_tokens
         self._root = _digest(json.dumps(self.fingerprint(), sort_keys=True).encode())
-        self._seq_id = SEQ
+        # Learned at the first save: a cache that is not one plain attention cache (a
+        # sliding-window pair, recurrent memory) never takes the range path, so later
+        # saves do not copy a range out only to throw it away.
+        self._whole_states_only = False
 
     def fingerprint(self) -> dict[str, object]:
         """Everything that changes the KV values of the same token ids."""
@@ -237,7 +240,7 @@ class SavedStates:
             self.kv.delete_state(chat_id)
             self.mirror.mark_saved()
             return StateSave(0, (time.perf_counter() - started) * 1000)
-        saved = self._save_range(chat_id, tokens)
+        saved = None if self._whole_states_only else self._save_range(chat_id, tokens)
         if saved is None:
             saved = self._save_whole_state(chat_id, tokens)
         self.mirror.mark_saved()
@@ -262,6 +265,7 @@ class SavedStates:
         blob = self.mirror.snapshot_from(start)
         parsed = parse_state(blob)
         if parsed is None or len(parsed.caches) != 1 or parsed.caches[0].format is None:
+            self._whole_states_only = True
             return None
         cells = parsed.caches[0]
         if not np.array_equal(cells.positions, np.arange(start, len(tokens), dtype=np.int32)):
@@ -270,22 +274,18 @@ class SavedStates:
         # The cells were read as RANGE_SEQ's; the pages hold the chat sequence's id, as a
         # whole-state save would, so a page is the same bytes whichever way it was cut.
         cells.meta[:, fmt.meta_size - 4 :] = np.frombuffer(
-            struct.pack("<i", self._seq_id), dtype=np.uint8
+            struct.pack("<i", SEQ), dtype=np.uint8
         )
         new = []
         for where in split_bounds(parsed, self.page_tokens):
             index = where.first_position // self.page_tokens
-            if hashes[index] in known:
-                continue
-            page = page_at(parsed, where)
-            new.append(
-                StoredPage(hashes[index], page.cache, page.first_position, page.count, page.payload)
-            )
+            if hashes[index] not in known:
+                new.append(_stored(hashes[index], page_at(parsed, where)))
         record = StateRecord(
             chat_id=chat_id,
             format_version=STATE_FORMAT_VERSION,
             fingerprint=self.fingerprint(),
-            seq_id=self._seq_id,
+            seq_id=SEQ,
             formats=[fmt.describe()],
             token_ids=tokens,
             page_hashes=hashes,
@@ -330,12 +330,8 @@ class SavedStates:
         known = self.kv.known_pages(hashes)
         new = []
         for index, (digest, where) in enumerate(zip(hashes, bounds, strict=True)):
-            if digest in known:
-                continue
-            page = copied.get(index) or page_at(parsed, where)
-            new.append(
-                StoredPage(digest, page.cache, page.first_position, page.count, page.payload)
-            )
+            if digest not in known:
+                new.append(_stored(digest, copied.get(index) or page_at(parsed, where)))
         written = self.kv.save_state(record, new)
         self.kv.enforce_budget(keep=hashes)
         return len(blob), written, len(blob)
@@ -352,6 +348,10 @@ def _positions_match(positions: object, tokens: Sequence[int]) -> bool:
 
 def _positions_are(page: StoredPage, fmt: CacheFormat, first: int, count: int) -> bool:
     return bool(np.array_equal(page_positions(_page(page), fmt), np.arange(first, first + count)))
+
+
+def _stored(digest: bytes, page: Page) -> StoredPage:
+    return StoredPage(digest, page.cache, page.first_position, page.count, page.payload)
 
 
 def _page(stored: StoredPage) -> Page:
