@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +15,30 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from app.core.models import default_model_path
-from app.session.chat_session import ChatSession, GenerationOptions
+from app.session.chat_session import ChatSession, GenerationOptions, TurnResult
 from app.storage.store import Store
 
 TEST_CTX = 2048
 GREEDY = GenerationOptions(max_tokens=12, temperature=0.0, seed=0)
+
+
+def send_cancelled_after(
+    engine: ChatSession, chat_id: int, tokens: int = 3
+) -> tuple[TurnResult, list[str]]:
+    """Ask for a long reply and press Stop once ``tokens`` pieces have streamed."""
+    stop = threading.Event()
+    pieces: list[str] = []
+
+    def on_token(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == tokens:
+            stop.set()
+
+    options = GenerationOptions(max_tokens=64, temperature=0.0)
+    result = engine.send(
+        chat_id, "Write a long story about a dragon.", options, on_token=on_token, cancel=stop
+    )
+    return result, pieces
 
 
 @pytest.fixture(scope="session")

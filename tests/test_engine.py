@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 
 import pytest
-from conftest import GREEDY, TEST_CTX, flip_page_byte, set_state_field
+from conftest import GREEDY, TEST_CTX, flip_page_byte, send_cancelled_after, set_state_field
 
 from app.core.kv_mirror import common_prefix_length
 from app.domain import Step
@@ -349,18 +348,7 @@ def test_cancel_keeps_partial_reply_and_a_consistent_cache(
     engine: ChatSession, store: Store
 ) -> None:
     chat_id = _chat(store, "cancel")
-    stop = threading.Event()
-    pieces: list[str] = []
-
-    def on_token(piece: str) -> None:
-        pieces.append(piece)
-        if len(pieces) == 3:
-            stop.set()
-
-    options = GenerationOptions(max_tokens=64, temperature=0.0)
-    result = engine.send(
-        chat_id, "Write a long story about a dragon.", options, on_token=on_token, cancel=stop
-    )
+    result, pieces = send_cancelled_after(engine, chat_id)
     assert result.metrics.finish_reason == "cancelled"
     reply = store.message(result.reply_message_id)
     assert reply.status == "cancelled" and reply.text == "".join(pieces)

@@ -7,13 +7,12 @@ model, llama.cpp's cells, SQLite in tmp_path) is real.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from backend_double import NoPartialRemoval
-from conftest import GREEDY, TEST_CTX
+from conftest import GREEDY, TEST_CTX, send_cancelled_after
 
 from app.core.llama_backend import LlamaBackend
 from app.session.chat_session import ChatSession, GenerationOptions
@@ -105,18 +104,7 @@ def test_a_cancelled_reply_is_dropped_through_the_snapshot(
     engine.send(chat_id, QUESTIONS[0], GREEDY)
     engine.after_reply(chat_id)
     history = engine.history_plan(chat_id).tokens
-    stop = threading.Event()
-    pieces: list[str] = []
-
-    def on_token(piece: str) -> None:
-        pieces.append(piece)
-        if len(pieces) == 3:
-            stop.set()
-
-    options = GenerationOptions(max_tokens=64, temperature=0.0)
-    result = engine.send(
-        chat_id, "Write a long story about a dragon.", options, on_token=on_token, cancel=stop
-    )
+    result, _ = send_cancelled_after(engine, chat_id)
     assert result.metrics.finish_reason == "cancelled"
     assert store.message(result.reply_message_id).status == "cancelled"
     _consistent(engine)
