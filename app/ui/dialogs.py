@@ -7,7 +7,16 @@ from pathlib import Path
 
 from PySide6 import __version__ as pyside_version
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QWidget
+from PySide6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSizePolicy,
+    QWidget,
+)
 
 import app
 from app.core.models import DEFAULT_MODEL_FILE, DEFAULT_MODEL_LICENSE
@@ -37,6 +46,25 @@ def about_html(
         f" Hugging Face), is licensed under the {DEFAULT_MODEL_LICENSE} licence."
         " KV Chat itself is MIT licensed.</p>"
     )
+
+
+def accept_buttons(dialog: QDialog, ok_text: str) -> QDialogButtonBox:
+    """OK (named for what it does) and Cancel, wired to the dialog's accept and reject."""
+    buttons = QDialogButtonBox(
+        QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
+    )
+    buttons.button(QDialogButtonBox.StandardButton.Ok).setText(ok_text)
+    buttons.accepted.connect(dialog.accept)
+    buttons.rejected.connect(dialog.reject)
+    return buttons
+
+
+def hint_label(text: str) -> QLabel:
+    """A wrapped note in the style sheet's muted ``hint`` look."""
+    label = QLabel(text)
+    label.setObjectName("hint")
+    label.setWordWrap(True)
+    return label
 
 
 def storage_note(db_path: Path) -> str:

@@ -10,9 +10,7 @@ from __future__ import annotations
 from PySide6.QtWidgets import (
     QComboBox,
     QDialog,
-    QDialogButtonBox,
     QFormLayout,
-    QLabel,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -20,6 +18,7 @@ from PySide6.QtWidgets import (
 
 from app import limits
 from app.domain import KVType
+from app.ui.dialogs import accept_buttons, hint_label
 
 KV_TYPE_LABELS = {
     KVType.F16: "f16 (exact, 2 bytes per value)",
@@ -53,20 +52,13 @@ class ModelSettingsDialog(QDialog):
         self.kv_combo.setCurrentIndex(max(self.kv_combo.findData(kv_type), 0))
         form.addRow("KV cache type", self.kv_combo)
         layout.addLayout(form)
-        note = QLabel(
-            f"Applying reloads {model_name}. Saved caches made with another context size or"
-            " KV type are not reused: each chat's next turn recomputes its history once."
+        layout.addWidget(
+            hint_label(
+                f"Applying reloads {model_name}. Saved caches made with another context size"
+                " or KV type are not reused: each chat's next turn recomputes its history once."
+            )
         )
-        note.setObjectName("hint")
-        note.setWordWrap(True)
-        layout.addWidget(note)
-        buttons = QDialogButtonBox(
-            QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
-        )
-        buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Reload model")
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        layout.addWidget(buttons)
+        layout.addWidget(accept_buttons(self, "Reload model"))
 
     def n_ctx(self) -> int:
         return self.n_ctx_spin.value()

@@ -13,7 +13,6 @@ from pathlib import Path
 from PySide6.QtWidgets import (
     QComboBox,
     QDialog,
-    QDialogButtonBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -24,6 +23,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.domain import TemplateChoice, TemplateKind
+from app.ui.dialogs import accept_buttons, hint_label
 
 OWN = "own"
 FILE = "file"
@@ -76,20 +76,13 @@ class ChatTemplateDialog(QDialog):
         self.notes_label.setObjectName("hint")
         self.notes_label.setWordWrap(True)
         layout.addWidget(self.notes_label)
-        hint = QLabel(
-            "The choice is kept for this model file. Saved caches made with another template"
-            " are not reused: each chat's next turn recomputes its history once."
+        layout.addWidget(
+            hint_label(
+                "The choice is kept for this model file. Saved caches made with another"
+                " template are not reused: each chat's next turn recomputes its history once."
+            )
         )
-        hint.setObjectName("hint")
-        hint.setWordWrap(True)
-        layout.addWidget(hint)
-        buttons = QDialogButtonBox(
-            QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
-        )
-        buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Use template")
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        layout.addWidget(buttons)
+        layout.addWidget(accept_buttons(self, "Use template"))
 
     def ask_file(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
