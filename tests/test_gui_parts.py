@@ -31,6 +31,7 @@ from app.ui.dialogs import about_html
 from app.ui.inspector import phase_rows
 from app.ui.instructions import describe_edit_cost
 from app.ui.markdown import markdown_blocks, markdown_to_html, plain_to_html
+from app.ui.model_settings import ModelSettingsDialog
 
 UI_DIR = Path(app.__file__).parent / "ui"
 MODEL_MODULES = (
@@ -159,6 +160,13 @@ def test_streaming_renders_each_stage_like_the_finished_text(qtbot) -> None:  # 
         if text[:end].endswith("```sh\nmake"):
             assert bubble.body.code_views()[-1].block.code == "make", "an open fence is code"
     assert bubble.body.blocks == markdown_blocks(text)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_model_settings_open_on_the_current_kv_type(qtbot, kv_type: str) -> None:  # type: ignore[no-untyped-def]
+    dialog = ModelSettingsDialog(4096, kv_type, "model.gguf")
+    qtbot.addWidget(dialog)
+    assert (dialog.n_ctx(), dialog.kv_type()) == (4096, kv_type)
 
 
 def test_user_text_is_escaped_not_rendered() -> None:

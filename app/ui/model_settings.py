@@ -47,8 +47,8 @@ class ModelSettingsDialog(QDialog):
         )
         form.addRow("Context size", self.n_ctx_spin)
         self.kv_combo = QComboBox()
-        for kv_type in KVType:
-            self.kv_combo.addItem(KV_TYPE_LABELS.get(kv_type, str(kv_type)), str(kv_type))
+        for choice in KVType:
+            self.kv_combo.addItem(KV_TYPE_LABELS.get(choice, str(choice)), str(choice))
         self.kv_combo.setCurrentIndex(max(self.kv_combo.findData(kv_type), 0))
         form.addRow("KV cache type", self.kv_combo)
         layout.addLayout(form)
