@@ -11,19 +11,17 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from app import arguments, limits
 from app.arguments import positive_int, whole_number
+from app.core.errors import DecodeError
 from app.core.models import ModelFileError
 from app.domain import KVType, Layout, MessageStatus, Role, TrimMode
-from app.session.chat_session import ChatSession, GenerationOptions, SessionError, TurnResult
+from app.session.engine import ChatEngine, GenerationOptions, SessionError, TurnResult
 from app.storage.export import export_chat
 from app.storage.records import Message
 from app.storage.store import StorageError, Store, valid_chat_name
-
-if TYPE_CHECKING:
-    from app.remote.session import RemoteChatSession
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -172,7 +170,7 @@ def _last_unanswered(store: Store, chat_id: int) -> Message | None:
 
 
 def _answer(
-    engine: ChatSession | RemoteChatSession,
+    engine: ChatEngine,
     store: Store,
     chat_id: int,
     message: str,
@@ -211,11 +209,17 @@ def _answer(
     return result, None, warnings
 
 
-def _open_session(args: argparse.Namespace, store: Store) -> ChatSession | RemoteChatSession:
-    """The local engine, or the server's with ``--server`` (the same interface)."""
+def _open_session(args: argparse.Namespace, store: Store) -> ChatEngine:
+    """The local engine, or the server's with ``--server`` (the same interface).
+
+    Each engine is imported here, when it is used: llama.cpp is loaded only for a local
+    model, httpx only for a server, and neither by the read-only commands.
+    """
     if not args.server:
         if args.server_model:
             raise CliError("--server-model needs --server")
+        from app.session.chat_session import ChatSession
+
         return ChatSession(
             store,
             args.model,
@@ -258,7 +262,7 @@ def run_chat(args: argparse.Namespace) -> int:
 def _chat_turn(
     args: argparse.Namespace,
     store: Store,
-    engine: ChatSession | RemoteChatSession,
+    engine: ChatEngine,
     message: str,
     instructions: str | None,
 ) -> int:
@@ -282,11 +286,9 @@ def _chat_turn(
         )
     options = GenerationOptions(args.max_tokens, args.temperature, args.seed)
     result, stored_reply, warnings = _answer(engine, store, chat.id, message, options)
-    markup = getattr(engine, "markup", None)
-    if markup is not None and markup.template_origin == "builtin-chatml":
-        suggested = engine.suggested_template  # type: ignore[union-attr]
-        hint = f"; this model's format is likely --chat-template {suggested}" if suggested else ""
-        warnings.insert(0, markup.notes[0] + hint)  # never a silent ChatML fallback
+    template_warning = engine.template_warning()
+    if template_warning:
+        warnings.insert(0, template_warning)  # never a silent ChatML fallback
     reply = result.reply if result is not None else stored_reply.text if stored_reply else ""
     metrics = result.metrics.as_dict() if result is not None else {}
     if warnings and metrics:
@@ -443,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         from app.bench.cli import run_bench
 
         return run_bench(args)
-    except (CliError, SessionError, ModelFileError, StorageError, ValueError) as error:
+    except (CliError, SessionError, ModelFileError, StorageError, DecodeError, ValueError) as error:
         print(f"kvchat: error: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

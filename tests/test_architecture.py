@@ -216,3 +216,55 @@ def test_code_is_ruff_clean() -> None:
     targets = [p for p in ("app", "tests", "scripts", "packaging") if (ROOT / p).exists()]
     done = subprocess.run([ruff, "check", *targets], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_server_engine_the_gui_thread_and_read_only_commands_never_load_llama_cpp(
+    tmp_path: Path,
+) -> None:
+    """llama.cpp is loaded by the local engine only: not by the server engine, the GUI's
+    modules (the worker imports the local engine when it loads a model) or `history`."""
+    code = (
+        "import sys, os\n"
+        "os.environ.setdefault('QT_QPA_PLATFORM', 'offscreen')\n"
+        "import app.remote.client, app.remote.session, app.session.engine, app.cli\n"
+        "import app.ui.worker, app.ui.main_window, app.ui.app\n"
+        "from app.storage.store import Store\n"
+        "from app.domain import Role\n"
+        f"db = {str(tmp_path / 'chats.db')!r}\n"
+        "with Store(db) as store:\n"
+        "    chat = store.create_chat('demo')\n"
+        "    store.add_message(chat.id, Role.USER, 'hello')\n"
+        "assert app.cli.main(['history', '--db', db, '--chat', 'demo', '--json']) == 0\n"
+        "assert 'llama_cpp' not in sys.modules, 'llama_cpp was imported'\n"
+        "assert 'app.core.llama_backend' not in sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, timeout=120, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_both_engines_implement_one_interface_without_type_escapes() -> None:
+    """One turn API (ChatEngine) with two implementations; callers never tell them apart
+    by type outside the factories that build them."""
+    from app.remote.session import RemoteChatSession
+    from app.session.chat_session import ChatSession
+    from app.session.engine import ChatEngine
+
+    assert issubclass(ChatSession, ChatEngine) and issubclass(RemoteChatSession, ChatEngine)
+    assert not ChatSession.__abstractmethods__ and not RemoteChatSession.__abstractmethods__
+    shared = ("start_turn", "send", "regenerate", "upkeep", "idle_work", "after_reply")
+    for name in shared:  # the turn API lives once
+        assert name not in vars(ChatSession) and name not in vars(RemoteChatSession), name
+    found = []
+    for path in sorted((ROOT / "app").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        relative = path.relative_to(ROOT).as_posix()
+        for number, line in enumerate(text.splitlines(), 1):
+            kind_check = "isinstance(" in line and (
+                "ChatSession" in line or "RemoteChatSession" in line
+            )
+            fitted = "type: ignore" in line and relative.startswith(("app/session", "app/remote"))
+            if kind_check or fitted or 'getattr(engine, "markup"' in line:
+                found.append(f"{relative}:{number}: {line.strip()}")
+    assert found == []

@@ -71,7 +71,7 @@ def test_a_model_without_a_template_gets_one_chosen_in_the_app(
 
 
 def test_a_jinja_file_can_be_chosen_in_the_dialog(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from app.ui.worker import TemplateInfo
+    from app.session.engine import TemplateInfo
 
     info = TemplateInfo("model.gguf", True, ("chatml", "gemma"), None, "gguf", ())
     dialog = ChatTemplateDialog(info)

@@ -82,10 +82,10 @@ from app.bench.report import BenchReport, build_report
 from app.bench.script import Script, block_text
 from app.domain import FinishReason, Layout, Role, Step
 from app.remote.session import RemoteChatSession
-from app.session.chat_session import ChatSession, GenerationOptions
+from app.session.engine import ChatEngine, GenerationOptions
 from app.storage.store import Store
 
-Session = ChatSession | RemoteChatSession
+Session = ChatEngine
 
 
 class _Runner:
@@ -206,21 +206,27 @@ def _run(
     on_turn: Callable[[TurnSample], None] | None,
     cancel: threading.Event | None,
 ) -> BenchReport:
+    # llama.cpp is loaded here, on the thread that runs the benchmark.
+    from app.session.chat_session import ChatSession
+
     status("loading the model")
+    locals_: list[ChatSession] = []
     for _ in config.strategies:
-        sessions.append(
+        locals_.append(
             ChatSession(store, config.model_path, n_ctx=config.n_ctx, kv_type=config.kv_type,
-                   n_threads=config.n_threads)
+                        n_threads=config.n_threads)
         )
+        sessions.append(locals_[-1])
         if config.server_url:
             break  # the local model only sizes the script; the server plays it
-    sizer = sessions[0]
+    sizer = locals_[0]
     builder = sizer.builder
     if config.server_url:
         status(f"connecting to {config.server_url}")
         for _ in config.strategies:
-            sessions.append(RemoteChatSession(store, config.server_url, config.server_model))
-        slots = sessions[-1].info.total_slots  # type: ignore[union-attr]
+            server = RemoteChatSession(store, config.server_url, config.server_model)
+            sessions.append(server)
+        slots = server.info.total_slots
         if slots < len(config.strategies):
             status(f"the server has {slots} slot(s) for {len(config.strategies)} strategies: "
                    "they evict each other (start it with --parallel 5)")
@@ -263,8 +269,7 @@ def _run(
         for user, reply in history:
             store.add_message(chat.id, Role.USER, user)
             store.add_message(chat.id, Role.ASSISTANT, reply)
-        if isinstance(session, ChatSession):
-            session.prompt_plan(chat.id, "x")  # tokenizes the stored messages, untimed
+        sizer.history_plan(chat.id)  # tokenizes the stored messages, untimed
         runners[name] = _Runner(name, session, chat.id)
 
     # Untimed prefill of each history (as the chats would hold after a long session).
@@ -277,19 +282,16 @@ def _run(
         if runner.naive:
             continue
         session = runner.session
-        if runner.commits and donor is not None:
+        if runner.commits and donor is not None and session.shares_saved_pages:
             store.kv.copy_state(donor.chat_id, runner.chat_id)  # shares its pages
             session.activate(runner.chat_id)
         status(f"prefilling the history of {name} (untimed)")
-        if isinstance(session, RemoteChatSession):  # its commit is part of the warm-up
-            session.upkeep(runner.chat_id, (Step.WARM_UP, Step.SAVE)).run(cancel)
-            continue
-        session.upkeep(runner.chat_id, (Step.COMMIT,)).run(cancel)
-        if runner.commits and donor is None:
+        session.prefill_history(runner.chat_id, with_block=False, cancel=cancel)
+        if runner.commits and donor is None and session.shares_saved_pages:
             session.save_state(runner.chat_id)
             donor = runner
         if runner.warm:
-            session.upkeep(runner.chat_id, (Step.WARM_UP,)).run(cancel)
+            session.prefill_history(runner.chat_id, with_block=True, cancel=cancel)
         session.save_if_changed()
     setup_s = time.perf_counter() - started
 
@@ -331,26 +333,16 @@ def _report(
     *,
     cancelled: bool,
 ) -> BenchReport:
-    if isinstance(session, RemoteChatSession):
-        server = session.info
-        model = {
-            "file": server.model.rsplit("/", 1)[-1],
-            "description": f"{server.kind} at {server.base_url}",
-            "n_ctx": session.n_ctx,
-            "kv_type": session.kv_type,
-            "n_threads": "server",
-            "llama_cpp": session.backend_version,
-        }
-    else:
-        info = session.model_info
-        model = {
-            "file": info.path.name,
-            "description": info.description,
-            "n_ctx": session.n_ctx,
-            "kv_type": session.kv_type,
-            "n_threads": config.n_threads or os.cpu_count(),
-            "llama_cpp": session.backend_version,
-        }
+    about = session.describe()
+    local = about.kind == "local"
+    model = {
+        "file": Path(about.path).name if local else about.name.rsplit("/", 1)[-1],
+        "description": about.description if local else f"{about.kind} at {about.path}",
+        "n_ctx": about.n_ctx,
+        "kv_type": about.kv_type,
+        "n_threads": (config.n_threads or os.cpu_count()) if local else "server",
+        "llama_cpp": about.backend_version,
+    }
     script = {
         "history_tokens": history_size,
         "block_tokens": block_size,

@@ -21,7 +21,14 @@ import llama_cpp
 
 from app import limits
 from app.core.chat_template import TemplateProbeError
-from app.core.models import ModelFileError, check_gguf_file
+from app.core.errors import (
+    ContextFullError,
+    DecodeAborted,
+    DecodeError,
+    ModelLoadCancelled,
+    ModelLoadError,
+)
+from app.core.models import check_gguf_file
 from app.domain import KVType
 
 SEQ = 0
@@ -115,26 +122,6 @@ class BuiltinTemplateRenderer:
         raise TemplateProbeError(f"llama.cpp's {self.name} output keeps growing")
 
 
-class ModelLoadError(ModelFileError):
-    pass
-
-
-class DecodeError(RuntimeError):
-    pass
-
-
-class ContextFullError(DecodeError):
-    """The context has no free cells for the tokens asked for."""
-
-
-class DecodeAborted(DecodeError):
-    """llama_decode stopped early because its cancel flag was set (the abort callback)."""
-
-
-class ModelLoadCancelled(ModelLoadError):
-    """The load was cancelled (the progress callback returned False)."""
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     path: Path
@@ -148,6 +135,7 @@ class ModelInfo:
     bos_token: str
     eos_token: str
     architecture: str = ""  # general.architecture, e.g. "llama", "gemma3"
+    name: str = ""  # general.name and general.size_label, e.g. "SmolLM2 135M Instruct"
 
 
 class LlamaBackend:
@@ -289,7 +277,17 @@ class LlamaBackend:
             bos_token=self.token_text(bos) if bos >= 0 else "",
             eos_token=self.token_text(eos) if eos >= 0 else "",
             architecture=self._meta("general.architecture") or "",
+            name=self._display_name(),
         )
+
+    def _display_name(self) -> str:
+        """The model's own name (its ``general.name``, with the size label when the name
+        lacks it); the file name when the GGUF has none."""
+        name = (self._meta("general.name") or "").strip() or self.path.stem
+        size = (self._meta("general.size_label") or "").strip()
+        if size and size.lower() not in name.lower():
+            name = f"{name} {size}"
+        return name
 
     def token_text(self, token: int) -> str:
         raw = llama_cpp.llama_vocab_get_text(self._vocab, token)

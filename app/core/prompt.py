@@ -13,11 +13,14 @@ from __future__ import annotations
 import datetime
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.core.chat_template import BLOCK_ACK, BlockPlacement, ChatMarkup, Wrapper, fill_dates
-from app.core.llama_backend import LlamaBackend
 from app.core.variables import PLACEHOLDER as _VARIABLE
 from app.domain import Layout, SegmentKind
+
+if TYPE_CHECKING:  # only a type: building prompt text needs no llama.cpp
+    from app.core.llama_backend import LlamaBackend
 
 
 def render_instructions(text: str, variables: dict[str, str] | None) -> str:

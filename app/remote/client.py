@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from app.session.chat_session import SessionError
+from app.session.engine import SessionError
 
 API_KEY_VARIABLE = "KVCHAT_API_KEY"
 KEYRING_SERVICE = "kvchat"
@@ -89,6 +89,12 @@ class ServerInfo:
             "slot save/restore" if self.slot_save else "no slot save (no --slot-save-path)"
         )
         return found
+
+    def summary(self) -> str:
+        """One line for the status bar and the connect dialog: kind, model, cache features."""
+        model = self.model.rsplit("/", 1)[-1]
+        context = f", n_ctx {self.n_ctx}" if self.n_ctx else ""
+        return f"{self.kind}: {model}{context} · " + "; ".join(self.features)
 
 
 @dataclass

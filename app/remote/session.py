@@ -14,11 +14,11 @@ The idle-time steps keep their meaning:
   (``/slots/{id}?action=save``) and the next activation restores it, when the server
   runs with ``--slot-save-path``.
 
-The turn pipeline (:class:`Turn`, :class:`Upkeep`) is the local one; this class supplies
-the same steps. Figures come from the server: ``reused_tokens`` is its cached count,
-``prefill_tokens`` the prompt tokens it did not have cached. TTFT and decode speed are
-measured on the client. Messages are stored without token ids (the server tokenizes),
-so the local engine re-tokenizes them if the chat is opened there later.
+The turn API is :class:`ChatEngine`'s; this class supplies only what differs. Figures
+come from the server: ``reused_tokens`` is its cached count, ``prefill_tokens`` the
+prompt tokens it did not have cached. TTFT and decode speed are measured on the client.
+Messages are stored without token ids (the server tokenizes), so the local engine
+re-tokenizes them if the chat is opened there later.
 """
 
 from __future__ import annotations
@@ -26,29 +26,30 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from app.core.chat_template import BLOCK_ACK, BLOCK_LABEL_CLOSE, BLOCK_LABEL_OPEN
 from app.core.metrics import TurnMetrics
 from app.domain import FinishReason, Layout, MessageStatus, Role, Step
 from app.remote.client import ChatCompletion, ServerClient, ServerError, ServerInfo, StreamDropped
-from app.session.chat_session import (
+from app.session.engine import (
     IDLE_STEPS,
     CacheView,
     ChatContext,
+    ChatEngine,
+    EngineDescription,
     GenerationOptions,
+    PreparedMessage,
+    ProgressCallback,
     SessionError,
+    StateLoad,
+    StateSave,
     StepResult,
     TokenCallback,
     TrimPreview,
     Turn,
     TurnResult,
-    Upkeep,
-    current_block,
-    load_chat_context,
 )
-from app.session.saved_state import StateLoad, StateSave
 from app.storage.store import Store
 
 ENGINE = "server"
@@ -79,11 +80,9 @@ def _finish(completion: ChatCompletion) -> FinishReason:
     return FinishReason.STOP
 
 
-class RemoteChatSession:
-    """The chats of one store on one server model; each chat is pinned to one slot."""
-
-    #: The server keeps its own cells: the usual order of the idle-time steps applies.
-    idle_order = IDLE_STEPS
+class RemoteChatSession(ChatEngine):
+    """The server engine: the chats of one store on one server model; each chat is
+    pinned to one slot."""
 
     def __init__(
         self,
@@ -93,7 +92,7 @@ class RemoteChatSession:
         *,
         api_key: str | None = None,
     ) -> None:
-        self.store = store
+        super().__init__(store)
         self.client = ServerClient(base_url, model, api_key=api_key)
         try:
             self.info: ServerInfo = self.client.connect()
@@ -101,14 +100,11 @@ class RemoteChatSession:
             self.client.close()
             raise
         self.slots: dict[int, ServerCache] = {}
-        self.cache_chat_id: int | None = None
-        self.bytes_per_token = 0.0
         self.prefill_tokens_per_s = 0.0
         self.block_role = BLOCK_ROLES[0]
         self.warmup_max_tokens = 0  # 1 once the server refuses 0
         identity = f"{store.path.resolve()}|{self.info.model}|{self.info.build}"
         self._file_key = hashlib.sha1(identity.encode()).hexdigest()[:12]
-        self._current_work: Turn | Upkeep | None = None
         self._skip_cache_once = False
 
     # -- facts ------------------------------------------------------------------------
@@ -129,13 +125,35 @@ class RemoteChatSession:
     def model_info(self) -> ServerInfo:
         return self.info
 
+    def describe(self) -> EngineDescription:
+        return EngineDescription(
+            kind=ENGINE,
+            path=self.info.base_url,
+            name=self.info.model,
+            description=self.info.summary(),
+            n_params=0,
+            size_bytes=0,
+            n_ctx=self.n_ctx,
+            kv_type=self.kv_type,
+            backend_version=self.backend_version,
+        )
+
     @property
-    def mirror(self) -> ServerCache:
-        """The slot of the cache's chat (what ``Turn`` reads its cache size from)."""
+    def idle_order(self) -> tuple[Step, ...]:
+        """The server keeps its own cells: the usual order of the idle-time steps applies."""
+        return IDLE_STEPS
+
+    @property
+    def held(self) -> ServerCache:
+        """What the slot of the cache's chat holds."""
         if self.cache_chat_id is None:
             return ServerCache()
         slot = self.slot_for(self.cache_chat_id)
         return self.slots.setdefault(slot, ServerCache(self.cache_chat_id))
+
+    @property
+    def cache_size(self) -> int:
+        return self.held.tokens
 
     @property
     def has_unsaved_cache(self) -> bool:
@@ -153,7 +171,7 @@ class RemoteChatSession:
 
     # -- chats and saved slots ------------------------------------------------------------
 
-    def activate(self, chat_id: int) -> StateLoad:
+    def activate(self, chat_id: int, context: ChatContext | None = None) -> StateLoad:
         """Make ``chat_id`` its slot's chat: save the slot's previous chat, restore this one."""
         self.cache_chat_id = chat_id
         slot = self.slot_for(chat_id)
@@ -177,10 +195,6 @@ class RemoteChatSession:
             self.bytes_per_token = read / cache.tokens
         ms = (time.perf_counter() - started) * 1000
         return StateLoad(restored=True, tokens=cache.tokens, ms=ms, bytes=read)
-
-    def prefetch(self, chat_id: int) -> StateLoad:
-        """Restore a chat's slot before its next turn (e.g. when the user selects it)."""
-        return self.activate(chat_id)
 
     def _save_slot(self, slot: int, cache: ServerCache) -> StateSave:
         if cache.chat_id is None or not self.info.slot_save:
@@ -229,12 +243,6 @@ class RemoteChatSession:
             self.cache_chat_id = None
 
     # -- prompts ------------------------------------------------------------------------
-
-    def _block(self, chat_id: int) -> tuple[str, int | None]:
-        return current_block(self.store, chat_id)
-
-    def _load_context(self, chat_id: int) -> ChatContext:
-        return load_chat_context(self.store, chat_id)
 
     def _later_block(self, block: str) -> list[dict[str, str]]:
         if self.block_role == "system":
@@ -324,96 +332,21 @@ class RemoteChatSession:
 
     # -- a turn -------------------------------------------------------------------------
 
-    def start_turn(
+    def _prepare_message(
         self,
-        chat_id: int,
-        text: str | None,
-        options: GenerationOptions | None = None,
-        *,
-        idle_steps: Sequence[Step] = IDLE_STEPS,
-    ) -> Turn:
-        """Store the user's message (``None``: answer the last one again) and open a turn."""
-        started = time.perf_counter()
-        if text is not None and not text.strip():
-            raise SessionError("the message is empty")
-        load = self.activate(chat_id)
-        context = self._load_context(chat_id)
-        options = options or GenerationOptions()
-        if text is None:
-            while context.messages and context.messages[-1].role == Role.ASSISTANT:
-                self.store.delete_message(context.messages.pop().id)
-            if not context.messages:
-                raise SessionError("there is no message to reply to")
-            user = context.messages[-1]
-        else:
-            user = self.store.add_message(
-                chat_id, Role.USER, text, instruction_version=context.instruction_version
-            )
-            context.messages.append(user)
-        turn = Turn(
-            self,  # type: ignore[arg-type]  # the same hooks as ChatSession
-            context,
-            user,
-            options,
-            load,
-            started,
-            (0, 0),
-            regenerated=text is None,
-            idle_steps=idle_steps,
-        )
-        self._current_work = turn
-        return turn
-
-    def send(
-        self,
-        chat_id: int,
+        context: ChatContext,
         text: str,
-        options: GenerationOptions | None = None,
-        *,
-        on_token: TokenCallback | None = None,
-        cancel: threading.Event | None = None,
-    ) -> TurnResult:
-        return self.start_turn(chat_id, text, options).respond(on_token=on_token, cancel=cancel)
-
-    def regenerate(
-        self,
-        chat_id: int,
-        options: GenerationOptions | None = None,
-        *,
-        on_token: TokenCallback | None = None,
-        cancel: threading.Event | None = None,
-    ) -> TurnResult:
-        return self.start_turn(chat_id, None, options).respond(on_token=on_token, cancel=cancel)
-
-    @property
-    def current_turn(self) -> Turn | None:
-        work = self._current_work
-        return work if isinstance(work, Turn) else None
-
-    def upkeep(self, chat_id: int, steps: Sequence[Step] = IDLE_STEPS) -> Upkeep:
-        work = Upkeep(self, chat_id, steps)  # type: ignore[arg-type]
-        self._current_work = work
-        return work
-
-    def idle_work(self, chat_id: int) -> Turn | Upkeep:
-        work = self._current_work
-        if isinstance(work, Turn) and work.chat_id == chat_id and not work.done:
-            return work
-        return self.upkeep(chat_id)
-
-    def after_reply(
-        self, chat_id: int, cancel: threading.Event | None = None
-    ) -> TurnMetrics | None:
-        """Commit + warm-up (one request) and save: what the CLI runs before exiting."""
-        work = self.idle_work(chat_id)
-        finished = work.run(cancel)
-        return work.metrics if isinstance(work, Turn) and finished else None
+        options: GenerationOptions,
+        exclude: int | None = None,
+    ) -> PreparedMessage:
+        """The server tokenizes (no ids are stored) and fits its own context."""
+        return PreparedMessage(None)
 
     def _respond(
         self,
         turn: Turn,
         on_token: TokenCallback | None,
-        progress: object,
+        progress: ProgressCallback | None,
         cancel: threading.Event | None,
     ) -> TurnResult:
         context, user, options = turn.context, turn.user, turn.options
@@ -455,7 +388,7 @@ class RemoteChatSession:
                 instruction_version=context.instruction_version,
             )
             self.store.add_metrics(chat.id, reply.id, metrics.as_dict())
-            self.mirror.changed = True
+            self.held.changed = True
             raise ServerError(f"{dropped}; the partial reply is stored as cancelled") from dropped
         self._fill_metrics(metrics, completion, turn.started, sent)
         if chat.layout == Layout.SYSTEM_FIRST and completion.evaluated_tokens > (
@@ -477,7 +410,7 @@ class RemoteChatSession:
             )
             context.messages.append(reply)
             reply_id = reply.id
-        cache = self.mirror
+        cache = self.held
         cache.tokens = completion.prompt_tokens + completion.completion_tokens
         cache.changed = True
         metrics.cache_tokens = cache.tokens
@@ -538,13 +471,21 @@ class RemoteChatSession:
             completion = self._complete(
                 context, pending=None, exclude=None, max_tokens=1, options=options, cancel=cancel
             )
-        cache = self.mirror
+        cache = self.held
         cache.tokens = completion.prompt_tokens + completion.completion_tokens
         cache.changed = True
         ms = (time.perf_counter() - started) * 1000
         return StepResult(
             Step.WARM_UP, completion.evaluated_tokens, ms, completed=not completion.cancelled
         )
+
+    def prefill_history(
+        self, chat_id: int, *, with_block: bool, cancel: threading.Event | None = None
+    ) -> bool:
+        """One request that ends on the history (commit is part of the warm-up here: a
+        request cannot end on a finished reply); the block comes with it when it is
+        the layout's, whatever ``with_block`` says."""
+        return self.upkeep(chat_id, (Step.WARM_UP, Step.SAVE)).run(cancel)
 
     # -- inspector helpers ----------------------------------------------------------------
 

@@ -15,17 +15,13 @@ It is not thread-safe; cancellation is a ``threading.Event`` set from anywhere.
 from __future__ import annotations
 
 import codecs
-import datetime
 import functools
-import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-from app import limits
 from app.core.chat_template import ChatMarkup, TemplateProbeError, markup_for, suggest_format
 from app.core.kv_mirror import (
     KVMirror,
@@ -45,7 +41,7 @@ from app.core.llama_backend import (
 )
 from app.core.metrics import TurnMetrics
 from app.core.models import default_model_path, model_file_identity
-from app.core.prompt import PromptBuilder, PromptPlan, Segment, render_instructions
+from app.core.prompt import PromptBuilder, PromptPlan, Segment
 from app.domain import (
     FinishReason,
     KVType,
@@ -58,17 +54,35 @@ from app.domain import (
     TemplateKind,
 )
 from app.session.context_size import ContextTooSmall, check_context_size
-from app.session.saved_state import SavedStates, StateLoad, StateSave
-from app.storage.records import Chat, Message, unanswered_ids
+from app.session.engine import (
+    BACKGROUND_CHUNK,
+    IDLE_STEPS,
+    CacheView,
+    ChatContext,
+    ChatEngine,
+    ContextOverflowError,
+    EngineDescription,
+    GenerationOptions,
+    PreparedMessage,
+    SessionError,
+    StateLoad,
+    StateSave,
+    StepResult,
+    TemplateInfo,
+    TokenCallback,
+    TrimPreview,
+    Turn,
+    TurnResult,
+    TurnStage,
+    Upkeep,
+    chat_started,
+    group_turns,
+)
+from app.session.saved_state import SavedStates
+from app.storage.records import Message
 from app.storage.store import Store
 
-BACKGROUND_CHUNK = 128  # tokens per llama_decode call in commit/warm-up: cancellable in ~0.3 s
 MIN_REPLY_ROOM = 16
-#: The idle-time steps after a reply, in the only order that is correct: the history is
-#: committed before the block is warmed up on top of it, and saved once both are done.
-IDLE_STEPS = (Step.COMMIT, Step.WARM_UP, Step.SAVE)
-
-TokenCallback = Callable[[str], None]
 
 __all__ = [
     "BACKGROUND_CHUNK",
@@ -90,322 +104,6 @@ __all__ = [
     "TurnStage",
     "Upkeep",
 ]
-
-
-class SessionError(Exception):
-    """A request the session refuses, explained in one line."""
-
-
-class ContextOverflowError(SessionError):
-    def __init__(self, over: int, n_ctx: int) -> None:
-        super().__init__(
-            f"the message is {over} tokens over the context size of {n_ctx} tokens; "
-            "shorten it or open the model with a larger context"
-        )
-        self.over = over
-        self.n_ctx = n_ctx
-
-
-@dataclass
-class GenerationOptions:
-    max_tokens: int = 256
-    temperature: float = 0.7
-    seed: int = 0  # -1: random (see app.limits)
-
-    def __post_init__(self) -> None:
-        # Refused here, before a turn stores the user's message.
-        limits.check_max_tokens(self.max_tokens)
-        limits.check_temperature(self.temperature)
-        limits.check_seed(self.seed)
-
-
-@dataclass
-class TurnResult:
-    """A finished (or stopped) reply."""
-
-    chat_id: int
-    user_message_id: int
-    reply_message_id: int | None
-    reply: str
-    metrics: TurnMetrics
-    metrics_id: int
-    regenerated: bool = False
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """One idle-time step (commit, warm-up or save)."""
-
-    step: Step
-    tokens: int = 0
-    ms: float = 0.0
-    completed: bool = True
-    trimmed_turns: int = 0
-    trimmed_tokens: int = 0
-    notes: tuple[str, ...] = ()  # e.g. a fallback the memory needed (see SyncResult.fallback)
-
-
-@dataclass
-class TrimPreview:
-    limit: int | None
-    mode: str
-    cache_start_seq: int
-    dropped_message_ids: list[int] = field(default_factory=list)
-    turns_change: int = 0  # > 0: turns leave the cache; < 0: turns come back
-    kept_history_tokens: int = 0
-    recompute_tokens: int = 0
-    recompute_seconds: float | None = None
-
-
-@dataclass
-class CacheView:
-    """What the cache holds for the inspector: segments and sizes."""
-
-    chat_id: int | None
-    segments: list[tuple[str, int]]
-    cache_tokens: int
-    matching_tokens: int
-    n_ctx: int
-    bytes_per_token: float
-    #: The chat's saved state on disk, and how much of it other chats share (forks).
-    saved_bytes: int = 0
-    saved_shared_bytes: int = 0
-    #: Every chat's saved states (each page once) and the budget they are kept under.
-    store_bytes: int = 0
-    budget_bytes: int = 0
-
-
-@dataclass
-class _ChatContext:
-    """A chat as one piece of work sees it: loaded once, kept current in memory."""
-
-    chat: Chat
-    messages: list[Message]
-    block_text: str
-    instruction_version: int | None
-
-    @property
-    def cached_messages(self) -> list[Message]:
-        """History in the cache: from the trim point on, without unanswered user messages,
-        so a prompt never holds two user messages in a row (Retry answers those)."""
-        unanswered = unanswered_ids(self.messages)
-        return [
-            m
-            for m in self.messages
-            if m.seq >= self.chat.cache_start_seq and m.id not in unanswered
-        ]
-
-
-#: Public name for other sessions that run the same turn pipeline (e.g. on a server).
-ChatContext = _ChatContext
-
-
-def current_block(store: Store, chat_id: int) -> tuple[str, int | None]:
-    """The chat's instruction block as the model sees it, and its version."""
-    current = store.current_instructions(chat_id)
-    if current is None:
-        return "", None
-    return render_instructions(current.text, current.variables), current.version
-
-
-def chat_started(messages: list[Message]) -> datetime.datetime | None:
-    """When the chat's first turn was sent (None before it): the date its template shows."""
-    return datetime.datetime.fromtimestamp(messages[0].created_at) if messages else None
-
-
-def load_chat_context(store: Store, chat_id: int) -> _ChatContext:
-    """A chat, its messages and its block, read once for one piece of work."""
-    block, version = current_block(store, chat_id)
-    return _ChatContext(store.chat(chat_id), store.messages(chat_id), block, version)
-
-
-def _turns(messages: list[Message]) -> list[list[Message]]:
-    """Group messages into turns: a user message and the replies after it."""
-    groups: list[list[Message]] = []
-    for message in messages:
-        if message.role == Role.USER or not groups:
-            groups.append([message])
-        else:
-            groups[-1].append(message)
-    return groups
-
-
-class TurnStage(StrEnum):
-    """Where a turn is in its pipeline; each stage allows only the next step."""
-
-    NEW = "new"
-    REPLIED = "replied"
-    COMMITTED = "committed"
-    WARMED = "warmed"
-    SAVED = "saved"
-    SUPERSEDED = "superseded"  # a newer turn or upkeep took the cache first
-
-
-class _IdleWork:
-    """Steps that run after a reply or an edit, one ``advance`` at a time, in a fixed order."""
-
-    def __init__(self, session: ChatSession, chat_id: int, steps: Sequence[Step]) -> None:
-        self.session = session
-        self.chat_id = chat_id
-        # Whatever subset is asked for, the steps run in the one order that is correct.
-        self.remaining = [step for step in session.idle_order if step in steps]
-        self.stopped = False
-
-    @property
-    def done(self) -> bool:
-        return self.stopped or not self.remaining
-
-    @property
-    def next_step(self) -> Step | None:
-        return None if self.done else self.remaining[0]
-
-    def _is_current(self) -> bool:
-        return self.session._current_work is self
-
-    def _context(self) -> _ChatContext:
-        raise NotImplementedError
-
-    def advance(self, cancel: threading.Event | None = None) -> StepResult | None:
-        """Run the next step; None when there is nothing left (done, stopped or superseded)."""
-        if self.done:
-            return None
-        if not self._is_current():
-            self.stopped = True
-            return None
-        # The order can change once the memory turns out not to drop partial ranges.
-        order = self.session.idle_order
-        self.remaining.sort(key=lambda s: order.index(s) if s in order else len(order))
-        step = self.remaining[0]
-        context = self._context()
-        if step == Step.COMMIT:
-            result = self.session._commit(context, cancel)
-        elif step == Step.WARM_UP:
-            context.block_text, context.instruction_version = self.session._block(context.chat.id)
-            result = self.session._warm_up(context, cancel)
-        else:
-            save = self.session.save_state(self.chat_id)
-            result = StepResult(Step.SAVE, ms=save.ms)
-            self._saved(save)
-        if result.completed:
-            self.remaining.pop(0)
-        else:
-            self.stopped = True
-        self._record(result)
-        return result
-
-    def run(self, cancel: threading.Event | None = None) -> bool:
-        """Run every remaining step; False if one was cancelled or superseded."""
-        while not self.done:
-            if self.advance(cancel) is None:
-                break
-        return not self.remaining
-
-    def _record(self, result: StepResult) -> None:
-        pass
-
-    def _saved(self, save: StateSave) -> None:
-        pass
-
-
-class Upkeep(_IdleWork):
-    """Idle-time work with no reply: after an instruction edit or a trim change."""
-
-    def _context(self) -> _ChatContext:
-        # Upkeep is rare and may follow other requests: it reads the chat anew each step.
-        return self.session._load_context(self.chat_id)
-
-
-class Turn(_IdleWork):
-    """One turn: ``respond`` first, then ``advance`` through commit, warm-up and save."""
-
-    def __init__(
-        self,
-        session: ChatSession,
-        context: _ChatContext,
-        user: Message,
-        options: GenerationOptions,
-        load: StateLoad,
-        started: float,
-        trimmed: tuple[int, int],
-        *,
-        regenerated: bool,
-        idle_steps: Sequence[Step] = IDLE_STEPS,
-    ) -> None:
-        super().__init__(session, context.chat.id, idle_steps)
-        self.context = context
-        self.user = user
-        self.options = options
-        self.load = load
-        self.started = started
-        self.trimmed = trimmed
-        self.regenerated = regenerated
-        self.stage = TurnStage.NEW
-        self.result: TurnResult | None = None
-
-    def _context(self) -> _ChatContext:
-        return self.context
-
-    def respond(
-        self,
-        *,
-        on_token: TokenCallback | None = None,
-        progress: ProgressCallback | None = None,
-        cancel: threading.Event | None = None,
-    ) -> TurnResult:
-        """Prefill what the cache lacks, generate and store the reply (the critical path)."""
-        if self.stage != TurnStage.NEW:
-            raise SessionError(f"this turn has already replied (stage {self.stage})")
-        self.result = self.session._respond(self, on_token, progress, cancel)
-        self.stage = TurnStage.REPLIED
-        return self.result
-
-    def advance(self, cancel: threading.Event | None = None) -> StepResult | None:
-        if self.stage == TurnStage.NEW:
-            raise SessionError("respond() comes before the idle-time steps")
-        result = super().advance(cancel)
-        if result is None and self.stopped and not self._is_current():
-            self.stage = TurnStage.SUPERSEDED
-        elif result is not None and result.completed:
-            self.stage = {
-                Step.COMMIT: TurnStage.COMMITTED,
-                Step.WARM_UP: TurnStage.WARMED,
-                Step.SAVE: TurnStage.SAVED,
-            }[result.step]
-        return result
-
-    @property
-    def metrics(self) -> TurnMetrics | None:
-        return self.result.metrics if self.result else None
-
-    def _record(self, result: StepResult) -> None:
-        metrics = self.metrics
-        if metrics is None:
-            return
-        if result.step == Step.COMMIT:
-            metrics.commit_tokens += result.tokens
-            metrics.commit_ms += result.ms
-            metrics.trimmed_turns += result.trimmed_turns
-            metrics.trimmed_tokens += result.trimmed_tokens
-        elif result.step == Step.WARM_UP:
-            metrics.warmup_tokens += result.tokens
-            metrics.warmup_ms += result.ms
-        metrics.background_tokens = metrics.commit_tokens + metrics.warmup_tokens
-        metrics.cache_tokens = len(self.session.mirror)
-        metrics.notes.extend(f"{result.step}: {note}" for note in result.notes)
-        if result.step != Step.SAVE and metrics.state_save_ms is not None and self.result:
-            # A step after the save (the warm-up of a sliding-window or recurrent model):
-            # its figures and notes reach the stored row too.
-            self.session.store.update_metrics(self.result.metrics_id, metrics.as_dict())
-
-    def _saved(self, save: StateSave) -> None:
-        if self.result is None:
-            return
-        metrics = self.result.metrics
-        metrics.state_bytes = save.bytes
-        metrics.state_bytes_written = save.written
-        metrics.state_save_ms = save.ms
-        metrics.cache_tokens = len(self.session.mirror)
-        self.session.store.update_metrics(self.result.metrics_id, metrics.as_dict())
 
 
 class _ReplyText:
@@ -462,8 +160,12 @@ class _ReplyText:
             self.shown = upto
 
 
-class ChatSession:
-    """The chats of one store on one loaded model; the cache holds one chat at a time."""
+class ChatSession(ChatEngine):
+    """The local engine: the chats of one store on a model loaded in this process by
+    llama.cpp; the cache holds one chat at a time."""
+
+    token_format: str
+    shares_saved_pages = True
 
     def __init__(
         self,
@@ -480,7 +182,7 @@ class ChatSession:
     ) -> None:
         """Load the model (``load_cancel`` set: ModelLoadCancelled within one tensor), or
         run on an already open ``backend``, which the session then owns and closes."""
-        self.store = store
+        super().__init__(store)
         if backend is None:
             path = Path(model_path) if model_path else default_model_path()
             backend = LlamaBackend(
@@ -506,9 +208,6 @@ class ChatSession:
         except (ContextTooSmall, SessionError):
             self.backend.close()
             raise
-        self.cache_chat_id: int | None = None
-        self.bytes_per_token: float = 0.0
-        self._current_work: _IdleWork | None = None
 
     # -- chat template ----------------------------------------------------------------
 
@@ -594,7 +293,7 @@ class ChatSession:
         """The template chosen for this model (None: its GGUF's own, or ChatML)."""
         return self.store.model_template(self.model_identity)
 
-    def use_template(self, choice: TemplateChoice | None) -> ChatMarkup:
+    def use_template(self, choice: TemplateChoice | None) -> None:
         """Choose the model's chat template (None: the GGUF's own) and keep the choice.
 
         The open chat's cache is saved first; the cache is then emptied, since its
@@ -610,7 +309,26 @@ class ChatSession:
         self.mirror.reset()
         self.mirror.mark_saved()
         self.cache_chat_id = None
-        return markup
+
+    def template_info(self) -> TemplateInfo:
+        markup = self.markup
+        return TemplateInfo(
+            model_name=self.backend.info.path.name,
+            model_has_template=self.model_has_template,
+            builtin_names=tuple(self.builtin_templates()),
+            choice=self.template_choice,
+            in_use=markup.template_origin,
+            notes=markup.notes,
+            suggested=self.suggested_template,
+        )
+
+    def template_warning(self) -> str | None:
+        """Said when no template of the model's own is in use (it fell back to ChatML)."""
+        if self.markup.template_origin != "builtin-chatml":
+            return None
+        suggested = self.suggested_template
+        hint = f"; this model's format is likely --chat-template {suggested}" if suggested else ""
+        return self.markup.notes[0] + hint
 
     # -- facts ------------------------------------------------------------------------
 
@@ -625,6 +343,27 @@ class ChatSession:
     @property
     def model_info(self) -> ModelInfo:
         return self.backend.info
+
+    def describe(self) -> EngineDescription:
+        info = self.backend.info
+        return EngineDescription(
+            kind="local",
+            path=str(info.path),
+            name=info.name,
+            description=info.description,
+            n_params=info.n_params,
+            size_bytes=info.size_bytes,
+            n_ctx=self.n_ctx,
+            kv_type=self.kv_type,
+            backend_version=self.backend_version,
+            template=self.markup.template_origin,
+            template_notes=self.markup.notes,
+            suggested_template=self.suggested_template,
+        )
+
+    @property
+    def cache_size(self) -> int:
+        return len(self.mirror)
 
     @property
     def backend_version(self) -> str:
@@ -665,7 +404,7 @@ class ChatSession:
 
     # -- chats and saved states -------------------------------------------------------
 
-    def activate(self, chat_id: int, context: _ChatContext | None = None) -> StateLoad:
+    def activate(self, chat_id: int, context: ChatContext | None = None) -> StateLoad:
         """Make ``chat_id`` the cache's chat, restoring its saved state if it is valid.
 
         A chat with no state of its own restores the pages it shares with another chat
@@ -703,12 +442,6 @@ class ChatSession:
             self.bytes_per_token = load.bytes / load.tokens
             self.mirror.checkpoint()  # recurrent memory: what a commit goes back to
         return load
-
-    def prefetch(self, chat_id: int) -> StateLoad:
-        """Restore a chat's state before its next turn (e.g. when the user selects it)."""
-        if self.cache_chat_id == chat_id:
-            return StateLoad(restored=False, tokens=len(self.mirror))
-        return self.activate(chat_id, self._load_context(chat_id))
 
     def save_state(self, chat_id: int) -> StateSave:
         """Persist the cache of ``chat_id`` with its token ids."""
@@ -748,12 +481,6 @@ class ChatSession:
 
     # -- prompt plans -----------------------------------------------------------------
 
-    def _block(self, chat_id: int) -> tuple[str, int | None]:
-        return current_block(self.store, chat_id)
-
-    def _load_context(self, chat_id: int) -> _ChatContext:
-        return load_chat_context(self.store, chat_id)
-
     def _message_tokens(self, message: Message) -> tuple[int, ...]:
         if message.token_format == self.token_format and message.token_ids:
             return tuple(message.token_ids)
@@ -767,7 +494,7 @@ class ChatSession:
 
     def _plan(
         self,
-        context: _ChatContext,
+        context: ChatContext,
         *,
         with_block: bool,
         pending: Segment | None = None,
@@ -824,7 +551,7 @@ class ChatSession:
             return 0
         total = 0
         start = messages[-1].seq + 1 if messages else 0
-        for turn in reversed(_turns(messages)):
+        for turn in reversed(group_turns(messages)):
             size = sum(len(self._message_tokens(m)) for m in turn)
             if total + size > limit:
                 break
@@ -832,7 +559,7 @@ class ChatSession:
             start = turn[0].seq
         return start
 
-    def _move_cache_start(self, context: _ChatContext, new_start: int) -> tuple[int, int]:
+    def _move_cache_start(self, context: ChatContext, new_start: int) -> tuple[int, int]:
         """Persist a new first cached message; in shift mode move the KV cells along.
 
         Returns (turns dropped, tokens dropped); ``context.chat`` is updated.
@@ -854,17 +581,17 @@ class ChatSession:
             held = self.mirror.tokens
             if len(held) >= end and list(held[:end]) == old_plan.tokens[:end]:
                 self.mirror.drop_range(anchor, end)  # slide the rest down: no recompute
-        return (len(_turns(dropped)) if dropped else 0), dropped_tokens
+        return (len(group_turns(dropped)) if dropped else 0), dropped_tokens
 
-    def _drop_oldest_turn(self, context: _ChatContext, exclude: int | None) -> tuple[int, int]:
+    def _drop_oldest_turn(self, context: ChatContext, exclude: int | None) -> tuple[int, int]:
         history = [m for m in context.cached_messages if m.id != exclude]
         if not history:
             return 0, 0
-        groups = _turns(history)
+        groups = group_turns(history)
         next_start = groups[1][0].seq if len(groups) > 1 else history[-1].seq + 1
         return self._move_cache_start(context, next_start)
 
-    def _enforce_limit(self, context: _ChatContext) -> tuple[int, int]:
+    def _enforce_limit(self, context: ChatContext) -> tuple[int, int]:
         """Apply the chat's trim limit, and keep history + block within the context."""
         start = max(
             context.chat.cache_start_seq,
@@ -879,9 +606,24 @@ class ChatSession:
             tokens += more_tokens
         return turns, tokens
 
+    def _prepare_message(
+        self,
+        context: ChatContext,
+        text: str,
+        options: GenerationOptions,
+        exclude: int | None = None,
+    ) -> PreparedMessage:
+        """The message's token segment (stored ids when it was stored before), and the
+        turns dropped so that it and a reply fit the context."""
+        if exclude is not None:
+            tokens = self._message_tokens(self.store.message(exclude))
+        else:
+            tokens = self.builder.user_segment(text)
+        return PreparedMessage(tokens, self._fit(context, tokens, options, exclude))
+
     def _fit(
         self,
-        context: _ChatContext,
+        context: ChatContext,
         pending: tuple[int, ...],
         options: GenerationOptions,
         exclude: int | None = None,
@@ -914,7 +656,7 @@ class ChatSession:
         kept_tokens = sum(len(self._message_tokens(m)) for m in kept)
         low, high = sorted((start, chat.cache_start_seq))
         moved = [m for m in messages if low <= m.seq < high]
-        turns_change = len(_turns(moved)) if moved else 0
+        turns_change = len(group_turns(moved)) if moved else 0
         if start < chat.cache_start_seq:
             turns_change = -turns_change  # turns come back into the cache
         shifts = mode == "shift" and start > chat.cache_start_seq and self.backend.can_shift
@@ -946,117 +688,6 @@ class ChatSession:
         return tokens / rate if rate else None
 
     # -- a turn -----------------------------------------------------------------------
-
-    def start_turn(
-        self,
-        chat_id: int,
-        text: str | None,
-        options: GenerationOptions | None = None,
-        *,
-        idle_steps: Sequence[Step] = IDLE_STEPS,
-    ) -> Turn:
-        """Store the user's message (``None``: answer the last one again) and open a turn.
-
-        The new turn supersedes any idle-time work still pending for any chat.
-        """
-        started = time.perf_counter()
-        if text is not None and not text.strip():
-            raise SessionError("the message is empty")
-        context = self._load_context(chat_id)
-        load = self.activate(chat_id, context)
-        options = options or GenerationOptions()
-        if text is None and options.temperature > 0:
-            # Another reply, not the same one again: greedy replies stay reproducible.
-            options = replace(options, seed=secrets.randbelow(limits.MAX_SEED + 1))
-        if text is None:
-            while context.messages and context.messages[-1].role == Role.ASSISTANT:
-                self.store.delete_message(context.messages.pop().id)
-            if not context.messages:
-                raise SessionError("there is no message to reply to")
-            user = context.messages[-1]
-            trimmed = self._fit(context, self._message_tokens(user), options, user.id)
-        else:
-            pending_tokens = self.builder.user_segment(text)
-            trimmed = self._fit(context, pending_tokens, options)
-            user = self.store.add_message(
-                chat_id,
-                Role.USER,
-                text,
-                token_ids=list(pending_tokens),
-                token_format=self.token_format,
-                instruction_version=context.instruction_version,
-            )
-            context.messages.append(user)
-        turn = Turn(
-            self,
-            context,
-            user,
-            options,
-            load,
-            started,
-            trimmed,
-            regenerated=text is None,
-            idle_steps=idle_steps,
-        )
-        self._current_work = turn
-        return turn
-
-    def send(
-        self,
-        chat_id: int,
-        text: str,
-        options: GenerationOptions | None = None,
-        *,
-        on_token: TokenCallback | None = None,
-        progress: ProgressCallback | None = None,
-        cancel: threading.Event | None = None,
-    ) -> TurnResult:
-        """Store the user's message, then generate and store the reply."""
-        turn = self.start_turn(chat_id, text, options)
-        return turn.respond(on_token=on_token, progress=progress, cancel=cancel)
-
-    def regenerate(
-        self,
-        chat_id: int,
-        options: GenerationOptions | None = None,
-        *,
-        on_token: TokenCallback | None = None,
-        progress: ProgressCallback | None = None,
-        cancel: threading.Event | None = None,
-    ) -> TurnResult:
-        """Replace the last reply (or answer a last unanswered message)."""
-        turn = self.start_turn(chat_id, None, options)
-        return turn.respond(on_token=on_token, progress=progress, cancel=cancel)
-
-    @property
-    def current_turn(self) -> Turn | None:
-        """The latest turn, while its idle-time steps may still run."""
-        work = self._current_work
-        return work if isinstance(work, Turn) else None
-
-    def upkeep(self, chat_id: int, steps: Sequence[Step] = IDLE_STEPS) -> Upkeep:
-        """Idle-time work after an edit or trim change (supersedes any pending work)."""
-        work = Upkeep(self, chat_id, steps)
-        self._current_work = work
-        return work
-
-    def idle_work(self, chat_id: int) -> _IdleWork:
-        """The chat's pending turn if it is the latest work, otherwise a fresh upkeep."""
-        work = self._current_work
-        if isinstance(work, Turn) and work.chat_id == chat_id and not work.done:
-            return work
-        return self.upkeep(chat_id)
-
-    def after_reply(
-        self, chat_id: int, cancel: threading.Event | None = None
-    ) -> TurnMetrics | None:
-        """Commit, warm up and save: what the CLI runs before exiting.
-
-        Returns the turn's completed metrics when the chat's latest turn finished.
-        """
-        work = self.idle_work(chat_id)
-        finished = work.run(cancel)
-        return work.metrics if isinstance(work, Turn) and finished else None
 
     def _respond(
         self,
@@ -1204,7 +835,7 @@ class ChatSession:
 
     # -- idle-time steps --------------------------------------------------------------
 
-    def _commit(self, context: _ChatContext, cancel: threading.Event | None) -> StepResult:
+    def _commit(self, context: ChatContext, cancel: threading.Event | None) -> StepResult:
         """Make the cache hold exactly the committed history (no instruction block in it).
 
         history-first: the block and everything after it leave the cache, then the new
@@ -1228,7 +859,7 @@ class ChatSession:
             Step.COMMIT, synced.evaluated, synced.ms, synced.completed, turns, tokens, notes
         )
 
-    def _warm_up(self, context: _ChatContext, cancel: threading.Event | None) -> StepResult:
+    def _warm_up(self, context: ChatContext, cancel: threading.Event | None) -> StepResult:
         """history-first: evaluate the current instruction block on top of the history."""
         self.activate(context.chat.id)
         synced = self.mirror.sync(
@@ -1242,6 +873,12 @@ class ChatSession:
         return StepResult(
             Step.WARM_UP, synced.evaluated, synced.ms, synced.completed, notes=notes
         )
+
+    def prefill_history(
+        self, chat_id: int, *, with_block: bool, cancel: threading.Event | None = None
+    ) -> bool:
+        steps = (Step.COMMIT, Step.WARM_UP) if with_block else (Step.COMMIT,)
+        return self.upkeep(chat_id, steps).run(cancel)
 
     # -- inspector helpers ------------------------------------------------------------
 

@@ -17,7 +17,6 @@ import struct
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,29 +33,10 @@ from app.core.state_pages import (
     parse_state,
     split_bounds,
 )
+from app.session.engine import StateLoad, StateSave
 from app.storage.kv_store import KVStore, StateRecord, StoredPage
 
 STATE_FORMAT_VERSION = 2  # 1: whole blobs in the chats database; 2: pages in the KV store
-
-
-@dataclass(frozen=True)
-class StateLoad:
-    """What happened when a chat became the cache's chat."""
-
-    restored: bool
-    tokens: int = 0
-    ms: float | None = None
-    rejected: str | None = None
-    bytes: int = 0
-    note: str | None = None  # e.g. a prefix restored because later pages were evicted
-
-
-@dataclass(frozen=True)
-class StateSave:
-    bytes: int  # size of the state
-    ms: float
-    written: int = 0  # bytes actually written: new pages only
-    copied: int = 0  # bytes of state llama.cpp serialized for this save
 
 
 def _digest(*parts: bytes) -> bytes:

@@ -38,7 +38,7 @@ from app.ui import theme
 from app.ui.theme import Palette, palette
 
 if TYPE_CHECKING:  # the worker sends these; only it imports the engine
-    from app.session.chat_session import CacheView, TrimPreview
+    from app.session.engine import CacheView, TrimPreview
 
 pg.setConfigOptions(antialias=True)
 

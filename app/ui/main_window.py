@@ -57,11 +57,10 @@ from app.ui.worker import (
     EngineHost,
     GenerationOptions,
     ModelStatus,
-    TemplateInfo,
 )
 
 if TYPE_CHECKING:  # the window only receives these from the worker's signals
-    from app.session.chat_session import TurnResult
+    from app.session.engine import TemplateInfo, TurnResult
 
 DEFAULT_SIZE = (1400, 900)
 ICON_FILE = ("icons", "kvchat-256.png")  # from the packaging work; optional

@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.domain import TemplateChoice, TemplateKind
+from app.session.engine import TemplateInfo
 from app.ui.dialogs import accept_buttons, hint_label
 
 OWN = "own"
@@ -32,10 +33,10 @@ FILE = "file"
 class ChatTemplateDialog(QDialog):
     """Picks a template; accepted means: use :meth:`choice` for the model from now on.
 
-    ``info`` is the worker's ``TemplateInfo`` for the loaded model.
+    ``info`` is the engine's :class:`TemplateInfo` for the loaded model.
     """
 
-    def __init__(self, info: object, parent: QWidget | None = None) -> None:
+    def __init__(self, info: TemplateInfo, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.info = info
         self.setWindowTitle("Chat template")
@@ -45,15 +46,15 @@ class ChatTemplateDialog(QDialog):
         self.combo = QComboBox()
         own = (
             "The model's own template"
-            if info.model_has_template  # type: ignore[attr-defined]
+            if info.model_has_template
             else "None in the model file: ChatML"
         )
         self.combo.addItem(own, OWN)
-        suggested = info.suggested  # type: ignore[attr-defined]
-        for name in info.builtin_names:  # type: ignore[attr-defined]
+        suggested = info.suggested
+        for name in info.builtin_names:
             likely = ", likely for this model" if name == suggested else ""
             self.combo.addItem(f"{name} (llama.cpp{likely})", name)
-        chosen: TemplateChoice | None = info.choice  # type: ignore[attr-defined]
+        chosen: TemplateChoice | None = info.choice
         if chosen is not None and chosen.kind == TemplateKind.JINJA:
             self._file_choice = chosen
             self.combo.addItem(f"{chosen.label} (Jinja file)", FILE)
@@ -69,9 +70,9 @@ class ChatTemplateDialog(QDialog):
         row.addWidget(self.file_button)
         form.addRow("Template", row)
         layout.addLayout(form)
-        notes = "; ".join(info.notes) or "no notes"  # type: ignore[attr-defined]
+        notes = "; ".join(info.notes) or "no notes"
         self.notes_label = QLabel(
-            f"{info.model_name} now uses {describe_origin(info.in_use)}: {notes}."  # type: ignore[attr-defined]
+            f"{info.model_name} now uses {describe_origin(info.in_use)}: {notes}."
         )
         self.notes_label.setObjectName("hint")
         self.notes_label.setWordWrap(True)

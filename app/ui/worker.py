@@ -28,31 +28,23 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
+from app.core.errors import DecodeError, ModelLoadCancelled
 from app.core.models import ModelFileError, check_gguf_file
 from app.core.prompt import render_instructions
 from app.domain import Step, TemplateChoice
-from app.remote.client import ServerClient, ServerError, ServerInfo
+from app.remote.client import ServerClient, ServerError
 from app.remote.session import RemoteChatSession
-from app.session.chat_session import (
+from app.session.engine import (
     CacheView,
-    ChatSession,
+    ChatEngine,
     ContextOverflowError,
-    DecodeError,
     GenerationOptions,
-    ModelLoadCancelled,
     SessionError,
     TrimPreview,
     Turn,
     Upkeep,
 )
 from app.storage.store import StorageError, Store
-
-
-def describe_server(info: ServerInfo) -> str:
-    """One line for the status bar and the connect dialog: kind, model, cache features."""
-    model = info.model.rsplit("/", 1)[-1]
-    context = f", n_ctx {info.n_ctx}" if info.n_ctx else ""
-    return f"{info.kind}: {model}{context} · " + "; ".join(info.features)
 
 
 def unexpected(error: BaseException) -> str:
@@ -82,19 +74,27 @@ class ModelStatus:
     template: str = ""
     template_notes: tuple[str, ...] = ()
     suggested_template: str | None = None
+    name: str = ""  # the model's own name (general.name) or the server's model id
+    kind: str = "local"  # "local" or "server"
 
-
-@dataclass(frozen=True)
-class TemplateInfo:
-    """What the Chat template dialog offers and shows (plain data, safe between threads)."""
-
-    model_name: str
-    model_has_template: bool  # the GGUF holds a usable template of its own
-    builtin_names: tuple[str, ...]  # llama.cpp's built-in formats
-    choice: TemplateChoice | None  # chosen for this model; None: the GGUF's own (or ChatML)
-    in_use: str  # the markup's origin, e.g. "gguf", "builtin:gemma", "builtin-chatml"
-    notes: tuple[str, ...] = ()
-    suggested: str | None = None  # the likely format of a GGUF without a template
+    @staticmethod
+    def of(engine: ChatEngine, load_ms: float) -> ModelStatus:
+        about = engine.describe()
+        return ModelStatus(
+            path=about.path,
+            description=about.description,
+            n_params=about.n_params,
+            size_bytes=about.size_bytes,
+            n_ctx=about.n_ctx,
+            kv_type=about.kv_type,
+            backend_version=about.backend_version,
+            load_ms=load_ms,
+            template=about.template,
+            template_notes=about.template_notes,
+            suggested_template=about.suggested_template,
+            name=about.name,
+            kind=about.kind,
+        )
 
 
 @dataclass
@@ -158,7 +158,7 @@ class EngineWorker(QObject):
     ) -> None:
         super().__init__()
         self.store = store
-        self.session: ChatSession | RemoteChatSession | None = None
+        self.session: ChatEngine | None = None
         self.n_ctx = n_ctx
         self.kv_type = kv_type
         self.n_threads = n_threads
@@ -191,6 +191,9 @@ class EngineWorker(QObject):
             return
         template, self.chat_template = self.chat_template, None  # the first load only
         try:
+            # llama.cpp is loaded here, on the worker thread, and only for a local model.
+            from app.session.chat_session import ChatSession
+
             model_path = check_gguf_file(path) if path else None
             engine = ChatSession(
                 self.store,
@@ -212,44 +215,13 @@ class EngineWorker(QObject):
             self.model_failed.emit(unexpected(error))
             return
         self._replace_session(engine)
-        info = engine.backend.info
-        markup = engine.markup
-        self.model_loaded.emit(
-            ModelStatus(
-                path=str(info.path),
-                description=info.description,
-                n_params=info.n_params,
-                size_bytes=info.size_bytes,
-                n_ctx=engine.n_ctx,
-                kv_type=engine.kv_type,
-                backend_version=engine.backend_version,
-                load_ms=(time.perf_counter() - started) * 1000,
-                template=markup.template_origin,
-                template_notes=markup.notes,
-                suggested_template=engine.suggested_template,
-            )
-        )
-
-    def _template_info(self) -> TemplateInfo:
-        session = self._require_session()
-        if not isinstance(session, ChatSession):
-            raise SessionError("a server writes prompts with its own chat template")
-        info = session.backend.info
-        return TemplateInfo(
-            model_name=info.path.name,
-            model_has_template=session.model_has_template,
-            builtin_names=tuple(session.builtin_templates()),
-            choice=session.template_choice,
-            in_use=session.markup.template_origin,
-            notes=session.markup.notes,
-            suggested=session.suggested_template,
-        )
+        self.model_loaded.emit(ModelStatus.of(engine, (time.perf_counter() - started) * 1000))
 
     @Slot()
     def describe_templates(self) -> None:
         """What Model → Chat template… offers for the loaded model."""
         try:
-            self.template_info.emit(self._template_info())
+            self.template_info.emit(self._require_session().template_info())
         except (SessionError, StorageError) as error:
             self.error.emit(str(error))
         except Exception as error:
@@ -262,10 +234,8 @@ class EngineWorker(QObject):
             return
         try:
             session = self._require_session()
-            if not isinstance(session, ChatSession):
-                raise SessionError("a server writes prompts with its own chat template")
             session.use_template(choice)
-            self.template_changed.emit(self._template_info())
+            self.template_changed.emit(session.template_info())
         except (SessionError, StorageError, ValueError) as error:
             self.error.emit(f"could not use the chat template: {error}")
         except Exception as error:
@@ -288,18 +258,7 @@ class EngineWorker(QObject):
             self.model_failed.emit(f"{type(error).__name__}: {error}")
             return
         self._replace_session(remote)
-        self.model_loaded.emit(
-            ModelStatus(
-                path=remote.info.base_url,
-                description=describe_server(remote.info),
-                n_params=0,
-                size_bytes=0,
-                n_ctx=remote.n_ctx,
-                kv_type=remote.kv_type,
-                backend_version=remote.backend_version,
-                load_ms=(time.perf_counter() - started) * 1000,
-            )
-        )
+        self.model_loaded.emit(ModelStatus.of(remote, (time.perf_counter() - started) * 1000))
 
     @Slot(int, str, str)
     def probe_server(self, request_id: int, url: str, model: str) -> None:
@@ -316,15 +275,15 @@ class EngineWorker(QObject):
         except Exception as error:
             self.server_probed.emit(request_id, False, unexpected(error))
             return
-        self.server_probed.emit(request_id, True, describe_server(info))
+        self.server_probed.emit(request_id, True, info.summary())
 
-    def _replace_session(self, engine: ChatSession | RemoteChatSession) -> None:
+    def _replace_session(self, engine: ChatEngine) -> None:
         """Make ``engine`` the session; the previous one is saved (if it can be) and closed."""
         previous, self.session = self.session, engine
         if previous is not None:
             self._close_session(previous)
 
-    def _close_session(self, engine: ChatSession | RemoteChatSession) -> None:
+    def _close_session(self, engine: ChatEngine) -> None:
         try:
             self._save_dirty_cache(engine)
         finally:
@@ -333,7 +292,7 @@ class EngineWorker(QObject):
             except Exception as error:
                 self.error.emit(f"could not close the previous model: {unexpected(error)}")
 
-    def _save_dirty_cache(self, engine: ChatSession | RemoteChatSession) -> None:
+    def _save_dirty_cache(self, engine: ChatEngine) -> None:
         try:
             engine.save_if_changed()
         except (SessionError, StorageError, KeyError, DecodeError) as error:
@@ -341,7 +300,7 @@ class EngineWorker(QObject):
         except Exception as error:
             self.error.emit(f"could not save the cache of the open chat: {unexpected(error)}")
 
-    def _require_session(self) -> ChatSession | RemoteChatSession:
+    def _require_session(self) -> ChatEngine:
         if self.session is None:
             raise SessionError("no model is loaded; pick one in the Model menu")
         return self.session
