@@ -35,7 +35,8 @@ from app.core.chat_template import (
 from app.core.llama_backend import BuiltinTemplateRenderer, builtin_template_names
 from app.core.models import model_file_identity
 from app.domain import FinishReason, TemplateChoice, TemplateKind
-from app.session.chat_session import ChatSession, GenerationOptions, SessionError, _ReplyText
+from app.session.chat_session import ChatSession, GenerationOptions, SessionError
+from app.session.generation import ReplyText
 from app.storage.store import Store
 
 SDIST_VERSION = "0.3.36"
@@ -146,7 +147,7 @@ def test_templates_that_read_content_as_parts_or_always_list_tools_are_used() ->
 
 def test_a_reply_stops_at_its_end_marker_written_as_text() -> None:
     shown: list[str] = []
-    reply = _ReplyText("<|im_end|>", shown.append)
+    reply = ReplyText("<|im_end|>", shown.append)
     assert not reply.add("Hel")
     assert not reply.add("lo <|")  # may begin the marker: held back
     assert "".join(shown) == "Hello "
@@ -154,11 +155,11 @@ def test_a_reply_stops_at_its_end_marker_written_as_text() -> None:
     assert reply.add("_end|>\n<|im_start|>")
     assert reply.text == "Hello " and "".join(shown) == "Hello "
     assert reply.tokens_before_end() is None  # the marker began inside a token
-    aligned = _ReplyText("<|im_end|>", None)
+    aligned = ReplyText("<|im_end|>", None)
     for piece in ("Paris", ".", "<|im_", "end|>"):
         ended = aligned.add(piece)
     assert ended and aligned.text == "Paris." and aligned.tokens_before_end() == 2
-    plain = _ReplyText("<|im_end|>", shown.append)
+    plain = ReplyText("<|im_end|>", shown.append)
     assert not plain.add("a <| b") and not plain.add(" c")
     plain.flush()
     assert plain.text == "a <| b c" and "".join(shown).endswith("a <| b c")

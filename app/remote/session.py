@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from app.core.chat_template import BLOCK_ACK, BLOCK_LABEL_CLOSE, BLOCK_LABEL_OPEN
 from app.core.metrics import TurnMetrics
-from app.domain import FinishReason, Layout, MessageStatus, Role, Step
+from app.domain import FinishReason, Layout, Step
 from app.remote.client import ChatCompletion, ServerClient, ServerError, ServerInfo, StreamDropped
 from app.session.engine import (
     IDLE_STEPS,
@@ -352,14 +352,10 @@ class RemoteChatSession(ChatEngine):
         context, user, options = turn.context, turn.user, turn.options
         chat = context.chat
         load = turn.load
-        metrics = TurnMetrics(
-            layout=chat.layout,
-            trim_mode=chat.trim_mode,
-            engine=ENGINE,
-            state_load_ms=load.ms if load.restored else None,
-            message_tokens=self._count(user.text),
-            block_tokens=self._count(context.block_text),
-        )
+        metrics = self._turn_metrics(turn)
+        metrics.engine = ENGINE
+        metrics.message_tokens = self._count(user.text)
+        metrics.block_tokens = self._count(context.block_text)
         if load.restored:
             metrics.notes.append(f"server slot restored: {load.tokens} tokens")
         sent = time.perf_counter()
@@ -380,15 +376,8 @@ class RemoteChatSession(ChatEngine):
             metrics.finish_reason = FinishReason.CANCELLED
             metrics.decode_tokens = partial.pieces
             metrics.notes.append(str(dropped))
-            reply = self.store.add_message(
-                chat.id,
-                Role.ASSISTANT,
-                partial.text,
-                status=MessageStatus.CANCELLED,
-                instruction_version=context.instruction_version,
-            )
-            self.store.add_metrics(chat.id, reply.id, metrics.as_dict())
             self.held.changed = True
+            self._store_reply(turn, partial.text, metrics)
             raise ServerError(f"{dropped}; the partial reply is stored as cancelled") from dropped
         self._fill_metrics(metrics, completion, turn.started, sent)
         if chat.layout == Layout.SYSTEM_FIRST and completion.evaluated_tokens > (
@@ -397,27 +386,10 @@ class RemoteChatSession(ChatEngine):
             metrics.notes.append(
                 f"system-first: {completion.evaluated_tokens} prompt tokens recomputed"
             )
-        reply_id = None
-        if completion.text:
-            reply = self.store.add_message(
-                chat.id,
-                Role.ASSISTANT,
-                completion.text,
-                status=MessageStatus.CANCELLED
-                if metrics.finish_reason == FinishReason.CANCELLED
-                else MessageStatus.COMPLETE,
-                instruction_version=context.instruction_version,
-            )
-            context.messages.append(reply)
-            reply_id = reply.id
         cache = self.held
         cache.tokens = completion.prompt_tokens + completion.completion_tokens
         cache.changed = True
-        metrics.cache_tokens = cache.tokens
-        metrics_id = self.store.add_metrics(chat.id, reply_id or user.id, metrics.as_dict())
-        return TurnResult(
-            chat.id, user.id, reply_id, completion.text, metrics, metrics_id, turn.regenerated
-        )
+        return self._store_reply(turn, completion.text, metrics)
 
     def _fill_metrics(
         self, metrics: TurnMetrics, completion: ChatCompletion, started: float, sent: float

@@ -14,10 +14,8 @@ It is not thread-safe; cancellation is a ``threading.Event`` set from anywhere.
 
 from __future__ import annotations
 
-import codecs
 import functools
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -39,14 +37,12 @@ from app.core.llama_backend import (
     builtin_template_names,
     llama_cpp_version,
 )
-from app.core.metrics import TurnMetrics
 from app.core.models import default_model_path, model_file_identity
 from app.core.prompt import PromptBuilder, PromptPlan, Segment
 from app.domain import (
     FinishReason,
     KVType,
     Layout,
-    MessageStatus,
     Role,
     SegmentKind,
     Step,
@@ -76,13 +72,12 @@ from app.session.engine import (
     TurnStage,
     Upkeep,
     chat_started,
-    group_turns,
 )
+from app.session.generation import GeneratedReply, generate_reply
 from app.session.saved_state import SavedStates
+from app.session.trimming import HistoryTrimming
 from app.storage.records import Message
 from app.storage.store import Store
-
-MIN_REPLY_ROOM = 16
 
 __all__ = [
     "BACKGROUND_CHUNK",
@@ -106,61 +101,7 @@ __all__ = [
 ]
 
 
-class _ReplyText:
-    """A reply's text as it streams, cut at the end-of-turn marker when the model writes
-    it as text (a marker that is not one special token of its vocabulary, e.g. ChatML's
-    ``<|im_end|>`` on Gemma). Text that may be the marker's beginning is held back, so
-    the marker never reaches the screen, the stored reply or its token ids."""
-
-    def __init__(self, end_text: str, on_token: TokenCallback | None) -> None:
-        self.end_text = end_text
-        self.on_token = on_token
-        self.text = ""
-        self.ends: list[int] = [0]  # the text's length after each token
-        self.shown = 0
-        self.ended = False
-
-    def add(self, piece: str) -> bool:
-        """Add a token's text; True when the marker is complete (the reply ends before it)."""
-        self.text += piece
-        self.ends.append(len(self.text))
-        if not self.end_text:
-            self._show(len(self.text))
-            return False
-        at = self.text.find(self.end_text, max(0, self.shown - len(self.end_text)))
-        if at >= 0:
-            self.text = self.text[:at]
-            self.ended = True
-            self._show(at)
-            return True
-        held = next(
-            (
-                size
-                for size in range(min(len(self.end_text) - 1, len(self.text)), 0, -1)
-                if self.end_text.startswith(self.text[-size:])
-            ),
-            0,
-        )
-        self._show(len(self.text) - held)
-        return False
-
-    def tokens_before_end(self) -> int | None:
-        """How many tokens hold exactly the reply before the marker; None when the marker
-        starts inside a token (the reply's text is then tokenized again)."""
-        cut = len(self.text)
-        return self.ends.index(cut) if cut in self.ends else None
-
-    def flush(self) -> None:
-        self._show(len(self.text))
-
-    def _show(self, upto: int) -> None:
-        if upto > self.shown:
-            if self.on_token is not None:
-                self.on_token(self.text[self.shown : upto])
-            self.shown = upto
-
-
-class ChatSession(ChatEngine):
+class ChatSession(HistoryTrimming, ChatEngine):
     """The local engine: the chats of one store on a model loaded in this process by
     llama.cpp; the cache holds one chat at a time."""
 
@@ -543,69 +484,6 @@ class ChatSession(ChatEngine):
     def rendered_prompt(self, chat_id: int, new_message: str | None = None) -> str:
         return self.builder.rendered_text(self.prompt_plan(chat_id, new_message).tokens)
 
-    # -- trimming ---------------------------------------------------------------------
-
-    def _trim_start(self, messages: list[Message], limit: int | None) -> int:
-        """First message seq kept so that cached history tokens stay within ``limit``."""
-        if limit is None:
-            return 0
-        total = 0
-        start = messages[-1].seq + 1 if messages else 0
-        for turn in reversed(group_turns(messages)):
-            size = sum(len(self._message_tokens(m)) for m in turn)
-            if total + size > limit:
-                break
-            total += size
-            start = turn[0].seq
-        return start
-
-    def _move_cache_start(self, context: ChatContext, new_start: int) -> tuple[int, int]:
-        """Persist a new first cached message; in shift mode move the KV cells along.
-
-        Returns (turns dropped, tokens dropped); ``context.chat`` is updated.
-        """
-        chat = context.chat
-        if new_start == chat.cache_start_seq:
-            return 0, 0
-        old_plan = self._plan(context, with_block=False)
-        dropped = [m for m in context.messages if chat.cache_start_seq <= m.seq < new_start]
-        dropped_tokens = sum(len(self._message_tokens(m)) for m in dropped)
-        context.chat = self.store.update_chat(chat.id, cache_start_seq=new_start)
-        if (
-            new_start > chat.cache_start_seq
-            and chat.trim_mode == "shift"
-            and self.cache_chat_id == chat.id
-        ):
-            anchor = len(old_plan.segments[0].tokens)
-            end = anchor + dropped_tokens
-            held = self.mirror.tokens
-            if len(held) >= end and list(held[:end]) == old_plan.tokens[:end]:
-                self.mirror.drop_range(anchor, end)  # slide the rest down: no recompute
-        return (len(group_turns(dropped)) if dropped else 0), dropped_tokens
-
-    def _drop_oldest_turn(self, context: ChatContext, exclude: int | None) -> tuple[int, int]:
-        history = [m for m in context.cached_messages if m.id != exclude]
-        if not history:
-            return 0, 0
-        groups = group_turns(history)
-        next_start = groups[1][0].seq if len(groups) > 1 else history[-1].seq + 1
-        return self._move_cache_start(context, next_start)
-
-    def _enforce_limit(self, context: ChatContext) -> tuple[int, int]:
-        """Apply the chat's trim limit, and keep history + block within the context."""
-        start = max(
-            context.chat.cache_start_seq,
-            self._trim_start(context.cached_messages, context.chat.trim_tokens),
-        )
-        turns, tokens = self._move_cache_start(context, start)
-        while len(self._plan(context, with_block=True).tokens) + 2 * MIN_REPLY_ROOM > self.n_ctx:
-            more_turns, more_tokens = self._drop_oldest_turn(context, None)
-            if not more_turns:
-                break
-            turns += more_turns
-            tokens += more_tokens
-        return turns, tokens
-
     def _prepare_message(
         self,
         context: ChatContext,
@@ -620,68 +498,6 @@ class ChatSession(ChatEngine):
         else:
             tokens = self.builder.user_segment(text)
         return PreparedMessage(tokens, self._fit(context, tokens, options, exclude))
-
-    def _fit(
-        self,
-        context: ChatContext,
-        pending: tuple[int, ...],
-        options: GenerationOptions,
-        exclude: int | None = None,
-    ) -> tuple[int, int]:
-        """Apply the trim limit, then drop oldest turns until the prompt fits the context."""
-        turns, tokens = self._enforce_limit(context)
-        room = min(max(options.max_tokens, 1), max(MIN_REPLY_ROOM, self.n_ctx // 4))
-        while True:
-            plan = self._plan(
-                context,
-                with_block=True,
-                pending=Segment(SegmentKind.PENDING, pending),
-                exclude=exclude,
-            )
-            over = len(plan.tokens) + room - self.n_ctx
-            if over <= 0:
-                return turns, tokens
-            more_turns, more_tokens = self._drop_oldest_turn(context, exclude)
-            if not more_turns:
-                raise ContextOverflowError(over, self.n_ctx)
-            turns += more_turns
-            tokens += more_tokens
-
-    def preview_trim(self, chat_id: int, limit: int | None, mode: str | None = None) -> TrimPreview:
-        context = self._load_context(chat_id)
-        chat, messages = context.chat, context.messages
-        start = self._trim_start(messages, limit)
-        mode = mode or chat.trim_mode
-        kept = [m for m in messages if m.seq >= start]
-        kept_tokens = sum(len(self._message_tokens(m)) for m in kept)
-        low, high = sorted((start, chat.cache_start_seq))
-        moved = [m for m in messages if low <= m.seq < high]
-        turns_change = len(group_turns(moved)) if moved else 0
-        if start < chat.cache_start_seq:
-            turns_change = -turns_change  # turns come back into the cache
-        shifts = mode == "shift" and start > chat.cache_start_seq and self.backend.can_shift
-        recompute = 0 if start == chat.cache_start_seq or shifts else kept_tokens
-        return TrimPreview(
-            limit=limit,
-            mode=mode,
-            cache_start_seq=start,
-            dropped_message_ids=[m.id for m in messages if m.seq < start],
-            turns_change=turns_change,
-            kept_history_tokens=kept_tokens,
-            recompute_tokens=recompute,
-            recompute_seconds=self._seconds_for(recompute),
-        )
-
-    def set_trim(self, chat_id: int, limit: int | None, mode: str | None = None) -> TrimPreview:
-        """Set the chat's cached-history limit and apply it now (turns may also come back)."""
-        preview = self.preview_trim(chat_id, limit, mode)
-        self.activate(chat_id)
-        context = self._load_context(chat_id)
-        context.chat = self.store.update_chat(
-            chat_id, trim_tokens=limit, trim_mode=mode or context.chat.trim_mode
-        )
-        self._move_cache_start(context, preview.cache_start_seq)
-        return preview
 
     def _seconds_for(self, tokens: int) -> float | None:
         rate = self.mirror.prefill_tokens_per_s
@@ -699,27 +515,15 @@ class ChatSession(ChatEngine):
         context, user, options = turn.context, turn.user, turn.options
         chat = context.chat
         pending = Segment(SegmentKind.PENDING, self._message_tokens(user), user.id, Role.USER)
-        trimmed_turns, trimmed_tokens = turn.trimmed
         plan = self._plan(context, with_block=True, pending=pending, exclude=user.id)
         prompt = plan.tokens
-        load = turn.load
-        metrics = TurnMetrics(
-            layout=chat.layout,
-            trim_mode=chat.trim_mode,
-            prompt_tokens=len(prompt),
-            message_tokens=self.builder.content_tokens(user.text),
-            block_tokens=plan.count(SegmentKind.BLOCK),
-            history_tokens=plan.count(SegmentKind.PREAMBLE, SegmentKind.MESSAGE)
-            + (plan.count(SegmentKind.BLOCK) if chat.layout == Layout.SYSTEM_FIRST else 0),
-            state_load_ms=load.ms if (load.restored or load.rejected) else None,
-            state_rejected=load.rejected,
-            trimmed_turns=trimmed_turns,
-            trimmed_tokens=trimmed_tokens,
+        metrics = self._turn_metrics(turn)
+        metrics.prompt_tokens = len(prompt)
+        metrics.message_tokens = self.builder.content_tokens(user.text)
+        metrics.block_tokens = plan.count(SegmentKind.BLOCK)
+        metrics.history_tokens = plan.count(SegmentKind.PREAMBLE, SegmentKind.MESSAGE) + (
+            plan.count(SegmentKind.BLOCK) if chat.layout == Layout.SYSTEM_FIRST else 0
         )
-        if load.rejected:
-            metrics.notes.append(f"saved state discarded: {load.rejected}")
-        if load.note:
-            metrics.notes.append(load.note)
         metrics.notes.extend(
             f"message {m.seq}: stored token ids were unreadable; re-tokenized from its text"
             for m in context.messages
@@ -751,87 +555,17 @@ class ChatSession(ChatEngine):
             metrics.notes.append(
                 f"system-first: {metrics.history_tokens - synced.reused} history tokens recomputed"
             )
-        content: list[int] = []
-        text_parts: list[str] = []
-        finish = FinishReason.CANCELLED
+        reply = GeneratedReply(FinishReason.CANCELLED)
         if synced.completed:
-            finish = self._generate(
-                options, content, text_parts, metrics, turn.started, on_token, cancel
+            reply = generate_reply(
+                self.backend, self.mirror, self._end_token, self._end_text,
+                options, metrics, turn.started, on_token, cancel,
             )
-        metrics.finish_reason = finish
+        metrics.finish_reason = reply.finish
         metrics.seed = options.seed
-        reply_text = "".join(text_parts)
-        reply_id = None
-        if content:
-            reply = self.store.add_message(
-                chat.id,
-                Role.ASSISTANT,
-                reply_text,
-                token_ids=list(self.builder.assistant_segment(content)),
-                token_format=self.token_format,
-                status=MessageStatus.CANCELLED
-                if finish == FinishReason.CANCELLED
-                else MessageStatus.COMPLETE,
-                instruction_version=context.instruction_version,
-            )
-            context.messages.append(reply)
-            reply_id = reply.id
-        metrics.cache_tokens = len(self.mirror)
-        metrics_id = self.store.add_metrics(chat.id, reply_id or user.id, metrics.as_dict())
-        return TurnResult(
-            chat.id, user.id, reply_id, reply_text, metrics, metrics_id, turn.regenerated
-        )
+        token_ids = self.builder.assistant_segment(reply.tokens) if reply.tokens else None
+        return self._store_reply(turn, reply.text, metrics, token_ids)
 
-    def _generate(
-        self,
-        options: GenerationOptions,
-        content: list[int],
-        text_parts: list[str],
-        metrics: TurnMetrics,
-        started: float,
-        on_token: TokenCallback | None,
-        cancel: threading.Event | None,
-    ) -> FinishReason:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        reply = _ReplyText(self._end_text, on_token)
-        finish = FinishReason.LENGTH
-        decode_started = time.perf_counter()
-        with self.backend.make_sampler(options.temperature, options.seed) as sampler:
-            for index in range(options.max_tokens):
-                if cancel is not None and cancel.is_set():
-                    finish = FinishReason.CANCELLED
-                    break
-                token = sampler.sample()
-                if index == 0:
-                    metrics.ttft_ms = (time.perf_counter() - started) * 1000
-                    decode_started = time.perf_counter()
-                if self.backend.is_end_of_generation(token) or token == self._end_token:
-                    finish = FinishReason.STOP
-                    break
-                content.append(token)
-                if reply.add(decoder.decode(self.backend.token_bytes(token))):
-                    finish = FinishReason.STOP  # the end-of-turn marker, written as text
-                    kept = reply.tokens_before_end()
-                    content[:] = (
-                        content[:kept]
-                        if kept is not None
-                        else self.backend.tokenize(reply.text, special=False)
-                    )
-                    break
-                if index == options.max_tokens - 1:
-                    break  # the last token need not be evaluated
-                if not self.mirror.append(token):
-                    finish = FinishReason.CONTEXT_FULL
-                    break
-        if not reply.ended:
-            reply.add(decoder.decode(b"", final=True))
-        reply.flush()
-        text_parts[:] = [reply.text]
-        metrics.decode_tokens = len(content)
-        metrics.decode_ms = (time.perf_counter() - decode_started) * 1000
-        if metrics.decode_ms > 0 and len(content) > 1:
-            metrics.decode_tokens_per_s = (len(content) - 1) / (metrics.decode_ms / 1000)
-        return finish
 
     # -- idle-time steps --------------------------------------------------------------
 
@@ -928,3 +662,4 @@ class ChatSession(ChatEngine):
             store_bytes=self.store.kv.total_bytes(),
             budget_bytes=self.store.kv.budget_bytes,
         )
+

@@ -26,7 +26,7 @@ from enum import StrEnum
 from app import limits
 from app.core.metrics import TurnMetrics
 from app.core.prompt import render_instructions
-from app.domain import Role, Step, TemplateChoice
+from app.domain import FinishReason, MessageStatus, Role, Step, TemplateChoice
 from app.storage.records import Chat, Message, unanswered_ids
 from app.storage.store import Store
 
@@ -569,6 +569,59 @@ class ChatEngine(ABC):
     @abstractmethod
     def _warm_up(self, context: ChatContext, cancel: threading.Event | None) -> StepResult:
         """history-first: put the current instruction block on top of the history."""
+
+    # -- what every engine does the same way -------------------------------------------
+
+    def _turn_metrics(self, turn: Turn) -> TurnMetrics:
+        """A turn's metrics as it starts: its layout, how its state was loaded and why
+        one was not used."""
+        chat, load = turn.context.chat, turn.load
+        metrics = TurnMetrics(
+            layout=chat.layout,
+            trim_mode=chat.trim_mode,
+            state_load_ms=load.ms if (load.restored or load.rejected) else None,
+            state_rejected=load.rejected,
+            trimmed_turns=turn.trimmed[0],
+            trimmed_tokens=turn.trimmed[1],
+        )
+        if load.rejected:
+            metrics.notes.append(f"saved state discarded: {load.rejected}")
+        if load.note:
+            metrics.notes.append(load.note)
+        return metrics
+
+    def _store_reply(
+        self,
+        turn: Turn,
+        text: str,
+        metrics: TurnMetrics,
+        token_ids: Sequence[int] | None = None,
+    ) -> TurnResult:
+        """Store the reply (a stopped one as cancelled; nothing when no token came) and the
+        turn's metrics row; the reply joins the turn's context for the idle-time steps."""
+        context, user = turn.context, turn.user
+        reply_id = None
+        if text or token_ids:
+            reply = self.store.add_message(
+                context.chat.id,
+                Role.ASSISTANT,
+                text,
+                token_ids=list(token_ids) if token_ids is not None else None,
+                token_format=self.token_format if token_ids is not None else None,
+                status=MessageStatus.CANCELLED
+                if metrics.finish_reason == FinishReason.CANCELLED
+                else MessageStatus.COMPLETE,
+                instruction_version=context.instruction_version,
+            )
+            context.messages.append(reply)
+            reply_id = reply.id
+        metrics.cache_tokens = self.cache_size
+        metrics_id = self.store.add_metrics(
+            context.chat.id, reply_id or user.id, metrics.as_dict()
+        )
+        return TurnResult(
+            context.chat.id, user.id, reply_id, text, metrics, metrics_id, turn.regenerated
+        )
 
     # -- the turn API (the same for every engine) --------------------------------------
 
