@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from app import domain, limits
 
@@ -32,8 +32,10 @@ def whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
     return value
 
+_T = TypeVar("_T")
 
-def _checked(check: Callable[[Any], Any], value: Any) -> Any:
+
+def _checked(check: Callable[[_T], _T], value: _T) -> _T:
     try:
         return check(value)
     except ValueError as error:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.core.llama_backend import ContextFullError, DecodeAborted, DecodeError, LlamaBackend
+from app.core.errors import ContextFullError, DecodeAborted, DecodeError
+from app.core.llama_backend import LlamaBackend
 from app.core.state_pages import ParsedState, parse_state
 from app.domain import Step
 

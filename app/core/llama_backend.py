@@ -22,11 +22,19 @@ import llama_cpp
 from app import limits
 from app.core.chat_template import TemplateProbeError
 from app.core.errors import (
-    ContextFullError,
-    DecodeAborted,
-    DecodeError,
-    ModelLoadCancelled,
-    ModelLoadError,
+    ContextFullError as ContextFullError,
+)
+from app.core.errors import (
+    DecodeAborted as DecodeAborted,
+)
+from app.core.errors import (
+    DecodeError as DecodeError,
+)
+from app.core.errors import (
+    ModelLoadCancelled as ModelLoadCancelled,
+)
+from app.core.errors import (
+    ModelLoadError as ModelLoadError,
 )
 from app.core.models import check_gguf_file
 from app.domain import KVType
@@ -45,7 +53,7 @@ _log_lock = threading.Lock()
 _backend_ready = False
 
 
-@llama_cpp.llama_log_callback
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]  # a ctypes callback type
 def _log_to_buffer(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     """Keep llama.cpp's chatter off stderr but remember it for error messages."""
     del level, user_data
@@ -99,7 +107,7 @@ class BuiltinTemplateRenderer:
 
     def render(self, messages: list[dict[str, object]], add_generation_prompt: bool = False) -> str:
         chat = (llama_cpp.llama_chat_message * max(len(messages), 1))()
-        keep = []
+        keep: list[bytes] = []
         for index, message in enumerate(messages):
             role = str(message["role"]).encode()
             content = str(message["content"]).encode("utf-8", errors="replace")
@@ -209,8 +217,8 @@ class LlamaBackend:
         # prefix of the cache can be kept and extended exactly; costs the full KV size for
         # those layers instead of a window's.
         ctx_params.swa_full = True
-        ctx_params.type_k = KV_TYPES[kv_type]
-        ctx_params.type_v = KV_TYPES[kv_type]
+        ctx_params.type_k = KV_TYPES[KVType(kv_type)]
+        ctx_params.type_v = KV_TYPES[KVType(kv_type)]
         # Without flash attention, llama.cpp's CPU results for a token do not depend on how
         # the prompt was split into batches, so a reply computed on a reused cache is the
         # reply of a cold evaluation. A quantized V cache needs flash attention, though.
@@ -400,6 +408,7 @@ class LlamaBackend:
                 f"{start_pos + count - self.n_ctx} tokens over the context size {self.n_ctx}"
             )
         batch = self._batch
+        assert batch is not None, "the backend is closed"
         for index, token in enumerate(tokens):
             batch.token[index] = token
             batch.pos[index] = start_pos + index
@@ -503,6 +512,7 @@ class LlamaBackend:
         if not data:
             return False
         # Point llama.cpp at the bytes object itself: a saved state can be tens of MB.
+        pointer: ctypes.Array[ctypes.c_uint8] | ctypes._Pointer[ctypes.c_uint8]
         if isinstance(data, bytearray):
             pointer = (ctypes.c_uint8 * len(data)).from_buffer(data)
         else:

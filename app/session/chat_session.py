@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from app.core.chat_template import ChatMarkup, TemplateProbeError, markup_for, suggest_format
+from app.core.errors import DecodeError, ModelLoadCancelled
 from app.core.kv_mirror import (
     KVMirror,
     NothingToEvaluate,
@@ -30,10 +31,8 @@ from app.core.kv_mirror import (
 )
 from app.core.llama_backend import (
     BuiltinTemplateRenderer,
-    DecodeError,
     LlamaBackend,
     ModelInfo,
-    ModelLoadCancelled,
     builtin_template_names,
     llama_cpp_version,
 )
@@ -449,8 +448,9 @@ class ChatSession(HistoryTrimming, ChatEngine):
         """
         chat = context.chat
         block = context.block_text if block_text is None else block_text
-        opening = self.builder.opening(chat.layout, block, chat_started(context.messages))
-        plan = PromptPlan(chat.layout, [opening])
+        layout = Layout(chat.layout)
+        opening = self.builder.opening(layout, block, chat_started(context.messages))
+        plan = PromptPlan(layout, [opening])
         plan.segments.extend(
             Segment(SegmentKind.MESSAGE, self._message_tokens(m), m.id, m.role)
             for m in context.cached_messages

@@ -58,7 +58,10 @@ def create_application(
     argv: list[str] | None = None, settings: QSettings | None = None
 ) -> QApplication:
     """The QApplication with KV Chat's names, icon and style (reused by tests and scripts)."""
-    application = QApplication.instance() or QApplication(argv or [sys.argv[0]])
+    existing = QApplication.instance()
+    application = (
+        existing if isinstance(existing, QApplication) else QApplication(argv or [sys.argv[0]])
+    )
     application.setApplicationName(APP_NAME)
     application.setOrganizationName(APP_NAME)
     application.setApplicationDisplayName("KV Chat")
@@ -71,7 +74,7 @@ def create_application(
     application.setStyle("Fusion")  # the same look, light or dark, on every platform
     settings = user_settings() if settings is None else settings
     theme.apply(str(settings.value("view/theme", theme.ThemeMode.SYSTEM)))
-    return application  # type: ignore[return-value]
+    return application
 
 
 def main(args: list[str] | None = None) -> int:

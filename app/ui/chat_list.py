@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, QTimer, Signal
+from collections.abc import Callable
+
+from PySide6.QtCore import Qt, QTimer, Signal, SignalInstance
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
@@ -65,7 +67,7 @@ class ChatListPanel(QWidget):
         self.delete_button.clicked.connect(self._emit_for_current(self.delete_requested))
         self._updating = False
 
-    def _emit_for_current(self, signal: Signal):  # type: ignore[no-untyped-def]
+    def _emit_for_current(self, signal: SignalInstance) -> Callable[[], None]:
         def emit() -> None:
             chat_id = self.current_chat_id()
             if chat_id is not None:

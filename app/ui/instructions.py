@@ -105,7 +105,9 @@ class VariablesTable(QTableWidget):
 
     def add_row(self) -> None:
         self._append("", "")
-        self.editItem(self.item(self.rowCount() - 1, 0))
+        item = self.item(self.rowCount() - 1, 0)
+        if item is not None:
+            self.editItem(item)
 
     def remove_selected(self) -> None:
         rows = sorted({index.row() for index in self.selectedIndexes()}, reverse=True)

@@ -15,6 +15,7 @@ import html
 import re
 
 from markdown_it import MarkdownIt
+from markdown_it.token import Token
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import get_lexer_by_name
@@ -113,7 +114,7 @@ def markdown_blocks(text: str, colours: Palette | None = None) -> list[Block]:
     parser = _parser(colours)
     tokens = parser.parse(text)
     blocks: list[Block] = []
-    pending: list = []
+    pending: list[Token] = []
 
     def flush() -> None:
         if pending:
