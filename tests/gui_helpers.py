@@ -125,3 +125,12 @@ class StallMeter(QObject):
         finally:
             self.timer.stop()
         return self.longest_ms
+
+
+def open_new_chat(qtbot: Any, window: MainWindow) -> int:
+    """File → New chat: the worker creates it; the window opens it when it is made."""
+    made: list[int] = []
+    window.new_chat(made.append)
+    qtbot.waitUntil(lambda: bool(made), timeout=TURN_TIMEOUT_MS)
+    assert window.current_chat_id == made[0]
+    return made[0]

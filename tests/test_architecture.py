@@ -268,3 +268,16 @@ def test_both_engines_implement_one_interface_without_type_escapes() -> None:
             if kind_check or fitted or 'getattr(engine, "markup"' in line:
                 found.append(f"{relative}:{number}: {line.strip()}")
     assert found == []
+
+
+def test_the_window_never_opens_a_writable_store() -> None:
+    """One writer per file: the worker's store. The window's own is a live reader, so no
+    click can wait on a write lock; its changes go to the worker."""
+    found = []
+    for path in sorted((ROOT / "app" / "ui").glob("*.py")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#", 1)[0]
+            opens = "Store(" in code and "KVStore(" not in code
+            if opens and "read_only=True" not in line and path.name != "worker.py":
+                found.append(f"{path.name}:{number}: {line.strip()}")
+    assert found == []

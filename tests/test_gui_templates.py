@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from gui_helpers import TURN_TIMEOUT_MS, close_window, open_window, send_turn, temp_settings
+from gui_helpers import (
+    TURN_TIMEOUT_MS,
+    close_window,
+    open_new_chat,
+    open_window,
+    send_turn,
+    temp_settings,
+)
 
 from app.domain import TemplateChoice, TemplateKind
 from app.ui.app import build_parser
@@ -47,7 +54,7 @@ def test_a_model_without_a_template_gets_one_chosen_in_the_app(
         assert applied.args[0].in_use == "builtin:gemma"
         assert "llama.cpp's gemma" in window.statusBar().currentMessage()
 
-        window.new_chat()
+        open_new_chat(qtbot, window)
         outcome, _ = send_turn(qtbot, window, "Hello! Who are you?")
         assert outcome.reply.strip()
         for marker in ("<start_of_turn>", "<end_of_turn>", "<|im_", "<eos>"):

@@ -11,6 +11,7 @@ from gui_helpers import (
     TURN_TIMEOUT_MS,
     close_window,
     log_of,
+    open_new_chat,
     open_window,
     send_turn,
     temp_settings,
@@ -330,12 +331,12 @@ def test_instruction_versions_restore_and_save(qtbot, window: MainWindow) -> Non
 
 
 def test_chat_list_new_rename_search_delete(qtbot, window: MainWindow) -> None:
-    first = window.new_chat()
-    second = window.new_chat()
+    first = open_new_chat(qtbot, window)
+    second = open_new_chat(qtbot, window)
     window.rename_chat(first, "Recipes")
-    assert window.store.chat(first).name == "Recipes"
+    qtbot.waitUntil(lambda: window.store.chat(first).name == "Recipes", timeout=5000)
     window.rename_chat(second, "Recipes")
-    assert "already exists" in (window.last_error or "")
+    qtbot.waitUntil(lambda: "already exists" in (window.last_error or ""), timeout=5000)
     window.chat_list.search.setText("recip")
     qtbot.waitUntil(lambda: window.chat_list.list.count() == 1, timeout=5000)
     window.chat_list.search.clear()
@@ -420,8 +421,9 @@ def test_switching_model_shows_load_progress(qtbot, window: MainWindow) -> None:
 
 
 def test_an_unanswered_message_shows_retry_which_answers_it(qtbot, window: MainWindow) -> None:
-    chat_id = window.current_chat_id or window.new_chat()
-    window.store.add_message(chat_id, "user", "Name a bird.")  # as a kill would leave it
+    chat_id = window.current_chat_id or open_new_chat(qtbot, window)
+    with Store(window.db_path) as other:  # as a kill would leave it
+        other.add_message(chat_id, "user", "Name a bird.")
     window.select_chat(chat_id)
     bubble = window.chat_view.bubbles[-1]
     assert "unanswered" in bubble.tag_label.text()
@@ -465,13 +467,13 @@ def test_window_fits_a_small_laptop_screen_after_a_reply(qtbot, window: MainWind
 
 
 def test_labels_describe_the_chat_on_screen(qtbot, window: MainWindow) -> None:
-    first = window.current_chat_id or window.new_chat()
+    first = window.current_chat_id or open_new_chat(qtbot, window)
     send_turn(qtbot, window, "Name a fruit.")
     assert window.turn_status.text().startswith("Reused")
     assert "saved" in window.inspector.size_label.text(), "the chat's state on disk"
     assert "budget" in window.inspector.size_label.toolTip(), "and all chats' against it"
     assert window.context_label.text() != "context — / 8192"
-    second = window.new_chat()
+    second = open_new_chat(qtbot, window)
     assert window.current_chat_id == second
     assert window.turn_status.text() == "", "the previous chat's figures are gone"
     assert "—" in window.context_label.text()
@@ -582,8 +584,10 @@ def test_edit_makes_a_version_with_arrows_and_fork_makes_a_chat(
     qtbot.waitUntil(lambda: shown_bubbles() == current)  # the new ones show when the loop runs
     assert window.store.latest_in_family(original).id == original
 
-    fork_id = window.fork_at(1)  # "Fork from here" on the first reply
-    assert fork_id is not None and window.current_chat_id == fork_id
+    window.fork_at(1)  # "Fork from here" on the first reply
+    qtbot.waitUntil(lambda: window.current_chat_id not in (None, original), timeout=5000)
+    fork_id = window.current_chat_id
+    assert fork_id is not None and window.store.chat(fork_id).name.endswith("(fork)")
     assert [m.text for m in window.store.messages(fork_id)] == [
         "Name a big city.", first.reply,
     ]

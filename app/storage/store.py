@@ -195,10 +195,16 @@ class Store:
         *,
         exclusive: bool = False,
         read_only: bool = False,
+        live: bool = False,
     ) -> None:
-        """Open (and create or upgrade) a database; ``read_only`` writes nothing at all."""
+        """Open (and create or upgrade) a database; ``read_only`` writes nothing at all.
+
+        ``live`` (with ``read_only``): a reader beside the process's writer (the window
+        beside its worker) that sees every write the writer commits.
+        """
         self.path = Path(path)
         self.read_only = read_only
+        self.live = live
         self._kv: KVStore | None = None
         self._lock_file: int | None = None
         _check_file_header(self.path)
@@ -266,7 +272,7 @@ class Store:
             raise StorageError(f"database not found: {self.path}")
         wal_mode = self.path.stat().st_size >= 100 and _header_field(self.path, 16) >> 8 & 0xFF == 2
         has_wal = self.path.with_name(self.path.name + "-wal").exists()
-        return _read_only_uri(self.path, immutable=wal_mode and not has_wal)
+        return _read_only_uri(self.path, immutable=wal_mode and not has_wal and not self.live)
 
     def _check_readable(self) -> None:
         self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()

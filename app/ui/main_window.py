@@ -38,6 +38,7 @@ from PySide6.QtWidgets import (
 from app.core.models import ModelChoice, available_models
 from app.domain import FinishReason, TemplateChoice
 from app.resources import resource_path
+from app.session.engine import GenerationOptions
 from app.storage.export import export_chat
 from app.storage.records import Chat
 from app.storage.store import StorageError, Store
@@ -52,12 +53,7 @@ from app.ui.instructions import LAYOUT_LABELS, InstructionEditor, describe_edit_
 from app.ui.model_settings import ModelSettingsDialog
 from app.ui.server_dialog import ServerDialog
 from app.ui.template_dialog import ChatTemplateDialog, describe_origin
-from app.ui.worker import (
-    BackgroundOutcome,
-    EngineHost,
-    GenerationOptions,
-    ModelStatus,
-)
+from app.ui.worker import BackgroundOutcome, EngineHost, ModelStatus
 
 if TYPE_CHECKING:  # the window only receives these from the worker's signals
     from app.session.engine import TemplateInfo, TurnResult
@@ -126,7 +122,8 @@ class MainWindow(QMainWindow):
             parent=self,
         )
         self._template_dialog_wanted = False
-        self.store = Store(self.db_path)
+        # The window only reads; every write goes to the worker, the database's one writer.
+        self.store = Store(self.db_path, read_only=True, live=True)
         self.current_chat_id: int | None = None
         self.model: ModelStatus | None = None
         self.busy = False
@@ -135,6 +132,7 @@ class MainWindow(QMainWindow):
         self.editing_seq: int | None = None  # a sent user message being edited
         self.last_error: str | None = None
         self._closed = False
+        self._sending = False  # a send waits for its chat or version to be made
         self._edit_cost_request = 0
         self._edit_cost_refresh = False
         self._trim_request = 0
@@ -728,18 +726,26 @@ class MainWindow(QMainWindow):
         chat = self.current_chat()
         self.chat_list.set_chats(chats, chat.family_id if chat else None)
 
-    def new_chat(self) -> int:
+    def new_chat(self, then: Callable[[int], None] | None = None) -> None:
+        """Create a chat (on the worker) and open it; ``then`` gets its id."""
         names = {chat.name for chat in self.store.chats()}
         number = len(names) + 1
         while f"Chat {number}" in names:
             number += 1
-        chat = self.store.create_chat(f"Chat {number}")
-        self.chat_list.search.clear()
-        self.current_chat_id = chat.id
-        self.refresh_chats()
-        self.select_chat(chat.id)
-        self.input.setFocus()
-        return chat.id
+        name = f"Chat {number}"
+
+        def created(chat: object) -> None:
+            if not isinstance(chat, Chat) or self._closed:
+                return
+            self.chat_list.search.clear()
+            self.current_chat_id = chat.id
+            self.refresh_chats()
+            self.select_chat(chat.id)
+            self.input.setFocus()
+            if then is not None:
+                then(chat.id)
+
+        self.host.change_store("New chat", lambda store: store.create_chat(name), created)
 
     def select_chat(self, chat_id: int) -> None:
         """Show a chat, and restore its saved cache in the background (prefetch)."""
@@ -807,15 +813,17 @@ class MainWindow(QMainWindow):
         self.inspector.set_trim(chat.trim_tokens, chat.trim_mode, history_tokens)
 
     def rename_chat(self, chat_id: int, name: str) -> None:
-        try:
-            chat = self.store.rename_chat(chat_id, name)
-        except (ValueError, StorageError) as error:
-            self.show_error("Rename chat", str(error))
-            return
-        current = self.current_chat()
-        if current is not None and current.family_id == chat_id:
-            self.chat_title.setText(chat.name)
-        self.refresh_chats()
+        def renamed(chat: object) -> None:
+            if not isinstance(chat, Chat) or self._closed:
+                return
+            current = self.current_chat()
+            if current is not None and current.family_id == chat_id:
+                self.chat_title.setText(chat.name)
+            self.refresh_chats()
+
+        self.host.change_store(
+            "Rename chat", lambda store: store.rename_chat(chat_id, name), renamed
+        )
 
     def _ask_rename(self, chat_id: int) -> None:
         chat = self.store.chat(chat_id)
@@ -859,18 +867,26 @@ class MainWindow(QMainWindow):
 
     def save_instructions(self, text: str, variables: dict[str, str] | None = None) -> None:
         """A new version of the block (text and variables); warmed up in idle time."""
-        chat_id = self.current_chat_id or self.new_chat()
+        if self.current_chat_id is None:
+            self.new_chat(lambda _chat_id: self.save_instructions(text, variables))
+            return
+        chat_id = self.current_chat_id
         current = self.store.current_instructions(chat_id)
         if variables is None:
             variables = dict(current.variables) if current else {}
         if current is not None and current.text == text and current.variables == variables:
             return
-        pending_layout = self.instructions.current_layout()
-        try:
-            self.store.add_instruction_version(chat_id, text, variables)
-        except StorageError as error:
-            self.show_error("Instructions", str(error))
+        kept = variables
+        self.host.change_store(
+            "Instructions",
+            lambda store: store.add_instruction_version(chat_id, text, kept),
+            lambda version: self._on_instructions_saved(chat_id, version),
+        )
+
+    def _on_instructions_saved(self, chat_id: int, version: object) -> None:
+        if version is None or self._closed or chat_id != self.current_chat_id:
             return
+        pending_layout = self.instructions.current_layout()
         chat = self.store.chat(chat_id)
         self.instructions.load(self.store.instruction_versions(chat_id), chat.layout)
         if pending_layout != chat.layout:  # a previewed layout stays a preview
@@ -885,7 +901,15 @@ class MainWindow(QMainWindow):
         chat_id = self.current_chat_id
         if chat_id is None:
             return
-        chat = self.store.update_chat(chat_id, layout=layout)
+        self.host.change_store(
+            "Layout",
+            lambda store: store.update_chat(chat_id, layout=layout),
+            lambda chat: self._on_layout_set(chat_id, layout, chat),
+        )
+
+    def _on_layout_set(self, chat_id: int, layout: str, chat: object) -> None:
+        if not isinstance(chat, Chat) or self._closed or chat_id != self.current_chat_id:
+            return
         text, variables = self.instructions.text(), self.instructions.variables()
         modified = self.instructions.is_modified()
         self.instructions.load(self.store.instruction_versions(chat_id), chat.layout)
@@ -986,15 +1010,35 @@ class MainWindow(QMainWindow):
         if self.busy:
             self.statusBar().showMessage("A reply is still being written; Esc stops it.", 4000)
             return
+        if self._sending:
+            return  # the chat (or the version) this message goes to is being made
         if self.editing_seq is not None and self.current_chat_id is not None:
-            try:
-                branch = self.store.branch_chat(self.current_chat_id, self.editing_seq)
-            except (KeyError, ValueError, StorageError) as error:
-                self.show_error("Edit message", str(error))
-                return
-            self.select_chat(branch.id)  # shows the messages before the edited one
-            self.refresh_chats()
-        chat_id = self.current_chat_id or self.new_chat()
+            source, at = self.current_chat_id, self.editing_seq
+            self._sending = True
+            self.host.change_store(
+                "Edit message",
+                lambda store: store.branch_chat(source, at),
+                lambda branch: self._send_to_new_version(branch, typed, text),
+            )
+            return
+        if self.current_chat_id is None:
+            self._sending = True
+            self.new_chat(lambda chat_id: self._send_to(chat_id, typed, text))
+            return
+        self._send_to(self.current_chat_id, typed, text)
+
+    def _send_to_new_version(self, branch: object, typed: str, text: str) -> None:
+        self._sending = False
+        if not isinstance(branch, Chat) or self._closed:
+            return  # the error signal said why; the text stays in the composer
+        self.select_chat(branch.id)  # shows the messages before the edited one
+        self.refresh_chats()
+        self._send_to(branch.id, typed, text)
+
+    def _send_to(self, chat_id: int, typed: str, text: str) -> None:
+        self._sending = False
+        if self._closed:
+            return
         self.pending_text = text
         self._pending_typed = typed
         self.input.clear()
@@ -1029,32 +1073,29 @@ class MainWindow(QMainWindow):
         """‹ ›: show another version of a message (and what followed it)."""
         if self.busy:
             return
-        try:
-            self.store.touch_chat(chat_id)
-        except StorageError as error:
-            self.show_error("Versions", str(error))
-            return
         self.select_chat(chat_id)
+        self.host.change_store("Versions", lambda store: store.touch_chat(chat_id))
 
-    def fork_at(self, seq: int) -> int | None:
+    def fork_at(self, seq: int) -> None:
         """Fork from here: a new chat with the messages up to this one (and shared pages)."""
         chat = self.current_chat()
         if chat is None or self.busy:
-            return None
+            return
         base = f"{self.store.chat(chat.family_id).name} (fork)"
         name, number = base, 2
         while self.store.chat_by_name(name) is not None:
             name, number = f"{base} {number}", number + 1
-        try:
-            fork = self.store.fork_chat(chat.id, seq, name)
-        except (ValueError, StorageError) as error:
-            self.show_error("Fork", str(error))
-            return None
-        self.chat_list.search.clear()
-        self.select_chat(fork.id)
-        self.refresh_chats()
-        self.statusBar().showMessage(f"Forked into “{name}”.", 5000)
-        return fork.id
+        source = chat.id
+
+        def forked(fork: object) -> None:
+            if not isinstance(fork, Chat) or self._closed:
+                return
+            self.chat_list.search.clear()
+            self.select_chat(fork.id)
+            self.refresh_chats()
+            self.statusBar().showMessage(f"Forked into “{name}”.", 5000)
+
+        self.host.change_store("Fork", lambda store: store.fork_chat(source, seq, name), forked)
 
     def regenerate(self) -> None:
         chat_id = self.current_chat_id
@@ -1204,6 +1245,7 @@ class MainWindow(QMainWindow):
             self._save_settings()
             for timer in self.findChildren(QTimer):
                 timer.stop()  # debounces must not fire on a closed store
-            self.host.shutdown()
+            # The reader closes first: the worker's close then leaves no WAL behind.
             self.store.close()
+            self.host.shutdown()
         event.accept()

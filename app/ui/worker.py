@@ -22,6 +22,7 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,7 @@ class EngineWorker(QObject):
     template_info = Signal(object)  # TemplateInfo, for the Chat template dialog
     template_changed = Signal(object)  # TemplateInfo, after a choice was applied
     error = Signal(str)
+    store_changed = Signal(int, object)  # request id, what the change returned (or None)
     _continue_background = Signal(object)
 
     def __init__(
@@ -509,6 +511,20 @@ class EngineWorker(QObject):
             return
         self.chat_deleted.emit(chat_id)
 
+    @Slot(int, object)
+    def change_store(self, request_id: int, change: StoreChange) -> None:
+        """Apply a change the window asked for: this thread is the database's one writer,
+        so the GUI thread never waits on a write lock."""
+        try:
+            result = change.apply(self.store)
+        except (ValueError, KeyError, StorageError) as error:
+            self.error.emit(f"{change.what}: {error}")
+            result = None
+        except Exception as error:
+            self.error.emit(f"{change.what}: {unexpected(error)}")
+            result = None
+        self.store_changed.emit(request_id, result)
+
     @Slot()
     def shutdown(self) -> None:
         """Save the open chat's cache if it changed, free the model, close the database.
@@ -525,6 +541,15 @@ class EngineWorker(QObject):
                 self.store.close()
             except Exception as error:
                 self.error.emit(f"could not close the database: {unexpected(error)}")
+
+
+@dataclass(frozen=True)
+class StoreChange:
+    """A write the window asks the worker to make (``apply`` runs on the worker thread
+    with its store); ``what`` names it in an error message."""
+
+    what: str
+    apply: Callable[[Store], object]
 
 
 @dataclass
@@ -552,6 +577,7 @@ class EngineHost(QObject):
     _delete_chat = Signal(int)
     _describe_templates = Signal()
     _set_chat_template = Signal(object)
+    _change_store = Signal(int, object)
     _shutdown = Signal()
 
     def __init__(
@@ -592,12 +618,15 @@ class EngineHost(QObject):
         self._delete_chat.connect(self.worker.delete_chat, queued)
         self._describe_templates.connect(self.worker.describe_templates, queued)
         self._set_chat_template.connect(self.worker.set_chat_template, queued)
+        self._change_store.connect(self.worker.change_store, queued)
         self._shutdown.connect(self.worker.shutdown, Qt.ConnectionType.BlockingQueuedConnection)
         self.turn_cancel: threading.Event | None = None
         self.load_cancel = threading.Event()
         self.background_cancel = threading.Event()
         self._request_ids = 0
         self.busy_chat_id: int | None = None
+        self._after_change: dict[int, Callable[[Any], None]] = {}
+        self.worker.store_changed.connect(self._on_store_changed)
         self.worker.turn_started.connect(self._on_turn_started)
         self.worker.reply_finished.connect(self._on_turn_over)
         self.worker.turn_failed.connect(self._on_turn_over)
@@ -614,6 +643,24 @@ class EngineHost(QObject):
         self.background_cancel.set()
         self.background_cancel = threading.Event()
         return self.background_cancel
+
+    def change_store(
+        self,
+        what: str,
+        apply: Callable[[Store], object],
+        then: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Have the worker write ``apply(store)``; ``then`` gets its result on this thread
+        (None when it failed: the error signal says why)."""
+        request_id = self.next_request_id()
+        if then is not None:
+            self._after_change[request_id] = then
+        self._change_store.emit(request_id, StoreChange(what, apply))
+
+    def _on_store_changed(self, request_id: int, result: object) -> None:
+        then = self._after_change.pop(request_id, None)
+        if then is not None:
+            then(result)
 
     def load_model(
         self, path: str | None, *, n_ctx: int | None = None, kv_type: str | None = None
