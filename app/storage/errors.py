@@ -37,6 +37,14 @@ class StorageWriteError(StorageError):
     pass
 
 
+class ChatNotFound(StorageError):
+    """The chat (or message) is not in the database: it was deleted meanwhile."""
+
+
+class UniqueConflict(StorageError):
+    """A write would duplicate a value that must be unique (e.g. a chat's name)."""
+
+
 class NotOurDatabase(StorageError):
     """Another application's SQLite file: never written to."""
 
@@ -45,6 +53,7 @@ PAGE_SIZE = 65536
 #: SQLite primary result codes (sqlite3.h), read from sqlite3.Error.sqlite_errorcode.
 SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR = 5, 6, 8, 10
 SQLITE_CORRUPT, SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_NOTADB = 11, 13, 14, 26
+SQLITE_CONSTRAINT_UNIQUE = 2067  # an extended result code
 #: Below this much free space an I/O error is taken to be the disk filling up
 #: (SQLite reports ENOSPC during a write as SQLITE_IOERR_WRITE, not SQLITE_FULL).
 LOW_SPACE_BYTES = 4 * PAGE_SIZE
@@ -63,6 +72,8 @@ def describe_error(error: sqlite3.Error, path: Path) -> StorageError:
     code = getattr(error, "sqlite_errorcode", None)
     if code is None:  # not raised by SQLite itself (e.g. the driver): no code to go by
         return StorageError(f"database error in {path}: {error}")
+    if code == SQLITE_CONSTRAINT_UNIQUE:
+        return UniqueConflict(f"{path}: {error}")
     primary = code & 0xFF
     if primary in (SQLITE_CORRUPT, SQLITE_NOTADB):
         return DatabaseCorrupt(f"{path} is not a readable KV Chat database ({error})")

@@ -34,12 +34,14 @@ import sqlite_utils
 
 from app.domain import Layout, MessageStatus, TemplateChoice, TemplateKind, TrimMode
 from app.storage.errors import (
+    ChatNotFound,
     DatabaseCorrupt,
     DatabaseInUse,
     NotOurDatabase,
     SchemaTooNew,
     StorageError,
     StorageWriteError,
+    UniqueConflict,
     describe_error,
 )
 from app.storage.kv_store import KVStore
@@ -405,16 +407,14 @@ class Store:
                     "INSERT INTO chats (name, layout, created_at, updated_at) VALUES (?, ?, ?, ?)",
                     (name, layout, now, now),
                 )
-            except StorageError as error:
-                if "unique" in str(error).lower():
-                    raise ValueError(f"a chat named {name!r} already exists") from error
-                raise
+            except UniqueConflict as error:
+                raise ValueError(f"a chat named {name!r} already exists") from error
         return self.chat(cursor.lastrowid)
 
     def chat(self, chat_id: int) -> Chat:
         rows = self._rows("SELECT * FROM chats WHERE id = ?", (chat_id,))
         if not rows:
-            raise KeyError(f"no chat with id {chat_id}")
+            raise ChatNotFound(f"no chat with id {chat_id}")
         return Chat(**rows[0])
 
     def chat_by_name(self, name: str) -> Chat | None:
@@ -672,7 +672,7 @@ class Store:
     def message(self, message_id: int) -> Message:
         rows = self._rows("SELECT * FROM messages WHERE id = ?", (message_id,))
         if not rows:
-            raise KeyError(f"no message with id {message_id}")
+            raise ChatNotFound(f"no message with id {message_id}")
         return Message.from_row(rows[0])
 
     def messages(self, chat_id: int) -> list[Message]:

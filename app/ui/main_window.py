@@ -39,6 +39,7 @@ from app.core.models import ModelChoice, available_models
 from app.domain import FinishReason, TemplateChoice
 from app.resources import resource_path
 from app.session.engine import GenerationOptions
+from app.storage.errors import ChatNotFound
 from app.storage.export import export_chat
 from app.storage.records import Chat
 from app.storage.store import StorageError, Store
@@ -751,7 +752,7 @@ class MainWindow(QMainWindow):
         """Show a chat, and restore its saved cache in the background (prefetch)."""
         try:
             chat = self.store.chat(chat_id)
-        except KeyError:
+        except ChatNotFound:
             return
         if chat_id != self.current_chat_id:
             self.cancel_edit()
@@ -784,7 +785,7 @@ class MainWindow(QMainWindow):
         """A chat picked in the list: open the version of it used last."""
         try:
             latest = self.store.latest_in_family(family_id)
-        except KeyError:
+        except ChatNotFound:
             return
         self.select_chat(latest.id)
 
@@ -793,7 +794,7 @@ class MainWindow(QMainWindow):
             return None
         try:
             return self.store.chat(self.current_chat_id)
-        except KeyError:
+        except ChatNotFound:
             return None
 
     def reload_chat(self, *, incremental: bool = False) -> None:
@@ -1184,7 +1185,7 @@ class MainWindow(QMainWindow):
             self.reload_chat(incremental=True)
         stored = False
         if text is not None:
-            with contextlib.suppress(KeyError, StorageError):
+            with contextlib.suppress(StorageError):
                 stored = any(
                     m.role == "user" and m.text == text for m in self.store.messages(chat_id)[-2:]
                 )
@@ -1200,7 +1201,7 @@ class MainWindow(QMainWindow):
     def _on_background(self, outcome: BackgroundOutcome) -> None:
         if outcome.chat_id == self.current_chat_id:
             if outcome.metrics is not None and outcome.metrics_id is not None:
-                self.inspector.upsert_turn(outcome.metrics_id, outcome.metrics)
+                self.inspector.upsert_turn(outcome.metrics_id, outcome.metrics.as_dict())
             elif outcome.metrics is not None:
                 rows = self.store.metrics(outcome.chat_id)
                 self.inspector.set_turns([(row.id, row.data) for row in rows])

@@ -30,6 +30,7 @@ from typing import Any
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
 from app.core.errors import DecodeError, ModelLoadCancelled
+from app.core.metrics import TurnMetrics
 from app.core.models import ModelFileError, check_gguf_file
 from app.core.prompt import render_instructions
 from app.domain import Step, TemplateChoice
@@ -45,6 +46,7 @@ from app.session.engine import (
     Turn,
     Upkeep,
 )
+from app.storage.errors import ChatNotFound
 from app.storage.store import StorageError, Store
 
 
@@ -108,7 +110,7 @@ class BackgroundOutcome:
 
     chat_id: int
     metrics_id: int | None
-    metrics: dict[str, Any] | None
+    metrics: TurnMetrics | None
     completed: bool
     cache: CacheView | None = None
     notes: list[str] = field(default_factory=list)
@@ -297,7 +299,7 @@ class EngineWorker(QObject):
     def _save_dirty_cache(self, engine: ChatEngine) -> None:
         try:
             engine.save_if_changed()
-        except (SessionError, StorageError, KeyError, DecodeError) as error:
+        except (SessionError, StorageError, DecodeError) as error:
             self.error.emit(f"could not save the cache of the open chat: {error}")
         except Exception as error:
             self.error.emit(f"could not save the cache of the open chat: {unexpected(error)}")
@@ -330,7 +332,7 @@ class EngineWorker(QObject):
         except ContextOverflowError as error:
             self.turn_failed.emit(chat_id, "overflow", str(error))
             return
-        except (SessionError, StorageError, KeyError, ValueError) as error:
+        except (SessionError, StorageError, ValueError) as error:
             self.turn_failed.emit(chat_id, "error", str(error))
             return
         except DecodeError as error:  # llama.cpp failed; the cache was put back in step
@@ -368,7 +370,7 @@ class EngineWorker(QObject):
             return
         try:
             self.session.prefetch(chat_id)
-        except KeyError:
+        except ChatNotFound:
             return
         except (SessionError, StorageError, ValueError, DecodeError) as error:
             self.error.emit(f"could not restore the chat's saved state: {error}")
@@ -391,7 +393,7 @@ class EngineWorker(QObject):
             step = work.next_step
             try:
                 work.advance(job.cancel)
-            except KeyError:
+            except ChatNotFound:
                 failure = "the chat was deleted"  # meanwhile: nothing to report
             except (SessionError, StorageError, ValueError, DecodeError) as error:
                 failure = f"background {step} failed: {error}"
@@ -408,7 +410,7 @@ class EngineWorker(QObject):
         turn = work if isinstance(work, Turn) else None
         metrics = None
         if turn and turn.metrics and completed:
-            metrics = turn.metrics.as_dict()
+            metrics = copy.deepcopy(turn.metrics)  # the engine's own goes on changing
         self.background_finished.emit(
             BackgroundOutcome(
                 chat_id=work.chat_id,
@@ -425,7 +427,7 @@ class EngineWorker(QObject):
             return None
         try:
             return self.session.cache_view(chat_id)
-        except (KeyError, SessionError, StorageError):
+        except (SessionError, StorageError):
             return None
         except Exception as error:
             self.error.emit(f"could not describe the cache: {unexpected(error)}")
@@ -442,7 +444,7 @@ class EngineWorker(QObject):
         try:
             block = render_instructions(text, variables)
             tokens, seconds = self.session.edit_cost(chat_id, block, layout or None)
-        except (KeyError, SessionError, StorageError, ValueError):
+        except (SessionError, StorageError, ValueError):
             return
         except Exception as error:
             self.error.emit(f"could not estimate the edit's cost: {unexpected(error)}")
@@ -455,7 +457,7 @@ class EngineWorker(QObject):
             return
         try:
             preview: TrimPreview = self.session.preview_trim(chat_id, limit, mode)
-        except (KeyError, SessionError, StorageError, ValueError):
+        except (SessionError, StorageError, ValueError):
             return
         except Exception as error:
             self.error.emit(f"could not preview the limit: {unexpected(error)}")
@@ -473,7 +475,7 @@ class EngineWorker(QObject):
             self.session.activate(chat_id)
             preview = self.session.set_trim(chat_id, limit, mode)
             upkeep = self.session.upkeep(chat_id)
-        except (KeyError, SessionError, StorageError, ValueError, DecodeError) as error:
+        except (SessionError, StorageError, ValueError, DecodeError) as error:
             self.error.emit(f"could not change the cached-history limit: {error}")
             return
         except Exception as error:
@@ -501,7 +503,7 @@ class EngineWorker(QObject):
                 for doomed_id in doomed:
                     self.session.forget_chat(doomed_id)
             self.store.delete_chat(chat_id)
-        except KeyError:
+        except ChatNotFound:
             return  # already gone
         except StorageError as error:
             self.error.emit(f"could not delete the chat: {error}")
@@ -517,7 +519,7 @@ class EngineWorker(QObject):
         so the GUI thread never waits on a write lock."""
         try:
             result = change.apply(self.store)
-        except (ValueError, KeyError, StorageError) as error:
+        except (ValueError, StorageError) as error:
             self.error.emit(f"{change.what}: {error}")
             result = None
         except Exception as error:
