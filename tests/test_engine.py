@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 from conftest import GREEDY, TEST_CTX, flip_page_byte, send_cancelled_after, set_state_field
 
-from app.core.kv_mirror import common_prefix_length
+from app.core.sequences import common_prefix_length
 from app.domain import Step
 from app.session.chat_session import (
     ChatSession,

@@ -36,6 +36,7 @@ import jinja2.parser
 import jinja2.sandbox
 import markupsafe
 
+from app.core.sequences import common_prefix_length
 from app.domain import TemplateChoice, TemplateKind
 
 # Private-use code points: no real message contains them and templates leave them alone.
@@ -255,15 +256,6 @@ def _clean_cut(text: str, index: int) -> bool:
     return not (text[index - 1].isalnum() and text[index].isalnum())
 
 
-def _common_prefix(a: str, b: str) -> int:
-    size = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        size += 1
-    return size
-
-
 class _Probe:
     """Renders of real prompt shapes: every conversation probed ends with a user message,
     as every prompt the app sends does (a template may write the last assistant message
@@ -331,7 +323,7 @@ def _split_between(between: str, first_before: str, assistant_before: str, hint:
     candidates = [i for i in candidates if _clean_cut(between, i)] or candidates
     if hint and len(hint) in candidates and between.startswith(hint):
         return len(hint)
-    return max(candidates, key=lambda i: (_common_prefix(between[i:], assistant_before), -i))
+    return max(candidates, key=lambda i: (common_prefix_length(between[i:], assistant_before), -i))
 
 
 def _block_later(

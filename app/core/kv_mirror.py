@@ -24,6 +24,7 @@ import numpy as np
 
 from app.core.errors import ContextFullError, DecodeAborted, DecodeError
 from app.core.llama_backend import LlamaBackend
+from app.core.sequences import common_prefix_length
 from app.core.state_pages import ParsedState, parse_state
 from app.domain import Step
 
@@ -53,14 +54,6 @@ class Checkpoint:
 
     tokens: tuple[int, ...]
     state: bytearray
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    limit = min(len(a), len(b))
-    index = 0
-    while index < limit and a[index] == b[index]:
-        index += 1
-    return index
 
 
 class KVMirror:

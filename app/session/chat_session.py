@@ -27,7 +27,6 @@ from app.core.kv_mirror import (
     NothingToEvaluate,
     ProgressCallback,
     SyncResult,
-    common_prefix_length,
 )
 from app.core.llama_backend import (
     BuiltinTemplateRenderer,
@@ -38,6 +37,7 @@ from app.core.llama_backend import (
 )
 from app.core.models import default_model_path, model_file_identity
 from app.core.prompt import PromptBuilder, PromptPlan, Segment
+from app.core.sequences import common_prefix_length
 from app.domain import (
     FinishReason,
     KVType,
