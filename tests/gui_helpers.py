@@ -134,3 +134,8 @@ def open_new_chat(qtbot: Any, window: MainWindow) -> int:
     qtbot.waitUntil(lambda: bool(made), timeout=TURN_TIMEOUT_MS)
     assert window.current_chat_id == made[0]
     return made[0]
+
+
+def settle(qtbot: Any, window: MainWindow) -> None:
+    """Wait until the worker has written every change the window sent it."""
+    qtbot.waitUntil(lambda: window.host.changes_in_flight == 0, timeout=TURN_TIMEOUT_MS)

@@ -14,6 +14,7 @@ from gui_helpers import (
     open_new_chat,
     open_window,
     send_turn,
+    settle,
     temp_settings,
     wait_background,
 )
@@ -104,7 +105,7 @@ def test_keyboard_send_and_new_chat(qtbot, window: MainWindow) -> None:
     assert window.input.toPlainText() == ""
     before = window.current_chat_id
     qtbot.keyClick(window, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
-    assert window.current_chat_id != before
+    qtbot.waitUntil(lambda: window.current_chat_id != before, timeout=TURN_TIMEOUT_MS)
     assert window.chat_view.bubbles == []
 
 
@@ -275,6 +276,7 @@ def test_edit_cost_preview_and_layout_switch(qtbot, window: MainWindow) -> None:
     log = log_of(window)
     seen = len(log.backgrounds)
     window.instructions.apply_layout_button.click()
+    settle(qtbot, window)
     assert window.store.chat(chat_id).layout == "system-first"
     assert not window.instructions.apply_layout_button.isVisible()
     qtbot.waitUntil(lambda: len(log.backgrounds) > seen, timeout=TURN_TIMEOUT_MS)
@@ -298,12 +300,14 @@ def test_variables_are_saved_with_each_version(qtbot, window: MainWindow) -> Non
     editor.variables_table.item(1, 1).setText("lighthouses")
     assert editor.tabs.tabText(1) == "Variables (2)"
     editor.save_button.click()
+    settle(qtbot, window)
     chat_id = window.current_chat_id
     saved = window.store.current_instructions(chat_id)
     assert saved.variables == {"user": "Ada", "topic": "lighthouses"}
     # A new version with another value; the old one keeps its own.
     editor.variables_table.item(0, 1).setText("Grace")
     editor.save_button.click()
+    settle(qtbot, window)
     versions = window.store.instruction_versions(chat_id)
     assert [v.variables["user"] for v in versions] == ["Ada", "Grace"]
     editor.restore_version(1)
@@ -315,6 +319,7 @@ def test_instruction_versions_restore_and_save(qtbot, window: MainWindow) -> Non
     for text in ("Version one.", "Version two."):
         editor.editor.setPlainText(text)
         window.save_instructions(editor.text())
+        settle(qtbot, window)
     chat_id = window.current_chat_id
     assert [v.text for v in window.store.instruction_versions(chat_id)] == [
         "Version one.",
@@ -325,6 +330,7 @@ def test_instruction_versions_restore_and_save(qtbot, window: MainWindow) -> Non
     assert editor.text() == "Version one."
     assert editor.save_button.isEnabled()
     editor.save_button.click()
+    settle(qtbot, window)
     versions = window.store.instruction_versions(chat_id)
     assert [v.version for v in versions] == [1, 2, 3]
     assert versions[-1].text == "Version one."
@@ -582,6 +588,7 @@ def test_edit_makes_a_version_with_arrows_and_fork_makes_a_chat(
     current = {id(b) for b in window.chat_view.bubbles}
     assert not shown_bubbles() - current, "no bubble of the other version stays on screen"
     qtbot.waitUntil(lambda: shown_bubbles() == current)  # the new ones show when the loop runs
+    settle(qtbot, window)
     assert window.store.latest_in_family(original).id == original
 
     window.fork_at(1)  # "Fork from here" on the first reply

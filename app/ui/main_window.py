@@ -134,6 +134,7 @@ class MainWindow(QMainWindow):
         self.last_error: str | None = None
         self._closed = False
         self._sending = False  # a send waits for its chat or version to be made
+        self._chat_waiters: list[Callable[[int], None]] = []
         self._edit_cost_request = 0
         self._edit_cost_refresh = False
         self._trim_request = 0
@@ -249,7 +250,7 @@ class MainWindow(QMainWindow):
         self.chat_view.branch_requested.connect(self.switch_branch)
         self.composer.edit_cancelled.connect(self.cancel_edit)
         self.chat_list.chat_selected.connect(self.open_family)
-        self.chat_list.new_requested.connect(self.new_chat)
+        self.chat_list.new_requested.connect(lambda: self.new_chat())
         self.chat_list.rename_requested.connect(self._ask_rename)
         self.chat_list.delete_requested.connect(self._ask_delete)
         self.chat_list.search_changed.connect(lambda _text: self.refresh_chats())
@@ -286,7 +287,7 @@ class MainWindow(QMainWindow):
         file_menu = self.menuBar().addMenu("&File")
         self.new_chat_action = QAction("&New chat", self)
         self.new_chat_action.setShortcut(QKeySequence("Ctrl+N"))
-        self.new_chat_action.triggered.connect(self.new_chat)
+        self.new_chat_action.triggered.connect(lambda: self.new_chat())
         file_menu.addAction(self.new_chat_action)
         export_png = QAction("Export charts as PNG…", self)
         export_png.triggered.connect(self.inspector.ask_export_png)
@@ -727,6 +728,22 @@ class MainWindow(QMainWindow):
         chat = self.current_chat()
         self.chat_list.set_chats(chats, chat.family_id if chat else None)
 
+    def with_chat(self, then: Callable[[int], None]) -> None:
+        """``then(chat id)`` for the chat on screen, making one first if there is none
+        (once: actions that need a chat while it is being made wait for the same one)."""
+        if self.current_chat_id is not None:
+            then(self.current_chat_id)
+        elif self._chat_waiters:
+            self._chat_waiters.append(then)
+        else:
+            self._chat_waiters.append(then)
+            self.new_chat(self._chat_made)
+
+    def _chat_made(self, chat_id: int) -> None:
+        waiters, self._chat_waiters = self._chat_waiters, []
+        for then in waiters:
+            then(chat_id)
+
     def new_chat(self, then: Callable[[int], None] | None = None) -> None:
         """Create a chat (on the worker) and open it; ``then`` gets its id."""
         names = {chat.name for chat in self.store.chats()}
@@ -869,7 +886,7 @@ class MainWindow(QMainWindow):
     def save_instructions(self, text: str, variables: dict[str, str] | None = None) -> None:
         """A new version of the block (text and variables); warmed up in idle time."""
         if self.current_chat_id is None:
-            self.new_chat(lambda _chat_id: self.save_instructions(text, variables))
+            self.with_chat(lambda _chat_id: self.save_instructions(text, variables))
             return
         chat_id = self.current_chat_id
         current = self.store.current_instructions(chat_id)
@@ -1024,7 +1041,7 @@ class MainWindow(QMainWindow):
             return
         if self.current_chat_id is None:
             self._sending = True
-            self.new_chat(lambda chat_id: self._send_to(chat_id, typed, text))
+            self.with_chat(lambda chat_id: self._send_to(chat_id, typed, text))
             return
         self._send_to(self.current_chat_id, typed, text)
 

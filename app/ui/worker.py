@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import queue
 import threading
 import time
 import traceback
@@ -170,6 +171,7 @@ class EngineWorker(QObject):
         #: loaded, which keeps it from then on.
         self.chat_template = chat_template
         self.shutting_down = threading.Event()
+        self._changes: queue.SimpleQueue[tuple[int, StoreChange]] = queue.SimpleQueue()
         self._continue_background.connect(self._background_step, Qt.ConnectionType.QueuedConnection)
 
     # -- model ----------------------------------------------------------------------
@@ -205,7 +207,7 @@ class EngineWorker(QObject):
                 n_ctx=self.n_ctx,
                 kv_type=self.kv_type,
                 n_threads=self.n_threads,
-                load_progress=self.load_progress.emit,
+                load_progress=self._on_load_progress,
                 chat_template=template,
                 load_cancel=cancel,
             )
@@ -281,6 +283,10 @@ class EngineWorker(QObject):
             return
         self.server_probed.emit(request_id, True, info.summary())
 
+    def _on_load_progress(self, fraction: float) -> None:
+        self.load_progress.emit(fraction)
+        self.apply_changes()
+
     def _replace_session(self, engine: ChatEngine) -> None:
         """Make ``engine`` the session; the previous one is saved (if it can be) and closed."""
         previous, self.session = self.session, engine
@@ -323,9 +329,11 @@ class EngineWorker(QObject):
 
             def on_token(piece: str) -> None:
                 self.token.emit(chat_id, piece)
+                self.apply_changes()
 
             def on_progress(phase: str, done: int, total: int) -> None:
                 self.progress.emit(chat_id, phase, done, total)
+                self.apply_changes()
 
             turn = session.start_turn(chat_id, request.text, request.options)
             result = turn.respond(on_token=on_token, progress=on_progress, cancel=request.cancel)
@@ -513,19 +521,30 @@ class EngineWorker(QObject):
             return
         self.chat_deleted.emit(chat_id)
 
-    @Slot(int, object)
-    def change_store(self, request_id: int, change: StoreChange) -> None:
-        """Apply a change the window asked for: this thread is the database's one writer,
-        so the GUI thread never waits on a write lock."""
-        try:
-            result = change.apply(self.store)
-        except (ValueError, StorageError) as error:
-            self.error.emit(f"{change.what}: {error}")
-            result = None
-        except Exception as error:
-            self.error.emit(f"{change.what}: {unexpected(error)}")
-            result = None
-        self.store_changed.emit(request_id, result)
+    def submit_change(self, request_id: int, change: StoreChange) -> None:
+        """Queue a change the window asks for (called from the GUI thread)."""
+        self._changes.put((request_id, change))
+
+    @Slot()
+    def apply_changes(self) -> None:
+        """Apply the window's queued changes: this thread is the database's one writer,
+        so the GUI thread never waits on a write lock. Also run between the tokens of a
+        reply and the batches of a prefill or a model load, so a change waits for one
+        step, not for the whole reply."""
+        while True:
+            try:
+                request_id, change = self._changes.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = change.apply(self.store)
+            except (ValueError, StorageError) as error:
+                self.error.emit(f"{change.what}: {error}")
+                result = None
+            except Exception as error:
+                self.error.emit(f"{change.what}: {unexpected(error)}")
+                result = None
+            self.store_changed.emit(request_id, result)
 
     @Slot()
     def shutdown(self) -> None:
@@ -534,6 +553,7 @@ class EngineWorker(QObject):
         The model and the database are closed even if saving (or closing) raised.
         """
         self.shutting_down.set()
+        self.apply_changes()  # the window's last changes are written, not dropped
         session, self.session = self.session, None
         try:
             if session is not None:
@@ -579,7 +599,7 @@ class EngineHost(QObject):
     _delete_chat = Signal(int)
     _describe_templates = Signal()
     _set_chat_template = Signal(object)
-    _change_store = Signal(int, object)
+    _apply_changes = Signal()
     _shutdown = Signal()
 
     def __init__(
@@ -620,7 +640,7 @@ class EngineHost(QObject):
         self._delete_chat.connect(self.worker.delete_chat, queued)
         self._describe_templates.connect(self.worker.describe_templates, queued)
         self._set_chat_template.connect(self.worker.set_chat_template, queued)
-        self._change_store.connect(self.worker.change_store, queued)
+        self._apply_changes.connect(self.worker.apply_changes, queued)
         self._shutdown.connect(self.worker.shutdown, Qt.ConnectionType.BlockingQueuedConnection)
         self.turn_cancel: threading.Event | None = None
         self.load_cancel = threading.Event()
@@ -628,6 +648,8 @@ class EngineHost(QObject):
         self._request_ids = 0
         self.busy_chat_id: int | None = None
         self._after_change: dict[int, Callable[[Any], None]] = {}
+        #: Changes sent to the worker whose results (and follow-ups) have not arrived yet.
+        self.changes_in_flight = 0
         self.worker.store_changed.connect(self._on_store_changed)
         self.worker.turn_started.connect(self._on_turn_started)
         self.worker.reply_finished.connect(self._on_turn_over)
@@ -657,12 +679,17 @@ class EngineHost(QObject):
         request_id = self.next_request_id()
         if then is not None:
             self._after_change[request_id] = then
-        self._change_store.emit(request_id, StoreChange(what, apply))
+        self.changes_in_flight += 1
+        self.worker.submit_change(request_id, StoreChange(what, apply))
+        self._apply_changes.emit()
 
     def _on_store_changed(self, request_id: int, result: object) -> None:
         then = self._after_change.pop(request_id, None)
-        if then is not None:
-            then(result)
+        try:
+            if then is not None:
+                then(result)
+        finally:
+            self.changes_in_flight -= 1
 
     def load_model(
         self, path: str | None, *, n_ctx: int | None = None, kv_type: str | None = None
