@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Any
 
+from app.storage.records import EvalRate
+
 #: Wilson's z for a 95% interval.
 Z95 = NormalDist().inv_cdf(0.975)
 
@@ -118,6 +120,23 @@ class EvalReport:
             for instruction_id in r.instruction_ids:
                 by_id.setdefault(instruction_id, []).append(r.followed)
         return {name: mean(verdicts) for name, verdicts in sorted(by_id.items())}
+
+    def rates(self) -> list[EvalRate]:
+        """Per layout, what the chats database keeps as the model's last measured rates."""
+        rates = []
+        for name in self.layouts:
+            summary, recall = self.summary(name), self.recall(name)
+            rates.append(
+                EvalRate(
+                    name,
+                    summary.cases,
+                    summary.followed,
+                    *summary.ci95,
+                    recall=recall.rate,
+                    turns=self.turns,
+                )
+            )
+        return rates
 
     # -- output -----------------------------------------------------------------------
 
