@@ -28,6 +28,7 @@ from app.eval.runner import (
 )
 from app.eval.runner import run_eval as run_eval_on
 from app.session.chat_session import ChatSession
+from app.storage import migrations
 from app.storage.records import EvalRate
 from app.storage.store import Store
 
@@ -351,3 +352,22 @@ def test_last_rates_per_model_replace_the_previous_ones(db_path: Path) -> None:
         assert rates["history-first"].turns == 2
         assert reopened.eval_rates("model-b")["history-first"].rate == 0.4
         assert reopened.eval_rates("never-measured") == {}
+
+
+def test_a_database_from_before_the_eval_gains_the_rates_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "before.db"
+    version = migrations.MIGRATIONS.index(migrations._v7_eval_rates)
+    monkeypatch.setattr("app.storage.store.MIGRATIONS", migrations.MIGRATIONS[:version])
+    monkeypatch.setattr("app.storage.store.SCHEMA_VERSION", version)
+    with Store(path) as old:
+        chat = old.create_chat("kept")
+        old.add_message(chat.id, "user", "hello")
+    monkeypatch.undo()
+    with Store(path) as store:
+        assert store.schema_version() == migrations.SCHEMA_VERSION
+        assert [m.text for m in store.messages(chat.id)] == ["hello"]
+        assert store.eval_rates("m") == {}
+        store.set_eval_rates("m", [EvalRate("system-first", 4, 1, 0.05, 0.7, None, 3)])
+        assert store.eval_rates("m")["system-first"].rate == 0.25
