@@ -317,6 +317,7 @@ def test_the_eval_command_prints_and_writes_json(
         (["--turns", "9"], "turns must be between 1 and"),
         (["--cases", "0"], "must be greater than 0"),
         (["--out", "/no/such/folder/x.json"], "folder does not exist"),
+        (["--model", "/no/such/model.gguf"], "model file not found"),
     ],
 )
 def test_bad_eval_arguments_are_one_line(

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.core.models import check_gguf_file
 from app.domain import FinishReason, Layout, Step, TemplateChoice
 from app.eval import checks
 from app.eval.cases import Case, RecallProbe, load_cases, load_recall_probes, max_turns
@@ -269,11 +270,12 @@ def run_eval(
         session: ChatSession | None = None
         try:
             if backend is None:
+                model_path = check_gguf_file(str(config.model_path)) if config.model_path else None
                 if on_status is not None:
                     on_status("loading the model")
                 session = ChatSession(
                     store,
-                    config.model_path,
+                    model_path,
                     n_ctx=config.n_ctx,
                     kv_type=config.kv_type,
                     n_threads=config.n_threads or default_threads(),
