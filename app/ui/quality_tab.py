@@ -204,7 +204,6 @@ class QualityTab(QWidget):
         plot.setMouseEnabled(x=False, y=False)
         plot.hideButtons()
         plot.setYRange(0, 100, padding=0.02)
-        self.legend = plot.addLegend(offset=(10, 10))
 
         self.failure_list = QListWidget()
         self.failure_list.setMaximumWidth(230)
@@ -242,7 +241,7 @@ class QualityTab(QWidget):
         self.chart.setBackground(colours.chart_background)
         plot = self.chart.getPlotItem()
         plot.setTitle(
-            "Instructions followed at the scored turn, and recall (95% intervals)",
+            "Solid: instructions followed at the scored turn · light: recall · 95% intervals",
             color=colours.chart_foreground,
         )
         for side in ("bottom", "left"):
@@ -250,7 +249,8 @@ class QualityTab(QWidget):
             axis.setPen(pg.mkPen(colours.border))
             axis.setTextPen(pg.mkPen(colours.chart_foreground))
         plot.setLabel("left", "% of cases", color=colours.chart_foreground)
-        self.legend.setLabelTextColor(colours.chart_foreground)
+        if self.report is not None:
+            self._plot(self.report)  # labels in the new theme's ink
 
     # -- run --------------------------------------------------------------------------
 
@@ -351,45 +351,42 @@ class QualityTab(QWidget):
         return list(ordered)
 
     def _plot(self, report: EvalReport) -> None:
+        """Per layout, a solid bar (followed) and a light one (recall), each with its interval
+        and its rate written above the interval."""
         plot = self.chart.getPlotItem()
         plot.clear()
-        self.legend.clear()
-        count = len(report.layouts)
-        series = [("followed", 0.0, lambda n: report.summary(n))]
+        colours = theme.palette()
+        series = [("followed", 0.0, report.summary)]
         if any(r.probe for r in report.results):
-            series = [
-                ("followed", -0.2, lambda n: report.summary(n)),
-                ("recall", 0.2, lambda n: report.recall(n)),
-            ]
+            series = [("followed", -0.2, report.summary), ("recall", 0.2, report.recall)]
         width = 0.8 / len(series)
         for label, offset, summary_of in series:
-            xs, heights, lows, highs, brushes = [], [], [], [], []
-            for index, name in enumerate(report.layouts):
-                summary = summary_of(name)
-                rate = 100 * (summary.rate or 0.0)
-                xs.append(index + offset)
-                heights.append(rate)
-                lows.append(rate - 100 * summary.ci95[0])
-                highs.append(100 * summary.ci95[1] - rate)
-                alpha = 255 if label == "followed" else 110
-                brushes.append(pg.mkBrush(*BAR_COLOURS.get(name, (90, 90, 90)), alpha))
-            bars = pg.BarGraphItem(
-                x=xs, height=heights, width=width * 0.9, brushes=brushes, name=label
+            summaries = [summary_of(name) for name in report.layouts]
+            xs = np.array([index + offset for index in range(len(report.layouts))])
+            rates = np.array([100 * (s.rate or 0.0) for s in summaries])
+            lows = np.array([100 * s.ci95[0] for s in summaries])
+            highs = np.array([100 * s.ci95[1] for s in summaries])
+            alpha = 255 if label == "followed" else 110
+            brushes = [pg.mkBrush(*BAR_COLOURS.get(n, (90, 90, 90)), alpha) for n in report.layouts]
+            plot.addItem(pg.BarGraphItem(x=xs, height=rates, width=width * 0.9, brushes=brushes))
+            plot.addItem(
+                pg.ErrorBarItem(
+                    x=xs,
+                    y=rates,
+                    top=highs - rates,
+                    bottom=rates - lows,
+                    beam=width * 0.3,
+                    pen=pg.mkPen(colours.chart_foreground),
+                )
             )
-            plot.addItem(bars)
-            self.legend.addItem(bars, label)
-            errors = pg.ErrorBarItem(
-                x=np.array(xs),
-                y=np.array(heights),
-                top=np.array(highs),
-                bottom=np.array(lows),
-                beam=width * 0.3,
-                pen=pg.mkPen(theme.palette().text),
-            )
-            plot.addItem(errors)
-        plot.getAxis("bottom").setTicks([[(i, name) for i, name in enumerate(report.layouts)]])
-        plot.setXRange(-0.6, count - 0.4, padding=0)
-        plot.setYRange(0, 100, padding=0.02)
+            for x, summary, high in zip(xs, summaries, highs, strict=True):
+                text = f"{label} {summary.followed}/{summary.cases}"
+                item = pg.TextItem(text, color=colours.chart_foreground, anchor=(0.5, 1.0))
+                item.setPos(float(x), float(high))
+                plot.addItem(item)
+        plot.getAxis("bottom").setTicks([list(enumerate(report.layouts))])
+        plot.setXRange(-0.6, len(report.layouts) - 0.4, padding=0)
+        plot.setYRange(0, 110, padding=0)
 
     def _show_failure(self, item: QListWidgetItem | None) -> None:
         report = self.report
