@@ -12,6 +12,7 @@ from gui_helpers import TURN_TIMEOUT_MS, close_window, open_window, send_turn, t
 from PySide6.QtCore import QSettings
 
 from app.core.models import model_file_identity
+from app.eval.cases import load_cases
 from app.eval.runner import LAYOUTS
 from app.storage.records import EvalRate
 from app.storage.store import Store
@@ -68,13 +69,17 @@ def test_a_run_on_the_loaded_model_charts_stores_and_shows_rates(
         assert heights == [100 * (report.summary(n).rate or 0) for n in LAYOUTS]
 
         failed = tab.failed_cases(report)
+        # Greedy and deterministic: SmolLM2 writes neither all-lowercase nor all-caps replies.
+        assert failed, "the run should have failures to browse"
         assert tab.failure_list.count() == len(failed)
-        if failed:
-            shown = tab.shown_replies()
-            for name in LAYOUTS:
-                (row,) = [r for r in report.scored(name) if r.case == failed[0]]
-                assert shown[name].endswith(row.reply)
-                assert shown[name].startswith("✓" if row.followed else "✗")
+        shown = tab.shown_replies()
+        for name in LAYOUTS:
+            (row,) = [r for r in report.scored(name) if r.case == failed[0]]
+            assert shown[name].endswith(row.reply)
+            assert shown[name].startswith("✓" if row.followed else "✗")
+        (case,) = [c for c in load_cases() if c.id == failed[0]]
+        assert case.instructions in tab.case_label.text()
+        assert case.turns[1] in tab.case_label.text()
 
         identity = model_file_identity(Path(window.model.path))  # type: ignore[union-attr]
         stored = window.store.eval_rates(identity)

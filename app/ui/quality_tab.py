@@ -209,8 +209,9 @@ class QualityTab(QWidget):
         self.failure_list.setMaximumWidth(230)
         self.reply_views: dict[str, QPlainTextEdit] = {}
         replies = QWidget()
-        replies_row = QHBoxLayout(replies)
-        replies_row.setContentsMargins(0, 0, 0, 0)
+        replies_column = QVBoxLayout(replies)
+        replies_column.setContentsMargins(0, 0, 0, 0)
+        replies_row = QHBoxLayout()
         for name in LAYOUTS:
             column = QVBoxLayout()
             column.addWidget(QLabel(name))
@@ -219,7 +220,12 @@ class QualityTab(QWidget):
             self.reply_views[name] = view
             column.addWidget(view)
             replies_row.addLayout(column)
+        self.case_label = QLabel()
+        self.case_label.setWordWrap(True)
+        self.case_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         failures = QSplitter(Qt.Orientation.Horizontal)
+        replies_column.addWidget(self.case_label)
+        replies_column.addLayout(replies_row, 1)
         failures.addWidget(self.failure_list)
         failures.addWidget(replies)
         failures.setStretchFactor(1, 1)
@@ -393,6 +399,12 @@ class QualityTab(QWidget):
         if report is None or item is None:
             return
         case = item.data(Qt.ItemDataRole.UserRole)
+        script = {c.id: c for c in load_cases()}.get(case)
+        if script is not None:
+            question = script.turns[min(report.turns, len(script.turns)) - 1]
+            self.case_label.setText(
+                f"Instructions: {script.instructions}\nTurn {report.turns}: {question}"
+            )
         for name, view in self.reply_views.items():
             rows = [r for r in report.scored(name) if r.case == case]
             if not rows:
