@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-CLI_COMMANDS = {"chat", "history", "bench", "fork", "storage"}
+CLI_COMMANDS = {"chat", "history", "bench", "fork", "storage", "eval"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Headless command line: ``python -m app chat|history|bench``.
+"""Headless command line: ``python -m app chat|history|bench|eval``.
 
 Errors are one line on stderr and a non-zero exit code; stdout carries only the
 reply (or one JSON object with --json).
@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="compare caching strategies on one scripted chat")
     _add_model_options(bench)
     add_bench_arguments(bench)
+
+    from app.eval.cli import add_eval_arguments
+
+    evaluation = commands.add_parser(
+        "eval", help="instruction following per prompt layout (greedy, on the real model)"
+    )
+    _add_model_options(evaluation)
+    add_eval_arguments(evaluation)
     return parser
 
 
@@ -442,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_export(args)
         if args.command == "storage":
             return run_storage(args)
+        if args.command == "eval":
+            from app.eval.cli import run_eval_command
+
+            return run_eval_command(args)
         from app.bench.cli import run_bench
 
         return run_bench(args)

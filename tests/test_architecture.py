@@ -2,7 +2,8 @@
 
 core (llama.cpp, templates, prompts, the KV mirror) knows nothing of storage or Qt;
 storage (all SQL) knows nothing of models; session (turns, saved states) joins the two;
-bench runs sessions; remote runs the same turn pipeline against a server (no llama.cpp);
+bench runs sessions; eval plays scripted chats on sessions and scores them;
+remote runs the same turn pipeline against a server (no llama.cpp);
 ui (widgets) never calls llama.cpp. ``app.domain`` is the shared
 vocabulary and imports nothing.
 """
@@ -28,7 +29,8 @@ ALLOWED_APP_IMPORTS: dict[str, set[str]] = {
     "app/session": {"app.core", "app.storage"},
     "app/bench": {"app.core", "app.session", "app.storage", "app.remote"},
     "app/remote": {"app.core", "app.session", "app.storage"},
-    "app/ui": {"app.core", "app.session", "app.storage", "app.bench", "app.remote"},
+    "app/eval": {"app.core", "app.session", "app.storage"},
+    "app/ui": {"app.core", "app.session", "app.storage", "app.bench", "app.remote", "app.eval"},
 }
 #: Third-party packages a layer must not import.
 FORBIDDEN_PACKAGES: dict[str, set[str]] = {
@@ -37,6 +39,7 @@ FORBIDDEN_PACKAGES: dict[str, set[str]] = {
     "app/session": QT,
     "app/bench": QT,  # except app/bench/plot.py, imported lazily (checked below)
     "app/remote": QT | {"llama_cpp", "app.core.llama_backend"},  # the server has the model
+    "app/eval": QT | {"llama_cpp"},
     "app/ui": {"llama_cpp", "app.core.llama_backend"},
 }
 QT_EXCEPTIONS = {"app/bench/plot.py"}

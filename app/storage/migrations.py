@@ -143,6 +143,27 @@ def _v6_model_templates(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v7_eval_rates(db: sqlite_utils.Database) -> None:
+    """The last instruction-following rates measured per model (by its file identity) and
+    eval layout, shown next to each layout in the chat's layout menu."""
+    db.execute(
+        """
+        CREATE TABLE eval_rates (
+            model TEXT NOT NULL,
+            layout TEXT NOT NULL,
+            cases INTEGER NOT NULL CHECK (cases >= 0),
+            followed INTEGER NOT NULL CHECK (followed BETWEEN 0 AND cases),
+            ci_low REAL NOT NULL,
+            ci_high REAL NOT NULL,
+            recall REAL,
+            turns INTEGER NOT NULL,
+            measured_at REAL NOT NULL,
+            PRIMARY KEY (model, layout)
+        )
+        """
+    )
+
+
 #: MIGRATIONS[i] upgrades a database at version i to version i + 1.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
@@ -151,6 +172,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v4_mark_as_ours,
     _v5_branches,
     _v6_model_templates,
+    _v7_eval_rates,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

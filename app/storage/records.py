@@ -151,3 +151,22 @@ class TurnMetricsRow:
     message_id: int | None
     created_at: float
     data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalRate:
+    """A layout's last measured instruction-following rate for one model."""
+
+    layout: str
+    cases: int
+    followed: int
+    ci_low: float
+    ci_high: float
+    recall: float | None
+    turns: int
+    measured_at: float = 0.0
+
+    @property
+    def rate(self) -> float | None:
+        """Always the mean of the verdicts it counts (never stored apart from them)."""
+        return self.followed / self.cases if self.cases else None

@@ -53,6 +53,7 @@ from app.storage.migrations import (
 )
 from app.storage.records import (
     Chat,
+    EvalRate,
     InstructionVersion,
     Message,
     TurnMetricsRow,
@@ -733,6 +734,26 @@ class Store:
                 " value = excluded.value, label = excluded.label, chosen_at = excluded.chosen_at",
                 (model, str(choice.kind), choice.value, choice.label, time.time()),
             )
+
+    # -- instruction-following rates per model ----------------------------------------
+
+    def set_eval_rates(self, model: str, rates: list[EvalRate]) -> None:
+        """Replace the model's last measured rates (one row per layout) in one transaction."""
+        with self.transaction():
+            self._write("DELETE FROM eval_rates WHERE model = ?", (model,))
+            for rate in rates:
+                self._write(
+                    "INSERT INTO eval_rates (model, layout, cases, followed, ci_low, ci_high,"
+                    " recall, turns, measured_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (model, rate.layout, rate.cases, rate.followed, rate.ci_low, rate.ci_high,
+                     rate.recall, rate.turns, rate.measured_at or time.time()),
+                )
+
+    def eval_rates(self, model: str) -> dict[str, EvalRate]:
+        """The model's last measured rates by layout (empty if never measured)."""
+        rows = self._rows("SELECT * FROM eval_rates WHERE model = ? ORDER BY layout", (model,))
+        fields = [f.name for f in dataclasses.fields(EvalRate)]
+        return {row["layout"]: EvalRate(**{k: row[k] for k in fields}) for row in rows}
 
     # -- per-turn metrics -----------------------------------------------------------
 

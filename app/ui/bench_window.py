@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
     QStackedWidget,
     QTableWidget,
     QTableWidgetItem,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
@@ -40,6 +41,7 @@ from app.bench.report import BenchReport
 from app.bench.strategies import run_benchmark
 from app.ui import export as exporting
 from app.ui import theme
+from app.ui.quality_tab import EvalRunner, QualityTab, eta_text
 from app.ui.worker import default_thread_count
 
 #: Per-turn CSV columns: every TurnSample field but the reply text (noise in a sheet).
@@ -72,16 +74,6 @@ def log_ticks(low_ms: float, high_ms: float) -> list[tuple[float, str]]:
                 label = f"{value / 1000:g} s" if value >= 1000 else f"{value:g} ms"
                 ticks.append((math.log10(value), label))
     return ticks
-
-
-def eta_text(done: int, total: int, elapsed_s: float) -> str:
-    """Remaining time from the pace so far (turns of one run take similar times)."""
-    if done <= 0 or total <= done:
-        return ""
-    remaining = elapsed_s / done * (total - done)
-    if remaining < 60:
-        return f"about {max(1, round(remaining))} s left"
-    return f"about {remaining / 60:.0f} min left"
 
 
 class BenchWorker(QObject):
@@ -123,9 +115,11 @@ class BenchWindow(QWidget):
         base_config: BenchConfig | None = None,
         *,
         model_path: str | Path | None = None,
+        eval_runner: EvalRunner | None = None,
         parent: QWidget | None = None,
     ) -> None:
         super().__init__(parent, Qt.WindowType.Window)
+        self.quality = QualityTab(eval_runner)
         self.setWindowTitle("KV Chat – Benchmark")
         self.base_config = base_config or window_config(model_path)
         self.samples: list[TurnSample] = []
@@ -230,13 +224,18 @@ class BenchWindow(QWidget):
         export_row.addWidget(self.export_png_button)
         export_row.addWidget(self.export_csv_button)
 
-        layout = QVBoxLayout(self)
+        speed = QWidget()
+        layout = QVBoxLayout(speed)
         layout.addLayout(controls)
         layout.addWidget(self.status_label)
         layout.addWidget(self.progress)
         layout.addWidget(self.plot_stack, 1)
         layout.addWidget(self.table)
         layout.addLayout(export_row)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(speed, "Speed")
+        self.tabs.addTab(self.quality, "Answer quality")
+        QVBoxLayout(self).addWidget(self.tabs)
 
         self.start_button.clicked.connect(self.start)
         self.stop_button.clicked.connect(self.stop)
@@ -508,6 +507,7 @@ class BenchWindow(QWidget):
 
     def closeEvent(self, event: QCloseEvent) -> None:
         """Cancel the run and join its thread: no QThread outlives the window."""
+        self.quality.stop()  # the eval stops at its next token on the chat worker
         if self._thread is not None:
             self._cancel.set()
             self._join()

@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.core.variables import placeholder_names
-from app.storage.records import InstructionVersion
+from app.storage.records import EvalRate, InstructionVersion
 
 EDIT_COST_DEBOUNCE_MS = 350
 LAYOUT_LABELS = {
@@ -266,6 +266,28 @@ class InstructionEditor(QWidget):
         saved_text = self._current.text if self._current else ""
         saved_variables = self._current.variables if self._current else {}
         return self.text() != saved_text or self.variables() != dict(saved_variables)
+
+    def show_eval_rates(self, rates: dict[str, EvalRate]) -> None:
+        """Next to each layout, the loaded model's last measured instruction-following rate
+        (``python -m app eval`` / Benchmark › Answer quality); none: the plain labels."""
+        for index in range(self.layout_combo.count()):
+            key = str(self.layout_combo.itemData(index))
+            label, tip = LAYOUT_LABELS[key], LAYOUT_TIPS[key]
+            rate = rates.get(key)
+            if rate is not None and rate.rate is not None:
+                label += f" · {rate.rate:.0%} followed"
+                tip += (
+                    f"\n\nLast eval on this model: {rate.followed}/{rate.cases} cases followed"
+                    f" their instructions at turn {rate.turns} (95% interval"
+                    f" {rate.ci_low:.0%}–{rate.ci_high:.0%})"
+                    + (f"; recall {rate.recall:.0%}" if rate.recall is not None else "")
+                )
+                other = rates.get("history-first-no-commit")
+                if key == "history-first" and other is not None and other.rate is not None:
+                    tip += f"; without the commit step: {other.rate:.0%}"
+                tip += "."
+            self.layout_combo.setItemText(index, label)
+            self.layout_combo.setItemData(index, tip, Qt.ItemDataRole.ToolTipRole)
 
     def layout_pending(self) -> bool:
         return self.current_layout() != self._chat_layout

@@ -52,6 +52,7 @@ from app.ui.dialogs import InfoBanner, about_html, storage_note
 from app.ui.inspector import CacheInspector, format_bytes
 from app.ui.instructions import LAYOUT_LABELS, InstructionEditor, describe_edit_cost
 from app.ui.model_settings import ModelSettingsDialog
+from app.ui.quality_tab import EvalRunner
 from app.ui.server_dialog import ServerDialog
 from app.ui.template_dialog import ChatTemplateDialog, describe_origin
 from app.ui.worker import BackgroundOutcome, EngineHost, ModelStatus
@@ -140,6 +141,7 @@ class MainWindow(QMainWindow):
         self._trim_request = 0
         self._requested_model: str | None = str(model_path) if model_path else None
         self.bench_window: BenchWindow | None = None
+        self.eval_runner = EvalRunner(self.host)  # answer-quality evals, on the worker thread
 
         self.setWindowTitle("KV Chat")
         icon = resource_path(*ICON_FILE)
@@ -257,6 +259,7 @@ class MainWindow(QMainWindow):
         self.instructions.text_edited.connect(self.request_edit_cost)
         self.instructions.save_requested.connect(self.save_instructions)
         self.instructions.layout_changed.connect(self.set_layout)
+        self.eval_runner.rates_ready.connect(self.instructions.show_eval_rates)
         self.inspector.trim_preview_requested.connect(self._request_trim_preview)
         self.inspector.trim_apply_requested.connect(self._apply_trim)
 
@@ -1244,7 +1247,7 @@ class MainWindow(QMainWindow):
         """One non-modal Benchmark window; it runs its own engines, never the chat worker's."""
         model = self.model.path if self.model else self._requested_model
         if self.bench_window is None:
-            self.bench_window = BenchWindow(model_path=model)
+            self.bench_window = BenchWindow(model_path=model, eval_runner=self.eval_runner)
         elif not self.bench_window.is_running():
             self.bench_window.base_config.model_path = model  # follow the chosen model
         self.bench_window.show()

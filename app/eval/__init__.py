@@ -1,0 +1,1 @@
+"""Instruction-following eval per prompt layout (``python -m app eval``; no Qt)."""
