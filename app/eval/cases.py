@@ -43,7 +43,8 @@ class RecallProbe:
 
 def _load() -> dict[str, Any]:
     text = resources.files("app.eval").joinpath("cases.json").read_text(encoding="utf-8")
-    return json.loads(text)
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
 
 
 def load_cases() -> list[Case]:

@@ -37,11 +37,12 @@ from app.eval import checks
 from app.eval.cases import Case, RecallProbe, load_cases, load_recall_probes, max_turns
 from app.eval.cases import stratified_sample as sample_cases
 from app.eval.report import CaseResult, EvalReport
-from app.session.chat_session import ChatSession, GenerationOptions
+from app.session.engine import GenerationOptions
 from app.storage.store import Store
 
 if TYPE_CHECKING:
     from app.core.llama_backend import LlamaBackend
+    from app.session.chat_session import ChatSession
 
 SYSTEM_FIRST = "system-first"
 HISTORY_FIRST = "history-first"
@@ -265,6 +266,9 @@ def run_eval(
     """Run the eval in a scratch database, on ``config.model_path`` or on an open
     ``backend`` (the app's loaded model: borrowed, emptied, never closed here)."""
     config.validate(load_cases())  # before the model loads
+    # llama.cpp is loaded here, on the thread that runs the eval.
+    from app.session.chat_session import ChatSession
+
     with tempfile.TemporaryDirectory(prefix="kvchat-eval-") as folder:
         store = Store(Path(folder) / "eval.db")
         session: ChatSession | None = None

@@ -105,6 +105,7 @@ class RemoteChatSession(ChatEngine):
         self.warmup_max_tokens = 0  # 1 once the server refuses 0
         identity = f"{store.path.resolve()}|{self.info.model}|{self.info.build}"
         self._file_key = hashlib.sha1(identity.encode()).hexdigest()[:12]
+        self.model_identity = f"server|{self.info.base_url}|{self.info.model}"
         self._skip_cache_once = False
 
     # -- facts ------------------------------------------------------------------------

@@ -306,6 +306,10 @@ class ChatSession(HistoryTrimming, ChatEngine):
         return len(self.mirror)
 
     @property
+    def local_backend(self) -> LlamaBackend:
+        return self.backend
+
+    @property
     def backend_version(self) -> str:
         return llama_cpp_version()
 

@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from app import limits
 from app.core.metrics import TurnMetrics
@@ -29,6 +30,9 @@ from app.core.prompt import render_instructions
 from app.domain import FinishReason, MessageStatus, Role, Step, TemplateChoice
 from app.storage.records import Chat, Message, unanswered_ids
 from app.storage.store import Store
+
+if TYPE_CHECKING:  # a type only: this module never loads llama.cpp
+    from app.core.llama_backend import LlamaBackend
 
 BACKGROUND_CHUNK = 128  # tokens per llama_decode call in commit/warm-up: cancellable in ~0.3 s
 #: The idle-time steps after a reply, in the only order that is correct: the history is
@@ -465,6 +469,16 @@ class ChatEngine(ABC):
     @property
     @abstractmethod
     def has_unsaved_cache(self) -> bool: ...
+
+    #: What this engine's measurements are filed under (e.g. the eval's rates): the
+    #: model file's identity, or the server's model.
+    model_identity: str = ""
+
+    @property
+    def local_backend(self) -> LlamaBackend | None:
+        """The llama.cpp model this engine runs in this process (None on a server): what
+        work that needs the model's own context, such as the eval, borrows."""
+        return None
 
     def template_warning(self) -> str | None:
         """A line to tell the user about the chat template in use (None: nothing)."""

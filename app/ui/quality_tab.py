@@ -34,11 +34,12 @@ from PySide6.QtWidgets import (
 from app.eval.cases import load_cases, load_recall_probes
 from app.eval.report import CaseResult, EvalReport
 from app.eval.runner import DEFAULT_MAX_TOKENS, LAYOUTS, EvalConfig, Progress, run_eval
-from app.session.chat_session import ChatSession, SessionError
+from app.session.engine import SessionError
 from app.storage.records import EvalRate
 from app.ui import theme
 
 if TYPE_CHECKING:
+    from app.session.engine import ChatEngine
     from app.ui.worker import EngineHost
 
 #: Bar colours per eval layout (history-first as in the speed tab's chart).
@@ -89,9 +90,9 @@ class EvalRunner(QObject):
     def stop(self) -> None:
         self.cancel.set()
 
-    def _local_session(self) -> ChatSession:
+    def _local_session(self) -> ChatEngine:
         session = self.host.worker.session
-        if not isinstance(session, ChatSession):
+        if session is None or session.local_backend is None:
             raise SessionError("load a local model first: the eval runs on its llama.cpp context")
         return session
 
@@ -100,7 +101,7 @@ class EvalRunner(QObject):
         """The loaded model's last measured rates (worker thread)."""
         session = self.host.worker.session
         rates: dict[str, EvalRate] = {}
-        if isinstance(session, ChatSession):
+        if session is not None and session.local_backend is not None:
             rates = self.host.worker.store.eval_rates(session.model_identity)
         self.rates_ready.emit(rates)
 
@@ -114,14 +115,17 @@ class EvalRunner(QObject):
             try:
                 report = run_eval(
                     config,
-                    backend=session.backend,
-                    template=session.template_choice,
+                    backend=session.local_backend,
+                    template=session.template_info().choice,
                     on_result=self.progress.emit,
                     on_status=self.status.emit,
                     cancel=cancel,
                 )
             finally:
-                session.forget_chat(session.cache_chat_id)  # its next turn restores it
+                # The eval emptied the model's cells: the open chat's next turn restores it.
+                if session.cache_chat_id is not None:
+                    session.forget_chat(session.cache_chat_id)
+                session.drop_cache()
             if not report.cancelled:
                 self.host.worker.store.set_eval_rates(session.model_identity, report.rates())
                 self.send_rates()
