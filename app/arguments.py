@@ -49,6 +49,15 @@ def temperature(text: str) -> float:
     return _checked(limits.check_temperature, value)
 
 
+def server_timeout(text: str) -> float:
+    """Seconds without data from a server before a reply is abandoned."""
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from error
+    return _checked(limits.check_server_timeout, value)
+
+
 def seed(text: str) -> int:
     """A fixed seed (0 .. 2**32 - 2) or -1 for a random one; never silently truncated."""
     return _checked(limits.check_seed, _whole(text))
