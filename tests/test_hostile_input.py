@@ -762,3 +762,44 @@ def test_a_long_streamed_reply_is_gathered_in_linear_time(store: Store) -> None:
     print(f"7.5 MB reply in {count} pieces gathered in {took:.1f} s")
     assert len(result.reply) == count * len(piece)
     assert took < 20.0, took
+
+
+@pytest.mark.gui
+def test_stop_and_closing_the_window_during_a_server_prefill_never_wait_on_the_server(
+    qtbot, db_path: Path, tmp_path: Path
+) -> None:
+    from gui_helpers import close_window, open_window, temp_settings
+
+    window = open_window(qtbot, db_path, temp_settings(tmp_path))
+    try:
+        with hostile_server(_stall_before_headers) as server:
+            dialog = window.ask_server()
+            dialog.url_edit.setText(server.url)  # type: ignore[attr-defined]
+            dialog.timeout_spin.setValue(30)
+            with qtbot.waitSignal(window.model_ready, timeout=30_000):
+                dialog.accept()
+            assert window.settings.value("server/timeout") in (30, 30.0, "30", "30.0")
+            assert window.host.worker.session.client.timeout_s == 30
+
+            window.input.setPlainText("Hello?")
+            window.send()
+            assert server.asked.wait(30)
+            time.sleep(0.3)  # the worker is blocked on the server
+            started = time.monotonic()
+            window.stop()
+            qtbot.waitUntil(lambda: not window.busy, timeout=5_000)
+            stop_latency = time.monotonic() - started
+
+            server.asked.clear()
+            window.input.setPlainText("Hello again?")
+            window.send()
+            assert server.asked.wait(30)
+            time.sleep(0.3)
+            started = time.monotonic()
+            close_window(window)
+            close_latency = time.monotonic() - started
+    finally:
+        window.close()
+    print(f"GUI Stop during a server prefill: {stop_latency * 1000:.0f} ms; "
+          f"closing the window: {close_latency * 1000:.0f} ms")  # fmt: skip
+    assert stop_latency < 2.0 and close_latency < 5.0, (stop_latency, close_latency)
