@@ -81,6 +81,9 @@ def chat_template(text: str) -> domain.TemplateChoice:
     path = Path(text).expanduser()
     if path.is_file():
         try:
+            if path.stat().st_size > 4 * limits.MAX_TEMPLATE_CHARS:
+                message = f"the chat template file {text} is too large for a chat template"
+                raise argparse.ArgumentTypeError(message)
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             message = f"cannot read chat template {text}: {error}"

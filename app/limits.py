@@ -26,6 +26,8 @@ MAX_N_CTX = 1 << 20
 DEFAULT_SERVER_TIMEOUT_S = 600.0
 MIN_SERVER_TIMEOUT_S = 1.0
 MAX_SERVER_TIMEOUT_S = 86_400.0
+#: The largest chat template source accepted (the largest known template is about 20 kB).
+MAX_TEMPLATE_CHARS = 1 << 20
 
 
 def check_temperature(value: float) -> float:

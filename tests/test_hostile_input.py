@@ -803,3 +803,99 @@ def test_stop_and_closing_the_window_during_a_server_prefill_never_wait_on_the_s
     print(f"GUI Stop during a server prefill: {stop_latency * 1000:.0f} ms; "
           f"closing the window: {close_latency * 1000:.0f} ms")  # fmt: skip
     assert stop_latency < 2.0 and close_latency < 5.0, (stop_latency, close_latency)
+
+
+# -- hostile templates ---------------------------------------------------------------------
+
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+#: Templates that would run for hours or take gigabytes, each then a usable ChatML.
+HOSTILE_TEMPLATES = {
+    "nested ranges": "{% for i in range(100000) %}{% for j in range(100000) %}"
+    "{% endfor %}{% endfor %}",
+    "huge power": "{{ 9**(9**9) }}",
+    "huge repeat": "{{ 'x' * 6000000000 }}",
+    "doubling with ~": "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+    "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "doubling with +": "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+    "{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "huge output": "{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}",
+    "huge width": "{{ '{:>999999999}'.format(1) }}{{ 'x'.ljust(999999999) }}",
+}
+TEMPLATE_BOUND_S = 20.0  # the limit is 2 s; a loaded machine may be slow to start
+
+
+def _run_snippet(code: str, timeout: int = 240) -> list[dict]:
+    """Python in a subprocess (a template that hangs ends the run, not the test suite)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+        check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_a_hostile_gguf_template_falls_back_to_chatml_with_a_warning_in_bounded_time() -> None:
+    code = f"""
+import json, time
+from app.core.chat_template import markup_for
+for name, body in {HOSTILE_TEMPLATES!r}.items():
+    started = time.monotonic()
+    markup = markup_for(body + {_CHATML!r}, "<s>", "</s>")
+    print(json.dumps({{"name": name, "origin": markup.template_origin,
+                      "note": markup.notes[0], "s": time.monotonic() - started}}), flush=True)
+"""
+    results = _run_snippet(code)
+    assert [r["name"] for r in results] == list(HOSTILE_TEMPLATES)
+    for result in results:
+        print(f"{result['name']}: refused in {result['s']:.2f} s")
+        assert result["origin"] == "builtin-chatml", result
+        assert "the template went past a limit" in result["note"], result
+        assert "\n" not in result["note"] and result["s"] < TEMPLATE_BOUND_S, result
+
+
+def test_a_stored_hostile_template_choice_falls_back_to_the_models_own(tmp_path: Path) -> None:
+    db = tmp_path / "chats.db"
+    code = f"""
+import json, time
+from pathlib import Path
+from app.core.models import default_model_path, model_file_identity
+from app.domain import TemplateChoice, TemplateKind
+from app.session.chat_session import ChatSession
+from app.storage.store import Store
+with Store(Path({str(db)!r})) as store:
+    body = {HOSTILE_TEMPLATES["nested ranges"]!r} + {_CHATML!r}
+    choice = TemplateChoice(TemplateKind.JINJA, body, "evil.jinja")
+    store.set_model_template(model_file_identity(default_model_path()), choice)
+    started = time.monotonic()
+    engine = ChatSession(store, default_model_path(), n_ctx=2048)
+    print(json.dumps({{"origin": engine.markup.template_origin, "notes": engine.markup.notes,
+                      "s": time.monotonic() - started}}))
+    engine.close()
+"""
+    (result,) = _run_snippet(code)
+    print(f"model load with a stored hostile template: {result['s']:.1f} s")
+    assert result["origin"] == "gguf"
+    assert "evil.jinja (Jinja) cannot be used" in result["notes"][0]
+    assert "went past a limit: it ran longer than 2 s" in result["notes"][0]
+
+
+@pytest.mark.parametrize("name", ["nested ranges", "huge repeat", "huge output"])
+def test_a_hostile_chat_template_file_is_refused_in_one_line(tmp_path: Path, name: str) -> None:
+    template = tmp_path / "evil.jinja"
+    template.write_text(HOSTILE_TEMPLATES[name] + _CHATML, encoding="utf-8")
+    started = time.monotonic()
+    try:
+        done = run_app(
+            "chat", "--db", str(tmp_path / "chats.db"), "--chat", "x",
+            "--chat-template", str(template), "Hello", timeout=240,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the {name} template hung the model load")
+    took = time.monotonic() - started
+    assert done.returncode == 1, done.stderr
+    assert "went past a limit" in one_line(done)
+    assert took < 120, took
