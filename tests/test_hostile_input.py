@@ -824,6 +824,8 @@ HOSTILE_TEMPLATES = {
     "{% set ns.s = ns.s + ns.s %}{% endfor %}",
     "huge output": "{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}",
     "huge width": "{{ '{:>999999999}'.format(1) }}{{ 'x'.ljust(999999999) }}",
+    "huge join": "{{ range(100000)|join('x' * 1000000) }}",
+    "huge lorem ipsum": "{{ lipsum(1000000000) }}",
 }
 TEMPLATE_BOUND_S = 20.0  # the limit is 2 s; a loaded machine may be slow to start
 

@@ -41,6 +41,7 @@ from app.core.template_sandbox import (
     LimitedEnvironment,
     TemplateLimitError,
     TemplateProbeError,
+    check_json_indent,
     render_limited,
 )
 from app.domain import TemplateChoice, TemplateKind
@@ -238,6 +239,7 @@ def _tojson(
     value: object, indent: int | None = None, ensure_ascii: bool = False, **_: object
 ) -> str:
     """transformers' tojson: keeps non-ASCII text as is (Jinja's escapes it for HTML)."""
+    check_json_indent(indent)
     return markupsafe.Markup(json.dumps(value, indent=indent, ensure_ascii=ensure_ascii))
 
 

@@ -25,6 +25,7 @@ import jinja2.compiler
 import jinja2.filters
 import jinja2.nodes
 import jinja2.sandbox
+import jinja2.utils
 
 from app import limits
 
@@ -147,9 +148,11 @@ def _check_str_method(text: str, name: str, args: tuple[Any, ...]) -> None:
         estimate = len(text) + text.count("\t") * tab
     elif name == "replace" and len(args) >= 2:
         estimate = _replaced_size(text, *args[:3])
-    elif name == "join" and args and isinstance(args[0], list | tuple):
+    elif name == "join" and args and isinstance(args[0], list | tuple | str | dict):
         items = args[0]
         estimate = len(text) * len(items) + sum(len(str(item)) for item in items)
+    elif name == "join":
+        _refuse("str.join over an iterator (the join filter takes one)")
     elif name in ("format", "format_map"):
         _check_format(text, _BIG_BRACES)
         return
@@ -192,6 +195,7 @@ class LimitedEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.filters.update(_limited_filters())
+        self.globals["lipsum"] = _limited_lipsum
 
     def call_binop(
         self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
@@ -214,6 +218,13 @@ class LimitedEnvironment(jinja2.sandbox.ImmutableSandboxedEnvironment):
         if sum(map(len, texts)) > MAX_VALUE_SIZE:
             _refuse(f"a text over {MAX_VALUE_SIZE} characters (~)")
         return "".join(texts)
+
+
+def _limited_lipsum(n: int = 5, *args: Any, **kwargs: Any) -> str:
+    """Jinja's lorem ipsum writes ``n`` paragraphs in one Python call: keep ``n`` small."""
+    if not isinstance(n, int) or n > 100:
+        _refuse("lipsum over 100 paragraphs")
+    return jinja2.utils.generate_lorem_ipsum(n, *args, **kwargs)
 
 
 def _limited_filters() -> dict[str, Callable[..., Any]]:
@@ -251,11 +262,29 @@ def _limited_filters() -> dict[str, Callable[..., Any]]:
         if isinstance(linecount, int) and linecount > MAX_VALUE_SIZE:
             _refuse(f"a batch over {MAX_VALUE_SIZE} items")
 
-    def slices(value: object, slices: object = 1, fill_with: object = None) -> None:
+    def slices(_ctx: object, value: object, slices: object = 1, fill_with: object = None) -> None:
         if isinstance(slices, int) and slices > MAX_VALUE_SIZE:
             _refuse(f"over {MAX_VALUE_SIZE} slices")
 
+    @jinja2.pass_eval_context
+    def join(eval_ctx: Any, value: Any, d: object = "", attribute: Any = None) -> str:
+        items = list(value)
+        separators = len(str(d)) * max(0, len(items) - 1)
+        if separators + sum(len(str(item)) for item in items) > MAX_VALUE_SIZE:
+            _refuse(f"a joined text over {MAX_VALUE_SIZE} characters")
+        return jinja2.filters.do_join(eval_ctx, items, d, attribute)
+
+    @jinja2.pass_environment
+    def total(environment: Any, iterable: Any, attribute: Any = None, start: Any = 0) -> Any:
+        items = list(iterable)
+        sizes = [size for item in (start, *items) if (size := _size(item)) is not None]
+        if sum(sizes) > MAX_VALUE_SIZE:
+            _refuse(f"a sum of texts or lists over {MAX_VALUE_SIZE} items")
+        return jinja2.filters.do_sum(environment, items, attribute, start)
+
     return {
+        "join": join,
+        "sum": total,
         "center": sized("center", center),
         "indent": sized("indent", indent),
         "replace": sized("replace", replace),
@@ -263,6 +292,14 @@ def _limited_filters() -> dict[str, Callable[..., Any]]:
         "batch": sized("batch", batch),
         "slice": sized("slice", slices),
     }
+
+
+def check_json_indent(indent: object) -> None:
+    """``tojson(indent=…)`` writes the indent on every line: keep it to a real indent."""
+    if indent is not None and not (isinstance(indent, int) and 0 <= indent <= 16) and not (
+        isinstance(indent, str) and len(indent) <= 16
+    ):
+        _refuse("a tojson indent that is not 0 to 16 spaces")
 
 
 def render_limited(
