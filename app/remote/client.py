@@ -638,7 +638,7 @@ class ServerClient:
                 f"a line of the reply from {self.base_url} is larger than "
                 f"{MAX_BODY_BYTES >> 20} MB; the reply is refused"
             ) from error
-        elif not reader.started:
+        elif error is not None and not reader.started:
             raise self._transport_error(error, "chat completion") from error
         else:
             message = (
