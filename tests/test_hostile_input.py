@@ -459,6 +459,10 @@ class _HostileHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path == "/tokenize" and self.props is not None:  # a llama-server that stalls
+            self.asked.set()
+            self.release.wait(STALL_BOUND_S)
+            return
         if self.path != "/v1/chat/completions":
             self._send(404, b'{"error": {"message": "not found"}}')
             return
@@ -682,6 +686,33 @@ def test_cancel_ends_a_remote_reply_while_the_server_sends_nothing(
     assert latency < 2.0, latency
     assert result.metrics.finish_reason == FinishReason.CANCELLED
     assert store.messages(chat_id)[0].text == "Hello?"
+
+
+def test_stop_while_a_llama_server_stalls_on_tokenize_ends_the_turn(store: Store) -> None:
+    """The turn counts the message's tokens first (/tokenize): Stop must end that too."""
+    props = b'{"default_generation_settings": {"n_ctx": 4096}, "total_slots": 1}'
+    with hostile_server(_stall_before_headers, props=props) as server:
+        session = RemoteChatSession(store, server.url)  # type: ignore[attr-defined]
+        chat_id = store.create_chat("tokenize").id
+        cancel = threading.Event()
+
+        def stop_when_asked() -> None:
+            server.asked.wait(STALL_BOUND_S)
+            time.sleep(0.3)
+            cancel.set()
+
+        stopper = threading.Thread(target=stop_when_asked, daemon=True)
+        stopper.start()
+        started = time.monotonic()
+        try:
+            result = session.send(chat_id, "Hello?", GenerationOptions(max_tokens=8), cancel=cancel)
+        finally:
+            session.close()
+        took = time.monotonic() - started
+        stopper.join()
+    assert session.info.kind == "llama-server"
+    assert result.metrics.finish_reason == FinishReason.CANCELLED
+    assert took < 3.0, took  # 0.3 s before Stop, then at once
 
 
 def test_ctrl_c_ends_a_cli_reply_while_the_server_sends_nothing(tmp_path: Path) -> None:

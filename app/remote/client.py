@@ -437,8 +437,31 @@ class ServerClient:
             )
         return ServerError(f"{what} at {self.base_url} failed: {_one_line(str(error))}")
 
-    def _body(self, method: str, url: str, what: str, **kwargs: Any) -> bytes:
-        with self._failures(what), self._http.stream(method, url, **kwargs) as response:
+    def _body(
+        self, method: str, url: str, what: str, cancel: threading.Event | None = None, **kwargs: Any
+    ) -> bytes:
+        """The answer's body; with ``cancel``, on a connection of its own that the watchdog
+        ends when ``cancel`` is set (a request during a turn never outlasts Stop)."""
+        if cancel is None:
+            return self._read_body(self._http, method, url, what, **kwargs)
+        with _Watchdog(cancel, self.timeout_s) as watch:
+            try:
+                body = self._read_body(
+                    self._streams, method, url, what, extensions={"trace": watch.trace}, **kwargs
+                )
+            except ServerError:
+                if not watch.reason:
+                    raise
+            if watch.reason == "cancelled":  # the body may have ended where the socket was shut
+                raise ServerError(f"{what}: cancelled")
+            if watch.reason:
+                raise ServerError(f"{self.base_url} sent nothing for {self.timeout_s:g} s ({what})")
+            return body
+
+    def _read_body(
+        self, client: httpx.Client, method: str, url: str, what: str, **kwargs: Any
+    ) -> bytes:
+        with self._failures(what), client.stream(method, url, **kwargs) as response:
             if response.status_code >= 400:
                 raise ServerError(f"{what}: the server answered {_error_text(response)}")
             return _read_capped(response)
@@ -516,11 +539,16 @@ class ServerClient:
         except httpx.HTTPError:
             return False
 
-    def tokenize(self, text: str) -> int | None:
-        """Tokens in ``text`` as the server counts them (None if it cannot say)."""
+    def tokenize(self, text: str, cancel: threading.Event | None = None) -> int | None:
+        """Tokens in ``text`` as the server counts them (None if it cannot say or cancelled)."""
         try:
             answer = self._request(
-                "POST", f"{self.root}/tokenize", "tokenizing", schema.Tokens, json={"content": text}
+                "POST",
+                f"{self.root}/tokenize",
+                "tokenizing",
+                schema.Tokens,
+                cancel=cancel,
+                json={"content": text},
             )
         except ServerError:
             return None

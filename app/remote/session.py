@@ -324,11 +324,11 @@ class RemoteChatSession:
             and any(word in text for word in ("system", "template", "role", "alternate"))
         )
 
-    def _count(self, text: str) -> int:
+    def _count(self, text: str, cancel: threading.Event | None = None) -> int:
         """Content tokens of ``text`` as the server counts them (0 if it cannot say)."""
         if not text or self.info.kind != "llama-server":
             return 0
-        return self.client.tokenize(text) or 0
+        return self.client.tokenize(text, cancel) or 0
 
     # -- a turn -------------------------------------------------------------------------
 
@@ -432,8 +432,8 @@ class RemoteChatSession:
             trim_mode=chat.trim_mode,
             engine=ENGINE,
             state_load_ms=load.ms if load.restored else None,
-            message_tokens=self._count(user.text),
-            block_tokens=self._count(context.block_text),
+            message_tokens=self._count(user.text, cancel),
+            block_tokens=self._count(context.block_text, cancel),
         )
         if load.restored:
             metrics.notes.append(f"server slot restored: {load.tokens} tokens")
