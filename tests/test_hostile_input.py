@@ -462,6 +462,7 @@ class _HostileHandler(BaseHTTPRequestHandler):
         if self.path == "/tokenize" and self.props is not None:  # a llama-server that stalls
             self.asked.set()
             self.release.wait(STALL_BOUND_S)
+            self.close_connection = True
             return
         if self.path != "/v1/chat/completions":
             self._send(404, b'{"error": {"message": "not found"}}')
@@ -494,6 +495,7 @@ def _events(*payloads: str) -> Callable[[BaseHTTPRequestHandler], None]:
 def _stall_before_headers(handler: BaseHTTPRequestHandler) -> None:
     """A prefill that never ends: the request is read, nothing is answered."""
     type(handler).release.wait(STALL_BOUND_S)
+    handler.close_connection = True
 
 
 def _stall_after_a_piece(handler: BaseHTTPRequestHandler) -> None:
