@@ -51,6 +51,15 @@ def temperature(text: str) -> float:
     return _checked(limits.check_temperature, value)
 
 
+def server_timeout(text: str) -> float:
+    """Seconds without data from a server before a reply is abandoned."""
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from error
+    return _checked(limits.check_server_timeout, value)
+
+
 def seed(text: str) -> int:
     """A fixed seed (0 .. 2**32 - 2) or -1 for a random one; never silently truncated."""
     return _checked(limits.check_seed, _whole(text))
@@ -74,6 +83,9 @@ def chat_template(text: str) -> domain.TemplateChoice:
     path = Path(text).expanduser()
     if path.is_file():
         try:
+            if path.stat().st_size > 4 * limits.MAX_TEMPLATE_CHARS:
+                message = f"the chat template file {text} is too large for a chat template"
+                raise argparse.ArgumentTypeError(message)
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             message = f"cannot read chat template {text}: {error}"

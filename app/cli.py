@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(API key from KVCHAT_API_KEY or the OS keyring)",
     )
     chat.add_argument("--server-model", metavar="NAME", help="model name on the server")
+    chat.add_argument(
+        "--server-timeout",
+        metavar="SECONDS",
+        type=arguments.server_timeout,
+        default=limits.DEFAULT_SERVER_TIMEOUT_S,
+        help="abandon a reply after this long without data from the server (keep-alives "
+        f"do not count; default {limits.DEFAULT_SERVER_TIMEOUT_S:g})",
+    )
     chat.add_argument("--json", action="store_true", help="print one JSON object")
     chat.add_argument("message", help="the user's message ('-' reads standard input)")
 
@@ -244,7 +252,9 @@ def _open_session(args: argparse.Namespace, store: Store) -> ChatEngine:
         raise CliError("--trim-tokens and --trim-mode are not available with --server yet")
     from app.remote.session import RemoteChatSession  # local: httpx only when used
 
-    return RemoteChatSession(store, args.server, args.server_model)
+    return RemoteChatSession(
+        store, args.server, args.server_model, timeout_s=args.server_timeout
+    )
 
 
 def run_chat(args: argparse.Namespace) -> int:

@@ -22,6 +22,12 @@ MAX_TRIM_TOKENS = 1 << 24
 #: and is checked when the model is loaded (see ChatSession).
 MIN_N_CTX = 32
 MAX_N_CTX = 1 << 20
+#: Seconds a server may send no data (keep-alives do not count) before a reply is abandoned.
+DEFAULT_SERVER_TIMEOUT_S = 600.0
+MIN_SERVER_TIMEOUT_S = 1.0
+MAX_SERVER_TIMEOUT_S = 86_400.0
+#: The largest chat template source accepted (the largest known template is about 20 kB).
+MAX_TEMPLATE_CHARS = 1 << 20
 
 
 def check_temperature(value: float) -> float:
@@ -63,3 +69,12 @@ def check_trim_tokens(value: int) -> int:
 
 def check_n_ctx(value: int) -> int:
     return check_count("context size", value, MIN_N_CTX, MAX_N_CTX)
+
+
+def check_server_timeout(value: float) -> float:
+    if not math.isfinite(value) or not MIN_SERVER_TIMEOUT_S <= value <= MAX_SERVER_TIMEOUT_S:
+        raise ValueError(
+            f"server timeout {value} is out of range: use {MIN_SERVER_TIMEOUT_S:g} to "
+            f"{MAX_SERVER_TIMEOUT_S:g} seconds"
+        )
+    return float(value)

@@ -5,20 +5,26 @@ Real model, real SQLite files, real subprocesses where a kill or an abort is inv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from conftest import GREEDY, TEST_CTX, set_state_field
 
 from app import limits
-from app.domain import MessageStatus, Role, SegmentKind
+from app.domain import FinishReason, MessageStatus, Role, SegmentKind
+from app.remote.client import MAX_BODY_BYTES, ServerError
+from app.remote.session import RemoteChatSession
 from app.session.chat_session import ChatSession, GenerationOptions
 from app.storage import migrations
 from app.storage.kv_store import JOURNAL_LIMIT_BYTES, StateRecord
@@ -414,3 +420,521 @@ def test_deleting_a_chat_with_a_large_state_shrinks_the_files_and_bounds_the_wal
         assert store.db.execute("PRAGMA freelist_count").fetchone()[0] == 0
         assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert [m.text for m in store.messages(keep.id)] == ["still here"]
+
+
+# -- hostile servers (the remote engine) ------------------------------------------------
+#
+# A tiny local HTTP server on 127.0.0.1 plays the hostile server: it lists one model and
+# answers chat completions with whatever the test scripts. Its threads are daemons and
+# every stall waits on a flag with a bound, so it always stops by itself.
+
+STALL_BOUND_S = 15.0
+
+
+class _HostileHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    props: bytes | None = None  # /props body (None: 404)
+    models: bytes = b'{"object": "list", "data": [{"id": "small"}]}'
+    chat: Callable[[BaseHTTPRequestHandler], None]
+    asked: threading.Event
+    release: threading.Event
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            self._send(200, self.models)
+        elif self.path == "/props" and self.props is not None:
+            self._send(200, self.props)
+        else:
+            self._send(404, b'{"error": {"message": "not found"}}')
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path == "/tokenize" and self.props is not None:  # a llama-server that stalls
+            self.asked.set()
+            self.release.wait(STALL_BOUND_S)
+            self.close_connection = True
+            return
+        if self.path != "/v1/chat/completions":
+            self._send(404, b'{"error": {"message": "not found"}}')
+            return
+        self.asked.set()
+        with contextlib.suppress(OSError):
+            type(self).chat(self)
+
+
+def _stream_head(handler: BaseHTTPRequestHandler) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.send_header("Connection", "close")  # the body ends when the server closes
+    handler.end_headers()
+    handler.close_connection = True
+
+
+def _events(*payloads: str) -> Callable[[BaseHTTPRequestHandler], None]:
+    """A chat answer that streams ``payloads`` as ``data:`` events."""
+
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        _stream_head(handler)
+        for payload in payloads:
+            handler.wfile.write(f"data: {payload}\n\n".encode())
+        handler.wfile.flush()
+
+    return answer
+
+
+def _stall_before_headers(handler: BaseHTTPRequestHandler) -> None:
+    """A prefill that never ends: the request is read, nothing is answered."""
+    type(handler).release.wait(STALL_BOUND_S)
+    handler.close_connection = True
+
+
+def _stall_after_a_piece(handler: BaseHTTPRequestHandler) -> None:
+    _stream_head(handler)
+    handler.wfile.write(_piece("Hel") + b"\n\n")
+    handler.wfile.flush()
+    type(handler).release.wait(STALL_BOUND_S)
+
+
+def _keep_alives_only(handler: BaseHTTPRequestHandler) -> None:
+    _stream_head(handler)
+    deadline = time.monotonic() + STALL_BOUND_S
+    while time.monotonic() < deadline and not type(handler).release.is_set():
+        handler.wfile.write(b": keep-alive\n\n")
+        handler.wfile.flush()
+        time.sleep(0.1)
+
+
+def _piece(text: str) -> bytes:
+    chunk = {"choices": [{"index": 0, "delta": {"content": text}}]}
+    return b"data: " + json.dumps(chunk).encode()
+
+
+@contextlib.contextmanager
+def hostile_server(
+    chat: Callable[[BaseHTTPRequestHandler], None], props: bytes | None = None
+) -> Iterator[type[_HostileHandler]]:
+    handler = type(
+        "Hostile",
+        (_HostileHandler,),
+        {
+            "chat": staticmethod(chat),
+            "props": props,
+            "asked": threading.Event(),
+            "release": threading.Event(),
+        },
+    )
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    handler.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"  # type: ignore[attr-defined]
+    try:
+        yield handler
+    finally:
+        handler.release.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _unanswered(store: Store, chat_id: int, text: str) -> None:
+    """The message is stored, unanswered, and nothing else was written."""
+    assert [(m.role, m.text) for m in store.messages(chat_id)] == [(Role.USER, text)]
+    assert store.metrics(chat_id) == []
+
+
+def _server_error_line(error: pytest.ExceptionInfo[ServerError]) -> str:
+    text = str(error.value)
+    assert text and "\n" not in text
+    return text
+
+
+ONE_PIECE = json.dumps({"choices": [{"delta": {"content": "Hi"}, "finish_reason": None}]})
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "5",
+        '{"choices": ["x"]}',
+        '{"choices": [{"delta": "x"}]}',
+        '{"choices": [{"delta": {"content": 5}}]}',
+        '{"choices": [], "usage": {"prompt_tokens": Infinity, "completion_tokens": 1}}',
+        '{"choices": [], "usage": {"prompt_tokens": 1e400, "completion_tokens": 1}}',
+        '{"choices": [], "timings": {"prompt_ms": "fast"}}',
+    ],
+)
+def test_a_malformed_server_payload_is_one_line_and_leaves_the_message_unanswered(
+    store: Store, payload: str
+) -> None:
+    with hostile_server(_events(ONE_PIECE, payload, "[DONE]")) as server:
+        session = RemoteChatSession(store, server.url)  # type: ignore[attr-defined]
+        chat_id = store.create_chat("bad payload").id
+        try:
+            with pytest.raises(ServerError) as error:
+                session.send(chat_id, "Hello?", GenerationOptions(max_tokens=8))
+        finally:
+            session.close()
+    assert "not a chat completion chunk" in _server_error_line(error)
+    _unanswered(store, chat_id, "Hello?")
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        b'{"default_generation_settings": [], "total_slots": 1}',
+        b'{"default_generation_settings": {"n_ctx": "big"}}',
+        b'{"default_generation_settings": {"n_ctx": 2048}, "total_slots": -3}',
+    ],
+)
+def test_props_of_the_wrong_shape_are_one_line(store: Store, tmp_path: Path, props: bytes) -> None:
+    with hostile_server(_events("[DONE]"), props=props) as server:
+        with pytest.raises(ServerError) as error:
+            RemoteChatSession(store, server.url)  # type: ignore[attr-defined]
+        assert "/props" in _server_error_line(error)
+        done = run_app(
+            "chat", "--db", str(tmp_path / "cli.db"), "--chat", "x",
+            "--server", server.url, "Hello",  # type: ignore[attr-defined]
+            timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 1 and "/props" in one_line(done)
+
+
+def test_impossible_server_figures_are_clamped_and_marked_as_the_servers(store: Store) -> None:
+    last = {
+        "choices": [{"delta": {}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": 12,
+            "completion_tokens": -4,
+            "prompt_tokens_details": {"cached_tokens": 900},
+        },
+        "timings": {"cache_n": 900, "prompt_n": -3, "prompt_ms": -50.0, "predicted_ms": -1},
+    }
+    with hostile_server(_events(ONE_PIECE, json.dumps(last), "[DONE]")) as server:
+        session = RemoteChatSession(store, server.url)  # type: ignore[attr-defined]
+        chat_id = store.create_chat("figures").id
+        try:
+            result = session.send(chat_id, "Hello?", GenerationOptions(max_tokens=8))
+        finally:
+            session.close()
+    m = result.metrics
+    assert result.reply == "Hi"
+    assert 0 <= m.reused_tokens <= m.prompt_tokens == 12
+    assert m.prefill_tokens >= 0 and m.decode_tokens >= 0 and m.prefill_ms >= 0
+    (note,) = [n for n in m.notes if "server's own figures" in n]
+    assert "cached tokens 900 → 12" in note and "timings.prompt_ms -50 → 0" in note
+    (row,) = store.metrics(chat_id)
+    assert note in row.data["notes"]
+
+
+def test_a_server_that_only_sends_keep_alives_is_abandoned_after_the_timeout(
+    store: Store, tmp_path: Path
+) -> None:
+    with hostile_server(_keep_alives_only) as server:
+        session = RemoteChatSession(store, server.url, timeout_s=1.0)  # type: ignore[attr-defined]
+        chat_id = store.create_chat("keep-alives").id
+        started = time.monotonic()
+        try:
+            with pytest.raises(ServerError) as error:
+                session.send(chat_id, "Hello?", GenerationOptions(max_tokens=8))
+        finally:
+            session.close()
+        waited = time.monotonic() - started
+        assert "sent no data for 1 s" in _server_error_line(error)
+        assert 1.0 <= waited < 8.0, waited  # keep-alives every 0.1 s did not reset the clock
+        _unanswered(store, chat_id, "Hello?")
+        done = run_app(
+            "chat", "--db", str(tmp_path / "cli.db"), "--chat", "x", "--server-timeout", "1",
+            "--server", server.url, "Hello",  # type: ignore[attr-defined]
+            timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 1 and "sent no data for 1 s" in one_line(done)
+
+
+@pytest.mark.parametrize("stall", [_stall_before_headers, _stall_after_a_piece])
+def test_cancel_ends_a_remote_reply_while_the_server_sends_nothing(
+    store: Store, stall: Callable[[BaseHTTPRequestHandler], None]
+) -> None:
+    with hostile_server(stall) as server:
+        session = RemoteChatSession(store, server.url)  # type: ignore[attr-defined]
+        chat_id = store.create_chat("stalled").id
+        cancel = threading.Event()
+        stopped_at: list[float] = []
+
+        def stop_when_asked() -> None:
+            server.asked.wait(STALL_BOUND_S)
+            time.sleep(0.3)  # the worker is now blocked on its read
+            stopped_at.append(time.monotonic())
+            cancel.set()
+
+        stopper = threading.Thread(target=stop_when_asked, daemon=True)
+        stopper.start()
+        try:
+            result = session.send(chat_id, "Hello?", GenerationOptions(max_tokens=8), cancel=cancel)
+        finally:
+            session.close()
+        latency = time.monotonic() - stopped_at[0]
+        stopper.join()
+    print(f"remote cancel latency ({stall.__name__}): {latency * 1000:.0f} ms")
+    assert latency < 2.0, latency
+    assert result.metrics.finish_reason == FinishReason.CANCELLED
+    assert store.messages(chat_id)[0].text == "Hello?"
+
+
+def test_stop_while_a_llama_server_stalls_on_tokenize_ends_the_turn(store: Store) -> None:
+    """The turn counts the message's tokens first (/tokenize): Stop must end that too."""
+    props = b'{"default_generation_settings": {"n_ctx": 4096}, "total_slots": 1}'
+    with hostile_server(_stall_before_headers, props=props) as server:
+        session = RemoteChatSession(store, server.url)  # type: ignore[attr-defined]
+        chat_id = store.create_chat("tokenize").id
+        cancel = threading.Event()
+
+        def stop_when_asked() -> None:
+            server.asked.wait(STALL_BOUND_S)
+            time.sleep(0.3)
+            cancel.set()
+
+        stopper = threading.Thread(target=stop_when_asked, daemon=True)
+        stopper.start()
+        started = time.monotonic()
+        try:
+            result = session.send(chat_id, "Hello?", GenerationOptions(max_tokens=8), cancel=cancel)
+        finally:
+            session.close()
+        took = time.monotonic() - started
+        stopper.join()
+    assert session.info.kind == "llama-server"
+    assert result.metrics.finish_reason == FinishReason.CANCELLED
+    assert took < 3.0, took  # 0.3 s before Stop, then at once
+
+
+def test_ctrl_c_ends_a_cli_reply_while_the_server_sends_nothing(tmp_path: Path) -> None:
+    with hostile_server(_stall_before_headers) as server:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "chat", "--db", str(tmp_path / "cli.db"),
+             "--chat", "x", "--server", server.url, "Hello"],  # type: ignore[attr-defined]
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert server.asked.wait(120)
+            time.sleep(0.3)
+            started = time.monotonic()
+            process.send_signal(signal.SIGINT)
+            assert process.stderr is not None
+            line = process.stderr.readline()  # printed when the reply has ended
+            latency = time.monotonic() - started
+            _, rest = process.communicate(timeout=30)
+            exited = time.monotonic() - started
+        finally:
+            process.kill()
+    print(f"CLI Ctrl+C on a stalled server: reply ended after {latency * 1000:.0f} ms, "
+          f"process exited after {exited * 1000:.0f} ms")  # fmt: skip
+    assert process.returncode == 130 and (line + rest).strip() == "kvchat: interrupted"
+    assert latency < 2.0, latency
+
+
+def test_a_reply_longer_than_max_tokens_is_cut_at_max_tokens(store: Store) -> None:
+    pieces = [_piece(f"w{i} ").decode()[6:] for i in range(50)]
+    with hostile_server(_events(*pieces, "[DONE]")) as server:
+        session = RemoteChatSession(store, server.url)  # type: ignore[attr-defined]
+        chat_id = store.create_chat("long").id
+        try:
+            result = session.send(chat_id, "Hello?", GenerationOptions(max_tokens=5))
+        finally:
+            session.close()
+    assert result.reply == "w0 w1 w2 w3 w4 "
+    assert result.metrics.finish_reason == FinishReason.LENGTH
+    assert any("more than max_tokens" in note for note in result.metrics.notes)
+
+
+def test_a_line_or_body_over_the_cap_is_refused(store: Store) -> None:
+    huge = _piece("x" * (MAX_BODY_BYTES + 10)).decode()[6:]
+    with hostile_server(_events(huge, "[DONE]")) as server:
+        session = RemoteChatSession(store, server.url)  # type: ignore[attr-defined]
+        chat_id = store.create_chat("huge").id
+        try:
+            with pytest.raises(ServerError) as error:
+                session.send(chat_id, "Hello?", GenerationOptions(max_tokens=8))
+        finally:
+            session.close()
+        assert "larger than 8 MB" in _server_error_line(error)
+        _unanswered(store, chat_id, "Hello?")
+        server.models = b'{"data": [{"id": "' + b"m" * (MAX_BODY_BYTES + 10) + b'"}]}'
+        with pytest.raises(ServerError) as error:
+            RemoteChatSession(store, server.url)  # type: ignore[attr-defined]
+    assert "larger than 8 MB" in _server_error_line(error)
+
+
+def test_a_long_streamed_reply_is_gathered_in_linear_time(store: Store) -> None:
+    """32768 pieces of 240 characters (7.5 MB): joined once, not copied at every piece."""
+    piece = "y" * 239 + " "
+    count = 32_768
+
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        _stream_head(handler)
+        line = _piece(piece) + b"\n\n"
+        for _ in range(count // 256):
+            handler.wfile.write(line * 256)
+        handler.wfile.write(b"data: [DONE]\n\n")
+        handler.wfile.flush()
+
+    with hostile_server(answer) as server:
+        session = RemoteChatSession(store, server.url)  # type: ignore[attr-defined]
+        chat_id = store.create_chat("long").id
+        started = time.monotonic()
+        try:
+            result = session.send(chat_id, "Hello?", GenerationOptions(max_tokens=count))
+        finally:
+            session.close()
+    took = time.monotonic() - started
+    print(f"7.5 MB reply in {count} pieces gathered in {took:.1f} s")
+    assert len(result.reply) == count * len(piece)
+    assert took < 20.0, took
+
+
+@pytest.mark.gui
+def test_stop_and_closing_the_window_during_a_server_prefill_never_wait_on_the_server(
+    qtbot, db_path: Path, tmp_path: Path
+) -> None:
+    from gui_helpers import close_window, open_window, temp_settings
+
+    window = open_window(qtbot, db_path, temp_settings(tmp_path))
+    try:
+        with hostile_server(_stall_before_headers) as server:
+            dialog = window.ask_server()
+            dialog.url_edit.setText(server.url)  # type: ignore[attr-defined]
+            dialog.timeout_spin.setValue(30)
+            with qtbot.waitSignal(window.model_ready, timeout=30_000):
+                dialog.accept()
+            assert window.settings.value("server/timeout") in (30, 30.0, "30", "30.0")
+            assert window.host.worker.session.client.timeout_s == 30
+
+            window.input.setPlainText("Hello?")
+            window.send()
+            assert server.asked.wait(30)
+            time.sleep(0.3)  # the worker is blocked on the server
+            started = time.monotonic()
+            window.stop()
+            qtbot.waitUntil(lambda: not window.busy, timeout=5_000)
+            stop_latency = time.monotonic() - started
+
+            server.asked.clear()
+            window.input.setPlainText("Hello again?")
+            window.send()
+            assert server.asked.wait(30)
+            time.sleep(0.3)
+            started = time.monotonic()
+            close_window(window)
+            close_latency = time.monotonic() - started
+    finally:
+        window.close()
+    print(f"GUI Stop during a server prefill: {stop_latency * 1000:.0f} ms; "
+          f"closing the window: {close_latency * 1000:.0f} ms")  # fmt: skip
+    assert stop_latency < 2.0 and close_latency < 5.0, (stop_latency, close_latency)
+
+
+# -- hostile templates ---------------------------------------------------------------------
+
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+#: Templates that would run for hours or take gigabytes, each then a usable ChatML.
+HOSTILE_TEMPLATES = {
+    "nested ranges": "{% for i in range(100000) %}{% for j in range(100000) %}"
+    "{% endfor %}{% endfor %}",
+    "huge power": "{{ 9**(9**9) }}",
+    "huge repeat": "{{ 'x' * 6000000000 }}",
+    "doubling with ~": "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+    "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "doubling with +": "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+    "{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "huge output": "{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}",
+    "huge width": "{{ '{:>999999999}'.format(1) }}{{ 'x'.ljust(999999999) }}",
+    "huge join": "{{ range(100000)|join('x' * 1000000) }}",
+    "huge lorem ipsum": "{{ lipsum(1000000000) }}",
+}
+TEMPLATE_BOUND_S = 20.0  # the limit is 2 s; a loaded machine may be slow to start
+
+
+def _run_snippet(code: str, timeout: int = 240) -> list[dict]:
+    """Python in a subprocess (a template that hangs ends the run, not the test suite)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+        check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_a_hostile_gguf_template_falls_back_to_chatml_with_a_warning_in_bounded_time() -> None:
+    code = f"""
+import json, time
+from app.core.chat_template import markup_for
+for name, body in {HOSTILE_TEMPLATES!r}.items():
+    started = time.monotonic()
+    markup = markup_for(body + {_CHATML!r}, "<s>", "</s>")
+    print(json.dumps({{"name": name, "origin": markup.template_origin,
+                      "note": markup.notes[0], "s": time.monotonic() - started}}), flush=True)
+"""
+    results = _run_snippet(code)
+    assert [r["name"] for r in results] == list(HOSTILE_TEMPLATES)
+    for result in results:
+        print(f"{result['name']}: refused in {result['s']:.2f} s")
+        assert result["origin"] == "builtin-chatml", result
+        assert "the template went past a limit" in result["note"], result
+        assert "\n" not in result["note"] and result["s"] < TEMPLATE_BOUND_S, result
+
+
+def test_a_stored_hostile_template_choice_falls_back_to_the_models_own(tmp_path: Path) -> None:
+    db = tmp_path / "chats.db"
+    code = f"""
+import json, time
+from pathlib import Path
+from app.core.models import default_model_path, model_file_identity
+from app.domain import TemplateChoice, TemplateKind
+from app.session.chat_session import ChatSession
+from app.storage.store import Store
+with Store(Path({str(db)!r})) as store:
+    body = {HOSTILE_TEMPLATES["nested ranges"]!r} + {_CHATML!r}
+    choice = TemplateChoice(TemplateKind.JINJA, body, "evil.jinja")
+    store.set_model_template(model_file_identity(default_model_path()), choice)
+    started = time.monotonic()
+    engine = ChatSession(store, default_model_path(), n_ctx=2048)
+    print(json.dumps({{"origin": engine.markup.template_origin, "notes": engine.markup.notes,
+                      "s": time.monotonic() - started}}))
+    engine.close()
+"""
+    (result,) = _run_snippet(code)
+    print(f"model load with a stored hostile template: {result['s']:.1f} s")
+    assert result["origin"] == "gguf"
+    assert "evil.jinja (Jinja) cannot be used" in result["notes"][0]
+    assert "went past a limit: it ran longer than 2 s" in result["notes"][0]
+
+
+@pytest.mark.parametrize("name", ["nested ranges", "huge repeat", "huge output"])
+def test_a_hostile_chat_template_file_is_refused_in_one_line(tmp_path: Path, name: str) -> None:
+    template = tmp_path / "evil.jinja"
+    template.write_text(HOSTILE_TEMPLATES[name] + _CHATML, encoding="utf-8")
+    started = time.monotonic()
+    try:
+        done = run_app(
+            "chat", "--db", str(tmp_path / "chats.db"), "--chat", "x",
+            "--chat-template", str(template), "Hello", timeout=240,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the {name} template hung the model load")
+    took = time.monotonic() - started
+    assert done.returncode == 1, done.stderr
+    assert "went past a limit" in one_line(done)
+    assert took < 120, took

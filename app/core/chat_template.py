@@ -33,11 +33,21 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.parser
-import jinja2.sandbox
 import markupsafe
 
 from app.core.sequences import common_prefix_length
+from app.core.template_sandbox import (
+    MAX_SOURCE_CHARS,
+    Budget,
+    LimitedEnvironment,
+    TemplateLimitError,
+    TemplateProbeError,
+    check_json_indent,
+    render_limited,
+)
 from app.domain import TemplateChoice, TemplateKind
+
+__all__ = ["TemplateLimitError", "TemplateProbeError"]
 
 # Private-use code points: no real message contains them and templates leave them alone.
 _SENTINELS = {name: f"\ue000{name}\ue001" for name in ("A", "B", "C", "D", "E", "S")}
@@ -63,10 +73,6 @@ CHATML_TEMPLATE = (
 
 #: How to replace the ChatML fallback, said wherever the fallback is reported.
 CHOOSE_TEMPLATE_HINT = "choose one with --chat-template NAME|FILE or Model → Chat template…"
-
-
-class TemplateProbeError(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,9 @@ class TemplateRenderer:
     ``raise_exception``, ``strftime_now``, ``namespace``, loop controls
     (``{% break %}``/``{% continue %}``) and ``{% generation %}``. With ``now`` the
     dates are real; without it (when probing) they are placeholders, so the probed
-    pieces, and the markup hash, do not depend on the day.
+    pieces, and the markup hash, do not depend on the day. Rendering runs in a limited
+    sandbox (:mod:`app.core.template_sandbox`): within ``budget`` (2 s when None), with
+    capped sizes; past a limit it raises :class:`TemplateLimitError`.
     """
 
     def __init__(
@@ -173,9 +181,15 @@ class TemplateRenderer:
         now: datetime.datetime | None = None,
         extra: dict[str, object] | None = None,
         content_lists: bool = False,
+        budget: Budget | None = None,
     ) -> None:
         self._content_lists = content_lists
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        self._budget = budget
+        if len(source) > MAX_SOURCE_CHARS:
+            raise TemplateLimitError(
+                f"the template went past a limit: over {MAX_SOURCE_CHARS} characters of source"
+            )
+        env = LimitedEnvironment(
             trim_blocks=True,
             lstrip_blocks=True,
             undefined=jinja2.Undefined,
@@ -209,10 +223,13 @@ class TemplateRenderer:
                 else m
                 for m in messages
             ]
+        context = {
+            "messages": messages,
+            "add_generation_prompt": add_generation_prompt,
+            **self._context,
+        }
         try:
-            return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self._context
-            )
+            return render_limited(self._template, self._budget, context)
         except TemplateProbeError:
             raise
         except Exception as error:  # templates can fail in any way Jinja allows
@@ -223,6 +240,7 @@ def _tojson(
     value: object, indent: int | None = None, ensure_ascii: bool = False, **_: object
 ) -> str:
     """transformers' tojson: keeps non-ASCII text as is (Jinja's escapes it for HTML)."""
+    check_json_indent(indent)
     return markupsafe.Markup(json.dumps(value, indent=indent, ensure_ascii=ensure_ascii))
 
 
@@ -338,6 +356,8 @@ def _block_later(
         text = probe.delta(start, [*history, _msg("system", "S"), _msg("user", "C")])
         if text.startswith(old) and text.endswith(new):
             return BlockPlacement("system", _split(text[len(old) : len(text) - len(new)], "S"))
+    except TemplateLimitError:
+        raise
     except TemplateProbeError:
         pass
     return _block_as_user(probe, start, history, old, user, assistant, "")
@@ -359,6 +379,8 @@ def _block_as_user(
         text = probe.delta(start, [*history, _msg("user", "S"), _msg("user", "C")])
         if text == preamble + old + _wrapped(user, "S") + new:
             return BlockPlacement("user", opening, **labels)
+    except TemplateLimitError:
+        raise
     except TemplateProbeError:
         pass
     ack = {"role": "assistant", "content": BLOCK_ACK}
@@ -382,6 +404,8 @@ def _block_first(
         more = probe.delta(first, [*first, _msg("assistant", "B"), _msg("user", "A")])
         if text.endswith(new) and more == pair.replace(_SENTINELS["C"], _SENTINELS["A"]):
             return BlockPlacement("system", _split(text[: len(text) - len(new)], "S"))
+    except TemplateLimitError:
+        raise
     except TemplateProbeError:
         pass
     return _block_as_user(probe, [], [], "", user, assistant, preamble)
@@ -402,10 +426,13 @@ def probe_markup(
     if renderer is not None:
         return _probe_with(_Probe(renderer), source, origin, ())
     first_error: TemplateProbeError | None = None
+    budget = Budget()  # one time limit for every render of the probe
     for notes in _RENDER_VARIANTS:
         try:
-            plain = markup_renderer(source, bos_token, eos_token, notes)
+            plain = markup_renderer(source, bos_token, eos_token, notes, budget=budget)
             return _probe_with(_Probe(plain), source, origin, notes)
+        except TemplateLimitError:
+            raise
         except TemplateProbeError as error:
             first_error = first_error or error
     assert first_error is not None
@@ -429,6 +456,7 @@ def markup_renderer(
     eos_token: str,
     notes: tuple[str, ...] = (),
     now: datetime.datetime | None = None,
+    budget: Budget | None = None,
 ) -> TemplateRenderer:
     """The renderer a Jinja markup was probed with (its ``notes`` say how it was called);
     with ``now``, dates are real (to compare a prompt with the template's own render)."""
@@ -439,6 +467,7 @@ def markup_renderer(
         now=now,
         extra={"tools": []} if EMPTY_TOOLS_NOTE in notes else None,
         content_lists=CONTENT_LISTS_NOTE in notes,
+        budget=budget,
     )
 
 
@@ -467,6 +496,8 @@ def _probe_with(
     try:
         last = probe.body([*one, _msg("assistant", "B")])
         hint = last.split(_SENTINELS["B"], 1)[1] if last.count(_SENTINELS["B"]) == 1 else ""
+    except TemplateLimitError:
+        raise
     except TemplateProbeError:
         hint = ""
     cut = _split_between(between, first.before, assistant_before, hint)

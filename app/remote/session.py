@@ -31,7 +31,14 @@ from dataclasses import dataclass
 from app.core.chat_template import BLOCK_ACK, BLOCK_LABEL_CLOSE, BLOCK_LABEL_OPEN
 from app.core.metrics import TurnMetrics
 from app.domain import FinishReason, Layout, Step
-from app.remote.client import ChatCompletion, ServerClient, ServerError, ServerInfo, StreamDropped
+from app.remote.client import (
+    DEFAULT_SERVER_TIMEOUT_S,
+    ChatCompletion,
+    ServerClient,
+    ServerError,
+    ServerInfo,
+    StreamDropped,
+)
 from app.session.engine import (
     IDLE_STEPS,
     CacheView,
@@ -91,9 +98,10 @@ class RemoteChatSession(ChatEngine):
         model: str | None = None,
         *,
         api_key: str | None = None,
+        timeout_s: float = DEFAULT_SERVER_TIMEOUT_S,
     ) -> None:
         super().__init__(store)
-        self.client = ServerClient(base_url, model, api_key=api_key)
+        self.client = ServerClient(base_url, model, api_key=api_key, read_timeout=timeout_s)
         try:
             self.info: ServerInfo = self.client.connect()
         except BaseException:
@@ -190,8 +198,8 @@ class RemoteChatSession(ChatEngine):
             done = self.client.slot_action(slot, "restore", self.state_file(chat_id))
         except ServerError:
             return StateLoad(restored=False)  # no saved slot yet (or the server lost it)
-        cache.tokens = int(done.get("n_restored") or 0)
-        read = int(done.get("n_read") or 0)
+        cache.tokens = max(0, done.n_restored)
+        read = max(0, done.n_read)
         if cache.tokens:
             self.bytes_per_token = read / cache.tokens
         ms = (time.perf_counter() - started) * 1000
@@ -204,8 +212,8 @@ class RemoteChatSession(ChatEngine):
         started = time.perf_counter()
         done = self.client.slot_action(slot, "save", self.state_file(cache.chat_id))
         cache.changed = False
-        written = int(done.get("n_written") or 0)
-        saved_tokens = int(done.get("n_saved") or 0)
+        written = max(0, done.n_written)
+        saved_tokens = max(0, done.n_saved)
         if saved_tokens:
             cache.tokens = saved_tokens
             self.bytes_per_token = written / saved_tokens
@@ -325,11 +333,11 @@ class RemoteChatSession(ChatEngine):
             and any(word in text for word in ("system", "template", "role", "alternate"))
         )
 
-    def _count(self, text: str) -> int:
+    def _count(self, text: str, cancel: threading.Event | None = None) -> int:
         """Content tokens of ``text`` as the server counts them (0 if it cannot say)."""
         if not text or self.info.kind != "llama-server":
             return 0
-        return self.client.tokenize(text) or 0
+        return self.client.tokenize(text, cancel) or 0
 
     # -- a turn -------------------------------------------------------------------------
 
@@ -355,8 +363,8 @@ class RemoteChatSession(ChatEngine):
         load = turn.load
         metrics = self._turn_metrics(turn)
         metrics.engine = ENGINE
-        metrics.message_tokens = self._count(user.text)
-        metrics.block_tokens = self._count(context.block_text)
+        metrics.message_tokens = self._count(user.text, cancel)
+        metrics.block_tokens = self._count(context.block_text, cancel)
         if load.restored:
             metrics.notes.append(f"server slot restored: {load.tokens} tokens")
         sent = time.perf_counter()
@@ -415,6 +423,13 @@ class RemoteChatSession(ChatEngine):
         if metrics.decode_ms > 0 and metrics.decode_tokens > 1:
             metrics.decode_tokens_per_s = (metrics.decode_tokens - 1) / (metrics.decode_ms / 1000)
         metrics.finish_reason = _finish(completion)
+        if completion.clamped:
+            metrics.notes.append(
+                "the server's own figures were impossible and are clamped: "
+                + "; ".join(completion.clamped)
+            )
+        if completion.cut:
+            metrics.notes.append(completion.cut)
 
     # -- idle-time steps ------------------------------------------------------------------
 

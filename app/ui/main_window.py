@@ -35,6 +35,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app import limits
 from app.core.models import ModelChoice, available_models
 from app.domain import FinishReason, TemplateChoice
 from app.resources import resource_path
@@ -515,8 +516,11 @@ class MainWindow(QMainWindow):
             str(self.settings.value("server/url", "") or ""),
             str(self.settings.value("server/model", "") or ""),
             self,
+            timeout_s=self._server_timeout(),
         )
-        dialog.accepted.connect(lambda: self.connect_server(dialog.url(), dialog.model()))
+        dialog.accepted.connect(
+            lambda: self.connect_server(dialog.url(), dialog.model(), dialog.timeout_s())
+        )
         dialog.open()
         return dialog
 
@@ -611,13 +615,23 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"Exported to {target}", 5000)
         return target
 
-    def connect_server(self, url: str, model: str = "") -> None:
+    def connect_server(self, url: str, model: str = "", timeout_s: float | None = None) -> None:
         """Chats continue on the server's model; a local model can be picked again any time."""
         if self.busy:
             self.stop()
+        timeout_s = self._server_timeout() if timeout_s is None else timeout_s
         self.settings.setValue("server/url", url)
         self.settings.setValue("server/model", model)
-        self.host.connect_server(url, model)
+        self.settings.setValue("server/timeout", timeout_s)
+        self.host.connect_server(url, model, timeout_s)
+
+    def _server_timeout(self) -> float:
+        """The stored server timeout, or the default when it is missing or out of range."""
+        try:
+            stored = float(self.settings.value("server/timeout", limits.DEFAULT_SERVER_TIMEOUT_S))
+            return limits.check_server_timeout(stored)
+        except (TypeError, ValueError):
+            return limits.DEFAULT_SERVER_TIMEOUT_S
 
     def load_model(self, path: str | None) -> None:
         """Load on the worker; the current model stays in use until the new one is ready."""

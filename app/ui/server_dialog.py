@@ -9,6 +9,7 @@ from __future__ import annotations
 from PySide6.QtCore import Slot
 from PySide6.QtWidgets import (
     QDialog,
+    QDoubleSpinBox,
     QFormLayout,
     QLabel,
     QLineEdit,
@@ -17,6 +18,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app import limits
 from app.ui.dialogs import accept_buttons
 from app.ui.worker import EngineHost
 
@@ -24,10 +26,15 @@ DEFAULT_URL = "http://127.0.0.1:8080/v1"
 
 
 class ServerDialog(QDialog):
-    """Asks for the server; ``accepted`` leaves ``url()`` and ``model()`` to connect with."""
+    """Asks for the server; ``accepted`` leaves ``url()``, ``model()`` and ``timeout_s()``."""
 
     def __init__(
-        self, host: EngineHost, url: str = "", model: str = "", parent: QWidget | None = None
+        self,
+        host: EngineHost,
+        url: str = "",
+        model: str = "",
+        parent: QWidget | None = None,
+        timeout_s: float = limits.DEFAULT_SERVER_TIMEOUT_S,
     ) -> None:
         super().__init__(parent)
         self.setWindowTitle("Connect to server")
@@ -40,6 +47,16 @@ class ServerDialog(QDialog):
         form = QFormLayout()
         form.addRow("Base URL", self.url_edit)
         form.addRow("Model", self.model_edit)
+        self.timeout_spin = QDoubleSpinBox()
+        self.timeout_spin.setRange(limits.MIN_SERVER_TIMEOUT_S, limits.MAX_SERVER_TIMEOUT_S)
+        self.timeout_spin.setDecimals(0)
+        self.timeout_spin.setSuffix(" s")
+        self.timeout_spin.setValue(timeout_s)
+        self.timeout_spin.setToolTip(
+            "A reply is abandoned after this long without data from the server "
+            "(keep-alives do not count)."
+        )
+        form.addRow("Timeout", self.timeout_spin)
         self.test_button = QPushButton("Test connection")
         self.test_button.clicked.connect(self.test_connection)
         self.result_label = QLabel(
@@ -59,6 +76,9 @@ class ServerDialog(QDialog):
 
     def model(self) -> str:
         return self.model_edit.text().strip()
+
+    def timeout_s(self) -> float:
+        return self.timeout_spin.value()
 
     def test_connection(self) -> None:
         self.result_label.setText(f"Connecting to {self.url()}…")

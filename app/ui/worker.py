@@ -35,6 +35,7 @@ from app.core.metrics import TurnMetrics
 from app.core.models import ModelFileError, check_gguf_file
 from app.core.prompt import render_instructions
 from app.domain import Step, TemplateChoice
+from app.limits import DEFAULT_SERVER_TIMEOUT_S
 from app.remote.client import ServerClient, ServerError
 from app.remote.session import RemoteChatSession
 from app.session.engine import (
@@ -247,15 +248,15 @@ class EngineWorker(QObject):
         except Exception as error:
             self.error.emit(f"could not use the chat template: {unexpected(error)}")
 
-    @Slot(str, str)
-    def connect_server(self, url: str, model: str) -> None:
+    @Slot(str, str, float)
+    def connect_server(self, url: str, model: str, timeout_s: float) -> None:
         """Use a server's model instead of the local one; every chat stays as it is."""
         if self.shutting_down.is_set():
             return
         self.model_loading.emit(url)
         started = time.perf_counter()
         try:
-            remote = RemoteChatSession(self.store, url, model or None)
+            remote = RemoteChatSession(self.store, url, model or None, timeout_s=timeout_s)
         except ServerError as error:
             self.model_failed.emit(str(error))
             return
@@ -587,7 +588,7 @@ class EngineHost(QObject):
 
     _configure = Signal(object, str)
     _load_model = Signal(str, object)
-    _connect_server = Signal(str, str)
+    _connect_server = Signal(str, str, float)
     _probe_server = Signal(int, str, str)
     _run_turn = Signal(object)
     _prepare_chat = Signal(int, object)
@@ -706,9 +707,11 @@ class EngineHost(QObject):
         """Stop the model load under way (and any queued): the previous model stays."""
         self.load_cancel.set()
 
-    def connect_server(self, url: str, model: str) -> None:
+    def connect_server(
+        self, url: str, model: str, timeout_s: float = DEFAULT_SERVER_TIMEOUT_S
+    ) -> None:
         self._preempt_background()
-        self._connect_server.emit(url, model)
+        self._connect_server.emit(url, model, timeout_s)
 
     def probe_server(self, url: str, model: str) -> int:
         request_id = self.next_request_id()
