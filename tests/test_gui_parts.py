@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from gui_helpers import close_window, open_window, temp_settings
-from PySide6.QtCore import QByteArray, Qt
+from PySide6.QtCore import QRect, Qt
 from PySide6.QtGui import (
     QGuiApplication,
     QTextBlock,
@@ -282,7 +282,7 @@ def test_settings_geometry_and_first_run_note(qtbot, db_path: Path, tmp_path: Pa
         assert first.model.description in about
     finally:
         close_window(first)
-    assert isinstance(settings.value("window/geometry"), QByteArray)
+    assert isinstance(settings.value("window/offscreen/rect"), QRect), "per screen"
     second = open_window(qtbot, db_path, settings)
     try:
         assert second.first_run_banner is None, "the storage note is shown once"

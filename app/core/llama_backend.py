@@ -148,6 +148,19 @@ class ModelInfo:
     bos_token: str
     eos_token: str
     architecture: str = ""  # general.architecture, e.g. "llama", "gemma3"
+    name: str = ""  # general.name and general.size_label, e.g. "SmolLM2 135M Instruct"
+
+    @property
+    def display_name(self) -> str:
+        """What people call the model: its GGUF name and size, then llama.cpp's quant type.
+
+        llama.cpp's own description guesses the size from the layer count ("llama 256M
+        Q4_1" for a 135M model); only its last word, the quantization, is kept.
+        """
+        quant = self.description.rsplit(" ", 1)[-1] if self.description else ""
+        if not self.name:
+            return self.description
+        return f"{self.name} · {quant}" if quant else self.name
 
 
 class LlamaBackend:
@@ -289,7 +302,16 @@ class LlamaBackend:
             bos_token=self.token_text(bos) if bos >= 0 else "",
             eos_token=self.token_text(eos) if eos >= 0 else "",
             architecture=self._meta("general.architecture") or "",
+            name=self._display_name(),
         )
+
+    def _display_name(self) -> str:
+        """general.name, with general.size_label unless the name already says it."""
+        name = (self._meta("general.name") or "").strip()
+        size = (self._meta("general.size_label") or "").strip()
+        if name and size and size.lower() not in name.lower():
+            return f"{name} {size}"
+        return name
 
     def token_text(self, token: int) -> str:
         raw = llama_cpp.llama_vocab_get_text(self._vocab, token)

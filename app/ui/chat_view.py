@@ -25,6 +25,7 @@ from app.ui import theme
 from app.ui.markdown import Block, CodeBlock, TextBlock, markdown_blocks, plain_to_html
 
 RENDER_INTERVAL_MS = 40
+FOLLOW_SLACK_PX = 40  # this close to the end counts as "at the end"
 
 
 class WrappedLabel(QLabel):
@@ -387,10 +388,21 @@ class ChatView(QScrollArea):
         self._scroll_timer.setSingleShot(True)
         self._scroll_timer.setInterval(0)
         self._scroll_timer.timeout.connect(self._scroll_now)
-        self._placeholder = QLabel("No messages yet. Type below and press Ctrl+Enter to send.")
+        # Follow the end (a streaming reply) until the user scrolls up; back at the end, follow.
+        self._follow_end = True
+        bar = self.verticalScrollBar()
+        bar.actionTriggered.connect(self._on_user_scroll)
+        bar.rangeChanged.connect(self._on_range_changed)
+        self._placeholder = QLabel("")
         self._placeholder.setObjectName("placeholder")
         self._placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self._layout.insertWidget(0, self._placeholder)
+        self.set_send_hint(enter_sends=True)
+
+    def set_send_hint(self, *, enter_sends: bool) -> None:
+        """The empty chat names the key that really sends (View → Enter sends)."""
+        keys = "Enter" if enter_sends else "Ctrl+Enter"
+        self._placeholder.setText(f"No messages yet. Type below and press {keys} to send.")
 
     # -- whole chat -----------------------------------------------------------------
 
@@ -516,11 +528,22 @@ class ChatView(QScrollArea):
 
     def _render_stream(self) -> None:
         if self.streaming is not None:
-            bar = self.verticalScrollBar()
-            at_end = bar.value() >= bar.maximum() - 40
             self.streaming.set_text(self._stream_text)
-            if at_end:
-                self.scroll_to_end()
+            if self._follow_end:
+                self._scroll_timer.start()
+
+    def _on_user_scroll(self, _action: int) -> None:
+        """Wheel, keys or drag: follow the end again only once the user is back at it."""
+        bar = self.verticalScrollBar()
+        self._follow_end = bar.sliderPosition() >= bar.maximum() - FOLLOW_SLACK_PX
+
+    def _on_range_changed(self, _minimum: int, maximum: int) -> None:
+        """The reply grew (its layout is done only now): keep its last line in view."""
+        if self._follow_end:
+            self.verticalScrollBar().setValue(maximum)
+
+    def is_following_end(self) -> bool:
+        return self._follow_end
 
     def streamed_text(self) -> str:
         return self._stream_text
@@ -531,10 +554,12 @@ class ChatView(QScrollArea):
 
     def scroll_to_top(self) -> None:
         self._scroll_timer.stop()
+        self._follow_end = False
         self.verticalScrollBar().setValue(0)
 
     def scroll_to_end(self) -> None:
         """After the new bubble's layout is done, i.e. on the next event-loop turn."""
+        self._follow_end = True
         self._scroll_timer.start()
 
     def _scroll_now(self) -> None:

@@ -207,6 +207,15 @@ class InstructionEditor(QWidget):
         self.tabs.addTab(self.versions, "Versions")
         layout.addWidget(self.tabs, 1)
 
+        self.draft_label = QLabel("Draft: Send saves it ")
+        self.draft_label.setToolTip(
+            "Unsaved instructions: Send saves them as a version and uses them. Switching"
+            " chats or quitting keeps the draft (unused) for next time."
+        )
+        self.draft_label.setObjectName("draftNote")
+        self.draft_label.hide()
+        # Beside the tabs: it costs no height on a 640 px screen.
+        self.tabs.setCornerWidget(self.draft_label, Qt.Corner.TopRightCorner)
         footer = QHBoxLayout()
         self.cost_label = QLabel("")
         self.cost_label.setObjectName("costLabel")
@@ -351,8 +360,16 @@ class InstructionEditor(QWidget):
         self.cost_label.setText("Measuring what this costs…")
         self.debounce.start()
 
+    def set_draft(self, text: str, variables: dict[str, str]) -> None:
+        """Put back an unsaved draft (kept when the chat was left or the app closed)."""
+        self.editor.setPlainText(text)
+        self.variables_table.set_variables(dict(variables), placeholder_names(text))
+        self._changed()
+
     def _update_buttons(self) -> None:
         modified = self.is_modified()
+        self.draft_label.setVisible(modified)
+        self.tabs.setTabText(0, "Text (draft)" if modified else "Text")
         self.save_button.setEnabled(modified)
         self.revert_button.setEnabled(modified or self.layout_pending())
         self.apply_layout_button.setVisible(self.layout_pending())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -50,6 +51,7 @@ from app.ui.dialogs import InfoBanner, about_html, storage_note
 from app.ui.inspector import CacheInspector, format_bytes
 from app.ui.instructions import LAYOUT_LABELS, InstructionEditor, describe_edit_cost
 from app.ui.model_settings import ModelSettingsDialog
+from app.ui.screen_fit import restore_window, save_window
 from app.ui.server_dialog import ServerDialog
 from app.ui.template_dialog import ChatTemplateDialog, describe_origin
 from app.ui.worker import (
@@ -159,7 +161,7 @@ class MainWindow(QMainWindow):
         if first is None and self.store.chats():
             first = self.store.chats()[0].id
         if first is not None:
-            self.select_chat(first)
+            self.open_family(first)  # the version used last, as before the restart
         else:
             self._update_actions()
         self.model_status_label.setText("Loading model…")
@@ -215,6 +217,7 @@ class MainWindow(QMainWindow):
         column.addWidget(self.chat_view, 1)
         enter_sends = self.settings.value("composer/enter_sends", True, type=bool)
         self.composer = Composer(bool(enter_sends))
+        self.chat_view.set_send_hint(enter_sends=bool(enter_sends))
         self.input = self.composer.input
         self.turn_status = self.composer.turn_status
         self.regenerate_button = self.composer.regenerate_button
@@ -229,7 +232,7 @@ class MainWindow(QMainWindow):
         self.side_splitter.addWidget(self.inspector)
         self.side_splitter.setStretchFactor(0, 0)
         self.side_splitter.setStretchFactor(1, 1)
-        self.side_splitter.setSizes([270, 600])
+        self.side_splitter.setSizes([190, 680])  # the inspector (all phases) first
 
         self.main_splitter = QSplitter(Qt.Orientation.Horizontal)
         self.main_splitter.setObjectName("mainSplitter")
@@ -383,14 +386,8 @@ class MainWindow(QMainWindow):
     # -- settings and first run -----------------------------------------------------
 
     def _restore_settings(self) -> None:
-        geometry = self.settings.value("window/geometry")
-        size = self.settings.value("window/size")
-        if isinstance(geometry, QByteArray) and not geometry.isEmpty():
-            self.restoreGeometry(geometry)  # position, screen, maximized state
-            if isinstance(size, QSize) and not self.isMaximized():
-                self.resize(size)  # restoreGeometry may shrink it to a small virtual screen
-        else:
-            self.resize(*DEFAULT_SIZE)
+        # Within the screen it opens on: its place there last time, clamped, or a default.
+        restore_window(self, self.settings, "window", QSize(*DEFAULT_SIZE))
         for key, splitter in (
             ("window/main_splitter", self.main_splitter),
             ("window/side_splitter", self.side_splitter),
@@ -400,8 +397,7 @@ class MainWindow(QMainWindow):
                 splitter.restoreState(state)
 
     def _save_settings(self) -> None:
-        self.settings.setValue("window/geometry", self.saveGeometry())
-        self.settings.setValue("window/size", self.size())
+        save_window(self, self.settings, "window")
         self.settings.setValue("window/main_splitter", self.main_splitter.saveState())
         self.settings.setValue("window/side_splitter", self.side_splitter.saveState())
         self.settings.setValue("generation/max_tokens", self.max_tokens_spin.value())
@@ -463,13 +459,18 @@ class MainWindow(QMainWindow):
         self._select_model_in_combo()
 
     def _select_model_in_combo(self) -> None:
-        if self.model is None or self.model.kv_type == "server":
+        """The model box names the model in use: a local file, or the server's model."""
+        if self.model is None:
             return
         index = self.model_combo.findData(self.model.path)
         if index < 0:
+            server = self.model.kv_type == "server"
+            label = f"{self.model.name or self.model.path} (server)" if server else None
             self.model_combo.blockSignals(True)
             self.model_combo.insertItem(
-                self.model_combo.count() - 1, Path(self.model.path).name, self.model.path
+                self.model_combo.count() - 1,
+                label or Path(self.model.path).name,
+                self.model.path,
             )
             self.model_combo.blockSignals(False)
             index = self.model_combo.findData(self.model.path)
@@ -583,6 +584,7 @@ class MainWindow(QMainWindow):
     def set_enter_sends(self, enter_sends: bool) -> None:
         self.settings.setValue("composer/enter_sends", enter_sends)
         self.composer.set_enter_sends(enter_sends)
+        self.chat_view.set_send_hint(enter_sends=enter_sends)
 
     def ask_export_chat(self, kind: str) -> None:
         chat = self.current_chat()
@@ -750,6 +752,7 @@ class MainWindow(QMainWindow):
             return
         if chat_id != self.current_chat_id:
             self.cancel_edit()
+        self._keep_instruction_draft()  # the editor is about to be reloaded
         self.current_chat_id = chat_id
         if self.chat_list.current_chat_id() != chat.family_id:
             self.refresh_chats()
@@ -761,6 +764,7 @@ class MainWindow(QMainWindow):
         self.reload_chat()
         versions = self.store.instruction_versions(chat_id)
         self.instructions.load(versions, chat.layout)
+        self._restore_instruction_draft(chat_id)
         rows = self.store.metrics(chat_id)
         self.inspector.set_turns([(row.id, row.data) for row in rows])
         self.inspector.set_cache_view(None, self._cache_reason())
@@ -851,15 +855,20 @@ class MainWindow(QMainWindow):
             self.inspector.set_turns([])
             remaining = self.store.chats()
             if remaining:
-                self.select_chat(remaining[0].id)
+                self.open_family(remaining[0].id)
         self.refresh_chats()
         self._update_actions()
         self.chat_removed.emit(chat_id)
 
     # -- instructions and layout ----------------------------------------------------
 
-    def save_instructions(self, text: str, variables: dict[str, str] | None = None) -> None:
-        """A new version of the block (text and variables); warmed up in idle time."""
+    def save_instructions(
+        self, text: str, variables: dict[str, str] | None = None, *, warm_up: bool = True
+    ) -> None:
+        """A new version of the block (text and variables); warmed up in idle time.
+
+        ``warm_up`` False: a turn follows at once and takes the new block itself.
+        """
         chat_id = self.current_chat_id or self.new_chat()
         current = self.store.current_instructions(chat_id)
         if variables is None:
@@ -877,9 +886,37 @@ class MainWindow(QMainWindow):
         if pending_layout != chat.layout:  # a previewed layout stays a preview
             index = self.instructions.layout_combo.findData(pending_layout)
             self.instructions.layout_combo.setCurrentIndex(index)
+        self.settings.remove(self._draft_key(chat_id))
         self.instructions.show_cost("Saved. The cache takes this version in idle time.")
-        if self.model is not None:
+        if self.model is not None and warm_up:
             self.host.prepare_chat(chat_id)
+
+    @staticmethod
+    def _draft_key(chat_id: int) -> str:
+        return f"drafts/instructions-{chat_id}"
+
+    def _keep_instruction_draft(self) -> None:
+        """An unsaved instruction edit is kept (per chat) when the chat is left or closed."""
+        chat_id = self.current_chat_id
+        if chat_id is None:
+            return
+        if self.instructions.is_modified():
+            draft = {"text": self.instructions.text(), "variables": self.instructions.variables()}
+            self.settings.setValue(self._draft_key(chat_id), json.dumps(draft))
+        else:
+            self.settings.remove(self._draft_key(chat_id))
+
+    def _restore_instruction_draft(self, chat_id: int) -> None:
+        raw = self.settings.value(self._draft_key(chat_id))
+        if not raw:
+            return
+        try:
+            draft = json.loads(str(raw))
+            text, variables = str(draft["text"]), dict(draft.get("variables") or {})
+        except (ValueError, KeyError, TypeError):
+            self.settings.remove(self._draft_key(chat_id))  # unreadable: nothing to restore
+            return
+        self.instructions.set_draft(text, {str(k): str(v) for k, v in variables.items()})
 
     def set_layout(self, layout: str) -> None:
         """Apply a layout: the chat's prompt is rebuilt in idle time."""
@@ -987,6 +1024,10 @@ class MainWindow(QMainWindow):
         if self.busy:
             self.statusBar().showMessage("A reply is still being written; Esc stops it.", 4000)
             return
+        if self.instructions.is_modified():  # Send uses what the editor shows
+            self.save_instructions(
+                self.instructions.text(), self.instructions.variables(), warm_up=False
+            )
         if self.editing_seq is not None and self.current_chat_id is not None:
             try:
                 branch = self.store.branch_chat(self.current_chat_id, self.editing_seq)
@@ -1128,7 +1169,9 @@ class MainWindow(QMainWindow):
         if on_screen:
             self.reload_chat(incremental=True)
             self.inspector.upsert_turn(outcome.metrics_id, metrics)
-            self._set_context_used(int(metrics.get("cache_tokens") or 0))
+            # The status bar and the inspector both take the count from the worker's next
+            # cache view: the same figure at the same moment.
+            self.host.refresh_cache_view(outcome.chat_id)
         self.refresh_chats()
         self._update_actions()
         self.reply_received.emit(outcome)
@@ -1167,8 +1210,6 @@ class MainWindow(QMainWindow):
             if outcome.cache is not None:
                 self._on_cache_view(outcome.chat_id, outcome.cache)
             self.request_edit_cost(refresh=True)  # the cache changed: so did an edit's cost
-        if outcome.cache is not None and outcome.chat_id == self.current_chat_id:
-            self._set_context_used(outcome.cache.cache_tokens)
         self.background_done.emit(outcome)
 
     @_unless_closed
@@ -1176,10 +1217,9 @@ class MainWindow(QMainWindow):
         if chat_id != self.current_chat_id:
             return
         self.inspector.set_cache_view(view)
-        if view.chat_id == chat_id:
-            self._set_context_used(view.cache_tokens)
-            size = format_bytes(view.cache_tokens * view.bytes_per_token)
-            self.context_label.setToolTip(f"KV cache of this chat: {size}")
+        self._set_context_used(view.cache_tokens)  # the inspector's figure, never another
+        size = format_bytes(view.cache_tokens * view.bytes_per_token)
+        self.context_label.setToolTip(f"KV cache of this chat: {size}")
         self.cache_view_shown.emit(view)
 
     def show_benchmark(self) -> BenchWindow:
@@ -1200,6 +1240,7 @@ class MainWindow(QMainWindow):
         """Save geometry, stop the worker (it saves the cache), join its thread, close the DB."""
         if not self._closed:
             self._closed = True
+            self._keep_instruction_draft()
             if self.bench_window is not None:
                 self.bench_window.close()  # cancels and joins its thread
             self._save_settings()
