@@ -337,6 +337,8 @@ def test_window_connects_to_the_server_and_back_keeping_the_chat(
         with qtbot.waitSignal(window.model_ready, timeout=30_000):
             dialog.accept()
         assert window.model_status_label.text().startswith(f"Connected to {server.base_url}")
+        assert window.model_combo.currentText().endswith("(server)"), "not “(embedded)”"
+        assert "embedded" not in window.model_combo.currentText()
         on_server, background = send_turn(qtbot, window, "Name a fruit.")
         assert on_server.reply and background is not None and background.completed
 

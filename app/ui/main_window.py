@@ -738,6 +738,8 @@ class MainWindow(QMainWindow):
             number += 1
         chat = self.store.create_chat(f"Chat {number}")
         self.chat_list.search.clear()
+        self._keep_instruction_draft()  # the editor's draft belongs to the chat being left
+        self.instructions.load([], chat.layout)
         self.current_chat_id = chat.id
         self.refresh_chats()
         self.select_chat(chat.id)
@@ -750,9 +752,12 @@ class MainWindow(QMainWindow):
             chat = self.store.chat(chat_id)
         except KeyError:
             return
+        same_chat_draft = None  # the same chat shown again keeps the editor's draft
         if chat_id != self.current_chat_id:
             self.cancel_edit()
-        self._keep_instruction_draft()  # the editor is about to be reloaded
+            self._keep_instruction_draft()
+        elif self.instructions.is_modified():
+            same_chat_draft = (self.instructions.text(), self.instructions.variables())
         self.current_chat_id = chat_id
         if self.chat_list.current_chat_id() != chat.family_id:
             self.refresh_chats()
@@ -764,7 +769,10 @@ class MainWindow(QMainWindow):
         self.reload_chat()
         versions = self.store.instruction_versions(chat_id)
         self.instructions.load(versions, chat.layout)
-        self._restore_instruction_draft(chat_id)
+        if same_chat_draft is not None:
+            self.instructions.set_draft(*same_chat_draft)
+        else:
+            self._restore_instruction_draft(chat_id)
         rows = self.store.metrics(chat_id)
         self.inspector.set_turns([(row.id, row.data) for row in rows])
         self.inspector.set_cache_view(None, self._cache_reason())
