@@ -443,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_export(args)
         if args.command == "storage":
             return run_storage(args)
+        if getattr(args, "gui_stall", False):
+            from app.ui.stall import run_gui_stall  # Qt only for this one measurement
+
+            return run_gui_stall(args)
         from app.bench.cli import run_bench
 
         return run_bench(args)

@@ -5,6 +5,7 @@ Real window, real model (the embedded SmolLM2), real SQLite files under tmp_path
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,12 @@ from PySide6.QtCore import QSettings
 from PySide6.QtWidgets import QAbstractSlider
 
 from app.cli import main as cli_main
-from app.storage.records import Message
+from app.storage.records import InstructionVersion, Message
 from app.storage.store import Store
+from app.ui import theme
+from app.ui.app import create_application
 from app.ui.chat_view import ChatView
+from app.ui.instructions import InstructionEditor
 from app.ui.main_window import MainWindow
 
 pytestmark = [pytest.mark.gui]
@@ -200,3 +204,53 @@ def test_storage_budget_is_megabytes_in_and_out(
     Store(db_path).close()
     assert cli_main(["storage", "--db", str(db_path), "--set-budget-mb", "500"]) == 0
     assert "of 500 MB" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_server_dialog_is_wide_and_says_connection_refused_plainly(
+    qtbot, window: MainWindow
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    dialog = window.ask_server()
+    dialog.url_edit.setText(url)
+    dialog.test_button.click()
+    qtbot.waitUntil(lambda: dialog.test_button.isEnabled(), timeout=30_000)
+    text = dialog.result_label.text()
+    assert text == f"Not connected. Connection refused: is the server running at {url}?"
+    assert dialog.width() >= 440, "259 px clipped the answer"
+    label = dialog.result_label.geometry()
+    assert label.height() >= dialog.result_label.heightForWidth(label.width())
+    dialog.reject()
+
+
+def test_a_disabled_primary_button_looks_disabled_in_the_dark_theme(qtbot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    create_application(settings=temp_settings(tmp_path))
+    theme.apply(theme.ThemeMode.DARK)
+    try:
+        editor = InstructionEditor()
+        qtbot.addWidget(editor)
+        editor.show()
+        assert not editor.save_button.isEnabled()
+        image = editor.save_button.grab().toImage()
+        white = sum(
+            image.pixelColor(x, y).lightness() > 240
+            for x in range(image.width())
+            for y in range(image.height())
+        )
+        assert white == 0, "white text on a disabled button read as enabled"
+    finally:
+        theme.apply(theme.ThemeMode.LIGHT)
+
+
+def test_long_versions_end_in_an_ellipsis_at_a_word(qtbot) -> None:  # type: ignore[no-untyped-def]
+    editor = InstructionEditor()
+    qtbot.addWidget(editor)
+    text = "You are a concise assistant for a lighthouse keeper who answers in two sentences."
+    version = InstructionVersion(1, 1, 1, text, {}, 0.0)
+    editor.load([version], "history-first")
+    shown = editor.versions.item(0).text().splitlines()[1]
+    assert shown.endswith("…") and text.startswith(shown[:-1])
+    assert text[len(shown) - 1] == " ", "cut between words, not inside one"

@@ -179,7 +179,9 @@ def test_edit_cost_sentence() -> None:
     applying = describe_edit_cost(300, 0.8, 375.0, text_changed=False, layout_changed=True)
     assert applying.startswith("Applying this layout recomputes 300 tokens")
     text = describe_edit_cost(120, 0.3, 400.0)
-    assert "120 tokens" in text and "0.30 s" in text and "400 tok/s" in text
+    plain = text.replace("\u00a0", " ").replace("\u2060", "")
+    assert "120 tokens" in plain and "0.30 s" in plain and "400 tok/s" in plain
+    assert "400\u00a0tok\u2060/\u2060s" in text, "a figure never wraps apart from its unit"
     assert describe_edit_cost(50, None, None) == "This change recomputes 50 tokens."
 
 

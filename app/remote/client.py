@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,15 @@ __all__ = [
     "StreamDropped",
     "api_key_for",
 ]
+
+
+def _connect_failure(base_url: str, error: httpx.ConnectError) -> str:
+    """A sentence a person can act on, not "[Errno 111] Connection refused"."""
+    reason = str(error)
+    if "refused" in reason.lower():
+        return f"Connection refused: is the server running at {base_url}?"
+    reason = re.sub(r"^\[Errno -?\d+\]\s*", "", reason) or type(error).__name__
+    return f"cannot connect to {base_url}: {reason}"
 
 
 class ServerError(SessionError):
@@ -184,7 +194,7 @@ class ServerClient:
         try:
             yield
         except httpx.ConnectError as error:
-            raise ServerError(f"cannot connect to {self.base_url} ({what}): {error}") from error
+            raise ServerError(_connect_failure(self.base_url, error)) from error
         except httpx.TimeoutException as error:
             raise ServerError(f"{self.base_url} did not answer in time ({what})") from error
         except httpx.HTTPError as error:

@@ -225,6 +225,8 @@ class MessageBubble(QFrame):
         self.next_version = _link_button("›", "The next version of this message")
         self.previous_version.clicked.connect(lambda: self._switch_version(-1))
         self.next_version.clicked.connect(lambda: self._switch_version(+1))
+        for arrow in (self.previous_version, self.next_version):
+            arrow.setObjectName("versionArrow")  # a real button, not a faint glyph
         for widget in (self.previous_version, self.version_label, self.next_version):
             widget.hide()
             header.addWidget(widget)

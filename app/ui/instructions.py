@@ -44,6 +44,20 @@ LAYOUT_TIPS = {
 }
 
 
+def _shorten(line: str, limit: int = 60) -> str:
+    """Cut at a word boundary and say so with "…" (it was cut mid-word, with no sign)."""
+    if len(line) <= limit:
+        return line
+    cut = line[: limit - 1].rsplit(" ", 1)[0] or line[: limit - 1]
+    return cut.rstrip(" ,.;:") + "…"
+
+
+def _unit(value: str, unit: str) -> str:
+    """A figure and its unit that never wrap apart ("25 tok/ | s" did)."""
+    no_break_slash = "\u2060/\u2060"  # word joiners around the slash
+    return value + "\u00a0" + unit.replace("/", no_break_slash)
+
+
 def describe_edit_cost(
     tokens: int,
     seconds: float | None,
@@ -60,8 +74,12 @@ def describe_edit_cost(
     what = "Applying this layout" if layout_changed and not text_changed else "This change"
     if tokens == 0:
         return f"{what} recomputes nothing: the cache already holds it."
-    timing = "" if seconds is None else f", about {seconds:.2f} s"
-    speed = f" at {prefill_speed:.0f} tok/s" if prefill_speed and seconds is not None else ""
+    timing = "" if seconds is None else f", about {_unit(f'{seconds:.2f}', 's')}"
+    speed = (
+        f" at {_unit(f'{prefill_speed:.0f}', 'tok/s')}"
+        if prefill_speed and seconds is not None
+        else ""
+    )
     when = " (in idle time, after Apply)" if layout_changed and not text_changed else ""
     return f"{what} recomputes {tokens} tokens{timing}{speed}{when}."
 
@@ -289,7 +307,7 @@ class InstructionEditor(QWidget):
                 first_line = (
                     version.text.strip().splitlines()[0] if version.text.strip() else "(empty)"
                 )
-                item = QListWidgetItem(f"v{version.version} · {when}\n{first_line[:60]}")
+                item = QListWidgetItem(f"v{version.version} · {when}\n{_shorten(first_line)}")
                 item.setData(Qt.ItemDataRole.UserRole, version.version)
                 item.setData(Qt.ItemDataRole.UserRole + 1, version.text)
                 item.setData(Qt.ItemDataRole.UserRole + 2, dict(version.variables))

@@ -51,7 +51,7 @@ from app.ui.dialogs import InfoBanner, about_html, storage_note
 from app.ui.inspector import CacheInspector, format_bytes
 from app.ui.instructions import LAYOUT_LABELS, InstructionEditor, describe_edit_cost
 from app.ui.model_settings import ModelSettingsDialog
-from app.ui.screen_fit import restore_window, save_window
+from app.ui.screen_fit import fit_window, restore_window, save_window
 from app.ui.server_dialog import ServerDialog
 from app.ui.template_dialog import ChatTemplateDialog, describe_origin
 from app.ui.worker import (
@@ -66,6 +66,7 @@ if TYPE_CHECKING:  # the window only receives these from the worker's signals
     from app.session.chat_session import TurnResult
 
 DEFAULT_SIZE = (1400, 900)
+BENCH_SIZE = QSize(900, 720)  # shrunk to fit smaller screens
 ICON_FILE = ("icons", "kvchat-256.png")  # from the packaging work; optional
 OPEN_GGUF = "__open__"
 _Slot = TypeVar("_Slot", bound=Callable[..., None])
@@ -1235,6 +1236,7 @@ class MainWindow(QMainWindow):
         model = self.model.path if self.model else self._requested_model
         if self.bench_window is None:
             self.bench_window = BenchWindow(model_path=model)
+            fit_window(self.bench_window, BENCH_SIZE, self.screen())
         elif not self.bench_window.is_running():
             self.bench_window.base_config.model_path = model  # follow the chosen model
         self.bench_window.show()

@@ -77,3 +77,10 @@ def save_window(widget: QWidget, settings: QSettings, prefix: str) -> None:
     rect = widget.normalGeometry() if maximized else widget.geometry()
     if rect.isValid():
         settings.setValue(f"{key}/rect", rect)
+
+
+def fit_window(widget: QWidget, preferred: QSize, screen: QScreen | None = None) -> None:
+    """Open ``widget`` at ``preferred`` size where it fits, centred on ``screen``'s free area."""
+    available = (screen or QGuiApplication.primaryScreen()).availableGeometry()
+    rect = default_rect(preferred.expandedTo(widget.minimumSizeHint()), available)
+    widget.setGeometry(rect)

@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (
     QDialog,
     QFormLayout,
     QLabel,
+    QLayout,
     QLineEdit,
     QPushButton,
     QVBoxLayout,
@@ -21,6 +22,7 @@ from app.ui.dialogs import accept_buttons
 from app.ui.worker import EngineHost
 
 DEFAULT_URL = "http://127.0.0.1:8080/v1"
+MIN_WIDTH = 480
 
 
 class ServerDialog(QDialog):
@@ -48,6 +50,10 @@ class ServerDialog(QDialog):
         self.result_label.setWordWrap(True)
         buttons = accept_buttons(self, "Connect")
         layout = QVBoxLayout(self)
+        # Wide enough for a URL and a one-line answer; grows with a wrapped answer (it was
+        # 259 px wide and the success text ran under the buttons).
+        layout.setSizeConstraint(QLayout.SizeConstraint.SetMinimumSize)
+        self.setMinimumWidth(MIN_WIDTH)
         layout.addLayout(form)
         layout.addWidget(self.test_button)
         layout.addWidget(self.result_label)
@@ -70,7 +76,8 @@ class ServerDialog(QDialog):
         if request_id != self._request_id:
             return
         self.test_button.setEnabled(True)
-        self.result_label.setText(("Connected. " if reachable else "Not connected: ") + text)
+        self.result_label.setText(("Connected. " if reachable else "Not connected. ") + text)
+        self.adjustSize()
 
     def done(self, result: int) -> None:
         self.host.worker.server_probed.disconnect(self._on_probed)
