@@ -44,6 +44,9 @@ LAYOUT_TIPS = {
 }
 
 
+MIN_PAGE_HEIGHT = 36
+
+
 def _shorten(line: str, limit: int = 60) -> str:
     """Cut at a word boundary and say so with "…" (it was cut mid-word, with no sign)."""
     if len(line) <= limit:
@@ -205,6 +208,9 @@ class InstructionEditor(QWidget):
         variables_layout.setContentsMargins(4, 4, 4, 4)
         variables_layout.setSpacing(4)
         self.variables_table = VariablesTable()
+        # Small minimums for every page: the tabs' minimum is the largest page's, and on a
+        # 640 px screen the cache inspector (its phases) needs the height more.
+        self.variables_table.setMinimumHeight(MIN_PAGE_HEIGHT)
         variables_layout.addWidget(self.variables_table, 1)
         variable_buttons = QHBoxLayout()
         hint = QLabel("{{name}} in the text is replaced; other rows are listed after it.")
@@ -219,6 +225,7 @@ class InstructionEditor(QWidget):
         self.tabs.addTab(variables_page, "Variables")
         self.versions = QListWidget()
         self.versions.setObjectName("versionList")
+        self.versions.setMinimumHeight(MIN_PAGE_HEIGHT)
         self.versions.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.versions.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.versions.setToolTip("Click a version to put it back into the editor")

@@ -11,7 +11,6 @@ from PySide6.QtWidgets import (
     QDialog,
     QFormLayout,
     QLabel,
-    QLayout,
     QLineEdit,
     QPushButton,
     QVBoxLayout,
@@ -52,7 +51,6 @@ class ServerDialog(QDialog):
         layout = QVBoxLayout(self)
         # Wide enough for a URL and a one-line answer; grows with a wrapped answer (it was
         # 259 px wide and the success text ran under the buttons).
-        layout.setSizeConstraint(QLayout.SizeConstraint.SetMinimumSize)
         self.setMinimumWidth(MIN_WIDTH)
         layout.addLayout(form)
         layout.addWidget(self.test_button)
@@ -77,7 +75,9 @@ class ServerDialog(QDialog):
             return
         self.test_button.setEnabled(True)
         self.result_label.setText(("Connected. " if reachable else "Not connected. ") + text)
-        self.adjustSize()
+        needed = self.layout().totalHeightForWidth(self.width())
+        if needed > self.height():
+            self.resize(self.width(), needed)
 
     def done(self, result: int) -> None:
         self.host.worker.server_probed.disconnect(self._on_probed)
