@@ -254,3 +254,29 @@ def test_long_versions_end_in_an_ellipsis_at_a_word(qtbot) -> None:  # type: ign
     shown = editor.versions.item(0).text().splitlines()[1]
     assert shown.endswith("…") and text.startswith(shown[:-1])
     assert text[len(shown) - 1] == " ", "cut between words, not inside one"
+
+
+@pytest.mark.slow
+def test_live_speed_while_streaming_and_every_reply_says_why_it_ended(
+    qtbot, window: MainWindow
+) -> None:
+    window.max_tokens_spin.setValue(3)
+    send_turn(qtbot, window, "Tell me about the sea.")
+    assert window.turn_status.text().startswith("Cut at max tokens.")
+    assert "cut at max tokens" in window.chat_view.bubbles[-1].tag_label.text()
+    window.max_tokens_spin.setValue(400)
+    window.temperature_spin.setValue(0.8)
+    window.input.setPlainText("Write a long story about a lighthouse keeper and the sea.")
+    window.send()
+    qtbot.waitUntil(
+        lambda: window.turn_status.text().startswith("Writing…")
+        and window.turn_status.text().endswith("tok/s"),
+        timeout=TURN_TIMEOUT_MS,
+    )
+    log = log_of(window)
+    qtbot.waitUntil(lambda: not window.busy, timeout=TURN_TIMEOUT_MS)
+    reason = log.replies[-1].metrics.finish_reason
+    tag = window.chat_view.bubbles[-1].tag_label.text()
+    assert ("ended" in tag) if reason == "stop" else ("cut at max tokens" in tag), (reason, tag)
+    window.select_chat(window.current_chat_id)  # reopened: still said, from the stored metrics
+    assert "cut at max tokens" in window.chat_view.bubbles[1].tag_label.text()

@@ -26,6 +26,11 @@ from app.ui.markdown import Block, CodeBlock, TextBlock, markdown_blocks, plain_
 
 RENDER_INTERVAL_MS = 40
 FOLLOW_SLACK_PX = 40  # this close to the end counts as "at the end"
+FINISH_TAGS = {
+    "stop": "ended",
+    "length": "cut at max tokens",
+    "context full": "cut: context full",
+}
 
 
 class WrappedLabel(QLabel):
@@ -200,6 +205,7 @@ class MessageBubble(QFrame):
         self.message_id = message_id
         self.text = text
         self.status = status
+        self.finish: str | None = None  # the turn's finish reason (replies)
         self.tokens = tokens
         self.setObjectName("bubble")
         self.setProperty("role", role)
@@ -334,14 +340,22 @@ class MessageBubble(QFrame):
         _repolish(self)
         self._update_tags()
 
+    def set_finish(self, reason: str | None) -> None:
+        """Why the reply ended (the turn's finish reason): every reply says it."""
+        self.finish = reason
+        self._update_tags()
+
     def _update_tags(self) -> None:
         tags = []
+        finish = FINISH_TAGS.get(self.finish or "")
         if self.status == "unanswered":
             tags.append("unanswered")
         elif self.status == "cancelled":
             tags.append("stopped")
         elif self.status == "streaming":
             tags.append("writing…")
+        elif finish:
+            tags.append(finish)
         if not self.in_cache:
             tags.append("would leave the cache" if self.preview else "not in cache")
         if self.tokens:
@@ -485,6 +499,12 @@ class ChatView(QScrollArea):
             if bubble.message_id is None:
                 continue
             bubble.set_in_cache(bubble.message_id not in message_ids, preview=preview)
+
+    def set_finish_reasons(self, reasons: dict[int, str]) -> None:
+        """Message id → the finish reason of the turn that wrote that reply."""
+        for bubble in self.bubbles:
+            if bubble.role == "assistant" and bubble.message_id in reasons:
+                bubble.set_finish(reasons[bubble.message_id])
 
     def set_branches(self, branches: dict[int, list[int]], chat_id: int) -> None:
         """Version arrows on the messages that have other versions (seq → chat ids)."""

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -67,6 +68,7 @@ if TYPE_CHECKING:  # the window only receives these from the worker's signals
 
 DEFAULT_SIZE = (1400, 900)
 BENCH_SIZE = QSize(900, 720)  # shrunk to fit smaller screens
+LIVE_SPEED_AFTER_S = 0.3  # the live tok/s appears once it means something
 ICON_FILE = ("icons", "kvchat-256.png")  # from the packaging work; optional
 OPEN_GGUF = "__open__"
 _Slot = TypeVar("_Slot", bound=Callable[..., None])
@@ -134,6 +136,8 @@ class MainWindow(QMainWindow):
         self.current_chat_id: int | None = None
         self.model: ModelStatus | None = None
         self.busy = False
+        self._stream_pieces = 0  # reply pieces of the turn streaming now (live tok/s)
+        self._stream_started: float | None = None
         self.pending_text: str | None = None
         self._pending_typed = ""
         self.editing_seq: int | None = None  # a sent user message being edited
@@ -816,6 +820,12 @@ class MainWindow(QMainWindow):
         else:
             self.chat_view.show_messages(messages, chat.cache_start_seq)
         self.chat_view.set_branches(self.store.branches(chat.id), chat.id)
+        self.chat_view.set_finish_reasons(
+            {
+                row.message_id: str(row.data.get("finish_reason") or "")
+                for row in self.store.metrics(chat.id)
+            }
+        )
         self.chat_view.set_actions_enabled(not self.busy)
         history_tokens = sum(len(m.token_ids) for m in messages)
         self.inspector.set_trim(chat.trim_tokens, chat.trim_mode, history_tokens)
@@ -1133,6 +1143,7 @@ class MainWindow(QMainWindow):
 
     def _set_busy(self, busy: bool, status: str = "") -> None:
         self.busy = busy
+        self._stream_pieces, self._stream_started = 0, None
         self.turn_status.setText(status)
         self.chat_view.set_actions_enabled(not busy)
         self._update_actions()
@@ -1148,8 +1159,19 @@ class MainWindow(QMainWindow):
     @_unless_closed
     def _on_token(self, chat_id: int, piece: str) -> None:
         if chat_id == self.current_chat_id:
-            if self.turn_status.text() != "Writing…" and self.turn_status.text() != "Stopping…":
-                self.turn_status.setText("Writing…")
+            self._stream_pieces += 1
+            now = time.monotonic()
+            if self._stream_started is None:
+                self._stream_started = now
+            if not self.turn_status.text().startswith("Stopping"):
+                elapsed = now - self._stream_started
+                if elapsed >= LIVE_SPEED_AFTER_S:  # live tokens per second while streaming
+                    speed = (self._stream_pieces - 1) / elapsed
+                    self.turn_status.setText(
+                        f"Writing… {self._stream_pieces} tokens · {speed:.0f} tok/s"
+                    )
+                elif not self.turn_status.text().startswith("Writing"):
+                    self.turn_status.setText("Writing…")
             self.chat_view.append_token(piece)
 
     @_unless_closed
@@ -1173,6 +1195,10 @@ class MainWindow(QMainWindow):
         )
         if outcome.metrics.finish_reason == FinishReason.CANCELLED:
             status = "Stopped. " + status
+        elif outcome.metrics.finish_reason == FinishReason.LENGTH:
+            status = "Cut at max tokens. " + status
+        elif outcome.metrics.finish_reason == FinishReason.CONTEXT_FULL:
+            status = "Context full. " + status
         on_screen = outcome.chat_id == self.current_chat_id
         self._set_busy(False, status if on_screen else "")
         if on_screen:
