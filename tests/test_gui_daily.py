@@ -21,6 +21,7 @@ from PySide6.QtCore import QSettings
 from PySide6.QtWidgets import QAbstractSlider
 
 from app.cli import main as cli_main
+from app.domain import Sampling
 from app.storage.records import InstructionVersion, Message
 from app.storage.store import Store
 from app.ui import theme
@@ -280,3 +281,21 @@ def test_live_speed_while_streaming_and_every_reply_says_why_it_ended(
     assert ("ended" in tag) if reason == "stop" else ("cut at max tokens" in tag), (reason, tag)
     window.select_chat(window.current_chat_id)  # reopened: still said, from the stored metrics
     assert "cut at max tokens" in window.chat_view.bubbles[1].tag_label.text()
+
+
+@pytest.mark.slow
+def test_sampling_is_kept_per_chat_and_recorded_with_each_turn(qtbot, window: MainWindow) -> None:
+    first = window.current_chat_id or window.new_chat()
+    panel = window.sampling_panel
+    panel.top_k.setValue(1)
+    panel.min_p.setValue(0.1)
+    panel.repeat_penalty.setValue(1.2)
+    panel.seed.setValue(42)
+    window.new_chat()
+    assert panel.sampling() == Sampling() and panel.seed_value() == 0, "a new chat: defaults"
+    window.select_chat(first)
+    assert panel.sampling() == Sampling(top_k=1, min_p=0.1, repeat_penalty=1.2)
+    send_turn(qtbot, window, "Name a fruit.")
+    stored = window.store.metrics(first)[-1].data
+    assert stored["seed"] == 42
+    assert stored["sampling"] == {"top_k": 1, "top_p": 0.95, "min_p": 0.1, "repeat_penalty": 1.2}

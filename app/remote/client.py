@@ -295,6 +295,7 @@ class ServerClient:
         max_tokens: int,
         temperature: float = 0.7,
         seed: int | None = None,
+        sampling: dict[str, float] | None = None,
         slot: int | None = None,
         reuse: bool = True,
         on_text: Callable[[str], None] | None = None,
@@ -315,6 +316,8 @@ class ServerClient:
         }
         if seed is not None:
             body["seed"] = seed
+        if sampling:  # OpenAI's top_p; llama-server also reads top_k, min_p, repeat_penalty
+            body.update(sampling)
         if self.info is not None and self.info.kind == "llama-server":
             body["cache_prompt"] = reuse
             if slot is not None:

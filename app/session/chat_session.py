@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -52,6 +52,7 @@ from app.domain import (
     Layout,
     MessageStatus,
     Role,
+    Sampling,
     SegmentKind,
     Step,
     TemplateChoice,
@@ -111,12 +112,17 @@ class GenerationOptions:
     max_tokens: int = 256
     temperature: float = 0.7
     seed: int = 0  # -1: random (see app.limits)
+    sampling: Sampling = field(default_factory=Sampling)
 
     def __post_init__(self) -> None:
         # Refused here, before a turn stores the user's message.
         limits.check_max_tokens(self.max_tokens)
         limits.check_temperature(self.temperature)
         limits.check_seed(self.seed)
+        sampling = self.sampling
+        limits.check_sampling(
+            sampling.top_k, sampling.top_p, sampling.min_p, sampling.repeat_penalty
+        )
 
 
 @dataclass
@@ -1129,6 +1135,7 @@ class ChatSession:
             )
         metrics.finish_reason = finish
         metrics.seed = options.seed
+        metrics.sampling = asdict(options.sampling)
         reply_text = "".join(text_parts)
         reply_id = None
         if content:
@@ -1165,7 +1172,9 @@ class ChatSession:
         reply = _ReplyText(self._end_text, on_token)
         finish = FinishReason.LENGTH
         decode_started = time.perf_counter()
-        with self.backend.make_sampler(options.temperature, options.seed) as sampler:
+        with self.backend.make_sampler(
+            options.temperature, options.seed, options.sampling
+        ) as sampler:
             for index in range(options.max_tokens):
                 if cancel is not None and cancel.is_set():
                     finish = FinishReason.CANCELLED

@@ -412,6 +412,7 @@ class ChatView(QScrollArea):
         self._placeholder = QLabel("")
         self._placeholder.setObjectName("placeholder")
         self._placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self._placeholder.setWordWrap(True)  # a narrow column at 1024 px cut it off
         self._layout.insertWidget(0, self._placeholder)
         self.set_send_hint(enter_sends=True)
 

@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
     QInputDialog,
     QLabel,
     QMainWindow,
+    QMenu,
     QMessageBox,
     QProgressBar,
     QSizePolicy,
@@ -35,6 +36,7 @@ from PySide6.QtWidgets import (
     QToolButton,
     QVBoxLayout,
     QWidget,
+    QWidgetAction,
 )
 
 from app.core.models import ModelChoice, available_models
@@ -52,6 +54,7 @@ from app.ui.dialogs import InfoBanner, about_html, storage_note
 from app.ui.inspector import CacheInspector, format_bytes
 from app.ui.instructions import LAYOUT_LABELS, InstructionEditor, describe_edit_cost
 from app.ui.model_settings import ModelSettingsDialog
+from app.ui.sampling import SamplingPanel, load_chat_sampling, store_chat_sampling
 from app.ui.screen_fit import fit_window, restore_window, save_window
 from app.ui.server_dialog import ServerDialog
 from app.ui.template_dialog import ChatTemplateDialog, describe_origin
@@ -201,6 +204,18 @@ class MainWindow(QMainWindow):
         self.temperature_spin.setValue(float(self.settings.value("generation/temperature", 0.7)))
         self.temperature_spin.setToolTip("0 always picks the most likely token (repeatable)")
         toolbar.addWidget(self.temperature_spin)
+        self.sampling_panel = SamplingPanel()
+        self.sampling_panel.changed.connect(self._store_sampling)
+        self.sampling_button = QToolButton()
+        self.sampling_button.setText("Sampling")
+        self.sampling_button.setToolTip("Top-k, top-p, min-p, repeat penalty and seed (per chat)")
+        self.sampling_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        sampling_menu = QMenu(self.sampling_button)
+        panel_action = QWidgetAction(sampling_menu)
+        panel_action.setDefaultWidget(self.sampling_panel)
+        sampling_menu.addAction(panel_action)
+        self.sampling_button.setMenu(sampling_menu)
+        toolbar.addWidget(self.sampling_button)
 
     def _build_central(self) -> None:
         self.chat_list = ChatListPanel()
@@ -764,6 +779,7 @@ class MainWindow(QMainWindow):
         elif self.instructions.is_modified():
             same_chat_draft = (self.instructions.text(), self.instructions.variables())
         self.current_chat_id = chat_id
+        self.sampling_panel.set_values(*load_chat_sampling(self.settings, chat_id))
         if self.chat_list.current_chat_id() != chat.family_id:
             self.refresh_chats()
         self.chat_title.setText(self.store.chat(chat.family_id).name)
@@ -1032,8 +1048,19 @@ class MainWindow(QMainWindow):
         return GenerationOptions(
             max_tokens=self.max_tokens_spin.value(),
             temperature=self.temperature_spin.value(),
-            seed=0,
+            seed=self.sampling_panel.seed_value(),
+            sampling=self.sampling_panel.sampling(),
         )
+
+    def _store_sampling(self) -> None:
+        """The Sampling panel's values belong to the chat on screen."""
+        if self.current_chat_id is not None:
+            store_chat_sampling(
+                self.settings,
+                self.current_chat_id,
+                self.sampling_panel.sampling(),
+                self.sampling_panel.seed_value(),
+            )
 
     def send(self) -> None:
         typed = self.input.toPlainText()
