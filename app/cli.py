@@ -413,6 +413,9 @@ def run_fork(args: argparse.Namespace) -> int:
     return 0
 
 
+MB = 1_000_000  # storage figures in and out are decimal megabytes
+
+
 def storage_payload(store: Store) -> dict[str, Any]:
     names = {chat.id: chat.name for chat in store.chats()}
     kv = store.kv
@@ -433,16 +436,16 @@ def run_storage(args: argparse.Namespace) -> int:
         raise CliError(f"database not found: {args.db}")
     with _open_store(args.db) as store:
         if args.set_budget_mb:
-            store.kv.set_budget(args.set_budget_mb * 1024 * 1024)
+            store.kv.set_budget(args.set_budget_mb * MB)  # MB in, MB out: one unit
         payload = storage_payload(store)
     if args.json:
         print(json.dumps(payload, ensure_ascii=False))
         return 0
-    print(f"{payload['kv_path']}: {payload['total_bytes'] / 1e6:.1f} MB of "
-          f"{payload['budget_bytes'] / 1e6:.0f} MB")
+    print(f"{payload['kv_path']}: {payload['total_bytes'] / MB:.1f} MB of "
+          f"{payload['budget_bytes'] / MB:.0f} MB")
     for chat in payload["chats"]:
-        print(f"  {chat['name']}: {chat['bytes'] / 1e6:.1f} MB "
-              f"({chat['shared_bytes'] / 1e6:.1f} MB shared)")
+        print(f"  {chat['name']}: {chat['bytes'] / MB:.1f} MB "
+              f"({chat['shared_bytes'] / MB:.1f} MB shared)")
     return 0
 
 
@@ -464,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
             from app.eval.cli import run_eval_command
 
             return run_eval_command(args)
+        if getattr(args, "gui_stall", False):
+            from app.ui.stall import run_gui_stall  # Qt only for this one measurement
+
+            return run_gui_stall(args)
         from app.bench.cli import run_bench
 
         return run_bench(args)

@@ -92,3 +92,17 @@ class TemplateChoice:
 
     def __str__(self) -> str:
         return self.label if self.kind == TemplateKind.BUILTIN else f"{self.label} (Jinja)"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each reply token is picked besides temperature and seed (per chat in the app).
+
+    The defaults are the chain KV Chat always used: top-k 40, top-p 0.95, no min-p, no
+    repeat penalty. Ranges are checked by ``app.limits.check_sampling``.
+    """
+
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0

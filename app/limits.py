@@ -16,6 +16,8 @@ LLAMA_RANDOM_SEED = 0xFFFFFFFF
 RANDOM_SEED = -1
 MAX_SEED = LLAMA_RANDOM_SEED - 1
 MAX_TEMPERATURE = 5.0
+MAX_TOP_K = 1000  # 0 turns top-k off
+MAX_REPEAT_PENALTY = 3.0  # 1.0 turns the penalty off
 MAX_TOKENS = 32_768
 MAX_TRIM_TOKENS = 1 << 24
 #: Below this no chat template fits at all; the exact minimum depends on the template
@@ -78,3 +80,15 @@ def check_server_timeout(value: float) -> float:
             f"{MAX_SERVER_TIMEOUT_S:g} seconds"
         )
     return float(value)
+
+
+def check_sampling(top_k: int, top_p: float, min_p: float, repeat_penalty: float) -> None:
+    """Top-k 0-1000 (0: off), top-p and min-p 0-1, repeat penalty 1-3 (1: off)."""
+    check_count("top-k", top_k, 0, MAX_TOP_K)
+    for name, value, low, high in (
+        ("top-p", top_p, 0.0, 1.0),
+        ("min-p", min_p, 0.0, 1.0),
+        ("repeat penalty", repeat_penalty, 1.0, MAX_REPEAT_PENALTY),
+    ):
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ValueError(f"{name} {value} is out of range: use {low:g} to {high:g}")

@@ -13,6 +13,11 @@ import platformdirs
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+if os.environ["QT_QPA_PLATFORM"] == "offscreen":
+    # A desktop-sized screen (the plugin's default is 800x800): windows open within the
+    # screen they are on, and the layout tests choose their own small screens.
+    screen = Path(__file__).with_name("offscreen-screen.json")
+    os.environ["QT_QPA_PLATFORM"] = f"offscreen:configfile={screen}"
 
 from app.core.models import default_model_path
 from app.session.chat_session import ChatSession, GenerationOptions, TurnResult

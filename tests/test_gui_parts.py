@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from gui_helpers import close_window, open_window, temp_settings
-from PySide6.QtCore import QByteArray, Qt
+from PySide6.QtCore import QRect, Qt
 from PySide6.QtGui import (
     QGuiApplication,
     QTextBlock,
@@ -179,7 +179,9 @@ def test_edit_cost_sentence() -> None:
     applying = describe_edit_cost(300, 0.8, 375.0, text_changed=False, layout_changed=True)
     assert applying.startswith("Applying this layout recomputes 300 tokens")
     text = describe_edit_cost(120, 0.3, 400.0)
-    assert "120 tokens" in text and "0.30 s" in text and "400 tok/s" in text
+    plain = text.replace("\u00a0", " ").replace("\u2060", "")
+    assert "120 tokens" in plain and "0.30 s" in plain and "400 tok/s" in plain
+    assert "400\u00a0tok\u2060/\u2060s" in text, "a figure never wraps apart from its unit"
     assert describe_edit_cost(50, None, None) == "This change recomputes 50 tokens."
 
 
@@ -282,7 +284,7 @@ def test_settings_geometry_and_first_run_note(qtbot, db_path: Path, tmp_path: Pa
         assert first.model.description in about
     finally:
         close_window(first)
-    assert isinstance(settings.value("window/geometry"), QByteArray)
+    assert isinstance(settings.value("window/offscreen/rect"), QRect), "per screen"
     second = open_window(qtbot, db_path, settings)
     try:
         assert second.first_run_banner is None, "the storage note is shown once"

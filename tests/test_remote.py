@@ -196,14 +196,15 @@ def test_a_server_that_is_down_is_one_line(store: Store, tmp_path: Path) -> None
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ServerError) as error:
         RemoteChatSession(store, url)
-    assert "cannot connect to http://127.0.0.1:" in _one_line(error)
+    assert _one_line(error) == f"Connection refused: is the server running at {url}?"
     done = subprocess.run(
         [sys.executable, "-m", "app", "chat", "--db", str(tmp_path / "cli.db"), "--chat", "x",
          "--server", url, "Hello"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr.startswith(f"kvchat: error: cannot connect to {url}")
+    assert done.stderr.startswith("kvchat: error: Connection refused: is the server running")
+    assert "Errno" not in done.stderr
     assert done.stderr.count("\n") == 1
 
 
@@ -337,6 +338,8 @@ def test_window_connects_to_the_server_and_back_keeping_the_chat(
         with qtbot.waitSignal(window.model_ready, timeout=30_000):
             dialog.accept()
         assert window.model_status_label.text().startswith(f"Connected to {server.base_url}")
+        assert window.model_combo.currentText().endswith("(server)"), "not “(embedded)”"
+        assert "embedded" not in window.model_combo.currentText()
         on_server, background = send_turn(qtbot, window, "Name a fruit.")
         assert on_server.reply and background is not None and background.completed
 

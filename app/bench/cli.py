@@ -51,6 +51,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--branches", type=positive_int, metavar="N",
                         help="instead: N edits of the last question of a chat of"
                         " --history-tokens, each a branch; storage and reuse per branch")
+    parser.add_argument("--gui-stall", action="store_true",
+                        help="instead: how long the window's event loop is blocked during a"
+                        " long prefill, a state save and a streaming reply (goal <= 50 ms)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--plot", metavar="FILE.png", help="write a chart of TTFT per turn")
 

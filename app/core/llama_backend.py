@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -37,9 +38,10 @@ from app.core.errors import (
     ModelLoadError as ModelLoadError,
 )
 from app.core.models import check_gguf_file
-from app.domain import KVType
+from app.domain import KVType, Sampling
 
 SEQ = 0
+PENALTY_LAST_N = 64  # the repeat penalty looks at this many of the reply's last tokens
 #: A second sequence that shares sequence 0's cells for the length of one state copy:
 #: llama.cpp serializes a whole sequence, so the cells of a range are serialized by
 #: tagging them with this sequence (no data moves), reading it, and untagging them.
@@ -144,6 +146,18 @@ class ModelInfo:
     eos_token: str
     architecture: str = ""  # general.architecture, e.g. "llama", "gemma3"
     name: str = ""  # general.name and general.size_label, e.g. "SmolLM2 135M Instruct"
+
+    @property
+    def display_name(self) -> str:
+        """What people call the model: its GGUF name and size, then llama.cpp's quant type.
+
+        llama.cpp's own description guesses the size from the layer count ("llama 256M
+        Q4_1" for a 135M model); only its last word, the quantization, is kept.
+        """
+        quant = self.description.rsplit(" ", 1)[-1] if self.description else ""
+        if not self.name:
+            return self.description
+        return f"{self.name} · {quant}" if quant else self.name
 
 
 class LlamaBackend:
@@ -289,12 +303,11 @@ class LlamaBackend:
         )
 
     def _display_name(self) -> str:
-        """The model's own name (its ``general.name``, with the size label when the name
-        lacks it); the file name when the GGUF has none."""
-        name = (self._meta("general.name") or "").strip() or self.path.stem
+        """general.name, with general.size_label unless the name already says it."""
+        name = (self._meta("general.name") or "").strip()
         size = (self._meta("general.size_label") or "").strip()
-        if size and size.lower() not in name.lower():
-            name = f"{name} {size}"
+        if name and size and size.lower() not in name.lower():
+            return f"{name} {size}"
         return name
 
     def token_text(self, token: int) -> str:
@@ -525,8 +538,10 @@ class LlamaBackend:
 
     # -- sampling -------------------------------------------------------------------
 
-    def make_sampler(self, temperature: float, seed: int) -> Sampler:
-        return Sampler(self, temperature, seed)
+    def make_sampler(
+        self, temperature: float, seed: int, sampling: Sampling | None = None
+    ) -> Sampler:
+        return Sampler(self, temperature, seed, sampling or Sampling())
 
     def _sample(self, sampler_ptr: int) -> int:
         return int(llama_cpp.llama_sampler_sample(sampler_ptr, self._ctx, -1))
@@ -555,21 +570,44 @@ class Sampler:
     Seed -1 is random (llama.cpp's LLAMA_DEFAULT_SEED); any other seed is used as is.
     """
 
-    def __init__(self, backend: LlamaBackend, temperature: float, seed: int) -> None:
+    def __init__(
+        self,
+        backend: LlamaBackend,
+        temperature: float,
+        seed: int,
+        sampling: Sampling | None = None,
+    ) -> None:
+        sampling = sampling or Sampling()
         limits.check_temperature(temperature)
         limits.check_seed(seed)
+        limits.check_sampling(
+            sampling.top_k, sampling.top_p, sampling.min_p, sampling.repeat_penalty
+        )
         self._backend = backend
         params = llama_cpp.llama_sampler_chain_default_params()
         chain = llama_cpp.llama_sampler_chain_init(params)
+        add = functools.partial(llama_cpp.llama_sampler_chain_add, chain)
+
+        def penalise() -> None:  # over the reply's last tokens, greedy or not
+            if sampling.repeat_penalty != 1.0:
+                add(
+                    llama_cpp.llama_sampler_init_penalties(
+                        backend.n_vocab, PENALTY_LAST_N, sampling.repeat_penalty, 0.0, 0.0
+                    )
+                )
+
         if temperature <= 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        else:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(40))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(0.95, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(temperature))
-            llama_cpp.llama_sampler_chain_add(
-                chain, llama_cpp.llama_sampler_init_dist(limits.llama_seed(seed))
-            )
+            penalise()
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:  # the cut-offs first: the penalty then scans few candidates, not the vocabulary
+            if sampling.top_k:
+                add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+            add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+            if sampling.min_p:
+                add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+            penalise()
+            add(llama_cpp.llama_sampler_init_temp(temperature))
+            add(llama_cpp.llama_sampler_init_dist(limits.llama_seed(seed)))
         self._chain = chain
 
     def sample(self) -> int:

@@ -44,6 +44,7 @@ class TurnMetrics:
     trim_mode: str = "exact"
     finish_reason: str = ""
     seed: int | None = None  # the sampler's seed; a regenerate at temperature > 0 draws a new one
+    sampling: dict[str, float] | None = None  # top-k, top-p, min-p, repeat penalty used
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -55,6 +56,15 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+def _connect_failure(base_url: str, error: httpx.ConnectError) -> str:
+    """A sentence a person can act on, not "[Errno 111] Connection refused"."""
+    reason = str(error)
+    if "refused" in reason.lower():
+        return f"Connection refused: is the server running at {base_url}?"
+    reason = re.sub(r"^\[Errno -?\d+\]\s*", "", reason) or type(error).__name__
+    return f"cannot connect to {base_url}: {reason}"
 
 
 class ServerError(SessionError):
@@ -431,7 +441,7 @@ class ServerClient:
 
     def _transport_error(self, error: Exception, what: str) -> ServerError:
         if isinstance(error, httpx.ConnectError):
-            return ServerError(f"cannot connect to {self.base_url} ({what}): {error}")
+            return ServerError(_connect_failure(self.base_url, error))
         if isinstance(error, httpx.TimeoutException):
             return ServerError(f"{self.base_url} did not answer in time ({what})")
         if isinstance(error, httpx.InvalidURL):
@@ -579,6 +589,7 @@ class ServerClient:
         max_tokens: int,
         temperature: float,
         seed: int | None,
+        sampling: dict[str, float] | None,
         slot: int | None,
         reuse: bool,
     ) -> dict[str, Any]:
@@ -593,6 +604,8 @@ class ServerClient:
         }
         if seed is not None:
             body["seed"] = seed
+        if sampling:  # OpenAI's top_p; llama-server also reads top_k, min_p, repeat_penalty
+            body.update(sampling)
         if self.info is not None and self.info.kind == "llama-server":
             body["cache_prompt"] = reuse
             if slot is not None:
@@ -606,6 +619,7 @@ class ServerClient:
         max_tokens: int,
         temperature: float = 0.7,
         seed: int | None = None,
+        sampling: dict[str, float] | None = None,
         slot: int | None = None,
         reuse: bool = True,
         on_text: Callable[[str], None] | None = None,
@@ -617,7 +631,7 @@ class ServerClient:
         ``cancel`` ends the reply within the watchdog's interval even while the server
         sends nothing (the completion is then marked cancelled).
         """
-        body = self._chat_body(messages, max_tokens, temperature, seed, slot, reuse)
+        body = self._chat_body(messages, max_tokens, temperature, seed, sampling, slot, reuse)
         result = ChatCompletion()
         reader = _ReplyReader(result, max_tokens, on_text)
         url = f"{self.base_url}/chat/completions"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from app.core.chat_template import BLOCK_ACK, BLOCK_LABEL_CLOSE, BLOCK_LABEL_OPEN
 from app.core.metrics import TurnMetrics
-from app.domain import FinishReason, Layout, Step
+from app.domain import FinishReason, Layout, Sampling, Step
 from app.remote.client import (
     DEFAULT_SERVER_TIMEOUT_S,
     ChatCompletion,
@@ -138,7 +138,7 @@ class RemoteChatSession(ChatEngine):
         return EngineDescription(
             kind=ENGINE,
             path=self.info.base_url,
-            name=self.info.model,
+            name=self.info.model.rsplit("/", 1)[-1],
             description=self.info.summary(),
             n_params=0,
             size_bytes=0,
@@ -313,6 +313,7 @@ class RemoteChatSession(ChatEngine):
                     max_tokens=max_tokens,
                     temperature=options.temperature,
                     seed=options.seed,
+                    sampling=_request_sampling(options.sampling),
                     slot=self.slot_for(context.chat.id),
                     on_text=on_text,
                     cancel=cancel,
@@ -507,3 +508,13 @@ class RemoteChatSession(ChatEngine):
 
     def set_trim(self, chat_id: int, limit: int | None, mode: str | None = None) -> TrimPreview:
         raise SessionError("limiting the cached history is not available on a server yet")
+
+
+def _request_sampling(sampling: Sampling) -> dict[str, float]:
+    """The request's sampling fields: top_p always, llama-server's only when changed."""
+    fields: dict[str, float] = {"top_p": sampling.top_p}
+    default = Sampling()
+    for name in ("top_k", "min_p", "repeat_penalty"):
+        if getattr(sampling, name) != getattr(default, name):
+            fields[name] = getattr(sampling, name)
+    return fields

@@ -290,7 +290,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
             kind="local",
             path=str(info.path),
             name=info.name,
-            description=info.description,
+            description=info.display_name,
             n_params=info.n_params,
             size_bytes=info.size_bytes,
             n_ctx=self.n_ctx,

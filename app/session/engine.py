@@ -20,14 +20,14 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from app import limits
 from app.core.metrics import TurnMetrics
 from app.core.prompt import render_instructions
-from app.domain import FinishReason, MessageStatus, Role, Step, TemplateChoice
+from app.domain import FinishReason, MessageStatus, Role, Sampling, Step, TemplateChoice
 from app.storage.records import Chat, Message, unanswered_ids
 from app.storage.store import Store
 
@@ -124,12 +124,17 @@ class GenerationOptions:
     max_tokens: int = 256
     temperature: float = 0.7
     seed: int = 0  # -1: random (see app.limits)
+    sampling: Sampling = field(default_factory=Sampling)
 
     def __post_init__(self) -> None:
         # Refused here, before a turn stores the user's message.
         limits.check_max_tokens(self.max_tokens)
         limits.check_temperature(self.temperature)
         limits.check_seed(self.seed)
+        sampling = self.sampling
+        limits.check_sampling(
+            sampling.top_k, sampling.top_p, sampling.min_p, sampling.repeat_penalty
+        )
 
 
 @dataclass
@@ -598,6 +603,7 @@ class ChatEngine(ABC):
             trimmed_turns=turn.trimmed[0],
             trimmed_tokens=turn.trimmed[1],
         )
+        metrics.sampling = asdict(turn.options.sampling)
         if load.rejected:
             metrics.notes.append(f"saved state discarded: {load.rejected}")
         if load.note:

@@ -100,7 +100,7 @@ def generate_reply(
     content: list[int] = []
     finish = FinishReason.LENGTH
     decode_started = time.perf_counter()
-    with backend.make_sampler(options.temperature, options.seed) as sampler:
+    with backend.make_sampler(options.temperature, options.seed, options.sampling) as sampler:
         for index in range(options.max_tokens):
             if cancel is not None and cancel.is_set():
                 finish = FinishReason.CANCELLED

@@ -327,6 +327,7 @@ class BenchWindow(QWidget):
         self.progress.setValue(0)
         self.status_label.setText("Starting…")
         self.plot_stack.setCurrentWidget(self.plot_widget)
+        self._fit_axes(config.turns)
         self._started_at = time.monotonic()
         self._set_running(True)
 
@@ -409,10 +410,10 @@ class BenchWindow(QWidget):
         plot.getAxis("bottom").setTicks([[(t, str(t)) for t in range(1, turns + 1)]])
         plot.setXRange(0.7, turns + 0.3, padding=0)
         values = [y for points in self._points.values() for _, y in points]
-        if values:
-            low, high = min(values) / 1.5, max(values) * 8
-            plot.setYRange(math.log10(low), math.log10(high), padding=0)
-            plot.getAxis("left").setTicks([log_ticks(low, high)])
+        # Before the first turn: whole turns and a 10 ms - 10 s span, not 0.1-0.9 and 1-10.
+        low, high = (min(values) / 1.5, max(values) * 8) if values else (10.0, 10_000.0)
+        plot.setYRange(math.log10(low), math.log10(high), padding=0)
+        plot.getAxis("left").setTicks([log_ticks(low, high)])
 
     @Slot(object)
     def _on_finished(self, report: BenchReport | None) -> None:

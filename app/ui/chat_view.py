@@ -25,6 +25,12 @@ from app.ui import theme
 from app.ui.markdown import Block, CodeBlock, TextBlock, markdown_blocks, plain_to_html
 
 RENDER_INTERVAL_MS = 40
+FOLLOW_SLACK_PX = 40  # this close to the end counts as "at the end"
+FINISH_TAGS = {
+    "stop": "ended",
+    "length": "cut at max tokens",
+    "context full": "cut: context full",
+}
 
 
 class WrappedLabel(QLabel):
@@ -199,6 +205,7 @@ class MessageBubble(QFrame):
         self.message_id = message_id
         self.text = text
         self.status = status
+        self.finish: str | None = None  # the turn's finish reason (replies)
         self.tokens = tokens
         self.setObjectName("bubble")
         self.setProperty("role", role)
@@ -224,6 +231,8 @@ class MessageBubble(QFrame):
         self.next_version = _link_button("›", "The next version of this message")
         self.previous_version.clicked.connect(lambda: self._switch_version(-1))
         self.next_version.clicked.connect(lambda: self._switch_version(+1))
+        for arrow in (self.previous_version, self.next_version):
+            arrow.setObjectName("versionArrow")  # a real button, not a faint glyph
         for widget in (self.previous_version, self.version_label, self.next_version):
             widget.hide()
             header.addWidget(widget)
@@ -331,14 +340,22 @@ class MessageBubble(QFrame):
         _repolish(self)
         self._update_tags()
 
+    def set_finish(self, reason: str | None) -> None:
+        """Why the reply ended (the turn's finish reason): every reply says it."""
+        self.finish = reason
+        self._update_tags()
+
     def _update_tags(self) -> None:
         tags = []
+        finish = FINISH_TAGS.get(self.finish or "")
         if self.status == "unanswered":
             tags.append("unanswered")
         elif self.status == "cancelled":
             tags.append("stopped")
         elif self.status == "streaming":
             tags.append("writing…")
+        elif finish:
+            tags.append(finish)
         if not self.in_cache:
             tags.append("would leave the cache" if self.preview else "not in cache")
         if self.tokens:
@@ -387,10 +404,22 @@ class ChatView(QScrollArea):
         self._scroll_timer.setSingleShot(True)
         self._scroll_timer.setInterval(0)
         self._scroll_timer.timeout.connect(self._scroll_now)
-        self._placeholder = QLabel("No messages yet. Type below and press Ctrl+Enter to send.")
+        # Follow the end (a streaming reply) until the user scrolls up; back at the end, follow.
+        self._follow_end = True
+        bar = self.verticalScrollBar()
+        bar.actionTriggered.connect(self._on_user_scroll)
+        bar.rangeChanged.connect(self._on_range_changed)
+        self._placeholder = QLabel("")
         self._placeholder.setObjectName("placeholder")
         self._placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self._placeholder.setWordWrap(True)  # a narrow column at 1024 px cut it off
         self._layout.insertWidget(0, self._placeholder)
+        self.set_send_hint(enter_sends=True)
+
+    def set_send_hint(self, *, enter_sends: bool) -> None:
+        """The empty chat names the key that really sends (View → Enter sends)."""
+        keys = "Enter" if enter_sends else "Ctrl+Enter"
+        self._placeholder.setText(f"No messages yet. Type below and press {keys} to send.")
 
     # -- whole chat -----------------------------------------------------------------
 
@@ -472,6 +501,12 @@ class ChatView(QScrollArea):
                 continue
             bubble.set_in_cache(bubble.message_id not in message_ids, preview=preview)
 
+    def set_finish_reasons(self, reasons: dict[int, str]) -> None:
+        """Message id → the finish reason of the turn that wrote that reply."""
+        for bubble in self.bubbles:
+            if bubble.role == "assistant" and bubble.message_id in reasons:
+                bubble.set_finish(reasons[bubble.message_id])
+
     def set_branches(self, branches: dict[int, list[int]], chat_id: int) -> None:
         """Version arrows on the messages that have other versions (seq → chat ids)."""
         for bubble in self.bubbles:
@@ -516,11 +551,22 @@ class ChatView(QScrollArea):
 
     def _render_stream(self) -> None:
         if self.streaming is not None:
-            bar = self.verticalScrollBar()
-            at_end = bar.value() >= bar.maximum() - 40
             self.streaming.set_text(self._stream_text)
-            if at_end:
-                self.scroll_to_end()
+            if self._follow_end:
+                self._scroll_timer.start()
+
+    def _on_user_scroll(self, _action: int) -> None:
+        """Wheel, keys or drag: follow the end again only once the user is back at it."""
+        bar = self.verticalScrollBar()
+        self._follow_end = bar.sliderPosition() >= bar.maximum() - FOLLOW_SLACK_PX
+
+    def _on_range_changed(self, _minimum: int, maximum: int) -> None:
+        """The reply grew (its layout is done only now): keep its last line in view."""
+        if self._follow_end:
+            self.verticalScrollBar().setValue(maximum)
+
+    def is_following_end(self) -> bool:
+        return self._follow_end
 
     def streamed_text(self) -> str:
         return self._stream_text
@@ -531,10 +577,12 @@ class ChatView(QScrollArea):
 
     def scroll_to_top(self) -> None:
         self._scroll_timer.stop()
+        self._follow_end = False
         self.verticalScrollBar().setValue(0)
 
     def scroll_to_end(self) -> None:
         """After the new bubble's layout is done, i.e. on the next event-loop turn."""
+        self._follow_end = True
         self._scroll_timer.start()
 
     def _scroll_now(self) -> None:

@@ -1,8 +1,8 @@
 """The message composer: the text box, the turn's status line and the turn buttons.
 
 Enter sends and Shift+Enter starts a new line (the chat-app convention); a setting
-swaps that to Enter = new line, Ctrl+Enter = send. The status line elides its text
-instead of widening the window: its full text is in the tooltip.
+swaps that to Enter = new line, Ctrl+Enter = send. The status line wraps on a row of
+its own instead of widening the window: its full text is in the tooltip too.
 """
 
 from __future__ import annotations
@@ -63,6 +63,37 @@ class ElidedLabel(QLabel):
             int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter),
             self.displayed_text(),
         )
+
+
+class StatusLine(QLabel):
+    """The turn's figures on up to two wrapped lines of their own, whole in the tooltip.
+
+    Beside the buttons it was elided at 1280 and 1024 px ("…first t…"); on its own row,
+    wrapping at the "·" separators, the whole line fits a 300 px wide composer.
+    """
+
+    LINES = 2
+
+    def __init__(self, text: str = "") -> None:
+        super().__init__(text)
+        self.setTextFormat(Qt.TextFormat.PlainText)
+        self.setWordWrap(True)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.setFixedHeight(self.fontMetrics().lineSpacing() * self.LINES + 2)
+
+    def setText(self, text: str) -> None:
+        super().setText(text)
+        self.setToolTip(text)
+
+    def minimumSizeHint(self) -> QSize:
+        return QSize(0, self.height())
+
+    def is_elided(self) -> bool:
+        """True when the text needs more lines than the label shows."""
+        if not self.text():
+            return False
+        needed = self.heightForWidth(max(self.contentsRect().width(), 1))
+        return needed > self.contentsRect().height() + 1
 
 
 class MessageInput(QPlainTextEdit):
@@ -128,12 +159,13 @@ class Composer(QWidget):
         self.edit_bar.hide()
         layout.addWidget(self.edit_bar)
         self.input = MessageInput(enter_sends)
-        self.input.setFixedHeight(84)
+        self.input.setFixedHeight(72)
         layout.addWidget(self.input)
-        buttons = QHBoxLayout()
-        self.turn_status = ElidedLabel("")
+        self.turn_status = StatusLine("")
         self.turn_status.setObjectName("turnStatus")
-        buttons.addWidget(self.turn_status, 1)
+        layout.addWidget(self.turn_status)
+        buttons = QHBoxLayout()
+        buttons.addStretch(1)
         self.regenerate_button = QPushButton("Regenerate")
         self.regenerate_button.setToolTip("Replace the last reply")
         self.stop_button = QPushButton("Stop")

@@ -35,6 +35,7 @@ from PySide6.QtWidgets import (
 from app.core.metrics import PHASES
 from app.ui import export as exporting
 from app.ui import theme
+from app.ui.composer import ElidedLabel
 from app.ui.theme import Palette, palette
 
 if TYPE_CHECKING:  # the worker sends these; only it imports the engine
@@ -91,6 +92,9 @@ def format_bytes(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} GB"
+
+
+BYTES_AXIS_HEADROOM = 2.0
 
 
 def _axis_top(values: list[float]) -> float:
@@ -172,11 +176,17 @@ class SegmentBar(QWidget):
         for label, tokens, held in self.parts:
             width = rect.width() * tokens / total
             colour = QColor(COLOURS.get(label, colours.faint))
-            if not held:
-                colour.setAlpha(60)
-            painter.setPen(Qt.PenStyle.NoPen)
-            painter.setBrush(colour)
-            painter.drawRect(QRectF(x, rect.top() + 1, width, rect.height() - 2))
+            segment = QRectF(x, rect.top() + 1, width, rect.height() - 2)
+            if held:
+                painter.setPen(Qt.PenStyle.NoPen)
+                painter.setBrush(colour)
+            else:  # pale, with its own colour as a dashed outline: visible on dark too
+                outline = QPen(colour, 1, Qt.PenStyle.DashLine)
+                colour.setAlpha(110 if colours.name == "dark" else 70)
+                painter.setPen(outline)
+                painter.setBrush(colour)
+                segment = segment.adjusted(0.5, 0.5, -0.5, -0.5)
+            painter.drawRect(segment)
             if width > 46:
                 painter.setPen(QColor("white") if held else QColor(colours.text))
                 painter.drawText(
@@ -199,16 +209,16 @@ class ShareDelegate(QStyledItemDelegate):
         painter.save()
         painter.setPen(Qt.PenStyle.NoPen)
         colours = palette()
+        # The figure has its own room right of the bar: drawn over the bar it was unreadable.
+        label_width = option.fontMetrics.horizontalAdvance("100%") + 6
+        bar = rect.adjusted(0, 0, -label_width, 0)
         painter.setBrush(QColor(colours.hover))
-        painter.drawRect(rect)
+        painter.drawRect(bar)
         painter.setBrush(QColor(colours.accent))
-        painter.drawRect(
-            QRectF(rect.left(), rect.top(), rect.width() * float(share), rect.height())
-        )
+        painter.drawRect(QRectF(bar.left(), bar.top(), bar.width() * float(share), bar.height()))
         painter.setPen(QColor(colours.text))
-        text_rect = rect.adjusted(4, 0, -4, 0)
         painter.drawText(
-            text_rect,
+            QRectF(bar.right(), rect.top(), label_width, rect.height()),
             Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter,
             f"{float(share) * 100:.0f}%",
         )
@@ -302,6 +312,7 @@ class CacheInspector(QWidget):
         self.trim_preview_label = QLabel("")
         self.trim_preview_label.setObjectName("trimPreview")
         self.trim_preview_label.setWordWrap(True)
+        self.trim_preview_label.hide()  # shown with a preview: no empty row on small screens
         layout.addWidget(self.trim_preview_label)
 
         self.tabs = QTabWidget()
@@ -311,13 +322,13 @@ class CacheInspector(QWidget):
         phases = QWidget()
         phases_layout = QVBoxLayout(phases)
         phases_layout.setContentsMargins(4, 4, 4, 4)
+        phases_layout.setSpacing(4)
         turn_row = QHBoxLayout()
         turn_row.addWidget(QLabel("Turn"))
         self.turn_combo = QComboBox()
         self.turn_combo.setMinimumWidth(110)
         turn_row.addWidget(self.turn_combo)
-        self.turn_summary = QLabel("")
-        self.turn_summary.setWordWrap(True)
+        self.turn_summary = ElidedLabel("")  # one line (whole in its tooltip): rows get room
         turn_row.addWidget(self.turn_summary, 1)
         phases_layout.addLayout(turn_row)
         self.phase_table = QTableWidget(0, 5)
@@ -326,6 +337,11 @@ class CacheInspector(QWidget):
             ["Phase", "Time (ms)", "Tokens", "tok/s", "Share"]
         )
         self.phase_table.verticalHeader().setVisible(False)
+        # Compact rows: all seven phases show at 1280x720 (2.5 of them did at 30 px a row).
+        self.phase_table.verticalHeader().setDefaultSectionSize(
+            self.phase_table.fontMetrics().height() + 6
+        )
+        self.phase_table.verticalHeader().setMinimumSectionSize(1)
         self.phase_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.phase_table.setSelectionMode(QTableWidget.SelectionMode.NoSelection)
         header_view = self.phase_table.horizontalHeader()
@@ -527,7 +543,11 @@ class CacheInspector(QWidget):
             plot.getAxis("bottom").setTicks(ticks)
             plot.setXRange(0.4, max(len(xs), 1) + 0.6, padding=0)
             plot.setYRange(0, top, padding=0)
-        self.bytes_view.setYRange(0, _axis_top([p[1] for p in state_points]), padding=0)
+        # The saved size grows with the tokens: on the same scale its line lay exactly under
+        # the tokens line. Its own axis (right) tops at twice the data: it runs lower.
+        self.bytes_view.setYRange(
+            0, BYTES_AXIS_HEADROOM * _axis_top([p[1] for p in state_points]), padding=0
+        )
         self._align_bytes_view()
         self._show_chart()
         count = len(turns)
@@ -625,6 +645,7 @@ class CacheInspector(QWidget):
             self.mode_combo.setCurrentIndex(max(index, 0))
             self._show_limit()
             self.trim_preview_label.setText("")
+            self.trim_preview_label.hide()
         finally:
             self._loading = False
 
@@ -675,6 +696,7 @@ class CacheInspector(QWidget):
             f"{change}; {preview.kept_history_tokens} history tokens kept; {cost}"
             f" · mode {preview.mode}"
         )
+        self.trim_preview_label.show()
 
     # -- phases ---------------------------------------------------------------------
 

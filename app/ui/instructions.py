@@ -44,6 +44,23 @@ LAYOUT_TIPS = {
 }
 
 
+MIN_PAGE_HEIGHT = 36
+
+
+def _shorten(line: str, limit: int = 60) -> str:
+    """Cut at a word boundary and say so with "…" (it was cut mid-word, with no sign)."""
+    if len(line) <= limit:
+        return line
+    cut = line[: limit - 1].rsplit(" ", 1)[0] or line[: limit - 1]
+    return cut.rstrip(" ,.;:") + "…"
+
+
+def _unit(value: str, unit: str) -> str:
+    """A figure and its unit that never wrap apart ("25 tok/ | s" did)."""
+    no_break_slash = "\u2060/\u2060"  # word joiners around the slash
+    return value + "\u00a0" + unit.replace("/", no_break_slash)
+
+
 def describe_edit_cost(
     tokens: int,
     seconds: float | None,
@@ -60,8 +77,12 @@ def describe_edit_cost(
     what = "Applying this layout" if layout_changed and not text_changed else "This change"
     if tokens == 0:
         return f"{what} recomputes nothing: the cache already holds it."
-    timing = "" if seconds is None else f", about {seconds:.2f} s"
-    speed = f" at {prefill_speed:.0f} tok/s" if prefill_speed and seconds is not None else ""
+    timing = "" if seconds is None else f", about {_unit(f'{seconds:.2f}', 's')}"
+    speed = (
+        f" at {_unit(f'{prefill_speed:.0f}', 'tok/s')}"
+        if prefill_speed and seconds is not None
+        else ""
+    )
     when = " (in idle time, after Apply)" if layout_changed and not text_changed else ""
     return f"{what} recomputes {tokens} tokens{timing}{speed}{when}."
 
@@ -189,6 +210,9 @@ class InstructionEditor(QWidget):
         variables_layout.setContentsMargins(4, 4, 4, 4)
         variables_layout.setSpacing(4)
         self.variables_table = VariablesTable()
+        # Small minimums for every page: the tabs' minimum is the largest page's, and on a
+        # 640 px screen the cache inspector (its phases) needs the height more.
+        self.variables_table.setMinimumHeight(MIN_PAGE_HEIGHT)
         variables_layout.addWidget(self.variables_table, 1)
         variable_buttons = QHBoxLayout()
         hint = QLabel("{{name}} in the text is replaced; other rows are listed after it.")
@@ -203,12 +227,22 @@ class InstructionEditor(QWidget):
         self.tabs.addTab(variables_page, "Variables")
         self.versions = QListWidget()
         self.versions.setObjectName("versionList")
+        self.versions.setMinimumHeight(MIN_PAGE_HEIGHT)
         self.versions.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.versions.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.versions.setToolTip("Click a version to put it back into the editor")
         self.tabs.addTab(self.versions, "Versions")
         layout.addWidget(self.tabs, 1)
 
+        self.draft_label = QLabel("Draft: Send saves it ")
+        self.draft_label.setToolTip(
+            "Unsaved instructions: Send saves them as a version and uses them. Switching"
+            " chats or quitting keeps the draft (unused) for next time."
+        )
+        self.draft_label.setObjectName("draftNote")
+        self.draft_label.hide()
+        # Beside the tabs: it costs no height on a 640 px screen.
+        self.tabs.setCornerWidget(self.draft_label, Qt.Corner.TopRightCorner)
         footer = QHBoxLayout()
         self.cost_label = QLabel("")
         self.cost_label.setObjectName("costLabel")
@@ -304,7 +338,7 @@ class InstructionEditor(QWidget):
                 first_line = (
                     version.text.strip().splitlines()[0] if version.text.strip() else "(empty)"
                 )
-                item = QListWidgetItem(f"v{version.version} · {when}\n{first_line[:60]}")
+                item = QListWidgetItem(f"v{version.version} · {when}\n{_shorten(first_line)}")
                 item.setData(Qt.ItemDataRole.UserRole, version.version)
                 item.setData(Qt.ItemDataRole.UserRole + 1, version.text)
                 item.setData(Qt.ItemDataRole.UserRole + 2, dict(version.variables))
@@ -375,8 +409,16 @@ class InstructionEditor(QWidget):
         self.cost_label.setText("Measuring what this costs…")
         self.debounce.start()
 
+    def set_draft(self, text: str, variables: dict[str, str]) -> None:
+        """Put back an unsaved draft (kept when the chat was left or the app closed)."""
+        self.editor.setPlainText(text)
+        self.variables_table.set_variables(dict(variables), placeholder_names(text))
+        self._changed()
+
     def _update_buttons(self) -> None:
         modified = self.is_modified()
+        self.draft_label.setVisible(modified)
+        self.tabs.setTabText(0, "Text (draft)" if modified else "Text")
         self.save_button.setEnabled(modified)
         self.revert_button.setEnabled(modified or self.layout_pending())
         self.apply_layout_button.setVisible(self.layout_pending())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,6 +26,7 @@ from PySide6.QtWidgets import (
     QInputDialog,
     QLabel,
     QMainWindow,
+    QMenu,
     QMessageBox,
     QProgressBar,
     QSizePolicy,
@@ -33,6 +36,7 @@ from PySide6.QtWidgets import (
     QToolButton,
     QVBoxLayout,
     QWidget,
+    QWidgetAction,
 )
 
 from app import limits
@@ -54,6 +58,8 @@ from app.ui.inspector import CacheInspector, format_bytes
 from app.ui.instructions import LAYOUT_LABELS, InstructionEditor, describe_edit_cost
 from app.ui.model_settings import ModelSettingsDialog
 from app.ui.quality_tab import EvalRunner
+from app.ui.sampling import SamplingPanel, load_chat_sampling, store_chat_sampling
+from app.ui.screen_fit import fit_window, restore_window, save_window
 from app.ui.server_dialog import ServerDialog
 from app.ui.template_dialog import ChatTemplateDialog, describe_origin
 from app.ui.worker import BackgroundOutcome, EngineHost, ModelStatus
@@ -62,6 +68,8 @@ if TYPE_CHECKING:  # the window only receives these from the worker's signals
     from app.session.engine import TemplateInfo, TurnResult
 
 DEFAULT_SIZE = (1400, 900)
+BENCH_SIZE = QSize(900, 720)  # shrunk to fit smaller screens
+LIVE_SPEED_AFTER_S = 0.3  # the live tok/s appears once it means something
 ICON_FILE = ("icons", "kvchat-256.png")  # from the packaging work; optional
 OPEN_GGUF = "__open__"
 _Slot = TypeVar("_Slot", bound=Callable[..., None])
@@ -130,6 +138,8 @@ class MainWindow(QMainWindow):
         self.current_chat_id: int | None = None
         self.model: ModelStatus | None = None
         self.busy = False
+        self._stream_pieces = 0  # reply pieces of the turn streaming now (live tok/s)
+        self._stream_started: float | None = None
         self.pending_text: str | None = None
         self._pending_typed = ""
         self.editing_seq: int | None = None  # a sent user message being edited
@@ -161,7 +171,7 @@ class MainWindow(QMainWindow):
         if first is None and self.store.chats():
             first = self.store.chats()[0].id
         if first is not None:
-            self.select_chat(first)
+            self.open_family(first)  # the version used last, as before the restart
         else:
             self._update_actions()
         self.model_status_label.setText("Loading model…")
@@ -196,6 +206,18 @@ class MainWindow(QMainWindow):
         self.temperature_spin.setValue(float(self.settings.value("generation/temperature", 0.7)))
         self.temperature_spin.setToolTip("0 always picks the most likely token (repeatable)")
         toolbar.addWidget(self.temperature_spin)
+        self.sampling_panel = SamplingPanel()
+        self.sampling_panel.changed.connect(self._store_sampling)
+        self.sampling_button = QToolButton()
+        self.sampling_button.setText("Sampling")
+        self.sampling_button.setToolTip("Top-k, top-p, min-p, repeat penalty and seed (per chat)")
+        self.sampling_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        sampling_menu = QMenu(self.sampling_button)
+        panel_action = QWidgetAction(sampling_menu)
+        panel_action.setDefaultWidget(self.sampling_panel)
+        sampling_menu.addAction(panel_action)
+        self.sampling_button.setMenu(sampling_menu)
+        toolbar.addWidget(self.sampling_button)
 
     def _build_central(self) -> None:
         self.chat_list = ChatListPanel()
@@ -217,6 +239,7 @@ class MainWindow(QMainWindow):
         column.addWidget(self.chat_view, 1)
         enter_sends = self.settings.value("composer/enter_sends", True, type=bool)
         self.composer = Composer(bool(enter_sends))
+        self.chat_view.set_send_hint(enter_sends=bool(enter_sends))
         self.input = self.composer.input
         self.turn_status = self.composer.turn_status
         self.regenerate_button = self.composer.regenerate_button
@@ -231,7 +254,7 @@ class MainWindow(QMainWindow):
         self.side_splitter.addWidget(self.inspector)
         self.side_splitter.setStretchFactor(0, 0)
         self.side_splitter.setStretchFactor(1, 1)
-        self.side_splitter.setSizes([270, 600])
+        self.side_splitter.setSizes([190, 680])  # the inspector (all phases) first
 
         self.main_splitter = QSplitter(Qt.Orientation.Horizontal)
         self.main_splitter.setObjectName("mainSplitter")
@@ -386,14 +409,8 @@ class MainWindow(QMainWindow):
     # -- settings and first run -----------------------------------------------------
 
     def _restore_settings(self) -> None:
-        geometry = self.settings.value("window/geometry")
-        size = self.settings.value("window/size")
-        if isinstance(geometry, QByteArray) and not geometry.isEmpty():
-            self.restoreGeometry(geometry)  # position, screen, maximized state
-            if isinstance(size, QSize) and not self.isMaximized():
-                self.resize(size)  # restoreGeometry may shrink it to a small virtual screen
-        else:
-            self.resize(*DEFAULT_SIZE)
+        # Within the screen it opens on: its place there last time, clamped, or a default.
+        restore_window(self, self.settings, "window", QSize(*DEFAULT_SIZE))
         for key, splitter in (
             ("window/main_splitter", self.main_splitter),
             ("window/side_splitter", self.side_splitter),
@@ -403,8 +420,7 @@ class MainWindow(QMainWindow):
                 splitter.restoreState(state)
 
     def _save_settings(self) -> None:
-        self.settings.setValue("window/geometry", self.saveGeometry())
-        self.settings.setValue("window/size", self.size())
+        save_window(self, self.settings, "window")
         self.settings.setValue("window/main_splitter", self.main_splitter.saveState())
         self.settings.setValue("window/side_splitter", self.side_splitter.saveState())
         self.settings.setValue("generation/max_tokens", self.max_tokens_spin.value())
@@ -466,13 +482,18 @@ class MainWindow(QMainWindow):
         self._select_model_in_combo()
 
     def _select_model_in_combo(self) -> None:
-        if self.model is None or self.model.kv_type == "server":
+        """The model box names the model in use: a local file, or the server's model."""
+        if self.model is None:
             return
         index = self.model_combo.findData(self.model.path)
         if index < 0:
+            server = self.model.kv_type == "server"
+            label = f"{self.model.name or self.model.path} (server)" if server else None
             self.model_combo.blockSignals(True)
             self.model_combo.insertItem(
-                self.model_combo.count() - 1, Path(self.model.path).name, self.model.path
+                self.model_combo.count() - 1,
+                label or Path(self.model.path).name,
+                self.model.path,
             )
             self.model_combo.blockSignals(False)
             index = self.model_combo.findData(self.model.path)
@@ -589,6 +610,7 @@ class MainWindow(QMainWindow):
     def set_enter_sends(self, enter_sends: bool) -> None:
         self.settings.setValue("composer/enter_sends", enter_sends)
         self.composer.set_enter_sends(enter_sends)
+        self.chat_view.set_send_hint(enter_sends=enter_sends)
 
     def ask_export_chat(self, kind: str) -> None:
         chat = self.current_chat()
@@ -773,6 +795,8 @@ class MainWindow(QMainWindow):
             if not isinstance(chat, Chat) or self._closed:
                 return
             self.chat_list.search.clear()
+            self._keep_instruction_draft()  # the editor's draft belongs to the chat being left
+            self.instructions.load([], chat.layout)
             self.current_chat_id = chat.id
             self.refresh_chats()
             self.select_chat(chat.id)
@@ -788,9 +812,14 @@ class MainWindow(QMainWindow):
             chat = self.store.chat(chat_id)
         except ChatNotFound:
             return
+        same_chat_draft = None  # the same chat shown again keeps the editor's draft
         if chat_id != self.current_chat_id:
             self.cancel_edit()
+            self._keep_instruction_draft()
+        elif self.instructions.is_modified():
+            same_chat_draft = (self.instructions.text(), self.instructions.variables())
         self.current_chat_id = chat_id
+        self.sampling_panel.set_values(*load_chat_sampling(self.settings, chat_id))
         if self.chat_list.current_chat_id() != chat.family_id:
             self.refresh_chats()
         self.chat_title.setText(self.store.chat(chat.family_id).name)
@@ -801,6 +830,10 @@ class MainWindow(QMainWindow):
         self.reload_chat()
         versions = self.store.instruction_versions(chat_id)
         self.instructions.load(versions, chat.layout)
+        if same_chat_draft is not None:
+            self.instructions.set_draft(*same_chat_draft)
+        else:
+            self._restore_instruction_draft(chat_id)
         rows = self.store.metrics(chat_id)
         self.inspector.set_turns([(row.id, row.data) for row in rows])
         self.inspector.set_cache_view(None, self._cache_reason())
@@ -843,6 +876,12 @@ class MainWindow(QMainWindow):
         else:
             self.chat_view.show_messages(messages, chat.cache_start_seq)
         self.chat_view.set_branches(self.store.branches(chat.id), chat.id)
+        self.chat_view.set_finish_reasons(
+            {
+                row.message_id: str(row.data.get("finish_reason") or "")
+                for row in self.store.metrics(chat.id)
+            }
+        )
         self.chat_view.set_actions_enabled(not self.busy)
         history_tokens = sum(len(m.token_ids) for m in messages)
         self.inspector.set_trim(chat.trim_tokens, chat.trim_mode, history_tokens)
@@ -893,17 +932,24 @@ class MainWindow(QMainWindow):
             self.inspector.set_turns([])
             remaining = self.store.chats()
             if remaining:
-                self.select_chat(remaining[0].id)
+                self.open_family(remaining[0].id)
         self.refresh_chats()
         self._update_actions()
         self.chat_removed.emit(chat_id)
 
     # -- instructions and layout ----------------------------------------------------
 
-    def save_instructions(self, text: str, variables: dict[str, str] | None = None) -> None:
-        """A new version of the block (text and variables); warmed up in idle time."""
+    def save_instructions(
+        self, text: str, variables: dict[str, str] | None = None, *, warm_up: bool = True
+    ) -> None:
+        """A new version of the block (text and variables); warmed up in idle time.
+
+        ``warm_up`` False: a turn follows at once and takes the new block itself.
+        """
         if self.current_chat_id is None:
-            self.with_chat(lambda _chat_id: self.save_instructions(text, variables))
+            self.with_chat(
+                lambda _chat_id: self.save_instructions(text, variables, warm_up=warm_up)
+            )
             return
         chat_id = self.current_chat_id
         current = self.store.current_instructions(chat_id)
@@ -915,10 +961,10 @@ class MainWindow(QMainWindow):
         self.host.change_store(
             "Instructions",
             lambda store: store.add_instruction_version(chat_id, text, kept),
-            lambda version: self._on_instructions_saved(chat_id, version),
+            lambda version: self._on_instructions_saved(chat_id, version, warm_up),
         )
 
-    def _on_instructions_saved(self, chat_id: int, version: object) -> None:
+    def _on_instructions_saved(self, chat_id: int, version: object, warm_up: bool) -> None:
         if version is None or self._closed or chat_id != self.current_chat_id:
             return
         pending_layout = self.instructions.current_layout()
@@ -927,9 +973,37 @@ class MainWindow(QMainWindow):
         if pending_layout != chat.layout:  # a previewed layout stays a preview
             index = self.instructions.layout_combo.findData(pending_layout)
             self.instructions.layout_combo.setCurrentIndex(index)
+        self.settings.remove(self._draft_key(chat_id))
         self.instructions.show_cost("Saved. The cache takes this version in idle time.")
-        if self.model is not None:
+        if self.model is not None and warm_up:
             self.host.prepare_chat(chat_id)
+
+    @staticmethod
+    def _draft_key(chat_id: int) -> str:
+        return f"drafts/instructions-{chat_id}"
+
+    def _keep_instruction_draft(self) -> None:
+        """An unsaved instruction edit is kept (per chat) when the chat is left or closed."""
+        chat_id = self.current_chat_id
+        if chat_id is None:
+            return
+        if self.instructions.is_modified():
+            draft = {"text": self.instructions.text(), "variables": self.instructions.variables()}
+            self.settings.setValue(self._draft_key(chat_id), json.dumps(draft))
+        else:
+            self.settings.remove(self._draft_key(chat_id))
+
+    def _restore_instruction_draft(self, chat_id: int) -> None:
+        raw = self.settings.value(self._draft_key(chat_id))
+        if not raw:
+            return
+        try:
+            draft = json.loads(str(raw))
+            text, variables = str(draft["text"]), dict(draft.get("variables") or {})
+        except (ValueError, KeyError, TypeError):
+            self.settings.remove(self._draft_key(chat_id))  # unreadable: nothing to restore
+            return
+        self.instructions.set_draft(text, {str(k): str(v) for k, v in variables.items()})
 
     def set_layout(self, layout: str) -> None:
         """Apply a layout: the chat's prompt is rebuilt in idle time."""
@@ -1034,8 +1108,19 @@ class MainWindow(QMainWindow):
         return GenerationOptions(
             max_tokens=self.max_tokens_spin.value(),
             temperature=self.temperature_spin.value(),
-            seed=0,
+            seed=self.sampling_panel.seed_value(),
+            sampling=self.sampling_panel.sampling(),
         )
+
+    def _store_sampling(self) -> None:
+        """The Sampling panel's values belong to the chat on screen."""
+        if self.current_chat_id is not None:
+            store_chat_sampling(
+                self.settings,
+                self.current_chat_id,
+                self.sampling_panel.sampling(),
+                self.sampling_panel.seed_value(),
+            )
 
     def send(self) -> None:
         typed = self.input.toPlainText()
@@ -1047,6 +1132,10 @@ class MainWindow(QMainWindow):
             return
         if self._sending:
             return  # the chat (or the version) this message goes to is being made
+        if self.instructions.is_modified():  # Send uses what the editor shows
+            self.save_instructions(
+                self.instructions.text(), self.instructions.variables(), warm_up=False
+            )
         if self.editing_seq is not None and self.current_chat_id is not None:
             source, at = self.current_chat_id, self.editing_seq
             self._sending = True
@@ -1158,6 +1247,7 @@ class MainWindow(QMainWindow):
 
     def _set_busy(self, busy: bool, status: str = "") -> None:
         self.busy = busy
+        self._stream_pieces, self._stream_started = 0, None
         self.turn_status.setText(status)
         self.chat_view.set_actions_enabled(not busy)
         self._update_actions()
@@ -1173,8 +1263,19 @@ class MainWindow(QMainWindow):
     @_unless_closed
     def _on_token(self, chat_id: int, piece: str) -> None:
         if chat_id == self.current_chat_id:
-            if self.turn_status.text() != "Writing…" and self.turn_status.text() != "Stopping…":
-                self.turn_status.setText("Writing…")
+            self._stream_pieces += 1
+            now = time.monotonic()
+            if self._stream_started is None:
+                self._stream_started = now
+            if not self.turn_status.text().startswith("Stopping"):
+                elapsed = now - self._stream_started
+                if elapsed >= LIVE_SPEED_AFTER_S:  # live tokens per second while streaming
+                    speed = (self._stream_pieces - 1) / elapsed
+                    self.turn_status.setText(
+                        f"Writing… {self._stream_pieces} tokens · {speed:.0f} tok/s"
+                    )
+                elif not self.turn_status.text().startswith("Writing"):
+                    self.turn_status.setText("Writing…")
             self.chat_view.append_token(piece)
 
     @_unless_closed
@@ -1198,12 +1299,18 @@ class MainWindow(QMainWindow):
         )
         if outcome.metrics.finish_reason == FinishReason.CANCELLED:
             status = "Stopped. " + status
+        elif outcome.metrics.finish_reason == FinishReason.LENGTH:
+            status = "Cut at max tokens. " + status
+        elif outcome.metrics.finish_reason == FinishReason.CONTEXT_FULL:
+            status = "Context full. " + status
         on_screen = outcome.chat_id == self.current_chat_id
         self._set_busy(False, status if on_screen else "")
         if on_screen:
             self.reload_chat(incremental=True)
             self.inspector.upsert_turn(outcome.metrics_id, metrics)
-            self._set_context_used(int(metrics.get("cache_tokens") or 0))
+            # The status bar and the inspector both take the count from the worker's next
+            # cache view: the same figure at the same moment.
+            self.host.refresh_cache_view(outcome.chat_id)
         self.refresh_chats()
         self._update_actions()
         self.reply_received.emit(outcome)
@@ -1242,8 +1349,6 @@ class MainWindow(QMainWindow):
             if outcome.cache is not None:
                 self._on_cache_view(outcome.chat_id, outcome.cache)
             self.request_edit_cost(refresh=True)  # the cache changed: so did an edit's cost
-        if outcome.cache is not None and outcome.chat_id == self.current_chat_id:
-            self._set_context_used(outcome.cache.cache_tokens)
         self.background_done.emit(outcome)
 
     @_unless_closed
@@ -1251,10 +1356,9 @@ class MainWindow(QMainWindow):
         if chat_id != self.current_chat_id:
             return
         self.inspector.set_cache_view(view)
-        if view.chat_id == chat_id:
-            self._set_context_used(view.cache_tokens)
-            size = format_bytes(view.cache_tokens * view.bytes_per_token)
-            self.context_label.setToolTip(f"KV cache of this chat: {size}")
+        self._set_context_used(view.cache_tokens)  # the inspector's figure, never another
+        size = format_bytes(view.cache_tokens * view.bytes_per_token)
+        self.context_label.setToolTip(f"KV cache of this chat: {size}")
         self.cache_view_shown.emit(view)
 
     def show_benchmark(self) -> BenchWindow:
@@ -1262,6 +1366,7 @@ class MainWindow(QMainWindow):
         model = self.model.path if self.model else self._requested_model
         if self.bench_window is None:
             self.bench_window = BenchWindow(model_path=model, eval_runner=self.eval_runner)
+            fit_window(self.bench_window, BENCH_SIZE, self.screen())
         elif not self.bench_window.is_running():
             self.bench_window.base_config.model_path = model  # follow the chosen model
         self.bench_window.show()
@@ -1275,6 +1380,7 @@ class MainWindow(QMainWindow):
         """Save geometry, stop the worker (it saves the cache), join its thread, close the DB."""
         if not self._closed:
             self._closed = True
+            self._keep_instruction_draft()
             if self.bench_window is not None:
                 self.bench_window.close()  # cancels and joins its thread
             self._save_settings()

@@ -23,6 +23,7 @@ from app.ui.dialogs import accept_buttons
 from app.ui.worker import EngineHost
 
 DEFAULT_URL = "http://127.0.0.1:8080/v1"
+MIN_WIDTH = 480
 
 
 class ServerDialog(QDialog):
@@ -65,6 +66,9 @@ class ServerDialog(QDialog):
         self.result_label.setWordWrap(True)
         buttons = accept_buttons(self, "Connect")
         layout = QVBoxLayout(self)
+        # Wide enough for a URL and a one-line answer; grows with a wrapped answer (it was
+        # 259 px wide and the success text ran under the buttons).
+        self.setMinimumWidth(MIN_WIDTH)
         layout.addLayout(form)
         layout.addWidget(self.test_button)
         layout.addWidget(self.result_label)
@@ -90,7 +94,10 @@ class ServerDialog(QDialog):
         if request_id != self._request_id:
             return
         self.test_button.setEnabled(True)
-        self.result_label.setText(("Connected. " if reachable else "Not connected: ") + text)
+        self.result_label.setText(("Connected. " if reachable else "Not connected. ") + text)
+        needed = self.layout().totalHeightForWidth(self.width())
+        if needed > self.height():
+            self.resize(self.width(), needed)
 
     def done(self, result: int) -> None:
         self.host.worker.server_probed.disconnect(self._on_probed)

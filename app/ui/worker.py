@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
+from PySide6.QtCore import QObject, Qt, QThread, QTimer, Signal, Slot
 
 from app.core.errors import DecodeError, ModelLoadCancelled
 from app.core.metrics import TurnMetrics
@@ -50,6 +50,10 @@ from app.session.engine import (
 )
 from app.storage.errors import ChatNotFound
 from app.storage.store import StorageError, Store
+
+#: How long cut-short idle-time steps wait before they are redone: the request that
+#: pre-empted them is queued by then and runs first.
+RESUME_DELAY_MS = 50
 
 
 def unexpected(error: BaseException) -> str:
@@ -173,6 +177,18 @@ class EngineWorker(QObject):
         self.chat_template = chat_template
         self.shutting_down = threading.Event()
         self._changes: queue.SimpleQueue[tuple[int, StoreChange]] = queue.SimpleQueue()
+        #: Chats whose idle-time steps were pre-empted or superseded before they finished:
+        #: each gets a fresh upkeep once the worker is idle again, so the saved state always
+        #: catches up with the committed history (insertion-ordered set).
+        self.owed_upkeep: dict[int, None] = {}
+        #: The host's current background flag, handed over when it pre-empts (an Event is
+        #: thread-safe; the attribute is only ever replaced). Owed upkeep runs under it.
+        self.latest_background_cancel = threading.Event()
+        self._queued_jobs = 0  # idle-time steps waiting in this thread's queue
+        self._resume_timer = QTimer(self)  # moves to the worker's thread with it
+        self._resume_timer.setSingleShot(True)
+        self._resume_timer.setInterval(RESUME_DELAY_MS)
+        self._resume_timer.timeout.connect(self._resume_owed_upkeep)
         self._continue_background.connect(self._background_step, Qt.ConnectionType.QueuedConnection)
 
     # -- model ----------------------------------------------------------------------
@@ -223,6 +239,7 @@ class EngineWorker(QObject):
             return
         self._replace_session(engine)
         self.model_loaded.emit(ModelStatus.of(engine, (time.perf_counter() - started) * 1000))
+        self._schedule_owed_upkeep()
 
     @Slot()
     def describe_templates(self) -> None:
@@ -243,6 +260,7 @@ class EngineWorker(QObject):
             session = self._require_session()
             session.use_template(choice)
             self.template_changed.emit(session.template_info())
+            self._schedule_owed_upkeep()
         except (SessionError, StorageError, ValueError) as error:
             self.error.emit(f"could not use the chat template: {error}")
         except Exception as error:
@@ -266,6 +284,7 @@ class EngineWorker(QObject):
             return
         self._replace_session(remote)
         self.model_loaded.emit(ModelStatus.of(remote, (time.perf_counter() - started) * 1000))
+        self._schedule_owed_upkeep()
 
     @Slot(int, str, str)
     def probe_server(self, request_id: int, url: str, model: str) -> None:
@@ -352,7 +371,7 @@ class EngineWorker(QObject):
             return
         # A snapshot: the turn's own metrics keep changing in this thread (commit, warm-up).
         self.reply_finished.emit(replace(result, metrics=copy.deepcopy(result.metrics)))
-        self._continue_background.emit(_IdleJob(turn, request.background_cancel))
+        self._queue_job(_IdleJob(turn, request.background_cancel))
 
     @Slot(int, object)
     def prepare_chat(self, chat_id: int, cancel: threading.Event) -> None:
@@ -367,7 +386,7 @@ class EngineWorker(QObject):
                 BackgroundOutcome(chat_id, None, None, False, notes=["failed to start"])
             )
             return
-        self._continue_background.emit(_IdleJob(upkeep, cancel))
+        self._queue_job(_IdleJob(upkeep, cancel))
 
     @Slot(int, object)
     def prefetch_chat(self, chat_id: int, cancel: threading.Event) -> None:
@@ -394,6 +413,7 @@ class EngineWorker(QObject):
     @Slot(object)
     def _background_step(self, job: _IdleJob) -> None:
         """One idle-time step per queued call, so queued requests can run in between."""
+        self._queued_jobs -= 1
         if self.session is None or self.shutting_down.is_set():
             return
         work = job.work
@@ -413,9 +433,13 @@ class EngineWorker(QObject):
             if failure is not None:
                 work.stopped = True
             elif not work.done and not job.cancel.is_set():
-                self._continue_background.emit(job)
+                self._queue_job(job)
                 return
         completed = not work.remaining
+        if completed:
+            self.owed_upkeep.pop(work.chat_id, None)
+        elif failure is None:  # pre-empted or superseded: redo it when idle again
+            self.owed_upkeep[work.chat_id] = None
         turn = work if isinstance(work, Turn) else None
         metrics = None
         if turn and turn.metrics and completed:
@@ -430,6 +454,38 @@ class EngineWorker(QObject):
                 notes=[] if completed else [failure or "pre-empted by a new request"],
             )
         )
+        self._schedule_owed_upkeep()
+
+    def _queue_job(self, job: _IdleJob) -> None:
+        self._queued_jobs += 1
+        self._continue_background.emit(job)
+
+    def _schedule_owed_upkeep(self) -> None:
+        """Resume cut-short steps shortly: a request that pre-empted them runs first."""
+        if self.owed_upkeep and not self.shutting_down.is_set():
+            self._resume_timer.start()
+
+    @Slot()
+    def _resume_owed_upkeep(self) -> None:
+        """Queue the upkeep of one chat whose idle-time steps were cut short.
+
+        Only when no other idle-time step is queued and nothing pre-empted background
+        work meanwhile (a turn's own steps must never be superseded by this); the
+        upkeep's completion then schedules the next owed chat, one at a time.
+        """
+        cancel = self.latest_background_cancel
+        if self.session is None or self.shutting_down.is_set() or cancel.is_set():
+            return
+        if not self.owed_upkeep or self._queued_jobs:
+            return
+        chat_id = next(iter(self.owed_upkeep))
+        del self.owed_upkeep[chat_id]
+        try:
+            upkeep = self.session.upkeep(chat_id)
+        except Exception as error:
+            self.error.emit(f"could not resume the chat's idle-time steps: {unexpected(error)}")
+            return
+        self._queue_job(_IdleJob(upkeep, cancel))
 
     def _cache_view(self, chat_id: int) -> CacheView | None:
         if self.session is None:
@@ -491,7 +547,7 @@ class EngineWorker(QObject):
             self.error.emit(f"could not change the cached-history limit: {unexpected(error)}")
             return
         self.trim_applied.emit(chat_id, preview)
-        self._continue_background.emit(_IdleJob(upkeep, background_cancel))
+        self._queue_job(_IdleJob(upkeep, background_cancel))
 
     @Slot(int)
     def refresh_cache_view(self, chat_id: int) -> None:
@@ -521,6 +577,7 @@ class EngineWorker(QObject):
             self.error.emit(f"could not delete the chat: {unexpected(error)}")
             return
         self.chat_deleted.emit(chat_id)
+        self._schedule_owed_upkeep()
 
     def submit_change(self, request_id: int, change: StoreChange) -> None:
         """Queue a change the window asks for (called from the GUI thread)."""
@@ -555,6 +612,7 @@ class EngineWorker(QObject):
         """
         self.shutting_down.set()
         self.apply_changes()  # the window's last changes are written, not dropped
+        self._resume_timer.stop()
         session, self.session = self.session, None
         try:
             if session is not None:
@@ -645,7 +703,7 @@ class EngineHost(QObject):
         self._shutdown.connect(self.worker.shutdown, Qt.ConnectionType.BlockingQueuedConnection)
         self.turn_cancel: threading.Event | None = None
         self.load_cancel = threading.Event()
-        self.background_cancel = threading.Event()
+        self.background_cancel = self.worker.latest_background_cancel
         self._request_ids = 0
         self.busy_chat_id: int | None = None
         self._after_change: dict[int, Callable[[Any], None]] = {}
@@ -664,9 +722,13 @@ class EngineHost(QObject):
         return self._request_ids
 
     def _preempt_background(self) -> threading.Event:
-        """Stop idle-time work now: the worker is inside a Python call, the queue would wait."""
+        """Stop idle-time work now: the worker is inside a Python call, the queue would wait.
+
+        The worker requeues what was cut short (under the new flag) once it is idle again.
+        """
         self.background_cancel.set()
         self.background_cancel = threading.Event()
+        self.worker.latest_background_cancel = self.background_cancel
         return self.background_cancel
 
     def change_store(
