@@ -26,6 +26,7 @@ import json
 import os
 import sqlite3
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,15 @@ _CHAT_FIELDS = {"name", "layout", "trim_tokens", "trim_mode", "cache_start_seq"}
 
 
 def valid_chat_name(name: str) -> str:
-    """The name stripped, or ValueError saying what is wrong with it."""
-    name = name.strip()
-    if not name:
-        raise ValueError("a chat needs a name")
+    """The one form of a chat name, used to create, find, rename and fork chats (so
+    ``"demo "`` and ``"demo"`` are one chat): stripped, Unicode NFC; or ValueError saying
+    what is wrong with it."""
     if isinstance(storable_text(name), bytes):
         # Bytes from argv that are not UTF-8 arrive as surrogate escapes (\udc80-\udcff).
         raise ValueError("the chat name is not valid UTF-8 text")
+    name = unicodedata.normalize("NFC", name.strip())
+    if not name:
+        raise ValueError("a chat needs a name")
     if "\x00" in name:
         raise ValueError("a chat name cannot contain NUL characters")
     return name
@@ -412,9 +415,13 @@ class Store:
         return Chat(**rows[0])
 
     def chat_by_name(self, name: str) -> Chat | None:
-        if isinstance(storable_text(name), bytes):
-            raise ValueError("the chat name is not valid UTF-8 text")
-        rows = self._rows("SELECT * FROM chats WHERE name = ?", (name,))
+        """The chat named ``name`` in its normal form (a name stored before names were
+        NFC-normalised is found by its stripped form too)."""
+        normal = valid_chat_name(name)
+        rows = self._rows(
+            "SELECT * FROM chats WHERE name IN (?, ?) ORDER BY name = ? DESC",
+            (normal, name.strip(), normal),
+        )
         return Chat(**rows[0]) if rows else None
 
     def chats(self, search: str = "") -> list[Chat]:
