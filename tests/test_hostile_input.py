@@ -19,8 +19,9 @@ import pytest
 from conftest import GREEDY, TEST_CTX, set_state_field
 
 from app import limits
+from app.core.llama_backend import DecodeError
 from app.domain import MessageStatus, Role, SegmentKind
-from app.session.chat_session import ChatSession, GenerationOptions
+from app.session.chat_session import ChatSession, ContextOverflowError, GenerationOptions
 from app.storage import migrations
 from app.storage.kv_store import JOURNAL_LIMIT_BYTES, StateRecord
 from app.storage.store import (
@@ -585,3 +586,66 @@ def test_a_decode_error_is_one_line_and_keeps_the_message(tmp_path: Path) -> Non
         assert [(m.text, m.status) for m in store.messages(chat.id)][-1] == (
             "And now?", MessageStatus.UNANSWERED,
         )
+
+
+# -- 11. regenerate keeps every version ------------------------------------------------------
+
+
+def _replies(store: Store, chat_id: int) -> list[tuple[str, str, list[int]]]:
+    return [(m.role, m.text, m.token_ids) for m in store.messages(chat_id)]
+
+
+def test_regenerate_keeps_the_old_reply_as_a_version_and_reuses_the_shared_cells(
+    store: Store, engine: ChatSession
+) -> None:
+    chat = store.create_chat("versions")
+    store.add_instruction_version(chat.id, "Answer briefly.")
+    for question in ("Name a planet.", "Name a metal."):
+        engine.send(chat.id, question, GREEDY)
+        engine.after_reply(chat.id)
+    before = _replies(store, chat.id)
+    last_pair = sum(len(m.token_ids) for m in store.messages(chat.id)[-2:])
+    shared = len(engine.history_plan(chat.id).tokens) - last_pair
+    sampled = GenerationOptions(max_tokens=12, temperature=1.0, seed=5)
+    again = engine.regenerate(chat.id, sampled)
+    assert again.version_of == chat.id and again.chat_id != chat.id
+    assert _replies(store, chat.id) == before, "the old reply is still there, unchanged"
+    branch = _replies(store, again.chat_id)
+    assert branch[:-1] == before[:-1] and branch[-1][1] == again.reply
+    assert again.metrics.reused_tokens >= shared, "the shared prefix's cells are reused"
+    assert again.metrics.prefill_tokens < again.metrics.prompt_tokens - shared + 1
+    reply_seq = len(before) - 1
+    versions = store.branches(chat.id)
+    assert versions == store.branches(again.chat_id) == {reply_seq: [chat.id, again.chat_id]}
+    assert versions[reply_seq].index(chat.id) == 0, "the old reply is version 1/2"
+    assert versions[reply_seq].index(again.chat_id) == 1, "the new one 2/2"
+    finished = engine.after_reply(again.chat_id)
+    assert finished is not None and finished.state_bytes > 0
+    third = engine.regenerate(chat.id, GREEDY)  # from version 1 again: a third version
+    assert store.branches(chat.id)[reply_seq] == [chat.id, again.chat_id, third.chat_id]
+    assert third.reply == before[-1][1], "greedy: version 1's reply, as a version of its own"
+
+
+def test_a_regenerate_that_fails_leaves_the_old_reply_as_it_was(
+    store: Store, make_engine: Callable
+) -> None:
+    chat = store.create_chat("fails")
+    roomy = make_engine(store)
+    roomy.send(chat.id, "Summarise: " + "the quiet river runs past the old mill. " * 40, GREEDY)
+    roomy.after_reply(chat.id)
+    before = _replies(store, chat.id)
+    small = make_engine(store, n_ctx=256)  # the message alone no longer fits
+    with pytest.raises(ContextOverflowError):
+        small.regenerate(chat.id, GREEDY)
+    assert _replies(store, chat.id) == before and len(store.family(chat.id)) == 1
+    user = store.messages(chat.id)[0]
+    store.db.execute(  # a token id the model does not have: llama_decode really fails
+        "UPDATE messages SET token_ids = ? WHERE id = ?",
+        (array.array("i", [1, 10**6, 2]).tobytes(), user.id),
+    )
+    store.kv.delete_state(chat.id)
+    failing = make_engine(store)
+    with pytest.raises(DecodeError):
+        failing.regenerate(chat.id, GREEDY)
+    assert [m[:2] for m in _replies(store, chat.id)] == [m[:2] for m in before]
+    assert len(store.family(chat.id)) == 1, "no empty version is left behind"

@@ -178,6 +178,17 @@ class RemoteChatSession:
         ms = (time.perf_counter() - started) * 1000
         return StateLoad(restored=True, tokens=cache.tokens, ms=ms, bytes=read)
 
+    def _cache_moved(self, from_chat_id: int, to_chat_id: int) -> None:
+        """A regenerated reply went into a branch: when both chats use the same slot, the
+        slot's cells are the branch's now (else the branch's own slot is filled later)."""
+        slot = self.slot_for(from_chat_id)
+        held = self.slots.get(slot)
+        if held is None or held.chat_id != from_chat_id or slot != self.slot_for(to_chat_id):
+            return
+        held.chat_id = to_chat_id
+        if self.cache_chat_id == from_chat_id:
+            self.cache_chat_id = to_chat_id
+
     def prefetch(self, chat_id: int) -> StateLoad:
         """Restore a chat's slot before its next turn (e.g. when the user selects it)."""
         return self.activate(chat_id)
@@ -339,9 +350,10 @@ class RemoteChatSession:
         load = self.activate(chat_id)
         context = self._load_context(chat_id)
         options = options or GenerationOptions()
+        replaced = None
         if text is None:
             while context.messages and context.messages[-1].role == Role.ASSISTANT:
-                self.store.delete_message(context.messages.pop().id)
+                replaced = context.messages.pop()  # kept: the new reply is a version of it
             if not context.messages:
                 raise SessionError("there is no message to reply to")
             user = context.messages[-1]
@@ -360,6 +372,7 @@ class RemoteChatSession:
             (0, 0),
             regenerated=text is None,
             idle_steps=idle_steps,
+            replaces=replaced,
         )
         self._current_work = turn
         return turn
@@ -447,14 +460,8 @@ class RemoteChatSession:
             metrics.finish_reason = FinishReason.CANCELLED
             metrics.decode_tokens = partial.pieces
             metrics.notes.append(str(dropped))
-            reply = self.store.add_message(
-                chat.id,
-                Role.ASSISTANT,
-                partial.text,
-                status=MessageStatus.CANCELLED,
-                instruction_version=context.instruction_version,
-            )
-            self.store.add_metrics(chat.id, reply.id, metrics.as_dict())
+            reply = turn.store_reply(partial.text, status=MessageStatus.CANCELLED)
+            self.store.add_metrics(turn.chat_id, reply.id, metrics.as_dict())
             self.mirror.changed = True
             raise ServerError(f"{dropped}; the partial reply is stored as cancelled") from dropped
         self._fill_metrics(metrics, completion, turn.started, sent)
@@ -466,25 +473,25 @@ class RemoteChatSession:
             )
         reply_id = None
         if completion.text:
-            reply = self.store.add_message(
-                chat.id,
-                Role.ASSISTANT,
+            reply_id = turn.store_reply(
                 completion.text,
                 status=MessageStatus.CANCELLED
                 if metrics.finish_reason == FinishReason.CANCELLED
                 else MessageStatus.COMPLETE,
-                instruction_version=context.instruction_version,
-            )
-            context.messages.append(reply)
-            reply_id = reply.id
+            ).id
+        else:
+            turn.keep_replaced()
         cache = self.mirror
         cache.tokens = completion.prompt_tokens + completion.completion_tokens
         cache.changed = True
         metrics.cache_tokens = cache.tokens
-        metrics_id = self.store.add_metrics(chat.id, reply_id or user.id, metrics.as_dict())
-        return TurnResult(
-            chat.id, user.id, reply_id, completion.text, metrics, metrics_id, turn.regenerated
+        metrics_id = self.store.add_metrics(
+            turn.chat_id, reply_id or turn.user.id, metrics.as_dict()
         )
+        return TurnResult(
+            turn.chat_id, turn.user.id, reply_id, completion.text, metrics, metrics_id,
+            turn.regenerated, turn.version_of,
+        )  # fmt: skip
 
     def _fill_metrics(
         self, metrics: TurnMetrics, completion: ChatCompletion, started: float, sent: float

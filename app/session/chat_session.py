@@ -130,6 +130,9 @@ class TurnResult:
     metrics: TurnMetrics
     metrics_id: int
     regenerated: bool = False
+    #: Regenerate: the chat whose reply this one is a new version of (the reply is in a
+    #: branch of its family, ``chat_id``; the old reply stays in that chat).
+    version_of: int | None = None
 
 
 @dataclass(frozen=True)
@@ -330,6 +333,7 @@ class Turn(_IdleWork):
         *,
         regenerated: bool,
         idle_steps: Sequence[Step] = IDLE_STEPS,
+        replaces: Message | None = None,
     ) -> None:
         super().__init__(session, context.chat.id, idle_steps)
         self.context = context
@@ -339,11 +343,51 @@ class Turn(_IdleWork):
         self.started = started
         self.trimmed = trimmed
         self.regenerated = regenerated
+        #: Regenerate: the reply the new one is a version of (never deleted).
+        self.replaces = replaces
+        self.version_of: int | None = None
         self.stage = TurnStage.NEW
         self.result: TurnResult | None = None
 
     def _context(self) -> _ChatContext:
         return self.context
+
+    def store_reply(
+        self,
+        text: str,
+        *,
+        status: str,
+        token_ids: list[int] | None = None,
+        token_format: str | None = None,
+    ) -> Message:
+        """Store the reply after the chat's messages; for a regenerate, as a new version
+        of the reply it replaces: a branch of the chat's family holding the messages
+        before it and the new reply, written at once (the old reply is never deleted,
+        so a failed regenerate loses nothing). The turn, and the cache, then continue in
+        the branch."""
+        store, chat = self.session.store, self.context.chat
+        if self.replaces is None:
+            reply = store.add_message(
+                chat.id, Role.ASSISTANT, text, token_ids=token_ids, token_format=token_format,
+                status=status, instruction_version=self.context.instruction_version,
+            )  # fmt: skip
+            self.context.messages.append(reply)
+            return reply
+        branch, reply = store.add_reply_version(
+            chat.id, self.replaces.seq, text,
+            token_ids=token_ids, token_format=token_format, status=status,
+        )  # fmt: skip
+        self.session._cache_moved(chat.id, branch.id)
+        self.version_of, self.chat_id = chat.id, branch.id
+        self.context = self.session._load_context(branch.id)
+        self.user = self.context.messages[-2]  # the branch's copy of the message answered
+        return reply
+
+    def keep_replaced(self) -> None:
+        """No new reply (stopped before its first token): the idle steps see the chat as
+        stored, with the reply a regenerate would have replaced."""
+        if self.replaces is not None:
+            self.context = self.session._load_context(self.chat_id)
 
     def respond(
         self,
@@ -704,6 +748,13 @@ class ChatSession:
             self.mirror.checkpoint()  # recurrent memory: what a commit goes back to
         return load
 
+    def _cache_moved(self, from_chat_id: int, to_chat_id: int) -> None:
+        """A regenerated reply went into a branch: the cells (shared prefix and new reply)
+        are the branch's now; the original chat keeps its saved state."""
+        if self.cache_chat_id == from_chat_id:
+            self.cache_chat_id = to_chat_id
+            self.mirror.changed = True  # the branch has no state of its own yet
+
     def prefetch(self, chat_id: int) -> StateLoad:
         """Restore a chat's state before its next turn (e.g. when the user selects it)."""
         if self.cache_chat_id == chat_id:
@@ -968,9 +1019,10 @@ class ChatSession:
         if text is None and options.temperature > 0:
             # Another reply, not the same one again: greedy replies stay reproducible.
             options = replace(options, seed=secrets.randbelow(limits.MAX_SEED + 1))
+        replaced = None
         if text is None:
             while context.messages and context.messages[-1].role == Role.ASSISTANT:
-                self.store.delete_message(context.messages.pop().id)
+                replaced = context.messages.pop()  # kept: the new reply is a version of it
             if not context.messages:
                 raise SessionError("there is no message to reply to")
             user = context.messages[-1]
@@ -997,6 +1049,7 @@ class ChatSession:
             trimmed,
             regenerated=text is None,
             idle_steps=idle_steps,
+            replaces=replaced,
         )
         self._current_work = turn
         return turn
@@ -1024,7 +1077,8 @@ class ChatSession:
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> TurnResult:
-        """Replace the last reply (or answer a last unanswered message)."""
+        """A new version of the last reply (the old one is kept: see ``Turn.store_reply``),
+        or the answer to a last unanswered message."""
         turn = self.start_turn(chat_id, None, options)
         return turn.respond(on_token=on_token, progress=progress, cancel=cancel)
 
@@ -1132,24 +1186,24 @@ class ChatSession:
         reply_text = "".join(text_parts)
         reply_id = None
         if content:
-            reply = self.store.add_message(
-                chat.id,
-                Role.ASSISTANT,
+            reply_id = turn.store_reply(
                 reply_text,
                 token_ids=list(self.builder.assistant_segment(content)),
                 token_format=self.token_format,
                 status=MessageStatus.CANCELLED
                 if finish == FinishReason.CANCELLED
                 else MessageStatus.COMPLETE,
-                instruction_version=context.instruction_version,
-            )
-            context.messages.append(reply)
-            reply_id = reply.id
+            ).id
+        else:
+            turn.keep_replaced()
         metrics.cache_tokens = len(self.mirror)
-        metrics_id = self.store.add_metrics(chat.id, reply_id or user.id, metrics.as_dict())
-        return TurnResult(
-            chat.id, user.id, reply_id, reply_text, metrics, metrics_id, turn.regenerated
+        metrics_id = self.store.add_metrics(
+            turn.chat_id, reply_id or turn.user.id, metrics.as_dict()
         )
+        return TurnResult(
+            turn.chat_id, turn.user.id, reply_id, reply_text, metrics, metrics_id,
+            turn.regenerated, turn.version_of,
+        )  # fmt: skip
 
     def _generate(
         self,
