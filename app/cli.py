@@ -20,6 +20,7 @@ from app.core.models import ModelFileError
 from app.domain import KVType, Layout, MessageStatus, Role, TrimMode
 from app.session.chat_session import (
     ChatSession,
+    ContextOverflowError,
     DecodeError,
     GenerationOptions,
     SessionError,
@@ -207,7 +208,7 @@ def _answer(
             return None, messages[-1], [f"{error} (the reply was saved; its metrics were not)"]
         reason = f"the model failed: {error}" if isinstance(error, DecodeError) else str(error)
         kept = bool(messages) and messages[-1].role == Role.USER and messages[-1].text == message
-        if not kept:
+        if not kept or isinstance(error, ContextOverflowError):  # the same again cannot help
             raise CliError(reason) from error
         raise CliError(
             f"{reason}; your message is kept as unanswered: run the same command again to "
