@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 
-CLI_COMMANDS = {"chat", "history", "bench", "fork", "storage", "eval"}
+from app.arguments import COMMANDS
+
+CLI_COMMANDS = frozenset(COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

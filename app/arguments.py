@@ -9,6 +9,25 @@ from typing import TypeVar
 
 from app import domain, limits
 
+#: The command-line commands and their one-line help: ``python -m app COMMAND`` routes
+#: exactly these to the CLI (anything else opens the window), and ``--help`` lists them.
+COMMANDS: dict[str, str] = {
+    "chat": "append one turn to a chat",
+    "history": "print a chat's messages and instructions",
+    "fork": "start a new chat from a chat's first messages",
+    "export": "write a chat as Markdown or JSON (with metrics)",
+    "storage": "KV page storage per chat and in total",
+    "bench": "compare caching strategies on one scripted chat",
+    "eval": "instruction following per prompt layout (greedy, on the real model)",
+}
+
+
+def commands_epilog(prog: str) -> str:
+    """The command list for ``--help`` of the window's parser (one per line)."""
+    lines = [f"commands (`{prog} COMMAND --help` for each):"]
+    lines += [f"  {name:<9} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
 
 def _whole(text: str) -> int:
     try:

@@ -7,6 +7,7 @@ reply (or one JSON object with --json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import replace
@@ -14,11 +15,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from app import arguments, limits
-from app.arguments import positive_int, whole_number
+from app.arguments import COMMANDS, positive_int, whole_number
 from app.core.errors import DecodeError
 from app.core.models import ModelFileError
 from app.domain import KVType, Layout, MessageStatus, Role, TrimMode
-from app.session.engine import ChatEngine, GenerationOptions, SessionError, TurnResult
+from app.session.engine import (
+    ChatEngine,
+    ContextOverflowError,
+    GenerationOptions,
+    SessionError,
+    TurnResult,
+)
 from app.storage.export import export_chat
 from app.storage.records import Message
 from app.storage.store import StorageError, Store, valid_chat_name
@@ -62,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m app", description="KV Chat command line")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    chat = commands.add_parser("chat", help="append one turn to a chat")
+    chat = commands.add_parser("chat", help=COMMANDS["chat"])
     chat.add_argument("--db", required=True, help="SQLite database file (created if missing)")
     chat.add_argument("--chat", required=True, help="chat name (created if missing)")
     _add_model_options(chat)
@@ -130,12 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--json", action="store_true", help="print one JSON object")
     chat.add_argument("message", help="the user's message ('-' reads standard input)")
 
-    history = commands.add_parser("history", help="print a chat's messages and instructions")
+    history = commands.add_parser("history", help=COMMANDS["history"])
     history.add_argument("--db", required=True)
     history.add_argument("--chat", required=True)
     history.add_argument("--json", action="store_true")
 
-    fork = commands.add_parser("fork", help="start a new chat from a chat's first messages")
+    fork = commands.add_parser("fork", help=COMMANDS["fork"])
     fork.add_argument("--db", required=True)
     fork.add_argument("--chat", required=True, help="the chat to fork")
     fork.add_argument("--at", required=True, type=whole_number, metavar="SEQ",
@@ -143,13 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     fork.add_argument("--name", required=True, help="name of the new chat")
     fork.add_argument("--json", action="store_true")
 
-    export = commands.add_parser("export", help="write a chat as Markdown or JSON (with metrics)")
+    export = commands.add_parser("export", help=COMMANDS["export"])
     export.add_argument("--db", required=True)
     export.add_argument("--chat", required=True)
     export.add_argument("--out", required=True, metavar="FILE",
                         help="*.json writes JSON; any other name writes Markdown")
 
-    storage = commands.add_parser("storage", help="KV page storage per chat and in total")
+    storage = commands.add_parser("storage", help=COMMANDS["storage"])
     storage.add_argument("--db", required=True)
     storage.add_argument("--set-budget-mb", type=positive_int, metavar="MB",
                          help="keep at most this much KV storage (evicts least recently used)")
@@ -157,14 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from app.bench.cli import add_bench_arguments  # local: keeps start-up light
 
-    bench = commands.add_parser("bench", help="compare caching strategies on one scripted chat")
+    bench = commands.add_parser("bench", help=COMMANDS["bench"])
     _add_model_options(bench)
     add_bench_arguments(bench)
 
     from app.eval.cli import add_eval_arguments
 
     evaluation = commands.add_parser(
-        "eval", help="instruction following per prompt layout (greedy, on the real model)"
+        "eval", help=COMMANDS["eval"]
     )
     _add_model_options(evaluation)
     add_eval_arguments(evaluation)
@@ -207,22 +214,42 @@ def _answer(
             result = engine.regenerate(chat_id, options)
         else:
             result = engine.send(chat_id, message, options)
-    except StorageError as error:
+    except (StorageError, DecodeError, SessionError) as error:
         messages = store.messages(chat_id)
         answered = len(messages) >= 2 and messages[-1].role == Role.ASSISTANT
-        if answered and messages[-2].text == message:
+        if isinstance(error, StorageError) and answered and messages[-2].text == message:
             return None, messages[-1], [f"{error} (the reply was saved; its metrics were not)"]
+        reason = f"the model failed: {error}" if isinstance(error, DecodeError) else str(error)
+        kept = bool(messages) and messages[-1].role == Role.USER and messages[-1].text == message
+        if not kept or isinstance(error, ContextOverflowError):  # the same again cannot help
+            raise CliError(reason) from error
         raise CliError(
-            f"{error}; your message is kept as unanswered: run the same command again to answer it"
+            f"{reason}; your message is kept as unanswered: run the same command again to "
+            "answer it"
         ) from error
     try:
         finished = engine.after_reply(chat_id)
-    except (StorageError, SessionError) as error:  # e.g. the disk, or a server gone away
+    except (StorageError, SessionError, DecodeError) as error:  # the disk, a server gone away
         warnings.append(f"{error} (the reply was saved; the cache state was not)")
     else:
         if finished is not None:
             result = replace(result, metrics=finished)
     return result, None, warnings
+
+
+def _check_engine_options(args: argparse.Namespace) -> None:
+    """Options that cannot go together, refused before any file is opened."""
+    if not args.server:
+        if args.server_model:
+            raise CliError("--server-model needs --server")
+        return
+    if args.model or args.n_ctx or args.chat_template:
+        raise CliError(
+            "--model, --n-ctx and --chat-template are for the local engine; "
+            "the server has its model and template"
+        )
+    if args.trim_tokens is not None or args.trim_mode is not None:
+        raise CliError("--trim-tokens and --trim-mode are not available with --server yet")
 
 
 def _open_session(args: argparse.Namespace, store: Store) -> ChatEngine:
@@ -231,9 +258,8 @@ def _open_session(args: argparse.Namespace, store: Store) -> ChatEngine:
     Each engine is imported here, when it is used: llama.cpp is loaded only for a local
     model, httpx only for a server, and neither by the read-only commands.
     """
+    _check_engine_options(args)
     if not args.server:
-        if args.server_model:
-            raise CliError("--server-model needs --server")
         from app.session.chat_session import ChatSession
 
         return ChatSession(
@@ -243,13 +269,6 @@ def _open_session(args: argparse.Namespace, store: Store) -> ChatEngine:
             kv_type=args.kv_type,
             chat_template=args.chat_template,
         )
-    if args.model or args.n_ctx or args.chat_template:
-        raise CliError(
-            "--model, --n-ctx and --chat-template are for the local engine; "
-            "the server has its model and template"
-        )
-    if args.trim_tokens is not None or args.trim_mode is not None:
-        raise CliError("--trim-tokens and --trim-mode are not available with --server yet")
     from app.remote.session import RemoteChatSession  # local: httpx only when used
 
     return RemoteChatSession(
@@ -257,9 +276,35 @@ def _open_session(args: argparse.Namespace, store: Store) -> ChatEngine:
     )
 
 
+def _companions(path: Path) -> list[Path]:
+    """A SQLite file and the files SQLite and the store put beside it."""
+    return [path, *(path.with_name(path.name + end) for end in ("-wal", "-shm", "-journal"))]
+
+
+class _NewFiles:
+    """The database files a command creates, removed again if it fails before its first
+    write, so a refused option (a context too small, a missing model, an unknown
+    template, a server that is down) leaves the folder as it was."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.watched = [*_companions(db_path), db_path.with_name(db_path.name + ".lock")]
+        self.existed = {path for path in self.watched if path.exists()}
+
+    def watch(self, path: Path) -> None:
+        for companion in _companions(path):
+            self.watched.append(companion)
+            if companion.exists():
+                self.existed.add(companion)
+
+    def remove(self) -> None:
+        for path in self.watched:
+            if path not in self.existed:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
 def run_chat(args: argparse.Namespace) -> int:
-    valid_chat_name(args.chat)
-    message = sys.stdin.read() if args.message == "-" else args.message
+    message = _read_stdin() if args.message == "-" else args.message
     if not message.strip():
         raise CliError("the message is empty")
     instructions = args.instructions
@@ -268,13 +313,32 @@ def run_chat(args: argparse.Namespace) -> int:
             instructions = Path(args.instructions_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise CliError(f"cannot read instructions file: {error}") from error
-    with _open_store(args.db) as store:
+    _check_engine_options(args)
+    new_files = _NewFiles(Path(args.db).expanduser())
+    try:
+        store = _open_store(args.db)
+    except BaseException:
+        new_files.remove()
+        raise
+    try:
+        new_files.watch(store.kv_path)
         # The model (and the context size) is checked before anything is written.
         engine = _open_session(args, store)
+    except BaseException:
+        store.close()
+        new_files.remove()
+        raise
+    with store:
         try:
             return _chat_turn(args, store, engine, message, instructions)
         finally:
             engine.close()
+
+
+def _read_stdin() -> str:
+    """Standard input as text; bytes that are not UTF-8 are kept as surrogate escapes,
+    as Python keeps them in argv (stored exactly, exported readably)."""
+    return sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
 
 
 def _chat_turn(
@@ -367,7 +431,6 @@ def history_payload(store: Store, name: str) -> dict[str, Any]:
 
 
 def run_history(args: argparse.Namespace) -> int:
-    valid_chat_name(args.chat)
     if not Path(args.db).expanduser().exists():
         raise CliError(f"database not found: {args.db}")
     with Store(Path(args.db).expanduser(), read_only=True) as store:
@@ -383,7 +446,6 @@ def run_history(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    valid_chat_name(args.chat)
     if not Path(args.db).expanduser().exists():
         raise CliError(f"database not found: {args.db}")
     with Store(Path(args.db).expanduser(), read_only=True) as store:
@@ -399,6 +461,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_fork(args: argparse.Namespace) -> int:
+    if not Path(args.db).expanduser().exists():
+        raise CliError(f"database not found: {args.db}")
     with _open_store(args.db) as store:
         source = store.chat_by_name(args.chat)
         if source is None:
@@ -449,10 +513,22 @@ def run_storage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(message: str) -> int:
+    """An expected failure: one line on stderr, never a traceback."""
+    print(f"kvchat: error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # text from raw argv/stdin bytes: escaped
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        for field in ("chat", "name"):  # one form of a name everywhere (see valid_chat_name)
+            if getattr(args, field, None) is not None:
+                setattr(args, field, valid_chat_name(getattr(args, field)))
         if args.command == "chat":
             return run_chat(args)
         if args.command == "history":
@@ -474,9 +550,13 @@ def main(argv: list[str] | None = None) -> int:
         from app.bench.cli import run_bench
 
         return run_bench(args)
-    except (CliError, SessionError, ModelFileError, StorageError, DecodeError, ValueError) as error:
-        print(f"kvchat: error: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+    except (CliError, SessionError, ModelFileError, StorageError, ValueError) as error:
+        return _fail(str(error))
+    except DecodeError as error:  # llama.cpp failed outside a turn (a restore, a save)
+        return _fail(f"the model failed: {error}")
+    except OSError as error:  # a file or a pipe: e.g. a folder that cannot be read
+        where = f" ({error.filename})" if error.filename else ""
+        return _fail(f"{error.strerror or error}{where}")
     except KeyboardInterrupt:
         print("kvchat: interrupted", file=sys.stderr)
         return 130

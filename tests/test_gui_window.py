@@ -599,3 +599,34 @@ def test_edit_makes_a_version_with_arrows_and_fork_makes_a_chat(
         "Name a big city.", first.reply,
     ]
     assert window.chat_list.list.count() == 2
+
+
+def test_regenerate_keeps_the_old_reply_as_version_one(qtbot, window: MainWindow) -> None:
+    first, _ = send_turn(qtbot, window, "Say a number.")
+    original = window.current_chat_id
+    log = log_of(window)
+    seen = len(log.replies)
+    window.temperature_spin.setValue(1.0)
+    window.regenerate()
+    qtbot.waitUntil(lambda: len(log.replies) > seen, timeout=TURN_TIMEOUT_MS)
+    again = log.replies[-1]
+    assert again.version_of == original and window.current_chat_id == again.chat_id
+    reply = window.chat_view.bubbles[-1]
+    assert reply.role == "assistant" and reply.text == again.reply
+    assert reply.version_label.isVisible() and reply.version_label.text() == "2/2"
+    assert window.chat_list.list.count() == 1, "the versions are one chat in the list"
+    wait_background(qtbot, window, again.metrics_id)
+    reply.previous_version.click()
+    assert window.current_chat_id == original
+    old = window.chat_view.bubbles[-1]
+    assert old.text == first.reply and old.version_label.text() == "1/2"
+    assert [m.text for m in window.store.messages(original)][-1] == first.reply
+
+
+def test_export_refuses_the_database_and_keeps_it(qtbot, window: MainWindow) -> None:
+    outcome, _ = send_turn(qtbot, window, "Hello.")
+    for target in (window.db_path, window.store.kv_path, Path(f"{window.db_path}.lock")):
+        assert window.export_chat(target) is None
+        assert "KV Chat's own files" in window.last_error
+    assert window.db_path.read_bytes().startswith(b"SQLite format 3\x00")
+    assert window.store.messages(window.current_chat_id)[-1].text == outcome.reply

@@ -5,6 +5,7 @@ Real model, real SQLite files, real subprocesses where a kill or an abort is inv
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import os
@@ -22,10 +23,11 @@ import pytest
 from conftest import GREEDY, TEST_CTX, set_state_field
 
 from app import limits
+from app.core.llama_backend import DecodeError
 from app.domain import FinishReason, MessageStatus, Role, SegmentKind
 from app.remote.client import MAX_BODY_BYTES, ServerError
 from app.remote.session import RemoteChatSession
-from app.session.chat_session import ChatSession, GenerationOptions
+from app.session.chat_session import ChatSession, ContextOverflowError, GenerationOptions
 from app.storage import migrations
 from app.storage.kv_store import JOURNAL_LIMIT_BYTES, StateRecord
 from app.storage.store import (
@@ -938,3 +940,236 @@ def test_a_hostile_chat_template_file_is_refused_in_one_line(tmp_path: Path, nam
     assert done.returncode == 1, done.stderr
     assert "went past a limit" in one_line(done)
     assert took < 120, took
+
+
+# -- 10. the user's files: export, names, refused options ------------------------------------
+
+
+def _chat_in(db: Path, name: str, *texts: str) -> None:
+    """A chat written straight to the store (no model needed), with its KV file."""
+    with Store(db) as store:
+        chat = store.create_chat(name)
+        store.add_instruction_version(chat.id, "Be brief.")
+        for index, text in enumerate(texts):
+            store.add_message(chat.id, "user" if index % 2 == 0 else "assistant", text)
+        store.kv.total_bytes()  # the KV file exists, as after any turn
+
+
+def test_export_never_overwrites_the_database_its_files_or_any_sqlite_file(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "chats.db"
+    _chat_in(db, "demo", "Hello", "Hi there")
+    other = tmp_path / "notes.sqlite"
+    _foreign_database(other)
+    (tmp_path / "link.md").symlink_to(db)
+    os.link(db, tmp_path / "hard.md")
+    before = _files(tmp_path)
+    for target in (
+        db, db.with_name("chats.kv.db"), f"{db}-wal", f"{db}-shm", f"{db}.lock",
+        tmp_path / "chats.kv.db-wal", tmp_path / "link.md", tmp_path / "hard.md", other,
+        f"{other}-wal", tmp_path,
+    ):  # fmt: skip
+        done = run_app("export", "--db", str(db), "--chat", "demo", "--out", str(target))
+        assert done.returncode == 1, (target, done.stderr)
+        assert "Traceback" not in done.stderr
+        line = one_line(done)
+        assert "KV Chat's own files" in line or "SQLite" in line or "folder" in line, line
+        assert _files(tmp_path) == before, f"{target} was written"
+
+
+def _export_with_a_file_size_limit(db: Path, out: Path, limit: int) -> subprocess.CompletedProcess:
+    """``export`` in a process that may write files of at most ``limit`` bytes (a full
+    disk, as the kernel reports it: EFBIG)."""
+    import resource
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "app", "export", "--db", str(db), "--chat", "demo",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+        preexec_fn=limit_file_size, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )  # fmt: skip
+
+
+def test_a_failed_export_leaves_the_existing_file_whole(tmp_path: Path) -> None:
+    db = tmp_path / "chats.db"
+    _chat_in(db, "demo", "Tell me a long story. " * 400, "Once upon a time. " * 400)
+    out = tmp_path / "story.md"
+    out.write_text("my notes, written before\n", encoding="utf-8")
+    out.chmod(0o640)
+    failed = _export_with_a_file_size_limit(db, out, 4096)
+    assert failed.returncode == 1 and "cannot write" in one_line(failed)
+    assert out.read_text(encoding="utf-8") == "my notes, written before\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["chats.db", "chats.kv.db", "story.md"]
+    ), "no temporary file is left behind"
+    done = run_app("export", "--db", str(db), "--chat", "demo", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_text(encoding="utf-8").startswith("# demo")
+    assert out.stat().st_mode & 0o777 == 0o640, "the replaced file keeps its permissions"
+
+
+def test_text_from_raw_bytes_is_exported_never_a_traceback(tmp_path: Path) -> None:
+    db = tmp_path / "raw.db"
+    chat = subprocess.run(
+        [sys.executable, "-m", "app", "chat", "--db", str(db), "--chat", "raw",
+         "--instructions", b"Be brief \xff", "--max-tokens", "2", "--temperature", "0", "-"],
+        input=b"caf\xe9 ok?\n", capture_output=True, timeout=300, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    as_json = run_app("export", "--db", str(db), "--chat", "raw", "--out", str(tmp_path / "r.json"))
+    as_md = run_app("export", "--db", str(db), "--chat", "raw", "--out", str(tmp_path / "r.md"))
+    shown = run_app("history", "--db", str(db), "--chat", "raw")
+    for done in (as_json, as_md, shown):
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    document = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert document["messages"][0]["text"] == "caf\udce9 ok?\n", "JSON keeps the text exactly"
+    assert document["instruction_versions"][0]["text"] == "Be brief \udcff"
+    markdown = (tmp_path / "r.md").read_text(encoding="utf-8")
+    assert "caf\ufffd ok?" in markdown and "Be brief \ufffd" in markdown
+    assert "user: caf\\udce9 ok?" in shown.stdout
+
+
+def test_a_chat_name_is_one_name_however_it_is_spaced(tmp_path: Path) -> None:
+    db = str(tmp_path / "names.db")
+    turn = ("--max-tokens", "2", "--temperature", "0")
+    assert run_app("chat", "--db", db, "--chat", "demo ", *turn, "Hi").returncode == 0
+    again = run_app("chat", "--db", db, "--chat", "demo", *turn, "Again")
+    assert again.returncode == 0, again.stderr
+    shown = run_app("history", "--db", db, "--chat", "\tdemo  ", "--json")
+    assert shown.returncode == 0, shown.stderr
+    payload = json.loads(shown.stdout)
+    assert payload["chat"]["name"] == "demo" and len(payload["messages"]) == 4
+    out = tmp_path / "demo.md"
+    assert run_app("export", "--db", db, "--chat", " demo", "--out", str(out)).returncode == 0
+    decomposed = " cafe\u0301 "
+    fork = run_app("fork", "--db", db, "--chat", "demo ", "--at", "1", "--name", decomposed)
+    assert fork.returncode == 0, fork.stderr
+    composed = run_app("history", "--db", db, "--chat", "caf\u00e9", "--json")
+    assert composed.returncode == 0, composed.stderr
+    assert json.loads(composed.stdout)["chat"]["name"] == "caf\u00e9"
+    with Store(Path(db), read_only=True) as store:
+        assert sorted(chat.name for chat in store.chats()) == ["caf\u00e9", "demo"]
+
+
+def test_refused_options_create_no_files(tmp_path: Path) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    db = str(folder / "chats.db")
+    chat = ("chat", "--db", db, "--chat", "c")
+    refused = [
+        (*chat, "--n-ctx", "64", "hi"),
+        (*chat, "--model", str(folder / "missing.gguf"), "hi"),
+        (*chat, "--chat-template", "no-such-format", "hi"),
+        (*chat, "--server-model", "m", "hi"),
+        (*chat, "--server", "http://127.0.0.1:9/v1", "hi"),  # nothing listens on port 9
+        (*chat, "--server", "http://127.0.0.1:9/v1", "--n-ctx", "256", "hi"),
+        ("fork", "--db", db, "--chat", "c", "--at", "0", "--name", "d"),
+        ("export", "--db", db, "--chat", "c", "--out", str(folder / "c.md")),
+        ("history", "--db", db, "--chat", "c"),
+        ("storage", "--db", db),
+    ]
+    for args in refused:
+        done = run_app(*args)
+        assert done.returncode == 1, (args, done.stderr)
+        assert "Traceback" not in done.stderr and one_line(done)
+        assert list(folder.iterdir()) == [], (args, list(folder.iterdir()))
+    existing = tmp_path / "second" / "old.db"
+    existing.parent.mkdir()
+    _chat_in(existing, "c", "Hello")
+    existing.with_name("old.kv.db").unlink()
+    before = _files(existing.parent)
+    done = run_app("chat", "--db", str(existing), "--chat", "c", "--n-ctx", "64", "hi")
+    assert done.returncode == 1 and "context of 64 tokens" in one_line(done)
+    assert _files(existing.parent).keys() == before.keys(), "no lock file, no KV file"
+
+
+def test_a_decode_error_is_one_line_and_keeps_the_message(tmp_path: Path) -> None:
+    """A chats database edited by hand: a message's token ids name tokens the model does
+    not have, so llama.cpp's decode fails (a real DecodeError, not a simulated one)."""
+    db = tmp_path / "edited.db"
+    turn = ("--max-tokens", "2", "--temperature", "0")
+    assert run_app("chat", "--db", str(db), "--chat", "c", *turn, "Hi").returncode == 0
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE messages SET token_ids = ? WHERE seq = 0",
+                     (array.array("i", [1, 10**6, 2]).tobytes(),))  # fmt: skip
+    conn.close()
+    db.with_name("edited.kv.db").unlink()  # no saved state: the history is decoded again
+    done = run_app("chat", "--db", str(db), "--chat", "c", *turn, "And now?")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    line = one_line(done)
+    assert "the model failed" in line and "llama_decode" in line, line
+    assert "kept as unanswered" in line
+    with Store(db, read_only=True) as store:
+        chat = store.chat_by_name("c")
+        assert [(m.text, m.status) for m in store.messages(chat.id)][-1] == (
+            "And now?", MessageStatus.UNANSWERED,
+        )
+
+
+# -- 11. regenerate keeps every version ------------------------------------------------------
+
+
+def _replies(store: Store, chat_id: int) -> list[tuple[str, str, list[int]]]:
+    return [(m.role, m.text, m.token_ids) for m in store.messages(chat_id)]
+
+
+def test_regenerate_keeps_the_old_reply_as_a_version_and_reuses_the_shared_cells(
+    store: Store, engine: ChatSession
+) -> None:
+    chat = store.create_chat("versions")
+    store.add_instruction_version(chat.id, "Answer briefly.")
+    for question in ("Name a planet.", "Name a metal."):
+        engine.send(chat.id, question, GREEDY)
+        engine.after_reply(chat.id)
+    before = _replies(store, chat.id)
+    last_pair = sum(len(m.token_ids) for m in store.messages(chat.id)[-2:])
+    shared = len(engine.history_plan(chat.id).tokens) - last_pair
+    sampled = GenerationOptions(max_tokens=12, temperature=1.0, seed=5)
+    again = engine.regenerate(chat.id, sampled)
+    assert again.version_of == chat.id and again.chat_id != chat.id
+    assert _replies(store, chat.id) == before, "the old reply is still there, unchanged"
+    branch = _replies(store, again.chat_id)
+    assert branch[:-1] == before[:-1] and branch[-1][1] == again.reply
+    assert again.metrics.reused_tokens >= shared, "the shared prefix's cells are reused"
+    assert again.metrics.prefill_tokens < again.metrics.prompt_tokens - shared + 1
+    reply_seq = len(before) - 1
+    versions = store.branches(chat.id)
+    assert versions == store.branches(again.chat_id) == {reply_seq: [chat.id, again.chat_id]}
+    assert versions[reply_seq].index(chat.id) == 0, "the old reply is version 1/2"
+    assert versions[reply_seq].index(again.chat_id) == 1, "the new one 2/2"
+    finished = engine.after_reply(again.chat_id)
+    assert finished is not None and finished.state_bytes > 0
+    third = engine.regenerate(chat.id, GREEDY)  # from version 1 again: a third version
+    assert store.branches(chat.id)[reply_seq] == [chat.id, again.chat_id, third.chat_id]
+    assert third.reply == before[-1][1], "greedy: version 1's reply, as a version of its own"
+
+
+def test_a_regenerate_that_fails_leaves_the_old_reply_as_it_was(
+    store: Store, make_engine: Callable
+) -> None:
+    chat = store.create_chat("fails")
+    roomy = make_engine(store)
+    roomy.send(chat.id, "Summarise: " + "the quiet river runs past the old mill. " * 40, GREEDY)
+    roomy.after_reply(chat.id)
+    before = _replies(store, chat.id)
+    small = make_engine(store, n_ctx=256)  # the message alone no longer fits
+    with pytest.raises(ContextOverflowError):
+        small.regenerate(chat.id, GREEDY)
+    assert _replies(store, chat.id) == before and len(store.family(chat.id)) == 1
+    user = store.messages(chat.id)[0]
+    store.db.execute(  # a token id the model does not have: llama_decode really fails
+        "UPDATE messages SET token_ids = ? WHERE id = ?",
+        (array.array("i", [1, 10**6, 2]).tobytes(), user.id),
+    )
+    store.kv.delete_state(chat.id)
+    failing = make_engine(store)
+    with pytest.raises(DecodeError):
+        failing.regenerate(chat.id, GREEDY)
+    assert [m[:2] for m in _replies(store, chat.id)] == [m[:2] for m in before]
+    assert len(store.family(chat.id)) == 1, "no empty version is left behind"

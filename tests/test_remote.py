@@ -318,6 +318,35 @@ def test_a_stream_dropped_mid_reply_stores_the_partial_reply_as_cancelled(
     assert row.data["engine"] == "server"
 
 
+
+@pytest.mark.parametrize("mode", ["500", "drop"])
+def test_a_failed_regenerate_on_the_server_keeps_the_old_reply(
+    misbehaving: type[_Misbehaving], store: Store, mode: str
+) -> None:
+    """A 500 keeps the reply as it was; a stream cut mid-reply stores its partial text as a
+    new version of the reply, beside the old one (Regenerate never deletes a reply)."""
+    misbehaving.mode = mode
+    chat_id = store.create_chat(f"regenerate {mode}").id
+    store.add_message(chat_id, Role.USER, "Hello?")
+    old = store.add_message(chat_id, Role.ASSISTANT, "Hi! How can I help?")
+    session = RemoteChatSession(store, misbehaving.url)  # type: ignore[attr-defined]
+    with pytest.raises(ServerError):
+        session.regenerate(chat_id, GREEDY)
+    session.close()
+    assert [(m.role, m.text) for m in store.messages(chat_id)] == [
+        (Role.USER, "Hello?"), (Role.ASSISTANT, old.text),
+    ]
+    family = store.family(chat_id)
+    if mode == "500":
+        assert len(family) == 1, "no empty version"
+        return
+    [version] = [chat for chat in family if chat.id != chat_id]
+    assert [(m.text, m.status) for m in store.messages(version.id)][-1] == (
+        "Hello there", MessageStatus.CANCELLED,
+    )
+    assert store.branches(chat_id) == {1: [chat_id, version.id]}
+
+
 # -- the window ---------------------------------------------------------------------------
 
 

@@ -205,6 +205,17 @@ class RemoteChatSession(ChatEngine):
         ms = (time.perf_counter() - started) * 1000
         return StateLoad(restored=True, tokens=cache.tokens, ms=ms, bytes=read)
 
+    def _cache_moved(self, from_chat_id: int, to_chat_id: int) -> None:
+        """A regenerated reply went into a branch: when both chats use the same slot, the
+        slot's cells are the branch's now (else the branch's own slot is filled later)."""
+        slot = self.slot_for(from_chat_id)
+        held = self.slots.get(slot)
+        if held is None or held.chat_id != from_chat_id or slot != self.slot_for(to_chat_id):
+            return
+        held.chat_id = to_chat_id
+        if self.cache_chat_id == from_chat_id:
+            self.cache_chat_id = to_chat_id
+
     def _save_slot(self, slot: int, cache: ServerCache) -> StateSave:
         if cache.chat_id is None or not self.info.slot_save:
             cache.changed = False

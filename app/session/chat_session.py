@@ -387,6 +387,13 @@ class ChatSession(HistoryTrimming, ChatEngine):
             self.mirror.checkpoint()  # recurrent memory: what a commit goes back to
         return load
 
+    def _cache_moved(self, from_chat_id: int, to_chat_id: int) -> None:
+        """A regenerated reply went into a branch: the cells (shared prefix and new reply)
+        are the branch's now; the original chat keeps its saved state."""
+        if self.cache_chat_id == from_chat_id:
+            self.cache_chat_id = to_chat_id
+            self.mirror.changed = True  # the branch has no state of its own yet
+
     def save_state(self, chat_id: int) -> StateSave:
         """Persist the cache of ``chat_id`` with its token ids."""
         if self.cache_chat_id != chat_id:

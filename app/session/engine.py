@@ -148,6 +148,9 @@ class TurnResult:
     metrics: TurnMetrics
     metrics_id: int
     regenerated: bool = False
+    #: Regenerate: the chat whose reply this one is a new version of (the reply is in a
+    #: branch of its family, ``chat_id``; the old reply stays in that chat).
+    version_of: int | None = None
 
 
 @dataclass(frozen=True)
@@ -344,6 +347,7 @@ class Turn(IdleWork):
         *,
         regenerated: bool,
         idle_steps: Sequence[Step] = IDLE_STEPS,
+        replaces: Message | None = None,
     ) -> None:
         super().__init__(session, context.chat.id, idle_steps)
         self.context = context
@@ -353,11 +357,51 @@ class Turn(IdleWork):
         self.started = started
         self.trimmed = trimmed
         self.regenerated = regenerated
+        #: Regenerate: the reply the new one is a version of (never deleted).
+        self.replaces = replaces
+        self.version_of: int | None = None
         self.stage = TurnStage.NEW
         self.result: TurnResult | None = None
 
     def _context(self) -> ChatContext:
         return self.context
+
+    def store_reply(
+        self,
+        text: str,
+        *,
+        status: str,
+        token_ids: list[int] | None = None,
+        token_format: str | None = None,
+    ) -> Message:
+        """Store the reply after the chat's messages; for a regenerate, as a new version
+        of the reply it replaces: a branch of the chat's family holding the messages
+        before it and the new reply, written at once (the old reply is never deleted,
+        so a failed regenerate loses nothing). The turn, and the cache, then continue in
+        the branch."""
+        store, chat = self.session.store, self.context.chat
+        if self.replaces is None:
+            reply = store.add_message(
+                chat.id, Role.ASSISTANT, text, token_ids=token_ids, token_format=token_format,
+                status=status, instruction_version=self.context.instruction_version,
+            )  # fmt: skip
+            self.context.messages.append(reply)
+            return reply
+        branch, reply = store.add_reply_version(
+            chat.id, self.replaces.seq, text,
+            token_ids=token_ids, token_format=token_format, status=status,
+        )  # fmt: skip
+        self.session._cache_moved(chat.id, branch.id)
+        self.version_of, self.chat_id = chat.id, branch.id
+        self.context = self.session._load_context(branch.id)
+        self.user = self.context.messages[-2]  # the branch's copy of the message answered
+        return reply
+
+    def keep_replaced(self) -> None:
+        """No new reply (stopped before its first token): the idle steps see the chat as
+        stored, with the reply a regenerate would have replaced."""
+        if self.replaces is not None:
+            self.context = self.session._load_context(self.chat_id)
 
     def respond(
         self,
@@ -582,6 +626,10 @@ class ChatEngine(ABC):
         """Evaluate the prompt, generate and store the reply."""
 
     @abstractmethod
+    def _cache_moved(self, from_chat_id: int, to_chat_id: int) -> None:
+        """A regenerated reply went into a branch: what the cache holds is the branch's."""
+
+    @abstractmethod
     def _commit(self, context: ChatContext, cancel: threading.Event | None) -> StepResult:
         """Make the cache hold exactly the committed history (no instruction block)."""
 
@@ -619,28 +667,31 @@ class ChatEngine(ABC):
     ) -> TurnResult:
         """Store the reply (a stopped one as cancelled; nothing when no token came) and the
         turn's metrics row; the reply joins the turn's context for the idle-time steps."""
-        context, user = turn.context, turn.user
         reply_id = None
         if text or token_ids:
-            reply = self.store.add_message(
-                context.chat.id,
-                Role.ASSISTANT,
+            reply_id = turn.store_reply(
                 text,
                 token_ids=list(token_ids) if token_ids is not None else None,
                 token_format=self.token_format if token_ids is not None else None,
                 status=MessageStatus.CANCELLED
                 if metrics.finish_reason == FinishReason.CANCELLED
                 else MessageStatus.COMPLETE,
-                instruction_version=context.instruction_version,
-            )
-            context.messages.append(reply)
-            reply_id = reply.id
+            ).id
+        else:
+            turn.keep_replaced()
         metrics.cache_tokens = self.cache_size
         metrics_id = self.store.add_metrics(
-            context.chat.id, reply_id or user.id, metrics.as_dict()
+            turn.chat_id, reply_id or turn.user.id, metrics.as_dict()
         )
         return TurnResult(
-            context.chat.id, user.id, reply_id, text, metrics, metrics_id, turn.regenerated
+            turn.chat_id,
+            turn.user.id,
+            reply_id,
+            text,
+            metrics,
+            metrics_id,
+            turn.regenerated,
+            turn.version_of,
         )
 
     # -- the turn API (the same for every engine) --------------------------------------
@@ -672,9 +723,10 @@ class ChatEngine(ABC):
         if text is None and options.temperature > 0:
             # Another reply, not the same one again: greedy replies stay reproducible.
             options = replace(options, seed=secrets.randbelow(limits.MAX_SEED + 1))
+        replaced = None
         if text is None:
             while context.messages and context.messages[-1].role == Role.ASSISTANT:
-                self.store.delete_message(context.messages.pop().id)
+                replaced = context.messages.pop()  # kept: the new reply is a version of it
             if not context.messages:
                 raise SessionError("there is no message to reply to")
             user = context.messages[-1]
@@ -702,6 +754,7 @@ class ChatEngine(ABC):
             trimmed,
             regenerated=text is None,
             idle_steps=idle_steps,
+            replaces=replaced,
         )
         self._current_work = turn
         return turn
@@ -729,7 +782,8 @@ class ChatEngine(ABC):
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> TurnResult:
-        """Replace the last reply (or answer a last unanswered message)."""
+        """A new version of the last reply (the old one is kept: see ``Turn.store_reply``),
+        or the answer to a last unanswered message."""
         turn = self.start_turn(chat_id, None, options)
         return turn.respond(on_token=on_token, progress=progress, cancel=cancel)
 

@@ -7,12 +7,18 @@ it belongs to one model build and is rebuilt from the messages.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.storage.store import Store
+from app.storage.store import SQLITE_MAGIC, StorageError, Store
+
+#: Files SQLite keeps beside a database.
+SIDE_FILES = ("-wal", "-shm", "-journal")
 
 EXPORT_FORMAT = "kvchat-chat"
 EXPORT_FORMAT_VERSION = 1
@@ -111,12 +117,98 @@ def chat_markdown(store: Store, chat_id: int) -> str:
     return "\n".join(lines)
 
 
+class ExportRefused(StorageError):
+    """An export target that must not be overwritten (one of the app's files, a database)."""
+
+
+def _protected_files(store: Store) -> list[Path]:
+    """The chats database, its KV file, their WAL/SHM/journal files and the lock."""
+    files = [store.path.with_name(store.path.name + ".lock")]
+    for database in (store.path, store.kv_path):
+        files += [database, *(database.with_name(database.name + end) for end in SIDE_FILES)]
+    return files
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    if one.resolve() == other.resolve():
+        return True
+    try:
+        return os.path.samefile(one, other)  # a hard link, or another spelling of the path
+    except OSError:
+        return False
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
+def check_export_target(store: Store, path: str | Path) -> Path:
+    """Where an export may be written, or ExportRefused: never over the chats database,
+    its KV file, their WAL/SHM/lock files, or any SQLite database (by its header)."""
+    target = Path(path).expanduser().resolve()
+    if target.is_dir():
+        raise ExportRefused(f"{path} is a folder; choose a file name")
+    for protected in _protected_files(store):
+        if _same_file(target, protected):
+            raise ExportRefused(
+                f"{path} is one of KV Chat's own files ({protected.name}); choose another file"
+            )
+    if _is_sqlite(target):
+        raise ExportRefused(f"{path} is a SQLite database; an export never overwrites one")
+    for end in SIDE_FILES:
+        base = target.with_name(target.name.removesuffix(end))
+        if target.name.endswith(end) and _is_sqlite(base):
+            raise ExportRefused(f"{path} belongs to the SQLite database {base.name}")
+    return target
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    """Write a temporary file beside ``target`` and rename it over ``target`` once it is
+    complete, so a failed write (a full disk, a kill) never leaves a truncated file."""
+    mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask()
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _readable(text: str) -> str:
+    """Lone surrogates (bytes from argv or stdin that were not UTF-8) as U+FFFD."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
 def export_chat(store: Store, chat_id: int, path: str | Path) -> Path:
-    """Write ``.json`` as JSON and anything else as Markdown."""
-    target = Path(path)
+    """Write ``.json`` as JSON and anything else as Markdown, checked and atomically.
+
+    Text that UTF-8 cannot hold (lone surrogates) is kept exactly in JSON, as a ``\\uXXXX``
+    escape, and shown as U+FFFD in Markdown.
+    """
+    target = check_export_target(store, path)
     if target.suffix.lower() == ".json":
         text = json.dumps(chat_document(store, chat_id), ensure_ascii=False, indent=2)
+        data = (text + "\n").encode("utf-8", errors="backslashreplace")
     else:
-        text = chat_markdown(store, chat_id)
-    target.write_text(text + "\n", encoding="utf-8")
+        data = (_readable(chat_markdown(store, chat_id)) + "\n").encode("utf-8")
+    write_atomically(target, data)
     return target

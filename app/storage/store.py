@@ -26,6 +26,7 @@ import json
 import os
 import sqlite3
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from app.storage.errors import (
     UniqueConflict,
     describe_error,
 )
+from app.storage.families import ChatFamilies
 from app.storage.kv_store import KVStore
 from app.storage.migrations import (
     APPLICATION_ID,
@@ -84,13 +86,15 @@ _CHAT_FIELDS = {"name", "layout", "trim_tokens", "trim_mode", "cache_start_seq"}
 
 
 def valid_chat_name(name: str) -> str:
-    """The name stripped, or ValueError saying what is wrong with it."""
-    name = name.strip()
-    if not name:
-        raise ValueError("a chat needs a name")
+    """The one form of a chat name, used to create, find, rename and fork chats (so
+    ``"demo "`` and ``"demo"`` are one chat): stripped, Unicode NFC; or ValueError saying
+    what is wrong with it."""
     if isinstance(storable_text(name), bytes):
         # Bytes from argv that are not UTF-8 arrive as surrogate escapes (\udc80-\udcff).
         raise ValueError("the chat name is not valid UTF-8 text")
+    name = unicodedata.normalize("NFC", name.strip())
+    if not name:
+        raise ValueError("a chat needs a name")
     if "\x00" in name:
         raise ValueError("a chat name cannot contain NUL characters")
     return name
@@ -189,7 +193,7 @@ def set_aside(path: str | os.PathLike[str]) -> Path:
     return target
 
 
-class Store:
+class Store(ChatFamilies):
     """One open database. Not shared between threads: the engine worker owns it."""
 
     def __init__(
@@ -398,19 +402,25 @@ class Store:
     # -- chats ----------------------------------------------------------------------
 
     def create_chat(self, name: str, layout: str = "history-first") -> Chat:
+        with self.transaction():
+            chat_id = self._insert_chat(name, layout)
+        return self.chat(chat_id)
+
+    def _insert_chat(self, name: str, layout: str) -> int:
+        """A new chat row (inside the caller's transaction)."""
         name = valid_chat_name(name)
         if layout not in tuple(Layout):
             raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(Layout)}")
         now = time.time()
-        with self.transaction():
-            try:
-                cursor = self._write(
-                    "INSERT INTO chats (name, layout, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                    (name, layout, now, now),
-                )
-            except UniqueConflict as error:
-                raise ValueError(f"a chat named {name!r} already exists") from error
-        return self.chat(cursor.lastrowid)
+        try:
+            cursor = self._write(
+                "INSERT INTO chats (name, layout, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                (name, layout, now, now),
+            )
+        except UniqueConflict as error:
+            raise ValueError(f"a chat named {name!r} already exists") from error
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
 
     def chat(self, chat_id: int) -> Chat:
         rows = self._rows("SELECT * FROM chats WHERE id = ?", (chat_id,))
@@ -419,9 +429,13 @@ class Store:
         return Chat(**rows[0])
 
     def chat_by_name(self, name: str) -> Chat | None:
-        if isinstance(storable_text(name), bytes):
-            raise ValueError("the chat name is not valid UTF-8 text")
-        rows = self._rows("SELECT * FROM chats WHERE name = ?", (name,))
+        """The chat named ``name`` in its normal form (a name stored before names were
+        NFC-normalised is found by its stripped form too)."""
+        normal = valid_chat_name(name)
+        rows = self._rows(
+            "SELECT * FROM chats WHERE name IN (?, ?) ORDER BY name = ? DESC",
+            (normal, name.strip(), normal),
+        )
         return Chat(**rows[0]) if rows else None
 
     def chats(self, search: str = "") -> list[Chat]:
@@ -475,111 +489,10 @@ class Store:
             raise ValueError(f"a chat named {name!r} already exists")
         return self.update_chat(chat_id, name=name)
 
-    def fork_chat(self, chat_id: int, at_seq: int, name: str) -> Chat:
-        """A new chat holding ``chat_id``'s messages up to ``at_seq`` and its instructions.
-
-        Messages keep their token ids, so the fork's prompt begins with exactly the tokens
-        of the original and restores from the pages they share.
-        """
-        source = self.chat(chat_id)
-        kept = [m for m in self.messages(chat_id) if m.seq <= at_seq]
-        if not kept or kept[-1].seq != at_seq:
-            raise ValueError(f"{source.name!r} has no message with seq {at_seq}")
-        return self._copy_chat(source, at_seq, name)
-
-    def branch_chat(self, chat_id: int, at_seq: int) -> Chat:
-        """A branch of ``chat_id``'s family for a new version of its user message ``at_seq``.
-
-        The branch holds the messages before it (the same token ids: it restores from the
-        same KV pages) and the current instructions; the caller then sends the new text.
-        """
-        source = self.chat(chat_id)
-        edited = [m for m in self.messages(chat_id) if m.seq == at_seq]
-        if not edited or edited[0].role != "user":
-            raise ValueError(f"{source.name!r} has no user message with seq {at_seq}")
-        root = self.chat(source.family_id)
-        taken = {chat.name for chat in self.family(root.id)}
-        number = len(taken) + 1
-        while f"{root.name} (branch {number})" in taken or self.chat_by_name(
-            f"{root.name} (branch {number})"
-        ):
-            number += 1
-        branch = self._copy_chat(source, at_seq - 1, f"{root.name} (branch {number})")
-        with self.transaction():
-            self._write(
-                "UPDATE chats SET root_chat_id = ?, branch_seq = ? WHERE id = ?",
-                (root.id, at_seq, branch.id),
-            )
-        return self.chat(branch.id)
-
-    def _copy_chat(self, source: Chat, keep_through: int, name: str) -> Chat:
-        """A new chat with ``source``'s settings, instructions and messages up to a seq."""
-        current = self.current_instructions(source.id)
-        copy = self.create_chat(name, source.layout)
-        with self.transaction():
-            self._write(
-                "UPDATE chats SET trim_tokens = ?, trim_mode = ?, cache_start_seq = ? WHERE id = ?",
-                (source.trim_tokens, source.trim_mode,
-                 max(0, min(source.cache_start_seq, keep_through + 1)), copy.id),
-            )
-            if current is not None:
-                self._write(
-                    "INSERT INTO instruction_versions (chat_id, version, text, variables,"
-                    " created_at) VALUES (?, 1, ?, ?, ?)",
-                    (copy.id, storable_text(current.text), json.dumps(current.variables),
-                     time.time()),
-                )
-            self._write(
-                "INSERT INTO messages (chat_id, seq, role, text, token_ids, token_format, status,"
-                " instruction_version, created_at, finished_at)"
-                " SELECT ?, seq, role, text, token_ids, token_format, status,"
-                " CASE WHEN instruction_version IS NULL THEN NULL ELSE 1 END,"
-                " created_at, finished_at FROM messages WHERE chat_id = ? AND seq <= ?",
-                (copy.id, source.id, keep_through),
-            )
-        return self.chat(copy.id)
-
     def touch_chat(self, chat_id: int) -> None:
         """Mark the chat as the one used last (its family opens on it)."""
         with self.transaction():
             self._write("UPDATE chats SET updated_at = ? WHERE id = ?", (time.time(), chat_id))
-
-    def family(self, chat_id: int) -> list[Chat]:
-        """The chat's family: the chat it was first branched from and every branch."""
-        root = self.chat(chat_id).family_id
-        rows = self._rows(
-            "SELECT * FROM chats WHERE id = ?1 OR root_chat_id = ?1 ORDER BY id", (root,)
-        )
-        return [Chat(**row) for row in rows]
-
-    def latest_in_family(self, chat_id: int) -> Chat:
-        """The branch of the family used last (what opening the family shows)."""
-        return max(self.family(chat_id), key=lambda chat: (chat.updated_at, chat.id))
-
-    def branches(self, chat_id: int) -> dict[int, list[int]]:
-        """For each user message of the chat that has other versions: seq → the chats
-        (this one included, oldest first) whose messages before it are the same and
-        that have their own user message there."""
-        family = self.family(chat_id)
-        if len(family) < 2:
-            return {}
-        paths = {
-            chat.id: [(m.role, m.text) for m in self.messages(chat.id)] for chat in family
-        }
-        mine = paths[chat_id]
-        result: dict[int, list[int]] = {}
-        for seq, (role, _text) in enumerate(mine):
-            if role != "user":
-                continue
-            siblings = [
-                other
-                for other, theirs in paths.items()
-                if len(theirs) > seq and theirs[seq][0] == "user" and theirs[:seq] == mine[:seq]
-            ]
-            versions = {paths[other][seq] for other in siblings}
-            if len(versions) > 1:
-                result[seq] = siblings
-        return result
 
     def delete_chat(self, chat_id: int) -> None:
         """Delete a chat; deleting the first chat of a family deletes its branches too."""
@@ -645,30 +558,49 @@ class Store:
         instruction_version: int | None = None,
         created_at: float | None = None,
     ) -> Message:
-        now = time.time()
         with self.transaction():
-            seq = self._write(
-                "SELECT coalesce(max(seq), -1) + 1 FROM messages WHERE chat_id = ?", (chat_id,)
-            ).fetchone()[0]
-            cursor = self._write(
-                "INSERT INTO messages (chat_id, seq, role, text, token_ids, token_format, status,"
-                " instruction_version, created_at, finished_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    chat_id,
-                    seq,
-                    role,
-                    storable_text(text),
-                    pack_tokens(token_ids) if token_ids is not None else None,
-                    token_format,
-                    status,
-                    instruction_version,
-                    created_at if created_at is not None else now,
-                    now,
-                ),
-            )
-            self._write("UPDATE chats SET updated_at = ? WHERE id = ?", (now, chat_id))
-        return self.message(cursor.lastrowid)
+            message_id = self._insert_message(
+                chat_id, role, text, token_ids=token_ids, token_format=token_format,
+                status=status, instruction_version=instruction_version, created_at=created_at,
+            )  # fmt: skip
+        return self.message(message_id)
+
+    def _insert_message(
+        self,
+        chat_id: int,
+        role: str,
+        text: str,
+        *,
+        token_ids: list[int] | None,
+        token_format: str | None,
+        status: str,
+        instruction_version: int | None,
+        created_at: float | None = None,
+    ) -> int:
+        """A message after the chat's last (inside the caller's transaction)."""
+        now = time.time()
+        seq = self._write(
+            "SELECT coalesce(max(seq), -1) + 1 FROM messages WHERE chat_id = ?", (chat_id,)
+        ).fetchone()[0]
+        cursor = self._write(
+            "INSERT INTO messages (chat_id, seq, role, text, token_ids, token_format, status,"
+            " instruction_version, created_at, finished_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                chat_id,
+                seq,
+                role,
+                storable_text(text),
+                pack_tokens(token_ids) if token_ids is not None else None,
+                token_format,
+                status,
+                instruction_version,
+                created_at if created_at is not None else now,
+                now,
+            ),
+        )
+        self._write("UPDATE chats SET updated_at = ? WHERE id = ?", (now, chat_id))
+        return int(cursor.lastrowid)
 
     def message(self, message_id: int) -> Message:
         rows = self._rows("SELECT * FROM messages WHERE id = ?", (message_id,))

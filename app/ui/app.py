@@ -13,7 +13,7 @@ from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 import app
-from app.arguments import chat_template, positive_int
+from app.arguments import chat_template, commands_epilog, positive_int
 from app.domain import KVType
 from app.resources import resource_path
 from app.storage.store import DatabaseCorrupt, DatabaseInUse, StorageError, set_aside
@@ -28,11 +28,20 @@ def default_db_path() -> Path:
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / DB_FILE
 
 
+def _program_name() -> str:
+    """How the user started us: ``python -m app`` or the ``kvchat`` launcher."""
+    return "python -m app" if sys.argv[0].endswith("__main__.py") else "kvchat"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    prog = _program_name()
     parser = argparse.ArgumentParser(
-        prog="kvchat",
-        description="KV Chat desktop app",
-        epilog="kvchat --self-test [--model PATH] checks the install without a window.",
+        prog=prog,
+        description="KV Chat desktop app (python -m app, or kvchat); with a COMMAND, the "
+        "command line instead of the window",
+        epilog=commands_epilog(prog)
+        + f"\n\n{prog} --self-test [--model PATH] checks the install without a window.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--db", help=f"database file (default: {default_db_path()})")
     parser.add_argument("--model", help="GGUF model file (default: embedded SmolLM2-135M-Instruct)")

@@ -293,7 +293,8 @@ class MessageBubble(QFrame):
         self.fork_button.setVisible(stored)
 
     def set_versions(self, chat_ids: list[int], current_chat_id: int) -> None:
-        """‹ 2/3 ›: the chats holding other versions of this message (their branches)."""
+        """‹ 2/3 ›: the chats holding other versions of this message (their branches): an
+        edited user message, or a reply made again by Regenerate."""
         self.versions = list(chat_ids) if len(chat_ids) > 1 else []
         self.version_index = (
             self.versions.index(current_chat_id) if current_chat_id in self.versions else 0
@@ -301,6 +302,10 @@ class MessageBubble(QFrame):
         shown = bool(self.versions)
         for widget in (self.previous_version, self.version_label, self.next_version):
             widget.setVisible(shown)
+        if shown and self.role == "assistant":  # versions made by Regenerate
+            self.previous_version.setToolTip("The previous version of this reply")
+            self.next_version.setToolTip("The next version of this reply")
+            self.version_label.setToolTip("Regenerate keeps every version of a reply")
         if shown:
             self.version_label.setText(f"{self.version_index + 1}/{len(self.versions)}")
             self.previous_version.setEnabled(self.version_index > 0)

@@ -167,7 +167,7 @@ class Composer(QWidget):
         buttons = QHBoxLayout()
         buttons.addStretch(1)
         self.regenerate_button = QPushButton("Regenerate")
-        self.regenerate_button.setToolTip("Replace the last reply")
+        self.regenerate_button.setToolTip("A new version of the last reply; the old one stays")
         self.stop_button = QPushButton("Stop")
         self.stop_button.setToolTip("Stop the reply (Esc); the partial reply is kept")
         self.send_button = QPushButton("Send")

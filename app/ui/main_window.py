@@ -1228,7 +1228,8 @@ class MainWindow(QMainWindow):
         messages = self.store.messages(chat_id)
         if not messages:
             return
-        # Show the conversation without the reply that is being replaced.
+        # Show the conversation without the reply being regenerated (it stays stored: the
+        # new reply becomes its next version, ‹ › switches between them).
         while messages and messages[-1].role == "assistant":
             messages.pop()
         if messages and messages[-1].status == "unanswered":  # being answered now
@@ -1303,6 +1304,9 @@ class MainWindow(QMainWindow):
             status = "Cut at max tokens. " + status
         elif outcome.metrics.finish_reason == FinishReason.CONTEXT_FULL:
             status = "Context full. " + status
+        if outcome.version_of is not None and outcome.version_of == self.current_chat_id:
+            self.current_chat_id = outcome.chat_id  # Regenerate: show the reply's new version
+            self.inspector.set_turns([(r.id, r.data) for r in self.store.metrics(outcome.chat_id)])
         on_screen = outcome.chat_id == self.current_chat_id
         self._set_busy(False, status if on_screen else "")
         if on_screen:
