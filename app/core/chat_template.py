@@ -26,8 +26,8 @@ import datetime
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
-from typing import ClassVar, Protocol
+from dataclasses import asdict, dataclass, replace
+from typing import Protocol
 
 import jinja2
 import jinja2.ext
@@ -152,7 +152,9 @@ class _GenerationTag(jinja2.ext.Extension):
     """``{% generation %}…{% endgeneration %}``: transformers' marker of the assistant's
     tokens (for training masks); rendering keeps its body as it is."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    # Not a ClassVar: jinja2's Extension declares ``tags`` a plain attribute (mypy refuses
+    # the override); it is only read, never changed.
+    tags = {"generation"}  # noqa: RUF012
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -373,23 +375,22 @@ def _block_as_user(
     preamble: str,
 ) -> BlockPlacement:
     new = _wrapped(user, "C")
-    labels = {"label_open": BLOCK_LABEL_OPEN, "label_close": BLOCK_LABEL_CLOSE}
     opening = Wrapper(preamble + user.before, user.after)
     try:
         text = probe.delta(start, [*history, _msg("user", "S"), _msg("user", "C")])
         if text == preamble + old + _wrapped(user, "S") + new:
-            return BlockPlacement("user", opening, **labels)
+            return BlockPlacement("user", opening, BLOCK_LABEL_OPEN, BLOCK_LABEL_CLOSE)
     except TemplateLimitError:
         raise
     except TemplateProbeError:
         pass
-    ack = {"role": "assistant", "content": BLOCK_ACK}
+    ack: dict[str, object] = {"role": "assistant", "content": BLOCK_ACK}
     text = probe.delta(start, [*history, _msg("user", "S"), ack, _msg("user", "C")])
     acknowledged = assistant.before + BLOCK_ACK + assistant.after
     expected = preamble + old + _wrapped(user, "S") + acknowledged + new
     if text != expected:
         raise TemplateProbeError("the template accepts no instruction block before a message")
-    return BlockPlacement("user+ack", opening, ack=assistant, **labels)
+    return BlockPlacement("user+ack", opening, BLOCK_LABEL_OPEN, BLOCK_LABEL_CLOSE, ack=assistant)
 
 
 def _block_first(
@@ -581,7 +582,7 @@ def markup_for(
             renderer=builtin if choice.kind == TemplateKind.BUILTIN else None,
         )
         note = f"chat template chosen for this model: {choice}"
-        return ChatMarkup(**{**asdict_shallow(markup), "notes": (note, *markup.notes)})
+        return replace(markup, notes=(note, *markup.notes))
     if source:
         try:
             return probe_markup(source, bos_token, eos_token)
@@ -591,7 +592,7 @@ def markup_for(
         reason = "the model has no chat template; using ChatML"
     reason += f" ({CHOOSE_TEMPLATE_HINT})"
     markup = probe_markup(CHATML_TEMPLATE, bos_token, eos_token, origin="builtin-chatml")
-    return ChatMarkup(**{**asdict_shallow(markup), "notes": (reason, *markup.notes)})
+    return replace(markup, notes=(reason, *markup.notes))
 
 
 def asdict_shallow(markup: ChatMarkup) -> dict[str, object]:

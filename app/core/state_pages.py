@@ -25,7 +25,7 @@ sliding-window cache holds at most a window of cells, so it is kept as one tail 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,11 +73,29 @@ class CacheFormat:
     def from_description(data: Sequence[object]) -> CacheFormat:
         meta_size, v_trans, k_layers, v_layers = data
         return CacheFormat(
-            int(meta_size),  # type: ignore[arg-type]
+            _as_int(meta_size),
             bool(v_trans),
-            tuple(LayerFormat(int(t), int(s)) for t, s in k_layers),  # type: ignore[union-attr]
-            tuple(LayerFormat(int(t), int(s), int(n)) for t, s, n in v_layers),  # type: ignore[union-attr]
+            tuple(LayerFormat(_as_int(t), _as_int(s)) for t, s in _rows(k_layers)),
+            tuple(LayerFormat(_as_int(t), _as_int(s), _as_int(n)) for t, s, n in _rows(v_layers)),
         )
+
+
+def _as_int(value: object) -> int:
+    """A stored JSON number as an int; anything else raises TypeError, as ``int()`` would."""
+    if isinstance(value, (int, float, str)):
+        return int(value)
+    raise TypeError(f"not a number: {value!r}")
+
+
+def _rows(value: object) -> Iterator[Iterable[object]]:
+    """A stored list of layer rows; what is not a list of lists raises TypeError, as
+    iterating it would."""
+    if not isinstance(value, Iterable):
+        raise TypeError(f"not a list of layers: {value!r}")
+    for row in value:
+        if not isinstance(row, Iterable):
+            raise TypeError(f"not a layer: {row!r}")
+        yield row
 
 
 @dataclass
@@ -147,12 +165,14 @@ def _read_cache(reader: _Reader, meta_size: int) -> CacheCells:
     n_layer = reader.take("<I")
     if v_trans not in (0, 1) or not 0 < n_layer <= _MAX_LAYERS:
         raise ValueError("not a KV cache section")
-    k_layers, k = [], []
+    k_layers: list[LayerFormat] = []
+    k: list[np.ndarray] = []
     for _ in range(n_layer):
         type_id, row = reader.take("<i"), reader.take("<Q")
         k_layers.append(LayerFormat(type_id, row))
         k.append(reader.block(count * row).reshape(count, row))
-    v_layers, v = [], []
+    v_layers: list[LayerFormat] = []
+    v: list[np.ndarray] = []  # (cells, row), or (n_embd, cells, element) when transposed
     for _ in range(n_layer):  # llama.cpp skips layers without V; none of the paged kinds have any
         type_id = reader.take("<i")
         if v_trans:

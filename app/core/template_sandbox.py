@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 import jinja2.compiler
@@ -105,8 +105,13 @@ def time_limit(budget: Budget) -> Iterator[None]:
 
 
 def _check_power(left: object, right: object) -> None:
-    integers = isinstance(left, int) and isinstance(right, int)
-    if integers and right > 0 and abs(left) > 1 and right * abs(left).bit_length() > MAX_INT_BITS:
+    if (
+        isinstance(left, int)
+        and isinstance(right, int)
+        and right > 0
+        and abs(left) > 1
+        and right * abs(left).bit_length() > MAX_INT_BITS
+    ):
         _refuse(f"a power over {MAX_INT_BITS} bits")
 
 
@@ -115,8 +120,11 @@ def _check_product(left: object, right: object) -> None:
         size = _size(seq)
         if size is not None and isinstance(count, int) and size * count > MAX_VALUE_SIZE:
             _refuse(f"a repeated text or list over {MAX_VALUE_SIZE} items")
-    integers = isinstance(left, int) and isinstance(right, int)
-    if integers and abs(left).bit_length() + abs(right).bit_length() > MAX_INT_BITS:
+    if (
+        isinstance(left, int)
+        and isinstance(right, int)
+        and abs(left).bit_length() + abs(right).bit_length() > MAX_INT_BITS
+    ):
         _refuse(f"a product over {MAX_INT_BITS} bits")
 
 
@@ -272,7 +280,10 @@ def _limited_filters() -> dict[str, Callable[..., Any]]:
         separators = len(str(d)) * max(0, len(items) - 1)
         if separators + sum(len(str(item)) for item in items) > MAX_VALUE_SIZE:
             _refuse(f"a joined text over {MAX_VALUE_SIZE} characters")
-        return jinja2.filters.do_join(eval_ctx, items, d, attribute)
+        # ``do_join`` is typed Any by its async wrapper; this environment is not async, so
+        # it returns the sync variant's text.
+        joined: str = jinja2.filters.do_join(eval_ctx, items, d, attribute)
+        return joined
 
     @jinja2.pass_environment
     def total(environment: Any, iterable: Any, attribute: Any = None, start: Any = 0) -> Any:
@@ -312,7 +323,10 @@ def render_limited(
     if budget.spent:
         budget.spent = False
         budget.check()  # the probe's time is up: every later render is refused at once
-    with time_limit(budget), closing(template.generate(**context)) as pieces:
+    # ``generate`` is a generator function annotated as an Iterator: closing it ends the
+    # template's render at once when the output is refused.
+    pieces = cast(Generator[str, None, None], template.generate(**context))
+    with time_limit(budget), closing(pieces):
         for piece in pieces:
             size += len(piece)
             if size > MAX_VALUE_SIZE:

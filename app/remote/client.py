@@ -351,8 +351,8 @@ class _ReplyReader:
                 ) from error
             watch.data_arrived()
             if chunk.error is not None:
-                error = chunk.error
-                message = error if isinstance(error, str) else error.message
+                failure = chunk.error
+                message = failure if isinstance(failure, str) else failure.message
                 raise StreamDropped(
                     f"the server stopped the reply with an error: {_one_line(message)}",
                     self.result,

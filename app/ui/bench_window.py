@@ -13,7 +13,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pyqtgraph as pg
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
@@ -47,10 +47,22 @@ from app.ui.worker import default_thread_count
 #: Per-turn CSV columns: every TurnSample field but the reply text (noise in a sheet).
 CSV_FIELDS = tuple(f.name for f in dataclasses.fields(TurnSample) if f.name != "reply")
 TABLE_HEADERS = ("Strategy", "Median TTFT (ms)", "Prefill tokens", "vs naive")
+
+
+class WindowSizes(TypedDict):
+    """The BenchConfig sizes the window changes (typed, so unpacking them is checked)."""
+
+    history_tokens: int
+    instruction_tokens: int
+    message_tokens: int
+    max_tokens: int
+    turns: int
+
+
 #: The window's sizes: a run of 24 s on 2 cores with the chat worker's single thread
 #: (measured; the CLI's defaults, 3,000 history tokens x 8 turns, take minutes). Five
 #: strategies x 2 turns, each turn with its idle-time steps, is most of it.
-WINDOW_SIZES = {
+WINDOW_SIZES: WindowSizes = {
     "history_tokens": 160,
     "instruction_tokens": 80,
     "message_tokens": 24,

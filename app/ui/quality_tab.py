@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,7 +33,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.eval.cases import load_cases, load_recall_probes
-from app.eval.report import CaseResult, EvalReport
+from app.eval.report import CaseResult, EvalReport, LayoutSummary
 from app.eval.runner import DEFAULT_MAX_TOKENS, LAYOUTS, EvalConfig, Progress, run_eval
 from app.session.engine import SessionError
 from app.storage.records import EvalRate
@@ -366,6 +367,7 @@ class QualityTab(QWidget):
         plot = self.chart.getPlotItem()
         plot.clear()
         colours = theme.palette()
+        series: list[tuple[str, float, Callable[[str], LayoutSummary]]]
         series = [("followed", 0.0, report.summary)]
         if any(r.probe for r in report.results):
             series = [("followed", -0.2, report.summary), ("recall", 0.2, report.recall)]

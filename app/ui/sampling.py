@@ -75,16 +75,18 @@ class SamplingPanel(QWidget):
         """Show a chat's values without emitting ``changed``."""
         self.blockSignals(True)
         try:
-            for spin, value in (
-                (self.top_k, sampling.top_k),
+            for spin, whole in ((self.top_k, sampling.top_k), (self.seed, seed)):
+                spin.blockSignals(True)
+                spin.setValue(whole)
+                spin.blockSignals(False)
+            for decimal_spin, value in (
                 (self.top_p, sampling.top_p),
                 (self.min_p, sampling.min_p),
                 (self.repeat_penalty, sampling.repeat_penalty),
-                (self.seed, seed),
             ):
-                spin.blockSignals(True)
-                spin.setValue(value)
-                spin.blockSignals(False)
+                decimal_spin.blockSignals(True)
+                decimal_spin.setValue(value)
+                decimal_spin.blockSignals(False)
         finally:
             self.blockSignals(False)
 

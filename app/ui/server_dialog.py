@@ -95,7 +95,10 @@ class ServerDialog(QDialog):
             return
         self.test_button.setEnabled(True)
         self.result_label.setText(("Connected. " if reachable else "Not connected. ") + text)
-        needed = self.layout().totalHeightForWidth(self.width())
+        layout = self.layout()  # set in __init__; typed Optional by Qt
+        if layout is None:
+            return
+        needed = layout.totalHeightForWidth(self.width())
         if needed > self.height():
             self.resize(self.width(), needed)
 

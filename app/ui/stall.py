@@ -19,8 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QEventLoop, QObject, QSettings, QTimer
+
+if TYPE_CHECKING:  # the window's signals carry these; the worker is imported lazily
+    from app.session.engine import TurnResult
+    from app.ui.worker import BackgroundOutcome, ModelStatus
 
 GOAL_MS = 50.0
 TICK_MS = 5
@@ -110,9 +115,9 @@ def measure_gui_stall(
     from app.ui.main_window import MainWindow  # the window pulls in the worker
 
     window = MainWindow(db_path, settings=settings, model_path=model_path, n_ctx=n_ctx)
-    replies: list = []
-    backgrounds: list = []
-    loaded: list = []
+    replies: list[TurnResult] = []
+    backgrounds: list[BackgroundOutcome] = []
+    loaded: list[ModelStatus | str] = []  # a status, or the load error's text
     window.model_ready.connect(loaded.append)
     window.model_error.connect(loaded.append)
     window.reply_received.connect(replies.append)

@@ -127,10 +127,9 @@ def mode() -> ThemeMode:
 
 
 def system_is_dark() -> bool:
-    application = QGuiApplication.instance()
-    if application is None:
+    if QGuiApplication.instance() is None:
         return False
-    scheme = application.styleHints().colorScheme()  # type: ignore[union-attr]
+    scheme = QGuiApplication.styleHints().colorScheme()  # a static method of the application
     return scheme == Qt.ColorScheme.Dark
 
 
