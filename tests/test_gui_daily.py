@@ -13,6 +13,7 @@ from gui_helpers import (
     TURN_TIMEOUT_MS,
     close_window,
     log_of,
+    open_new_chat,
     open_window,
     send_turn,
     temp_settings,
@@ -76,7 +77,7 @@ def test_reopening_opens_the_version_used_last(
 def test_preempted_idle_steps_are_redone_so_the_saved_state_covers_the_history(
     qtbot, window: MainWindow
 ) -> None:
-    chat_id = window.current_chat_id or window.new_chat()
+    chat_id = window.current_chat_id or open_new_chat(qtbot, window)
     for question in ("Name a fruit.", "Name a colour.", "Name an animal."):
         send_turn(qtbot, window, question)
     history = sum(len(m.token_ids) for m in window.store.messages(chat_id))
@@ -88,7 +89,7 @@ def test_preempted_idle_steps_are_redone_so_the_saved_state_covers_the_history(
         timeout=TURN_TIMEOUT_MS,
     )
     assert len(window.store.kv.saved_token_ids(chat_id)) < history
-    other = window.new_chat()
+    other = open_new_chat(qtbot, window)
     window.select_chat(chat_id)
     seen = len(log.backgrounds)
     window._apply_trim(None, "exact")  # remove the limit: the re-warm starts...
@@ -114,7 +115,7 @@ def test_send_uses_unsaved_instructions_and_a_draft_survives_switch_and_restart(
 ) -> None:
     window = open_window(qtbot, db_path, settings)
     try:
-        chat_id = window.current_chat_id or window.new_chat()
+        chat_id = window.current_chat_id or open_new_chat(qtbot, window)
         window.instructions.editor.setPlainText("Answer in French.")
         assert window.instructions.draft_label.isVisibleTo(window)
         assert window.instructions.tabs.tabText(0) == "Text (draft)"
@@ -125,7 +126,7 @@ def test_send_uses_unsaved_instructions_and_a_draft_survives_switch_and_restart(
         assert not window.instructions.draft_label.isVisibleTo(window)
 
         window.instructions.editor.setPlainText("Answer in German.")
-        other = window.new_chat()
+        other = open_new_chat(qtbot, window)
         assert window.instructions.text() == "", "the new chat has its own (empty) block"
         window.select_chat(chat_id)
         assert window.instructions.text() == "Answer in German."
@@ -285,13 +286,13 @@ def test_live_speed_while_streaming_and_every_reply_says_why_it_ended(
 
 @pytest.mark.slow
 def test_sampling_is_kept_per_chat_and_recorded_with_each_turn(qtbot, window: MainWindow) -> None:
-    first = window.current_chat_id or window.new_chat()
+    first = window.current_chat_id or open_new_chat(qtbot, window)
     panel = window.sampling_panel
     panel.top_k.setValue(1)
     panel.min_p.setValue(0.1)
     panel.repeat_penalty.setValue(1.2)
     panel.seed.setValue(42)
-    window.new_chat()
+    open_new_chat(qtbot, window)
     assert panel.sampling() == Sampling() and panel.seed_value() == 0, "a new chat: defaults"
     window.select_chat(first)
     assert panel.sampling() == Sampling(top_k=1, min_p=0.1, repeat_penalty=1.2)

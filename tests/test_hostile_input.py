@@ -821,8 +821,8 @@ def test_stop_and_closing_the_window_during_a_server_prefill_never_wait_on_the_s
             assert window.host.worker.session.client.timeout_s == 30
 
             window.input.setPlainText("Hello?")
-            window.send()
-            assert server.asked.wait(30)
+            window.send()  # the chat is made first (on the worker): the loop must run
+            qtbot.waitUntil(server.asked.is_set, timeout=30_000)
             time.sleep(0.3)  # the worker is blocked on the server
             started = time.monotonic()
             window.stop()
@@ -832,7 +832,7 @@ def test_stop_and_closing_the_window_during_a_server_prefill_never_wait_on_the_s
             server.asked.clear()
             window.input.setPlainText("Hello again?")
             window.send()
-            assert server.asked.wait(30)
+            qtbot.waitUntil(server.asked.is_set, timeout=30_000)
             time.sleep(0.3)
             started = time.monotonic()
             close_window(window)

@@ -67,9 +67,11 @@ def _set(args: list[str], option: str, value: str) -> list[str]:
 
 def runnable(args: list[str], *, first_bench: bool) -> list[str]:
     """The command as the test runs it: files in the working folder; the first bench line
-    with small sizes, the other bench lines and what needs a server with ``--help``."""
+    with small sizes, the other bench lines, the eval lines (minutes each; a small eval
+    runs in test_eval.py) and what needs a server with ``--help``."""
     args = [word.removeprefix("docs/") for word in args]  # plots land in the temp folder
-    if "--server" in args or (args and args[0] == "bench" and not first_bench):
+    slow = args and (args[0] == "eval" or (args[0] == "bench" and not first_bench))
+    if "--server" in args or slow:
         return [*args, "--help"]
     if args and args[0] == "bench":
         for option, value in SMALL_BENCH.items():
