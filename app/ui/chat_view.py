@@ -143,8 +143,10 @@ class MarkdownBody(QWidget):
             elif not isinstance(block, CodeBlock) and isinstance(view, WrappedLabel):
                 view.setText(block.html)
             else:
-                replacement = CodeBlockView(block) if isinstance(block, CodeBlock) else None
-                if replacement is None:
+                replacement: QWidget
+                if isinstance(block, CodeBlock):
+                    replacement = CodeBlockView(block)
+                else:
                     label = _text_label()
                     label.setText(block.html)
                     replacement = label
@@ -270,9 +272,9 @@ class MessageBubble(QFrame):
 
     def set_text(self, text: str) -> None:
         self.text = text
-        self.render()
+        self.lay_out_text()
 
-    def render(self) -> None:
+    def lay_out_text(self) -> None:
         """Lay the text out again (also after a theme change: colours are in the HTML)."""
         text = self.text
         if self.role == "user":
@@ -431,7 +433,7 @@ class ChatView(QScrollArea):
     def _on_theme_changed(self, _palette: object) -> None:
         """Rendered replies carry their colours (code, tables): render them again."""
         for bubble in self.bubbles:
-            bubble.render()
+            bubble.lay_out_text()
 
     def clear(self) -> None:
         self._render_timer.stop()

@@ -195,7 +195,7 @@ class MainWindow(QMainWindow):
         toolbar.addWidget(QLabel(" Max tokens "))
         self.max_tokens_spin = QSpinBox()
         self.max_tokens_spin.setRange(1, 4096)
-        self.max_tokens_spin.setValue(int(self.settings.value("generation/max_tokens", 256)))
+        self.max_tokens_spin.setValue(int(str(self.settings.value("generation/max_tokens", 256))))
         self.max_tokens_spin.setToolTip("Longest reply, in tokens")
         toolbar.addWidget(self.max_tokens_spin)
         toolbar.addWidget(QLabel(" Temperature "))
@@ -203,7 +203,9 @@ class MainWindow(QMainWindow):
         self.temperature_spin.setRange(0.0, 2.0)
         self.temperature_spin.setSingleStep(0.1)
         self.temperature_spin.setDecimals(2)
-        self.temperature_spin.setValue(float(self.settings.value("generation/temperature", 0.7)))
+        self.temperature_spin.setValue(
+            float(str(self.settings.value("generation/temperature", 0.7)))
+        )
         self.temperature_spin.setToolTip("0 always picks the most likely token (repeatable)")
         toolbar.addWidget(self.temperature_spin)
         self.sampling_panel = SamplingPanel()
@@ -650,7 +652,9 @@ class MainWindow(QMainWindow):
     def _server_timeout(self) -> float:
         """The stored server timeout, or the default when it is missing or out of range."""
         try:
-            stored = float(self.settings.value("server/timeout", limits.DEFAULT_SERVER_TIMEOUT_S))
+            stored = float(
+                str(self.settings.value("server/timeout", limits.DEFAULT_SERVER_TIMEOUT_S))
+            )
             return limits.check_server_timeout(stored)
         except (TypeError, ValueError):
             return limits.DEFAULT_SERVER_TIMEOUT_S
@@ -880,6 +884,7 @@ class MainWindow(QMainWindow):
             {
                 row.message_id: str(row.data.get("finish_reason") or "")
                 for row in self.store.metrics(chat.id)
+                if row.message_id is not None
             }
         )
         self.chat_view.set_actions_enabled(not self.busy)
