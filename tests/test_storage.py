@@ -34,7 +34,7 @@ def _save_state(store: Store, chat_id: int, payload: bytes) -> int:
 
 def _state_payload(store: Store, chat_id: int) -> bytes | None:
     record = store.kv.state(chat_id)
-    pages = store.kv.read_pages(record.page_hashes) if record else []
+    pages = store.kv.read_pages(record.page_hashes, record.formats) if record else []
     return pages[0].payload if pages else None
 
 
