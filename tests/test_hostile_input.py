@@ -5,8 +5,10 @@ Real model, real SQLite files, real subprocesses where a kill or an abort is inv
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 from conftest import GREEDY, TEST_CTX, set_state_field
 
 from app import limits
+from app.core.state_pages import PAGE_TOKENS
 from app.domain import MessageStatus, Role, SegmentKind
 from app.session.chat_session import ChatSession, GenerationOptions
 from app.storage import migrations
@@ -414,3 +417,149 @@ def test_deleting_a_chat_with_a_large_state_shrinks_the_files_and_bounds_the_wal
         assert store.db.execute("PRAGMA freelist_count").fetchone()[0] == 0
         assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert [m.text for m in store.messages(keep.id)] == ["still here"]
+
+
+# -- 10. saved state: integrity that an editor of the KV file cannot fake ----------------------
+
+LONG_QUESTION = "Tell me about the old lighthouse keeper, the storm and the ships. " * 12
+NEXT_QUESTION = "Name a river."
+
+
+def _page_row(kv: sqlite3.Connection, address: bytes) -> tuple:
+    query = "SELECT payload, digest, cache, first_position, count, bytes FROM pages WHERE hash = ?"
+    return kv.execute(query, (address,)).fetchone()
+
+
+def _state_pages(kv: sqlite3.Connection, chat_id: int) -> list[bytes]:
+    query = "SELECT hash FROM state_pages WHERE chat_id = ? ORDER BY idx"
+    return [row[0] for row in kv.execute(query, (chat_id,))]
+
+
+def _set_page(kv: sqlite3.Connection, address: bytes, payload: bytes, digest: bytes) -> None:
+    kv.execute(
+        "UPDATE pages SET payload = ?, digest = ?, bytes = ? WHERE hash = ?",
+        (payload, digest, len(payload), address),
+    )
+
+
+def _with_positions(payload: bytes, meta_size: int, first: int, count: int) -> bytes:
+    """The page's cells claimed to hold positions first..first+count-1 (its meta rewritten)."""
+    edited = bytearray(payload)
+    for cell in range(count):
+        edited[cell * meta_size : cell * meta_size + 4] = (first + cell).to_bytes(4, "little")
+    return bytes(edited)
+
+
+def _forge(kv_path: Path, chat_id: int, other_id: int, forgery: str) -> None:
+    """What an editor of the KV file can do with public code alone (no key)."""
+    kv = sqlite3.connect(kv_path, isolation_level=None)
+    try:
+        mine, theirs = _state_pages(kv, chat_id), _state_pages(kv, other_id)
+        assert len(mine) >= 2 and len(theirs) >= 2
+        kv.execute("BEGIN")
+        if forgery == "payload-with-a-public-digest":  # another chat's cells, same positions
+            payload = _page_row(kv, theirs[0])[0]
+            _set_page(kv, mine[0], payload, hashlib.blake2b(payload, digest_size=16).digest())
+        elif forgery == "row-from-another-chat":  # the whole row, its digest as stored
+            payload, digest, *_ = _page_row(kv, theirs[0])
+            _set_page(kv, mine[0], payload, digest)
+        elif forgery == "row-from-another-position":  # page 2's cells claimed as page 1's
+            payload = _page_row(kv, mine[1])[0]
+            (formats,) = kv.execute(
+                "SELECT formats FROM states WHERE chat_id = ?", (chat_id,)
+            ).fetchone()
+            meta_size = json.loads(formats)[0][0]
+            moved = _with_positions(payload, meta_size, 0, PAGE_TOKENS)
+            _set_page(kv, mine[0], moved, hashlib.blake2b(moved, digest_size=16).digest())
+        else:  # "state-row-from-another-chat": the other chat's row and page list, as this one's
+            kv.execute("DELETE FROM states WHERE chat_id = ?", (chat_id,))
+            kv.execute("DELETE FROM state_pages WHERE chat_id = ?", (chat_id,))
+            columns = "format_version, fingerprint, seq_id, formats, token_ids, whole, checksum"
+            kv.execute(
+                f"INSERT INTO states (chat_id, {columns}, saved_at, mac) SELECT ?, {columns},"
+                " saved_at, mac FROM states WHERE chat_id = ?",
+                (chat_id, other_id),
+            )
+            kv.execute(
+                "INSERT INTO state_pages SELECT ?, idx, hash FROM state_pages WHERE chat_id = ?",
+                (chat_id, other_id),
+            )
+        kv.execute("COMMIT")
+    finally:
+        kv.close()
+
+
+def _two_chats_with_states(folder: Path, make_engine: Callable) -> tuple[Path, int, int]:
+    folder.mkdir()
+    db = folder / "chats.db"
+    with Store(db) as store:
+        mine = _chat_with_state(store, make_engine, "mine", LONG_QUESTION)
+        other = _chat_with_state(store, make_engine, "other", "Describe the ocean. " * 20)
+    return db, mine, other
+
+
+def _cold_reply(db: Path, chat_id: int, make_engine: Callable, tmp_path: Path) -> str:
+    """The next reply with no saved state at all: a copy of the chats database, no KV file."""
+    cold = tmp_path / "cold" / "chats.db"
+    cold.parent.mkdir()
+    shutil.copyfile(db, cold)
+    with Store(cold) as store:
+        result = make_engine(store).send(chat_id, NEXT_QUESTION, GREEDY)
+        assert result.metrics.reused_tokens == 0
+        return result.reply
+
+
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        "payload-with-a-public-digest",
+        "row-from-another-chat",
+        "row-from-another-position",
+        "state-row-from-another-chat",
+    ],
+)
+def test_a_forged_page_or_state_row_is_rejected_and_the_reply_equals_a_cold_one(
+    tmp_path: Path, make_engine: Callable, forgery: str
+) -> None:
+    db, mine, other = _two_chats_with_states(tmp_path / "chats", make_engine)
+    expected = _cold_reply(db, mine, make_engine, tmp_path)
+    _forge(db.with_name("chats.kv.db"), mine, other, forgery)
+    with Store(db) as store:
+        engine = make_engine(store)
+        result = engine.send(mine, NEXT_QUESTION, GREEDY)
+        assert result.metrics.state_rejected, result.metrics.notes
+        why = "failed its checksum" if forgery.startswith(("payload", "row")) else "not this chat's"
+        assert any("saved state discarded" in n and why in n for n in result.metrics.notes)
+        assert result.metrics.reused_tokens == 0
+        assert result.reply == expected
+        engine.after_reply(mine)
+        again = make_engine(store).send(mine, "And a mountain?", GREEDY)  # the next turn restores
+        assert again.metrics.state_rejected is None and again.metrics.reused_tokens > 0
+
+
+def _pages_of_mine(store: Store) -> list[bytes]:
+    return store.kv.state(store.chat_by_name("mine").id).page_hashes
+
+
+def test_states_saved_before_signing_are_rejected_once_then_saved_signed(
+    tmp_path: Path, make_engine: Callable
+) -> None:
+    db, mine, _other = _two_chats_with_states(tmp_path / "chats", make_engine)
+    kv = sqlite3.connect(db.with_name("chats.kv.db"), isolation_level=None)
+    try:  # as an older KV Chat left them: no state MAC, unkeyed 16-byte page digests
+        kv.execute("UPDATE states SET mac = NULL")
+        for address, payload in kv.execute("SELECT hash, payload FROM pages").fetchall():
+            digest = hashlib.blake2b(payload, digest_size=16).digest()
+            kv.execute("UPDATE pages SET digest = ? WHERE hash = ?", (digest, address))
+    finally:
+        kv.close()
+    with Store(db) as store:
+        engine = make_engine(store)
+        first = engine.send(mine, NEXT_QUESTION, GREEDY)
+        assert "before saved states were signed" in (first.metrics.state_rejected or "")
+        engine.after_reply(mine)
+        second = make_engine(store).send(mine, "And a mountain?", GREEDY)
+        assert second.metrics.state_rejected is None and second.metrics.reused_tokens > 0
+        query = "SELECT length(digest) FROM pages WHERE hash = ?"
+        sizes = {store.kv.conn.execute(query, (h,)).fetchone()[0] for h in _pages_of_mine(store)}
+        assert sizes == {32}  # this chat's pages were all written anew, with MACs
