@@ -20,6 +20,7 @@ import pytest
 from conftest import GREEDY, TEST_CTX, set_state_field
 
 from app import limits
+from app.core.models import model_file_identity
 from app.core.state_pages import PAGE_TOKENS
 from app.domain import MessageStatus, Role, SegmentKind
 from app.session.chat_session import ChatSession, GenerationOptions
@@ -563,3 +564,191 @@ def test_states_saved_before_signing_are_rejected_once_then_saved_signed(
         query = "SELECT length(digest) FROM pages WHERE hash = ?"
         sizes = {store.kv.conn.execute(query, (h,)).fetchone()[0] for h in _pages_of_mine(store)}
         assert sizes == {32}  # this chat's pages were all written anew, with MACs
+
+
+def test_a_model_changed_only_in_the_middle_restores_no_old_state(
+    tmp_path: Path, make_engine: Callable, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KVCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "model.gguf"
+    shutil.copyfile(model_path, model)
+    with Store(tmp_path / "chats.db") as store:
+        chat_id = _chat_with_state(store, make_engine, "mine", "Name a colour.")
+        with model.open("r+b") as handle:  # one weight byte, far from both ends
+            handle.seek(model.stat().st_size // 2)
+            byte = handle.read(1)
+            handle.seek(-1, os.SEEK_CUR)
+            handle.write(bytes([byte[0] ^ 0x01]))
+        load = make_engine(store, model_path=model).activate(chat_id)
+        assert not load.restored and "model" in (load.rejected or "")
+
+
+def test_a_model_digest_is_computed_once_and_again_after_any_edit(
+    tmp_path: Path, model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KVCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "model.gguf"
+    shutil.copyfile(model_path, model)
+    progress: list[float] = []
+    first = model_file_identity(model, progress.append)
+    assert progress and progress[-1] == 1.0  # hashed whole, with progress
+    progress.clear()
+    assert model_file_identity(model, progress.append) == first and not progress  # cached
+    times = model.stat()
+    with model.open("r+b") as handle:  # edited in place, same size and inode ...
+        handle.seek(times.st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    os.utime(model, ns=(times.st_atime_ns, times.st_mtime_ns))  # ... and its old mtime back
+    assert model_file_identity(model, progress.append) != first and progress
+
+
+# -- 11. a damaged KV file never blocks a chat ---------------------------------------------------
+
+
+def _cli_turn(db: Path, message: str) -> dict:
+    done = run_app(
+        "chat", "--db", str(db), "--chat", "c", "--temperature", "0", "--max-tokens", "8",
+        "--json", message,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-800:]
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def saved_cli_chat(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A chat with a saved state (made by the CLI), and the next reply computed cold."""
+    folder = tmp_path_factory.mktemp("saved")
+    _cli_turn(folder / "chats.db", LONG_QUESTION)
+    cold = tmp_path_factory.mktemp("cold") / "chats.db"
+    shutil.copyfile(folder / "chats.db", cold)
+    return folder, _cli_turn(cold, NEXT_QUESTION)["reply"]
+
+
+def _damage(kv_path: Path, damage: str) -> bytes | None:
+    """Damage the KV file as a crash, a bad disk or an editor would; returns a forged
+    payload or formats row that must not survive the turn (None for whole-file damage)."""
+    size = kv_path.stat().st_size
+    if damage == "truncated":
+        os.truncate(kv_path, size // 2)
+        return None
+    if damage in ("garbage-header", "garbage-body"):
+        with kv_path.open("r+b") as handle:
+            handle.seek(0 if damage == "garbage-header" else 65536)  # past the first page
+            handle.write(os.urandom(100 if damage == "garbage-header" else size - 65536))
+        return None
+    kv = sqlite3.connect(kv_path, isolation_level=None)
+    try:
+        first = kv.execute("SELECT hash FROM state_pages WHERE idx = 0").fetchone()[0]
+        if damage == "page-size-mismatch":  # a page cut short, its public digest fixed up
+            short = _page_row(kv, first)[0][:-100]
+            _set_page(kv, first, short, hashlib.blake2b(short, digest_size=16).digest())
+            return short
+        (formats,) = kv.execute("SELECT formats FROM states").fetchone()
+        edited = json.loads(formats)
+        edited[0][2][0][1] += 2  # the first layer's K rows two bytes longer
+        kv.execute("UPDATE states SET formats = ?", (json.dumps(edited),))
+        return json.dumps(edited).encode()
+    finally:
+        kv.close()
+
+
+@pytest.mark.parametrize(
+    ("damage", "cause"),
+    [
+        ("truncated", "it is truncated"),
+        ("garbage-header", "not a SQLite file"),
+        ("garbage-body", "is unreadable"),
+        ("page-size-mismatch", "failed its checksum"),
+        ("formats-edited", "fails its MAC"),
+    ],
+)
+def test_a_damaged_kv_file_is_set_aside_and_the_turn_and_the_next_work(
+    tmp_path: Path, saved_cli_chat: tuple[Path, str], damage: str, cause: str
+) -> None:
+    saved, cold_reply = saved_cli_chat
+    db, kv_path = tmp_path / "chats.db", tmp_path / "chats.kv.db"
+    shutil.copyfile(saved / "chats.db", db)
+    shutil.copyfile(saved / "chats.kv.db", kv_path)
+    forged = _damage(kv_path, damage)
+    turn = _cli_turn(db, NEXT_QUESTION)
+    assert turn["reply"] == cold_reply
+    assert turn["metrics"]["reused_tokens"] == 0
+    assert any(cause in note for note in turn["metrics"]["notes"]), turn["metrics"]["notes"]
+    aside = sorted(tmp_path.glob("chats.kv.db.damaged-*"))
+    if forged is None:  # the whole file was set aside (renamed, not deleted)
+        assert len([p for p in aside if not p.name.endswith(("-wal", "-shm"))]) == 1
+    else:  # the forged page or state row was dropped
+        assert aside == []
+        kv = sqlite3.connect(f"file:{kv_path}?mode=ro", uri=True)
+        try:
+            rows = kv.execute("SELECT payload FROM pages").fetchall()
+            rows += kv.execute("SELECT CAST(formats AS BLOB) FROM states").fetchall()
+        finally:
+            kv.close()
+        assert all(row[0] != forged for row in rows)
+    after = _cli_turn(db, "And a mountain?")
+    assert after["metrics"]["state_rejected"] is None
+    assert after["metrics"]["reused_tokens"] > 0  # the state saved after the damage is used
+
+
+# -- 12. one KV file per chats database ----------------------------------------------------------
+
+
+def test_two_database_names_that_once_shared_a_kv_file_keep_their_own_states(
+    tmp_path: Path,
+) -> None:
+    bare, suffixed = tmp_path / "chats", tmp_path / "chats.db"
+    _cli_turn(bare, "Tell me about apples. " * 10)
+    _cli_turn(suffixed, "Describe the night sky over the sea. " * 10)  # the same chat id, 1
+    turn = _cli_turn(bare, NEXT_QUESTION)
+    assert turn["metrics"]["state_rejected"] is None, turn["metrics"]["notes"]
+    assert turn["metrics"]["reused_tokens"] > 60  # its own history, not the other's
+    assert (tmp_path / "chats.kv").exists() and (tmp_path / "chats.kv.db").exists()
+
+
+def test_a_kv_file_of_another_database_is_set_aside_never_written_over(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.db", tmp_path / "second.db"
+    _cli_turn(first, "Tell me about apples. " * 10)
+    _cli_turn(second, "Describe the night sky over the sea. " * 10)
+    theirs = (tmp_path / "first.kv.db").read_bytes()
+    (tmp_path / "first.kv.db").replace(tmp_path / "second.kv.db")  # moved by hand
+    turn = _cli_turn(second, NEXT_QUESTION)
+    assert any("belongs to another chats database" in n for n in turn["metrics"]["notes"])
+    assert turn["metrics"]["reused_tokens"] == 0
+    [aside] = tmp_path.glob("second.kv.db.other-database-*")
+    assert aside.read_bytes() == theirs  # kept as it was
+    assert _cli_turn(second, "And a mountain?")["metrics"]["reused_tokens"] > 0
+
+
+# -- 13. storage figures while a chat writes ------------------------------------------------------
+
+HOLD_THE_WRITER = """
+import sys
+from app.storage.store import Store
+store = Store(sys.argv[1], exclusive=True)
+store.kv.transaction().__enter__()  # a state save in progress
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_storage_figures_are_read_only_and_work_while_a_chat_writes(tmp_path: Path) -> None:
+    db = tmp_path / "chats.db"
+    _cli_turn(db, "Tell me about apples. " * 10)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_WRITER, str(db)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        before = _files(tmp_path)
+        done = run_app("storage", "--db", str(db), "--json", timeout=60)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert [chat["name"] for chat in report["chats"]] == ["c"]
+        assert report["chats"][0]["bytes"] > 0
+        assert _files(tmp_path) == before  # nothing written, no file created
+    finally:
+        writer.communicate("", timeout=60)
