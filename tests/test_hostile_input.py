@@ -475,10 +475,11 @@ def _forge(kv_path: Path, chat_id: int, other_id: int, forgery: str) -> None:
         else:  # "state-row-from-another-chat": the other chat's row and page list, as this one's
             kv.execute("DELETE FROM states WHERE chat_id = ?", (chat_id,))
             kv.execute("DELETE FROM state_pages WHERE chat_id = ?", (chat_id,))
-            columns = "format_version, fingerprint, seq_id, formats, token_ids, whole, checksum"
+            names = [row[1] for row in kv.execute("PRAGMA table_info(states)")][1:]
+            columns = ", ".join(names)  # every column but chat_id, the MAC's too
             kv.execute(
-                f"INSERT INTO states (chat_id, {columns}, saved_at, mac) SELECT ?, {columns},"
-                " saved_at, mac FROM states WHERE chat_id = ?",
+                f"INSERT INTO states (chat_id, {columns}) SELECT ?, {columns} FROM states"
+                " WHERE chat_id = ?",
                 (chat_id, other_id),
             )
             kv.execute(
