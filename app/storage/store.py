@@ -593,8 +593,11 @@ class Store:
             self._write("DELETE FROM chats WHERE id = ?", (chat_id,))
         self._reclaim_space(vacuum=True)
         if self._kv is not None or self.kv_path.exists():
-            for doomed_id in doomed:
-                self.kv.delete_state(doomed_id)
+            try:
+                for doomed_id in doomed:
+                    self.kv.delete_state(doomed_id)
+            except DatabaseCorrupt as error:  # the KV file is disposable: never an obstacle
+                self.kv_notice = self.set_kv_aside(error)
 
     # -- instruction block ----------------------------------------------------------
 
