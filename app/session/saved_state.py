@@ -178,6 +178,7 @@ class SavedStates:
             return False
 
     def _restore(self, chat_id: int, hint: Sequence[int], started: float) -> StateLoad:
+        self.kv.damaged_pages = []  # filled by this restore's reads only
         record = self.kv.state(chat_id)
         if record is None:
             held, size = self._restore_shared(hint)
