@@ -753,3 +753,15 @@ def test_storage_figures_are_read_only_and_work_while_a_chat_writes(tmp_path: Pa
         assert _files(tmp_path) == before  # nothing written, no file created
     finally:
         writer.communicate("", timeout=60)
+
+
+def test_the_signing_key_lives_in_the_chats_database_never_in_the_kv_file(tmp_path: Path) -> None:
+    with Store(tmp_path / "chats.db") as store:
+        chat = store.create_chat("c")
+        record = StateRecord(chat.id, 2, {"model": "m"}, 0, [], [1, 2, 3], whole=True)
+        store.kv.save_state(record, whole=b"state bytes")
+        key = store.kv_key()
+        assert key is not None and len(key) == 32
+        store.kv.checkpoint()
+    assert key in (tmp_path / "chats.db").read_bytes()
+    assert key not in (tmp_path / "chats.kv.db").read_bytes()
