@@ -27,6 +27,7 @@ from app.session.engine import (
     TurnResult,
 )
 from app.storage.export import export_chat
+from app.storage.kv_store import DEFAULT_BUDGET_BYTES
 from app.storage.records import Message
 from app.storage.store import StorageError, Store, valid_chat_name
 
@@ -482,6 +483,9 @@ MB = 1_000_000  # storage figures in and out are decimal megabytes
 
 def storage_payload(store: Store) -> dict[str, Any]:
     names = {chat.id: chat.name for chat in store.chats()}
+    if store.read_only and not store.kv_path.exists():  # no state saved yet
+        return {"kv_path": str(store.kv_path), "total_bytes": 0,
+                "budget_bytes": DEFAULT_BUDGET_BYTES, "chats": []}
     kv = store.kv
     return {
         "kv_path": str(store.kv_path),
@@ -498,10 +502,13 @@ def storage_payload(store: Store) -> dict[str, Any]:
 def run_storage(args: argparse.Namespace) -> int:
     if not Path(args.db).expanduser().exists():
         raise CliError(f"database not found: {args.db}")
-    with _open_store(args.db) as store:
-        if args.set_budget_mb:
+    if args.set_budget_mb:
+        with _open_store(args.db) as store:
             store.kv.set_budget(args.set_budget_mb * MB)  # MB in, MB out: one unit
-        payload = storage_payload(store)
+            payload = storage_payload(store)
+    else:  # read-only: works while a chat writes, and writes nothing
+        with Store(Path(args.db).expanduser(), read_only=True) as store:
+            payload = storage_payload(store)
     if args.json:
         print(json.dumps(payload, ensure_ascii=False))
         return 0

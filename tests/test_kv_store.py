@@ -102,7 +102,7 @@ def test_a_save_copies_out_only_the_new_cells_and_its_pages_join_to_the_whole_st
     assert save.bytes == len(whole)
     assert 0 < save.copied < len(whole) / 3, "only the cells past the stored pages are copied"
     record = store.kv.state(chat_id)
-    pages = store.kv.read_pages(record.page_hashes)
+    pages = store.kv.read_pages(record.page_hashes, record.formats)
     formats = [CacheFormat.from_description(f) for f in record.formats]
     stored = [Page(p.cache, p.first_position, p.count, p.payload) for p in pages]
     assert bytes(join_pages(record.seq_id, formats, stored)) == whole
@@ -166,7 +166,7 @@ def test_the_budget_evicts_other_chats_pages_first(store: Store, engine: ChatSes
     assert store.kv.total_bytes() <= store.kv.budget_bytes
     # The least recently used pages went: the newer chat's are all there.
     record = store.kv.state(newer)
-    assert len(store.kv.read_pages(record.page_hashes)) == len(record.page_hashes)
+    assert len(store.kv.read_pages(record.page_hashes, record.formats)) == len(record.page_hashes)
     engine.forget_chat(newer)
     result = engine.send(older, "What about the beans?", GREEDY)
     history = engine.history_plan(older).tokens
@@ -290,7 +290,7 @@ def test_a_first_version_page_store_is_upgraded_with_its_pages_and_their_use(
 
     store = kv_store.KVStore(path)
     try:
-        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == kv_store.KV_SCHEMA_VERSION
         uses = store.conn.execute("SELECT page_id, last_used FROM page_use ORDER BY page_id")
         assert uses.fetchall() == [(1, 50.0), (2, 10.0)]
         store.set_budget(1500)

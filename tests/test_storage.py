@@ -34,7 +34,7 @@ def _save_state(store: Store, chat_id: int, payload: bytes) -> int:
 
 def _state_payload(store: Store, chat_id: int) -> bytes | None:
     record = store.kv.state(chat_id)
-    pages = store.kv.read_pages(record.page_hashes) if record else []
+    pages = store.kv.read_pages(record.page_hashes, record.formats) if record else []
     return pages[0].payload if pages else None
 
 
@@ -264,7 +264,7 @@ def test_old_databases_upgrade_to_templates_chosen_per_model(
         old.add_message(chat.id, "user", "hello")
         assert old.schema_version() == 5
     monkeypatch.undo()
-    assert migrations.SCHEMA_VERSION >= 6
+    assert migrations.SCHEMA_VERSION >= 6  # templates came with version 6
     choice = TemplateChoice(TemplateKind.BUILTIN, "gemma", "gemma")
     with Store(path) as store:
         assert store.schema_version() == migrations.SCHEMA_VERSION

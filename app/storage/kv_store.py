@@ -6,7 +6,16 @@ loses no message: the next turn recomputes and says why.
 
 A page is addressed by a hash chain over the model fingerprint, its tokens and their
 positions (as vLLM addresses its blocks), so chats and branches with the same prefix
-share pages and a save writes only the pages that are new. A chat's state row lists its
+share pages and a save writes only the pages that are new.
+
+Nothing in this file is trusted: every page carries a MAC (keyed BLAKE2b) over its
+address, its cache and cell format and its bytes, and every state row a MAC over its
+chat id, fingerprint, formats, token ids and page list, both keyed by a random secret
+kept in the chats database (never here). A payload replaced with any digest public code
+can compute, a page row copied to another address, or a state row copied to another
+chat fails its MAC and is not used. The file also records which chats database it
+belongs to (an id derived from the secret), so another database's KV file is never
+written over. A chat's state row lists its
 pages in order; states whose format is not paged keep their blob whole. The store keeps
 its total size under a budget by evicting the least recently used pages that the open
 chat does not hold; a chat whose tail pages went restores the prefix that is left.
@@ -16,18 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import sqlite3
+import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from app.storage.errors import StorageError, describe_error
 from app.storage.records import pack_tokens, unpack_tokens
 
-KV_SCHEMA_VERSION = 2
+KV_SCHEMA_VERSION = 3
 KV_APPLICATION_ID = 0x4B564B56  # "KVKV": marks the file as a KV Chat page store
 DEFAULT_BUDGET_BYTES = 2 * 1024**3
 JOURNAL_LIMIT_BYTES = 64 * 1024**2  # the WAL is truncated back to this after a checkpoint
@@ -91,13 +102,58 @@ def _v2_page_use(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX pages_by_use")
 
 
+def _v3_signed_states(conn: sqlite3.Connection) -> None:
+    """State rows carry a MAC keyed by the chats database's secret.
+
+    Rows from before have none and are rejected (once) at their next restore; pages
+    from before carry an unkeyed 16-byte digest, which is never taken for a 32-byte MAC:
+    such a page fails its check if read, and is written anew by the next save.
+    """
+    conn.execute("ALTER TABLE states ADD COLUMN mac BLOB")
+
+
 #: Ordered upgrades of the page store; entry i brings user_version i + 1 to i + 2.
-_MIGRATIONS = (_v2_page_use,)
+_MIGRATIONS = (_v2_page_use, _v3_signed_states)
+
+MAC_SIZE = 32
+KEY_SIZE = 32
 
 
 def payload_digest(payload: bytes | bytearray | memoryview) -> bytes:
-    """A page's checksum: a cryptographic digest, so no edit can fix it up to match."""
+    """The unkeyed digest pages carried before MACs (anyone can compute it)."""
     return hashlib.blake2b(payload, digest_size=16).digest()
+
+
+def _framed(mac: Any, *parts: bytes | bytearray | memoryview) -> None:
+    """Feed ``parts`` to ``mac``, each after its length, so no two inputs run together."""
+    for part in parts:
+        mac.update(struct.pack("<Q", len(part)))
+        mac.update(part)
+
+
+def page_mac(
+    key: bytes,
+    address: bytes,
+    cache: int,
+    first_position: int,
+    count: int,
+    cell_format: Any,
+    payload: bytes | bytearray | memoryview,
+) -> bytes:
+    """A page's MAC: its address (the hash chain), cache, positions, cell format, bytes."""
+    mac = hashlib.blake2b(key=key, digest_size=MAC_SIZE, person=b"kvchat-page")
+    header = struct.pack("<qqq", cache, first_position, count)
+    _framed(mac, address, header, json.dumps(cell_format).encode(), payload)
+    return mac.digest()
+
+
+def database_id(key: bytes) -> str:
+    """Which chats database a KV file belongs to; derived from its secret, reveals nothing."""
+    return hashlib.blake2b(b"", key=key, digest_size=16, person=b"kvchat-db-id").hexdigest()
+
+
+class KVFileOfAnotherDatabase(StorageError):
+    """The KV file records another chats database as its owner: it is never written."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +181,8 @@ class StateRecord:
     saved_at: float = 0.0
     #: Why the row could not be read (its token ids or JSON); the state is then discarded.
     unreadable: str | None = None
+    #: Why the row's MAC does not hold (edited, copied from another chat, or unsigned).
+    forged: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,26 +192,118 @@ class ChatUsage:
     shared_bytes: int  # of those, pages another chat's state lists too
 
 
-class KVStore:
-    """One open page store. Owned by the thread that owns the model (the only writer)."""
+def _state_mac(key: bytes, chat_id: int, row: Sequence[Any], hashes: Sequence[bytes],
+               whole: bytes | bytearray | None = None) -> bytes:
+    """A state row's MAC: ``row`` is (format_version, fingerprint, seq_id, formats,
+    token_ids, has_whole, checksum) exactly as stored; ``whole`` the whole blob, if any."""
+    version, fingerprint, seq_id, formats, tokens, has_whole, checksum = row
+    mac = hashlib.blake2b(key=key, digest_size=MAC_SIZE, person=b"kvchat-state")
+    header = struct.pack("<qqqqq", chat_id, version, seq_id, int(bool(has_whole)), checksum)
+    _framed(mac, header, _as_bytes(fingerprint), _as_bytes(formats), _as_bytes(tokens),
+            b"".join(hashes), whole or b"")
+    return mac.digest()
 
-    def __init__(self, path: str | Path, *, budget_bytes: int | None = None) -> None:
+
+def _as_bytes(value: object) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8", errors="surrogatepass")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"a {type(value).__name__} where text or bytes belong")
+
+
+def file_is_truncated(path: Path) -> str | None:
+    """Why the SQLite file at ``path`` is cut short (its header counts more pages than
+    it holds), or None: a truncated KV file is set aside instead of read."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            header = handle.read(100)
+    except OSError:
+        return None
+    if size == 0 or len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return None if size == 0 else "it is not a SQLite file"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    if page_size * pages > size:
+        return f"it is truncated ({size} of {page_size * pages} bytes)"
+    return None
+
+
+def _read_only_uri(path: Path) -> str:
+    """mode=ro; immutable when a WAL-mode file has no WAL, so no -wal/-shm is created."""
+    wal_mode = False
+    with contextlib.suppress(OSError), path.open("rb") as handle:
+        header = handle.read(20)
+        wal_mode = len(header) == 20 and header[18] == 2
+    has_wal = path.with_name(path.name + "-wal").exists()
+    uri = path.resolve().as_uri() + "?mode=ro"
+    return uri + "&immutable=1" if wal_mode and not has_wal else uri
+
+
+class KVStore:
+    """One open page store. Owned by the thread that owns the model (the only writer).
+
+    ``key`` is the chats database's secret: pages and states are written and read only
+    with it. ``read_only`` opens for figures (sizes, usage) and writes nothing at all.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        key: bytes | None = None,
+        budget_bytes: int | None = None,
+        read_only: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.created = not self.path.exists()
+        self.read_only = read_only
+        self.key = key
         self.last_gap: str | None = None
+        self.damaged_pages: list[bytes] = []
         try:
-            self.conn = sqlite3.connect(
-                self.path, timeout=5.0, isolation_level=None, check_same_thread=False
-            )
-            self._configure()
-        except sqlite3.Error as error:
-            with contextlib.suppress(sqlite3.Error):
+            if read_only:
+                self.conn = sqlite3.connect(
+                    _read_only_uri(self.path), uri=True, timeout=5.0, isolation_level=None,
+                    check_same_thread=False,
+                )
+                self._check_kind()
+            else:
+                self.conn = sqlite3.connect(
+                    self.path, timeout=5.0, isolation_level=None, check_same_thread=False
+                )
+                self._configure()
+            stored = self._query("SELECT value FROM settings WHERE key = 'budget_bytes'")
+        except (sqlite3.Error, StorageError) as error:
+            with contextlib.suppress(sqlite3.Error, AttributeError):
                 self.conn.close()
+            if isinstance(error, StorageError):
+                raise
             raise describe_error(error, self.path) from error
-        stored = self._query("SELECT value FROM settings WHERE key = 'budget_bytes'")
         self.budget_bytes = int(stored[0][0]) if stored else DEFAULT_BUDGET_BYTES
+        if key is not None and not read_only:
+            self._claim(database_id(key))
         if budget_bytes is not None:
             self.set_budget(budget_bytes)
+
+    def _claim(self, owner: str) -> None:
+        """Record the chats database this file belongs to; refuse another's file."""
+        stored = self._query("SELECT value FROM settings WHERE key = 'database'")
+        if stored and stored[0][0] != owner:
+            self.close()
+            raise KVFileOfAnotherDatabase(f"{self.path} belongs to another chats database")
+        if not stored:
+            with self.transaction():
+                self.conn.execute(
+                    "INSERT INTO settings (key, value) VALUES ('database', ?)", (owner,)
+                )
+
+    def _signing_key(self) -> bytes:
+        if self.key is None or self.read_only:
+            raise StorageError(f"{self.path} is open without its database's key")
+        return self.key
 
     def set_budget(self, budget_bytes: int) -> None:
         """The most bytes of pages to keep (kept in this file); evicts down to it at once."""
@@ -167,7 +317,8 @@ class KVStore:
         self.budget_bytes = budget_bytes
         self.enforce_budget()
 
-    def _configure(self) -> None:
+    def _check_kind(self) -> tuple[int, int]:
+        """(user_version, number of schema objects) of a file that is a page store of ours."""
         conn = self.conn
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         application = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -176,6 +327,13 @@ class KVStore:
             raise StorageError(f"{self.path} is not a KV Chat page store; move it away")
         if version > KV_SCHEMA_VERSION:
             raise StorageError(f"{self.path} was written by a newer KV Chat")
+        if self.read_only and not tables:
+            raise StorageError(f"{self.path} holds no KV pages yet")
+        return version, tables
+
+    def _configure(self) -> None:
+        conn = self.conn
+        version, tables = self._check_kind()
         if not tables:
             conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only before the first table
@@ -229,44 +387,74 @@ class KVStore:
     # -- pages ----------------------------------------------------------------------
 
     def known_pages(self, hashes: Iterable[bytes]) -> set[bytes]:
+        """The addresses stored with a MAC (a page from before MACs is written anew)."""
         wanted = list(hashes)
         known: set[bytes] = set()
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._query(f"SELECT hash FROM pages WHERE hash IN ({marks})", chunk)
+            query = f"SELECT hash FROM pages WHERE hash IN ({marks}) AND length(digest) = ?"
+            rows = self._query(query, [*chunk, MAC_SIZE])
             known.update(row[0] for row in rows)
         return known
 
-    def read_pages(self, hashes: Sequence[bytes]) -> list[StoredPage]:
-        """The pages in order, stopping at the first one that is missing or damaged.
+    def read_pages(self, hashes: Sequence[bytes], formats: Sequence[Any]) -> list[StoredPage]:
+        """The pages in order, stopping at the first one that is missing or fails its MAC.
 
-        ``last_gap`` then says which, for the caller's message.
+        ``formats`` are the cell formats (per cache) the pages are read for. ``last_gap``
+        then says which page and why; ``damaged_pages`` lists a page that failed its MAC
+        (the caller drops it, so the next save writes it anew).
         """
-        self.last_gap: str | None = None
+        key = self._signing_key()
+        self.last_gap = None
+        self.damaged_pages = []
         pages: list[StoredPage] = []
         now = time.time()
-        for digest in hashes:
+        for address in hashes:
             rows = self._query(
                 "SELECT id, cache, first_position, count, bytes, digest FROM pages WHERE hash = ?",
-                (digest,),
+                (address,),
             )
             if not rows:
                 self.last_gap = f"page {len(pages) + 1} was evicted from the KV store"
                 break
-            row_id, cache, first, count, size, digest_stored = rows[0]
+            row_id, cache, first, count, size, mac = rows[0]
             try:
                 with self.conn.blobopen("pages", "payload", row_id, readonly=True) as blob:
                     payload = blob.read()
             except sqlite3.Error as error:
                 raise describe_error(error, self.path) from error
-            if len(payload) != size or payload_digest(payload) != digest_stored:
-                self.last_gap = f"page {len(pages) + 1} failed its checksum (damaged bytes)"
+            row = (address, cache, first, count, mac)
+            if len(payload) != size or not self._page_holds(key, row, formats, payload):
+                self.last_gap = (
+                    f"page {len(pages) + 1} failed its checksum (a MAC keyed by this chats"
+                    " database: its bytes, address or format were changed)"
+                )
+                self.damaged_pages.append(address)
                 break
-            pages.append(StoredPage(digest, cache, first, count, payload))
+            pages.append(StoredPage(address, cache, first, count, payload))
         if pages:
             self._touch([page.hash for page in pages], now)
         return pages
+
+    @staticmethod
+    def _page_holds(
+        key: bytes, row: tuple[Any, ...], formats: Sequence[Any], payload: bytes
+    ) -> bool:
+        address, cache, first, count, mac = row
+        if not isinstance(cache, int) or not 0 <= cache < len(formats):
+            return False
+        try:
+            expected = page_mac(key, address, cache, first, count, formats[cache], payload)
+        except (TypeError, ValueError, struct.error):  # an edited row: text where ints belong
+            return False
+        return isinstance(mac, bytes) and hmac.compare_digest(mac, expected)
+
+    def drop_pages(self, hashes: Sequence[bytes]) -> None:
+        """Delete pages that failed their MAC, so no later save takes them as stored."""
+        if hashes:
+            with self.transaction():
+                self.conn.executemany("DELETE FROM pages WHERE hash = ?", [(h,) for h in hashes])
 
     def _touch(self, hashes: list[bytes], when: float) -> None:
         with self.transaction():
@@ -285,10 +473,27 @@ class KVStore:
         whole: bytes | bytearray | None = None,
     ) -> int:
         """Replace the chat's state; write only ``new_pages``. Returns the bytes written."""
+        key = self._signing_key()
         now = time.time()
         written = 0
+        row = (
+            record.format_version,
+            json.dumps(record.fingerprint, sort_keys=True),
+            record.seq_id,
+            json.dumps(record.formats),
+            pack_tokens(record.token_ids),
+            whole is not None,
+            record.checksum,
+        )
+        mac = _state_mac(key, record.chat_id, row, record.page_hashes, whole)
         with self.transaction():
             for page in new_pages:
+                # A page from before MACs at this address is replaced, never kept.
+                self.conn.execute(
+                    "DELETE FROM pages WHERE hash = ? AND length(digest) != ?",
+                    (page.hash, MAC_SIZE),
+                )
+                cell_format = record.formats[page.cache]
                 cursor = self.conn.execute(
                     "INSERT OR IGNORE INTO pages (hash, cache, first_position, count, bytes,"
                     " digest, payload, last_used) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -298,7 +503,8 @@ class KVStore:
                         page.first_position,
                         page.count,
                         len(page.payload),
-                        payload_digest(page.payload),
+                        page_mac(key, page.hash, page.cache, page.first_position, page.count,
+                                 cell_format, page.payload),
                         page.payload,
                         now,
                     ),
@@ -311,19 +517,9 @@ class KVStore:
                     )
             self.conn.execute(
                 "INSERT OR REPLACE INTO states (chat_id, format_version, fingerprint, seq_id,"
-                " formats, token_ids, whole, checksum, saved_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.chat_id,
-                    record.format_version,
-                    json.dumps(record.fingerprint, sort_keys=True),
-                    record.seq_id,
-                    json.dumps(record.formats),
-                    pack_tokens(record.token_ids),
-                    whole,
-                    record.checksum,
-                    now,
-                ),
+                " formats, token_ids, whole, checksum, saved_at, mac)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.chat_id, *row[:5], whole, record.checksum, now, mac),
             )
             self.conn.execute("DELETE FROM state_pages WHERE chat_id = ?", (record.chat_id,))
             self.conn.executemany(
@@ -347,26 +543,52 @@ class KVStore:
         return written
 
     def state(self, chat_id: int) -> StateRecord | None:
+        """The chat's state row; ``forged`` says why its MAC does not hold, if it does not
+        (a whole blob's MAC covers the blob too: ``read_whole`` checks that one)."""
         rows = self._query(
             "SELECT format_version, fingerprint, seq_id, formats, token_ids, whole IS NOT NULL,"
-            " checksum, saved_at FROM states WHERE chat_id = ?",
+            " checksum, saved_at, mac FROM states WHERE chat_id = ?",
             (chat_id,),
         )
         if not rows:
             return None
-        version, fingerprint, seq_id, formats, tokens, whole, checksum, saved_at = rows[0]
+        hashes = self._state_pages(chat_id)
+        record = self._parse_state(chat_id, rows[0], hashes)
+        if record.unreadable is None and not record.whole:
+            record.forged = self._forgery(chat_id, rows[0], hashes)
+        return record
+
+    def _state_pages(self, chat_id: int) -> list[bytes]:
+        query = "SELECT hash FROM state_pages WHERE chat_id = ? ORDER BY idx"
+        return [row[0] for row in self._query(query, (chat_id,))]
+
+    def _forgery(
+        self, chat_id: int, row: Sequence[Any], hashes: Sequence[bytes], whole: bytes | None = None
+    ) -> str | None:
+        """Why a state row's MAC does not hold, or None when it does."""
+        stored = row[8]
+        if stored is None:
+            return "it was saved by an older KV Chat, before saved states were signed"
+        try:
+            expected = _state_mac(self._signing_key(), chat_id, row[:7], hashes, whole)
+        except (TypeError, ValueError, struct.error, OverflowError):
+            expected = b""
+        if isinstance(stored, bytes) and hmac.compare_digest(stored, expected):
+            return None
+        return (
+            "its record fails its MAC (keyed by this chats database): it was edited, copied"
+            " from another chat, or written for another database"
+        )
+
+    @staticmethod
+    def _parse_state(chat_id: int, row: Sequence[Any], hashes: list[bytes]) -> StateRecord:
+        version, fingerprint, seq_id, formats, tokens, whole, checksum, saved_at = row[:8]
         try:
             fingerprint_data = json.loads(fingerprint)
             format_data = json.loads(formats)
             token_ids = unpack_tokens(tokens)
         except (TypeError, ValueError) as error:  # rejected (and deleted) with this reason
             return StateRecord(chat_id, -1, {}, 0, [], [], unreadable=f"unreadable: {error}")
-        hashes = [
-            row[0]
-            for row in self._query(
-                "SELECT hash FROM state_pages WHERE chat_id = ? ORDER BY idx", (chat_id,)
-            )
-        ]
         return StateRecord(
             chat_id,
             version,
@@ -380,16 +602,24 @@ class KVStore:
             saved_at,
         )
 
-    def read_whole(self, chat_id: int) -> bytes | None:
-        rows = self._query("SELECT rowid FROM states WHERE chat_id = ? AND whole IS NOT NULL",
-                           (chat_id,))
+    def read_whole(self, chat_id: int) -> tuple[bytes | None, str | None]:
+        """The chat's whole blob and None, or None and why it cannot be used (its MAC,
+        over the row and the blob, does not hold)."""
+        rows = self._query(
+            "SELECT rowid, format_version, fingerprint, seq_id, formats, token_ids,"
+            " whole IS NOT NULL, checksum, saved_at, mac FROM states"
+            " WHERE chat_id = ? AND whole IS NOT NULL",
+            (chat_id,),
+        )
         if not rows:
-            return None
+            return None, "the saved state's blob is missing"
         try:
             with self.conn.blobopen("states", "whole", rows[0][0], readonly=True) as blob:
-                return blob.read()
+                data = blob.read()
         except sqlite3.Error as error:
             raise describe_error(error, self.path) from error
+        forged = self._forgery(chat_id, rows[0][1:], self._state_pages(chat_id), data)
+        return (None, forged) if forged else (data, None)
 
     def any_state_shape(self, fingerprint: str) -> tuple[int, list[Any]] | None:
         """Sequence id and cell formats of any paged state saved under ``fingerprint``."""
@@ -405,21 +635,14 @@ class KVStore:
             return None
 
     def copy_state(self, source: int, target: int) -> None:
-        """Give ``target`` the state of ``source`` (its page list; no page is copied)."""
-        with self.transaction():
-            self.conn.execute("DELETE FROM states WHERE chat_id = ?", (target,))
-            self.conn.execute(
-                "INSERT INTO states (chat_id, format_version, fingerprint, seq_id, formats,"
-                " token_ids, whole, checksum, saved_at) SELECT ?, format_version, fingerprint,"
-                " seq_id, formats, token_ids, whole, checksum, saved_at FROM states"
-                " WHERE chat_id = ?",
-                (target, source),
-            )
-            self.conn.execute(
-                "INSERT INTO state_pages (chat_id, idx, hash) SELECT ?, idx, hash"
-                " FROM state_pages WHERE chat_id = ?",
-                (target, source),
-            )
+        """Give ``target`` the state of ``source`` (its page list; no page is copied),
+        signed for ``target``; a source whose MAC does not hold is not copied."""
+        record = self.state(source)
+        whole, why = self.read_whole(source) if record and record.whole else (None, None)
+        if record is None or record.unreadable or record.forged or why:
+            self.delete_state(target)
+            return
+        self.save_state(replace(record, chat_id=target), whole=whole)
 
     def saved_token_ids(self, chat_id: int) -> list[int]:
         rows = self._query("SELECT token_ids FROM states WHERE chat_id = ?", (chat_id,))

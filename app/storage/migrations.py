@@ -7,6 +7,7 @@ with the version bump, so a crash leaves the database at a whole version.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 
 import sqlite_utils
@@ -164,6 +165,17 @@ def _v7_eval_rates(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v8_kv_signing_key(db: sqlite_utils.Database) -> None:
+    """A random 32-byte secret that keys the MACs of the saved states and pages in the KV
+    file. It lives here, never in the KV file: whoever edits that file cannot sign what
+    they put in it. States saved before it are rejected once and recomputed."""
+    db.execute(
+        "CREATE TABLE kv_signing_key (id INTEGER PRIMARY KEY CHECK (id = 1),"
+        " key BLOB NOT NULL CHECK (length(key) = 32))"
+    )
+    db.execute("INSERT INTO kv_signing_key (id, key) VALUES (1, ?)", [secrets.token_bytes(32)])
+
+
 #: MIGRATIONS[i] upgrades a database at version i to version i + 1.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
@@ -173,6 +185,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v5_branches,
     _v6_model_templates,
     _v7_eval_rates,
+    _v8_kv_signing_key,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

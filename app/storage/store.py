@@ -24,6 +24,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import secrets
 import sqlite3
 import time
 import unicodedata
@@ -46,7 +47,7 @@ from app.storage.errors import (
     describe_error,
 )
 from app.storage.families import ChatFamilies
-from app.storage.kv_store import KVStore
+from app.storage.kv_store import KEY_SIZE, KVFileOfAnotherDatabase, KVStore, file_is_truncated
 from app.storage.migrations import (
     APPLICATION_ID,
     AUTO_VACUUM_INCREMENTAL,
@@ -173,24 +174,31 @@ def check_ours(path: Path) -> None:
         raise foreign
 
 
-def set_aside(path: str | os.PathLike[str]) -> Path:
+def set_aside(path: str | os.PathLike[str], label: str = "unreadable") -> Path:
     """Rename an unreadable database (and its WAL/SHM files) out of the way, never delete it.
 
-    Returns the new name of the old file; ``path`` is then free for a fresh database.
+    Returns the new name of the old file (``NAME.<label>-<time>``); ``path`` is then free
+    for a fresh database.
     """
     source = Path(path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = source.with_name(f"{source.name}.unreadable-{stamp}")
+    target = source.with_name(f"{source.name}.{label}-{stamp}")
     counter = 1
     while target.exists():
         counter += 1
-        target = source.with_name(f"{source.name}.unreadable-{stamp}-{counter}")
+        target = source.with_name(f"{source.name}.{label}-{stamp}-{counter}")
     for suffix in ("-wal", "-shm"):
         companion = source.with_name(source.name + suffix)
         if companion.exists():
             companion.rename(target.with_name(target.name + suffix))
     source.rename(target)
     return target
+
+
+def _short(error: Exception) -> str:
+    """SQLite's own words from a storage error, without the file's path."""
+    text = str(error)
+    return text[text.rfind("(") + 1 : -1] if text.endswith(")") and "(" in text else text
 
 
 class Store(ChatFamilies):
@@ -213,6 +221,8 @@ class Store(ChatFamilies):
         self.read_only = read_only
         self.live = live
         self._kv: KVStore | None = None
+        #: Why the KV file was set aside when it was opened (taken by the next restore).
+        self.kv_notice: str | None = None
         self._lock_file: int | None = None
         _check_file_header(self.path)
         check_ours(self.path)
@@ -503,8 +513,11 @@ class Store(ChatFamilies):
             self._write("DELETE FROM chats WHERE id = ?", (chat_id,))
         self._reclaim_space(vacuum=True)
         if self._kv is not None or self.kv_path.exists():
-            for doomed_id in doomed:
-                self.kv.delete_state(doomed_id)
+            try:
+                for doomed_id in doomed:
+                    self.kv.delete_state(doomed_id)
+            except DatabaseCorrupt as error:  # the KV file is disposable: never an obstacle
+                self.kv_notice = self.set_kv_aside(error)
 
     # -- instruction block ----------------------------------------------------------
 
@@ -633,15 +646,72 @@ class Store(ChatFamilies):
 
     @property
     def kv_path(self) -> Path:
-        """``chats.db`` → ``chats.kv.db``: the disposable page store of this database."""
-        return self.path.with_name(self.path.stem + ".kv" + (self.path.suffix or ".db"))
+        """The disposable page store of this database, named from its resolved file name:
+        ``chats.db`` → ``chats.kv.db``, any other name gets ``.kv`` (``chats`` →
+        ``chats.kv``), so two databases never share one (``chats`` and ``chats.db`` did)."""
+        real = self.path.resolve()
+        if real.suffix == ".db":
+            return real.with_name(real.stem + ".kv.db")
+        return real.with_name(real.name + ".kv")
 
     @property
     def kv(self) -> KVStore:
-        """The KV page store, opened (and created) on first use."""
+        """The KV page store, opened (and created) on first use.
+
+        The file is disposable: a truncated or unreadable one, or one that belongs to
+        another chats database, is renamed aside and a fresh one started (``kv_notice``
+        says so). Read-only, it is opened for figures only and nothing is written.
+        """
         if self._kv is None:
-            self._kv = KVStore(self.kv_path)
+            if self.read_only:
+                self._kv = KVStore(self.kv_path, read_only=True)
+                return self._kv
+            cause = file_is_truncated(self.kv_path)
+            if cause is None:
+                try:
+                    self._kv = KVStore(self.kv_path, key=self.kv_key())
+                    return self._kv
+                except KVFileOfAnotherDatabase:
+                    self.kv_notice = self._kv_aside("belongs to another chats database",
+                                                    "other-database")
+                except DatabaseCorrupt as error:
+                    self.kv_notice = self._kv_aside(f"is unreadable ({_short(error)})")
+            else:
+                self.kv_notice = self._kv_aside(f"is unreadable: {cause}")
+            self._kv = KVStore(self.kv_path, key=self.kv_key())
         return self._kv
+
+    def set_kv_aside(self, error: StorageError) -> str:
+        """A damaged KV file found in use: rename it aside, start a fresh one, say so."""
+        if self._kv is not None:
+            self._kv.close()
+            self._kv = None
+        note = self._kv_aside(f"is damaged ({_short(error)})")
+        self._kv = KVStore(self.kv_path, key=self.kv_key())
+        return note
+
+    def _kv_aside(self, cause: str, label: str = "damaged") -> str:
+        name = self.kv_path.name
+        if not self.kv_path.exists():
+            return f"{name} {cause}: saved states are recomputed"
+        moved = set_aside(self.kv_path, label)
+        return f"{name} {cause}: set aside as {moved.name}; saved states are recomputed"
+
+    def kv_key(self) -> bytes | None:
+        """The secret that keys the KV file's MACs (made anew if it is missing or not 32
+        bytes: every saved state is then recomputed once). None read-only without one."""
+        try:
+            rows = self.db.execute("SELECT key FROM kv_signing_key WHERE id = 1").fetchall()
+        except sqlite3.Error:
+            rows = []
+        if rows and isinstance(rows[0][0], bytes) and len(rows[0][0]) == KEY_SIZE:
+            return rows[0][0]
+        if self.read_only:
+            return None
+        key = secrets.token_bytes(KEY_SIZE)
+        with self.transaction():
+            self._write("INSERT OR REPLACE INTO kv_signing_key (id, key) VALUES (1, ?)", (key,))
+        return key
 
     # -- chat templates chosen per model ---------------------------------------------
 
