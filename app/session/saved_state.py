@@ -216,10 +216,10 @@ class SavedStates:
         if complete and len(pages) > len(chain):
             tail = pages[len(chain)]
             fmt = formats[tail.cache] if tail.cache < len(formats) else None
-            positions = page_positions(_page(tail), fmt) if fmt else []
             parent = chain[-1] if chain else self._root
+            positions = page_positions(_page(tail), fmt).tolist() if fmt else []
             if fmt is None or any(p >= len(tokens) for p in positions) or (
-                self._tail_hash(parent, tokens, positions.tolist()) != tail.hash
+                self._tail_hash(parent, tokens, positions) != tail.hash
             ):
                 return 0, 0, "the saved state's window cache does not match its token ids", None
         gap = self.kv.last_gap or "a page is missing"
@@ -311,6 +311,7 @@ class SavedStates:
         if not np.array_equal(cells.positions, np.arange(start, len(tokens), dtype=np.int32)):
             return None
         fmt = cells.format
+        assert fmt is not None  # checked above
         # The cells were read as RANGE_SEQ's; the pages hold the chat sequence's id, as a
         # whole-state save would, so a page is the same bytes whichever way it was cut.
         cells.meta[:, fmt.meta_size - 4 :] = np.frombuffer(

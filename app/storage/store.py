@@ -613,7 +613,8 @@ class Store(ChatFamilies):
             ),
         )
         self._write("UPDATE chats SET updated_at = ? WHERE id = ?", (now, chat_id))
-        return int(cursor.lastrowid)
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
 
     def message(self, message_id: int) -> Message:
         rows = self._rows("SELECT * FROM messages WHERE id = ?", (message_id,))
@@ -766,7 +767,8 @@ class Store(ChatFamilies):
                 " VALUES (?, ?, ?, ?)",
                 (chat_id, message_id, time.time(), json.dumps(data)),
             )
-        return int(cursor.lastrowid)
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
 
     def update_metrics(self, metrics_id: int, data: dict[str, Any]) -> None:
         with self.transaction():
