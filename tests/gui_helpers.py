@@ -5,12 +5,10 @@ Plain functions (not fixtures) so each test module states its own fixtures expli
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QObject, QSettings, QTimer
+from PySide6.QtCore import QSettings, QTimer
 
 from app.session.chat_session import TurnResult
 from app.ui.app import create_application
@@ -96,35 +94,6 @@ def wait_background(
     result = found()
     assert result is not None
     return result
-
-
-class StallMeter(QObject):
-    """Longest gap between ticks of a 5 ms timer: how long the GUI event loop was blocked."""
-
-    def __init__(self, interval_ms: int = 5) -> None:
-        super().__init__()
-        self.timer = QTimer(self)
-        self.timer.setInterval(interval_ms)
-        self.timer.timeout.connect(self._tick)
-        self.longest_ms = 0.0
-        self._last: float | None = None
-
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            self.longest_ms = max(self.longest_ms, (now - self._last) * 1000)
-        self._last = now
-
-    def measure(self, action: Callable[[], None]) -> float:
-        """Run ``action`` (which must pump the event loop, e.g. qtbot.waitSignal) and measure."""
-        self.longest_ms = 0.0
-        self._last = None
-        self.timer.start()
-        try:
-            action()
-        finally:
-            self.timer.stop()
-        return self.longest_ms
 
 
 def open_new_chat(qtbot: Any, window: MainWindow) -> int:

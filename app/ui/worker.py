@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from app.session.engine import (
     CacheView,
     ChatEngine,
     ContextOverflowError,
+    EngineDescription,
     GenerationOptions,
     SessionError,
     TrimPreview,
@@ -68,42 +69,15 @@ def default_thread_count() -> int:
 
 
 @dataclass(frozen=True)
-class ModelStatus:
-    """What the window shows about the loaded model (plain data, safe to pass between threads)."""
+class ModelStatus(EngineDescription):
+    """What the window shows about the loaded model: the engine's description and how long
+    the load took (plain data, safe to pass between threads)."""
 
-    path: str
-    description: str
-    n_params: int
-    size_bytes: int
-    n_ctx: int
-    kv_type: str
-    backend_version: str
     load_ms: float = 0.0
-    #: The chat template in use ("" on a server) and what to tell the user about it.
-    template: str = ""
-    template_notes: tuple[str, ...] = ()
-    suggested_template: str | None = None
-    name: str = ""  # the model's own name (general.name) or the server's model id
-    kind: str = "local"  # "local" or "server"
 
     @staticmethod
     def of(engine: ChatEngine, load_ms: float) -> ModelStatus:
-        about = engine.describe()
-        return ModelStatus(
-            path=about.path,
-            description=about.description,
-            n_params=about.n_params,
-            size_bytes=about.size_bytes,
-            n_ctx=about.n_ctx,
-            kv_type=about.kv_type,
-            backend_version=about.backend_version,
-            load_ms=load_ms,
-            template=about.template,
-            template_notes=about.template_notes,
-            suggested_template=about.suggested_template,
-            name=about.name,
-            kind=about.kind,
-        )
+        return ModelStatus(**asdict(engine.describe()), load_ms=load_ms)
 
 
 @dataclass
