@@ -620,7 +620,9 @@ def test_regenerate_keeps_the_old_reply_as_version_one(qtbot, window: MainWindow
     assert again.version_of == original and window.current_chat_id == again.chat_id
     reply = window.chat_view.bubbles[-1]
     assert reply.role == "assistant" and reply.text == again.reply
-    assert reply.version_label.isVisible() and reply.version_label.text() == "2/2"
+    assert reply.version_label.text() == "2/2"
+    # A bubble added by the rebuild shows when the event loop runs next.
+    qtbot.waitUntil(reply.version_label.isVisible, timeout=5000)
     assert window.chat_list.list.count() == 1, "the versions are one chat in the list"
     wait_background(qtbot, window, again.metrics_id)
     reply.previous_version.click()
