@@ -41,6 +41,7 @@ from app.bench.report import BenchReport
 from app.bench.strategies import run_benchmark
 from app.ui import export as exporting
 from app.ui import theme
+from app.ui.dialogs import start_stop_column
 from app.ui.quality_tab import EvalRunner, QualityTab, eta_text
 from app.ui.worker import default_thread_count
 
@@ -170,13 +171,7 @@ class BenchWindow(QWidget):
         left.addRow("Turns", self.turns_spin)
         left.addRow("Edit every K turns", self.edit_every_spin)
 
-        self.start_button = QPushButton("Start")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setEnabled(False)
-        buttons = QVBoxLayout()
-        buttons.addWidget(self.start_button)
-        buttons.addWidget(self.stop_button)
-        buttons.addStretch(1)
+        self.start_button, self.stop_button, buttons = start_stop_column()
         controls = QHBoxLayout()
         controls.addLayout(sizes)
         controls.addSpacing(16)

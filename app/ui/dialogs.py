@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QPushButton,
     QSizePolicy,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -65,6 +66,17 @@ def hint_label(text: str) -> QLabel:
     label.setObjectName("hint")
     label.setWordWrap(True)
     return label
+
+
+def start_stop_column() -> tuple[QPushButton, QPushButton, QVBoxLayout]:
+    """Start and Stop (disabled until a run starts) in a column: the benchmark's tabs."""
+    start, stop = QPushButton("Start"), QPushButton("Stop")
+    stop.setEnabled(False)
+    column = QVBoxLayout()
+    column.addWidget(start)
+    column.addWidget(stop)
+    column.addStretch(1)
+    return start, stop, column
 
 
 def storage_note(db_path: Path) -> str:

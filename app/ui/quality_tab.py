@@ -25,7 +25,6 @@ from PySide6.QtWidgets import (
     QListWidgetItem,
     QPlainTextEdit,
     QProgressBar,
-    QPushButton,
     QSpinBox,
     QSplitter,
     QVBoxLayout,
@@ -38,6 +37,7 @@ from app.eval.runner import DEFAULT_MAX_TOKENS, LAYOUTS, EvalConfig, Progress, r
 from app.session.engine import SessionError
 from app.storage.records import EvalRate
 from app.ui import theme
+from app.ui.dialogs import start_stop_column
 
 if TYPE_CHECKING:
     from app.session.engine import ChatEngine
@@ -178,13 +178,7 @@ class QualityTab(QWidget):
         form.addRow("Cases", self.cases_spin)
         form.addRow("Turns", self.turns_spin)
         form.addRow("Recall probes", self.probes_spin)
-        self.start_button = QPushButton("Start")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setEnabled(False)
-        buttons = QVBoxLayout()
-        buttons.addWidget(self.start_button)
-        buttons.addWidget(self.stop_button)
-        buttons.addStretch(1)
+        self.start_button, self.stop_button, buttons = start_stop_column()
         about = QLabel(
             "Scripted chats whose instructions are verifiable (IFEval checks), replied"
             " greedily by the loaded model under each layout: system-first, history-first"
