@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import llama_cpp
 
@@ -160,6 +161,44 @@ class ModelInfo:
         return f"{self.name} · {quant}" if quant else self.name
 
 
+def context_params(
+    n_ctx: int, threads: int, n_batch: int, kv_type: str
+) -> llama_cpp.llama_context_params:
+    """llama.cpp's context settings for one chat sequence whose cache is reused exactly."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = n_batch
+    params.n_ubatch = n_batch
+    # Two sequences over one unified cache: sequence 0 is the chat, RANGE_SEQ only ever
+    # tags cells of sequence 0 while a range of them is serialized (get_state_from).
+    params.n_seq_max = 2
+    params.kv_unified = True
+    params.n_threads = threads
+    params.n_threads_batch = threads
+    # Sliding-window layers keep every cell in memory (llama.cpp's swa_full), so any
+    # prefix of the cache can be kept and extended exactly; costs the full KV size for
+    # those layers instead of a window's.
+    params.swa_full = True
+    params.type_k = KV_TYPES[KVType(kv_type)]
+    params.type_v = KV_TYPES[KVType(kv_type)]
+    params.flash_attn_type = flash_attention_type(kv_type)
+    return cast(llama_cpp.llama_context_params, params)
+
+
+def flash_attention_type(kv_type: str) -> int:
+    """Flash attention only where it is required (a quantized V cache needs it).
+
+    Without it, llama.cpp's CPU results for a token do not depend on how the prompt was
+    split into batches, so a reply computed on a reused cache is the reply of a cold
+    evaluation. With it, llama.cpp's CPU kernel takes a different path for a run of
+    fewer than 64 tokens (and for one-token decodes) than for a longer run, so a warm
+    turn's short prefill and every generated token differ from a cold evaluation's.
+    """
+    if kv_type == "f16":
+        return int(llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    return int(llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED)
+
+
 class LlamaBackend:
     """One model + one context + sequence 0, driven through llama.cpp's C API."""
 
@@ -185,7 +224,36 @@ class LlamaBackend:
         self._model = None
         self._ctx = None
         self._batch = None
+        self._model = self._load_model(path, progress, cancel)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self._model))
+        wanted_ctx = n_ctx or min(n_ctx_train or 8192, 8192)
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        self._ctx = self._create_context(context_params(wanted_ctx, threads, n_batch, kv_type))
+        if cancel is not None and cancel.is_set():
+            self.close()
+            raise ModelLoadCancelled(f"loading {path.name} was cancelled")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        # llama.cpp polls this between the graph's nodes while llama_decode runs; it is
+        # installed only for the decodes that can be cancelled (see decode()).
+        self._abort_event: threading.Event | None = None
+        self._abort_cb = _ABORT_CALLBACK(self._should_abort)
+        self._abort_installed = False
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+        self.n_batch = self._usable_batch(n_batch)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.info = self._read_info(n_ctx_train)
 
+    # -- loading --------------------------------------------------------------------
+
+    def _load_model(
+        self,
+        path: Path,
+        progress: Callable[[float], None] | None,
+        cancel: threading.Event | None,
+    ) -> llama_cpp.llama_model_p:
+        """The model's weights on the CPU; ``cancel`` aborts the load between tensors."""
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0
         # No extra CPU buffer types (AMX, weight repacking): llama.cpp's AMX matmul crashes
@@ -211,64 +279,29 @@ class LlamaBackend:
             raise ModelLoadError(
                 f"llama.cpp could not load {path.name}: {recent_log() or 'unknown error'}"
             )
-        self._model = model
-        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        return cast(llama_cpp.llama_model_p, model)
 
-        n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
-        wanted_ctx = n_ctx or min(n_ctx_train or 8192, 8192)
-        threads = n_threads or max(1, os.cpu_count() or 1)
-        ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = wanted_ctx
-        ctx_params.n_batch = n_batch
-        ctx_params.n_ubatch = n_batch
-        # Two sequences over one unified cache: sequence 0 is the chat, RANGE_SEQ only ever
-        # tags cells of sequence 0 while a range of them is serialized (get_state_from).
-        ctx_params.n_seq_max = 2
-        ctx_params.kv_unified = True
-        ctx_params.n_threads = threads
-        ctx_params.n_threads_batch = threads
-        # Sliding-window layers keep every cell in memory (llama.cpp's swa_full), so any
-        # prefix of the cache can be kept and extended exactly; costs the full KV size for
-        # those layers instead of a window's.
-        ctx_params.swa_full = True
-        ctx_params.type_k = KV_TYPES[KVType(kv_type)]
-        ctx_params.type_v = KV_TYPES[KVType(kv_type)]
-        # Without flash attention, llama.cpp's CPU results for a token do not depend on how
-        # the prompt was split into batches, so a reply computed on a reused cache is the
-        # reply of a cold evaluation. A quantized V cache needs flash attention, though.
-        ctx_params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            if kv_type == "f16"
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        )
-        ctx = llama_cpp.llama_init_from_model(model, ctx_params)
+    def _create_context(self, params: llama_cpp.llama_context_params) -> llama_cpp.llama_context_p:
+        """The context over the loaded model; the model is freed if llama.cpp refuses it."""
+        ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not ctx:
-            llama_cpp.llama_model_free(model)
+            llama_cpp.llama_model_free(self._model)
             self._model = None
             raise ModelLoadError(
-                f"llama.cpp could not create a context (n_ctx={wanted_ctx}, kv={kv_type}) for "
-                f"{path.name}: {recent_log() or 'unknown error'}"
+                f"llama.cpp could not create a context (n_ctx={params.n_ctx}, kv={self.kv_type})"
+                f" for {self.path.name}: {recent_log() or 'unknown error'}"
             )
-        self._ctx = ctx
-        if cancel is not None and cancel.is_set():
-            self.close()
-            raise ModelLoadCancelled(f"loading {path.name} was cancelled")
-        self._memory = llama_cpp.llama_get_memory(ctx)
-        # llama.cpp polls this between the graph's nodes while llama_decode runs; it is
-        # installed only for the decodes that can be cancelled (see decode()).
-        self._abort_event: threading.Event | None = None
-        self._abort_cb = _ABORT_CALLBACK(self._should_abort)
-        self._abort_installed = False
-        self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
-        # llama.cpp lowers n_batch/n_ubatch to the requested n_ctx (before padding it) and
-        # aborts the process (GGML_ASSERT) on a larger llama_decode call: every run we
-        # send must fit the batch sizes the context actually got.
-        self.n_batch = max(
-            1, min(n_batch, int(llama_cpp.llama_n_batch(ctx)), int(llama_cpp.llama_n_ubatch(ctx)))
-        )
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self.info = self._read_info(n_ctx_train)
+        return cast(llama_cpp.llama_context_p, ctx)
+
+    def _usable_batch(self, n_batch: int) -> int:
+        """The largest run decode() may send.
+
+        llama.cpp lowers n_batch/n_ubatch to the requested n_ctx (before padding it) and
+        aborts the process (GGML_ASSERT) on a larger llama_decode call: every run we
+        send must fit the batch sizes the context actually got.
+        """
+        got = min(int(llama_cpp.llama_n_batch(self._ctx)), int(llama_cpp.llama_n_ubatch(self._ctx)))
+        return max(1, min(n_batch, got))
 
     # -- model facts ----------------------------------------------------------------
 
@@ -339,7 +372,7 @@ class LlamaBackend:
 
     @property
     def memory_kind(self) -> str:
-        """"attention" (KV cells per token), "recurrent" (Mamba, RWKV) or "hybrid" (both)."""
+        """ "attention" (KV cells per token), "recurrent" (Mamba, RWKV) or "hybrid" (both)."""
         if llama_cpp.llama_model_is_hybrid(self._model):
             return "hybrid"
         if llama_cpp.llama_model_is_recurrent(self._model):
