@@ -192,9 +192,7 @@ def test_an_old_database_of_ours_is_upgraded(tmp_path: Path) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     for version, migrate in enumerate(migrations.MIGRATIONS[:2], start=1):
-        import sqlite_utils
-
-        migrate(sqlite_utils.Database(conn))
+        migrate(conn)
         conn.execute(f"PRAGMA user_version = {version}")
     conn.execute("INSERT INTO chats (name, created_at, updated_at) VALUES ('old', 0, 0)")
     conn.close()
@@ -1422,7 +1420,7 @@ def _damage(kv_path: Path, damage: str) -> bytes | None:
     ("damage", "cause"),
     [
         ("truncated", "it is truncated"),
-        ("garbage-header", "not a SQLite file"),
+        ("garbage-header", "not a SQLite database"),
         ("garbage-body", "is unreadable"),
         ("page-size-mismatch", "failed its checksum"),
         ("formats-edited", "fails its MAC"),
