@@ -144,3 +144,20 @@ def test_a_newer_kv_file_is_refused_as_too_new_and_left_as_it_is(tmp_path: Path)
     with pytest.raises(SchemaTooNew, match="newer KV Chat"):
         KVStore(path, key=b"k" * 32)
     assert path.read_bytes() == before
+
+
+def test_a_failed_migration_releases_the_database_for_the_next_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "chats.db"
+    Store(path).close()
+
+    def broken(conn: sqlite3.Connection) -> None:
+        raise RuntimeError("migration failed midway")
+
+    monkeypatch.setattr("app.storage.store.MIGRATIONS", [*migrations.MIGRATIONS, broken])
+    with pytest.raises(RuntimeError, match="midway"):
+        Store(path, exclusive=True)
+    monkeypatch.undo()
+    with Store(path, exclusive=True) as store:  # the process lock was released
+        assert store.schema_version() == migrations.SCHEMA_VERSION

@@ -249,12 +249,12 @@ class KVStore:
                 connection.configure_writer(self.conn, self.path, journal_limit=JOURNAL_LIMIT_BYTES)
                 connection.migrate(self.conn, self.path, KV_MIGRATIONS)
             stored = self._query("SELECT value FROM settings WHERE key = 'budget_bytes'")
-        except (sqlite3.Error, StorageError) as error:
+        except Exception as error:  # a failed migration too: never leave the file open
             with contextlib.suppress(sqlite3.Error, AttributeError):
                 self.conn.close()
-            if isinstance(error, StorageError):
-                raise
-            raise describe_error(error, self.path) from error
+            if isinstance(error, sqlite3.Error):
+                raise describe_error(error, self.path) from error
+            raise
         self.budget_bytes = int(stored[0][0]) if stored else DEFAULT_BUDGET_BYTES
         if key is not None and not read_only:
             self._claim(database_id(key))

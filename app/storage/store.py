@@ -215,11 +215,10 @@ class Store(ChatFamilies):
             else:
                 self._configure()
                 self._migrate()
-        except sqlite3.Error as error:
+        except Exception as error:  # a failed migration too: close, release the lock
             self.close()
-            raise describe_error(error, self.path) from error
-        except StorageError:
-            self.close()
+            if isinstance(error, sqlite3.Error):
+                raise describe_error(error, self.path) from error
             raise
 
     # -- opening --------------------------------------------------------------------
