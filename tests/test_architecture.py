@@ -303,7 +303,6 @@ LONG_FUNCTIONS_BEING_SPLIT = {
     "app/bench/strategies.py:_run",
     "app/cli.py:build_parser",
     "app/core/llama_backend.py:__init__",
-    "app/selftest.py:_run",
 }
 
 
