@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from conftest import GREEDY
 
-from app.bench.script import Script
 from app.core.llama_backend import LlamaBackend
 from app.core.state_pages import join_pages, parse_state, split_pages
 from app.domain import Role
@@ -97,45 +96,3 @@ def test_gemma_greedy_reply_is_the_same_with_and_without_reuse(
     again = cold.regenerate(chat_id, GREEDY)
     assert again.metrics.reused_tokens == 0
     assert store.message(again.reply_message_id).token_ids == reused_tokens
-
-
-def _greedy_after(backend: LlamaBackend, prompt: list[int], tail: int, count: int) -> list[int]:
-    """Greedy tokens after ``prompt`` evaluated in n_batch runs, its last ``tail`` tokens
-    in a run of their own (tail 0: as a cold evaluation splits it)."""
-    backend.clear()
-    cut = len(prompt) - tail
-    runs = [prompt[start : start + backend.n_batch] for start in range(0, cut, backend.n_batch)]
-    if tail:
-        runs.append(prompt[cut:])
-    position = 0
-    for index, run in enumerate(runs):
-        backend.decode(run, position, logits_for_last=index == len(runs) - 1)
-        position += len(run)
-    tokens: list[int] = []
-    with backend.make_sampler(0.0, 0) as sampler:
-        for _ in range(count):
-            tokens.append(sampler.sample())
-            backend.decode(tokens[-1:], position, logits_for_last=True)
-            position += 1
-    return tokens
-
-
-@pytest.mark.parametrize("model", ["smollm2", "gemma"])
-def test_a_short_run_on_a_reused_cache_continues_as_a_cold_evaluation(
-    model: str, model_path: Path, gemma_model_path: Path
-) -> None:
-    """The f16 cache keeps flash attention off: llama.cpp's CPU flash attention computes a
-    run of fewer than 64 tokens with another kernel than a longer run, and measured on
-    these prompts the greedy continuation after a 48-token run on a reused cache then
-    leaves the cold one (SmolLM2 at its 6th token, Gemma 3 at its 19th)."""
-    path = gemma_model_path if model == "gemma" else model_path
-    backend = LlamaBackend(path, n_ctx=2048)
-    try:
-        text = Script(lambda text: len(backend.tokenize(text, special=False)), seed=3).reply(1300)
-        prompt = backend.tokenize(text, special=False)[:1200]
-        assert len(prompt) == 1200
-        cold = _greedy_after(backend, prompt, tail=0, count=32)
-        warm = _greedy_after(backend, prompt, tail=48, count=32)
-    finally:
-        backend.close()
-    assert warm == cold
