@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -61,6 +62,7 @@ from app.session.engine import (
     ChatContext,
     ChatEngine,
     ContextOverflowError,
+    DraftPrefill,
     EngineDescription,
     GenerationOptions,
     PreparedMessage,
@@ -91,6 +93,7 @@ __all__ = [
     "ChatSession",
     "ContextOverflowError",
     "DecodeError",
+    "DraftPrefill",
     "GenerationOptions",
     "ModelLoadCancelled",
     "SessionError",
@@ -531,6 +534,73 @@ class ChatSession(HistoryTrimming, ChatEngine):
             tokens = self.builder.user_segment(text)
         return PreparedMessage(tokens, self._fit(context, tokens, options, exclude))
 
+    # -- live prefill -----------------------------------------------------------------
+
+    #: The chat whose draft was prefilled last, and where its message began in the
+    #: prompt: what the next turn counts as typed ahead.
+    _typed_ahead: tuple[int, int] | None = None
+
+    def prefill_draft(
+        self,
+        chat_id: int,
+        text: str,
+        *,
+        block_text: str | None = None,
+        cancel: threading.Event | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> DraftPrefill:
+        """Evaluate the draft's prompt on top of the warm cache (see ChatEngine).
+
+        The target ends with the generation prompt: the prompt as Send will make it, so
+        Send re-evaluates only its last token (for the logits) when nothing changed. An
+        edit keeps the common prefix; the mirror drops the rest (counted as discarded).
+        """
+        started = time.perf_counter()
+        if not self.mirror.partial_removal:
+            return DraftPrefill(chat_id, skipped="this model's memory cannot roll a draft back")
+        if not self._finish_idle_work(chat_id, cancel):
+            cut = "the idle-time steps were cut short"
+            return DraftPrefill(chat_id, completed=False, skipped=cut)
+        context = self._load_context(chat_id)
+        self.activate(chat_id, context)
+        pending = None
+        if text.strip():
+            pending = Segment(SegmentKind.PENDING, self.builder.user_segment(text), None, Role.USER)
+        base = self._plan(context, with_block=True, block_text=block_text)
+        target = base.tokens
+        if pending is not None:
+            target = self._plan(
+                context, with_block=True, pending=pending, block_text=block_text
+            ).tokens
+        if len(target) >= self.n_ctx:
+            return DraftPrefill(chat_id, skipped="the draft does not fit the context")
+        held = len(self.mirror)
+        common = self.mirror.matching(target)
+        synced = self.mirror.sync(
+            target,
+            need_logits=False,
+            cancel=cancel,
+            chunk=BACKGROUND_CHUNK,
+            progress=progress,
+            step=Step.TYPE_AHEAD,
+        )
+        self._typed_ahead = (chat_id, len(base.tokens)) if pending is not None else None
+        return DraftPrefill(
+            chat_id,
+            evaluated=synced.evaluated,
+            reused=synced.reused,
+            discarded=max(0, held - common),
+            completed=synced.completed,
+            ms=(time.perf_counter() - started) * 1000,
+        )
+
+    def _typed_ahead_tokens(self, chat_id: int, reused: int) -> int:
+        """The message tokens a turn reused because its draft was prefilled while typed."""
+        mark, self._typed_ahead = self._typed_ahead, None
+        if mark is None or mark[0] != chat_id:
+            return 0
+        return max(0, reused - mark[1])
+
     def _seconds_for(self, tokens: int) -> float | None:
         rate = self.mirror.prefill_tokens_per_s
         return tokens / rate if rate else None
@@ -575,6 +645,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
                 "end, so a change below it recomputes from the start"
             )
         metrics.reused_tokens = synced.reused
+        metrics.typed_ahead_tokens = self._typed_ahead_tokens(chat.id, synced.reused)
         metrics.prefill_tokens = synced.evaluated
         metrics.prefill_ms = synced.ms
         if synced.ms > 0 and synced.evaluated:
