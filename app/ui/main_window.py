@@ -56,6 +56,7 @@ from app.ui.composer import Composer, ElidedLabel
 from app.ui.dialogs import InfoBanner, about_html, storage_note
 from app.ui.inspector import CacheInspector, format_bytes
 from app.ui.instructions import LAYOUT_LABELS, InstructionEditor, describe_edit_cost
+from app.ui.live_prefill import LivePrefill
 from app.ui.model_settings import ModelSettingsDialog
 from app.ui.quality_tab import EvalRunner
 from app.ui.sampling import SamplingPanel, load_chat_sampling, store_chat_sampling
@@ -283,6 +284,10 @@ class MainWindow(QMainWindow):
         self.chat_list.delete_requested.connect(self._ask_delete)
         self.chat_list.search_changed.connect(lambda _text: self.refresh_chats())
         self.instructions.text_edited.connect(self.request_edit_cost)
+        self.live_prefill = LivePrefill(
+            self.host, self.input, self.instructions,
+            lambda: self.current_chat_id, lambda: self.model is not None, self,
+        )  # fmt: skip
         self.instructions.save_requested.connect(self.save_instructions)
         self.instructions.layout_changed.connect(self.set_layout)
         self.eval_runner.rates_ready.connect(self.instructions.show_eval_rates)
