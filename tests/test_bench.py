@@ -93,7 +93,8 @@ def test_api_report_shape_and_reuse(bench_run: tuple[BenchReport, list[TurnSampl
     report, seen = bench_run
     assert len(seen) == 2 * len(STRATEGIES)  # on_turn fired once per strategy and turn
     assert {sample.turn for sample in seen} == {0, 1}
-    assert all(sample.edit for sample in seen)  # edit_every 1 by default
+    # edit_every 1 by default; the floor (limit) never edits its block
+    assert all(sample.edit == (sample.strategy != LIMIT) for sample in seen)
     data = json.loads(report.to_json())
     _check_shape(data, turns=2)
     _check_reuse(data)

@@ -1,4 +1,4 @@
-"""Benchmark of caching strategies: one scripted chat replayed five ways in one run.
+"""Benchmark of caching strategies: one scripted chat replayed seven ways in one run.
 
 Why: the product claims that the history-first layout with commit and idle-time
 warm-up makes instruction edits cheap, and that saved states make reopening a
