@@ -5,9 +5,10 @@ cold evaluation gives."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
-from conftest import GREEDY
+from conftest import GREEDY, TEST_CTX
 
 from app.core.sequences import common_prefix_length
 from app.domain import Step
@@ -146,3 +147,17 @@ def test_a_draft_runs_the_pending_commit_first(engine: ChatSession, store: Store
     engine.prefill_draft(chat.id, MESSAGE)
     assert turn.done and not turn.remaining
     assert list(engine.cache_tokens) == _draft_prompt(engine, chat.id, MESSAGE)
+
+
+def test_a_draft_that_cannot_fit_is_skipped_and_leaves_the_cache(
+    engine: ChatSession, store: Store
+) -> None:
+    chat_id = _warm_chat(engine, store)
+    held = engine.cache_tokens
+    paste = ("A long pasted line of text with words. " * 30_000)[:1_000_000]
+    started = time.perf_counter()
+    for draft_text in (paste, "word " * TEST_CTX):  # refused untokenized; too many tokens
+        draft = engine.prefill_draft(chat_id, draft_text)
+        assert draft.skipped == "the draft does not fit the context"
+        assert draft.evaluated == 0 and engine.cache_tokens == held
+    assert time.perf_counter() - started < 30  # loose: no prefill of a 1 MB paste

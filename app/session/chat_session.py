@@ -108,6 +108,11 @@ __all__ = [
 ]
 
 
+#: A draft longer than this many bytes per context token cannot fit: refused before it is
+#: tokenized (a 1 MB paste must not hold the worker), as Send would refuse it.
+DRAFT_BYTES_PER_TOKEN = 64
+
+
 class ChatSession(HistoryTrimming, ChatEngine):
     """The local engine: the chats of one store on a model loaded in this process by
     llama.cpp; the cache holds one chat at a time."""
@@ -558,6 +563,8 @@ class ChatSession(HistoryTrimming, ChatEngine):
         started = time.perf_counter()
         if not self.mirror.partial_removal:
             return DraftPrefill(chat_id, skipped="this model's memory cannot roll a draft back")
+        if len(text.encode("utf-8", "surrogatepass")) > DRAFT_BYTES_PER_TOKEN * self.n_ctx:
+            return DraftPrefill(chat_id, skipped="the draft does not fit the context")
         if not self._finish_idle_work(chat_id, cancel):
             cut = "the idle-time steps were cut short"
             return DraftPrefill(chat_id, completed=False, skipped=cut)
