@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -80,6 +79,7 @@ from app.session.engine import (
     chat_started,
 )
 from app.session.generation import GeneratedReply, generate_reply
+from app.session.live_prefill import DraftPrefilling
 from app.session.saved_state import SavedStates
 from app.session.trimming import HistoryTrimming
 from app.storage.records import Message
@@ -108,12 +108,7 @@ __all__ = [
 ]
 
 
-#: A draft longer than this many bytes per context token cannot fit: refused before it is
-#: tokenized (a 1 MB paste must not hold the worker), as Send would refuse it.
-DRAFT_BYTES_PER_TOKEN = 64
-
-
-class ChatSession(HistoryTrimming, ChatEngine):
+class ChatSession(HistoryTrimming, DraftPrefilling, ChatEngine):
     """The local engine: the chats of one store on a model loaded in this process by
     llama.cpp; the cache holds one chat at a time."""
 
@@ -461,8 +456,19 @@ class ChatSession(HistoryTrimming, ChatEngine):
 
     # -- prompt plans -----------------------------------------------------------------
 
+    def _stored_tokens_usable(self, message: Message) -> bool:
+        """Stored ids are used only if they were written for this model and template and
+        name tokens the model has: ids edited into the database must not block the chat."""
+        ids = message.token_ids
+        return (
+            message.token_format == self.token_format
+            and bool(ids)
+            and min(ids) >= 0
+            and max(ids) < self.backend.n_vocab
+        )
+
     def _message_tokens(self, message: Message) -> tuple[int, ...]:
-        if message.token_format == self.token_format and message.token_ids:
+        if self._stored_tokens_usable(message):
             return tuple(message.token_ids)
         # Another model or template wrote these tokens: only now is text re-tokenized.
         if message.role == Role.USER:
@@ -539,79 +545,6 @@ class ChatSession(HistoryTrimming, ChatEngine):
             tokens = self.builder.user_segment(text)
         return PreparedMessage(tokens, self._fit(context, tokens, options, exclude))
 
-    # -- live prefill -----------------------------------------------------------------
-
-    #: The chat whose draft was prefilled last, and where its message began in the
-    #: prompt: what the next turn counts as typed ahead.
-    _typed_ahead: tuple[int, int] | None = None
-
-    def prefill_draft(
-        self,
-        chat_id: int,
-        text: str,
-        *,
-        block_text: str | None = None,
-        cancel: threading.Event | None = None,
-        progress: ProgressCallback | None = None,
-    ) -> DraftPrefill:
-        """Evaluate the draft's prompt on top of the warm cache (see ChatEngine).
-
-        The target ends with the generation prompt: the prompt as Send will make it, so
-        Send re-evaluates only its last token (for the logits) when nothing changed. An
-        edit keeps the common prefix; the mirror drops the rest (counted as discarded).
-        """
-        started = time.perf_counter()
-        if not self.mirror.partial_removal:
-            return DraftPrefill(chat_id, skipped="this model's memory cannot roll a draft back")
-        if len(text.encode("utf-8", "surrogatepass")) > DRAFT_BYTES_PER_TOKEN * self.n_ctx:
-            return DraftPrefill(chat_id, skipped="the draft does not fit the context")
-        if not self._finish_idle_work(chat_id, cancel):
-            cut = "the idle-time steps were cut short"
-            return DraftPrefill(chat_id, completed=False, skipped=cut)
-        context = self._load_context(chat_id)
-        self.activate(chat_id, context)
-        pending = None
-        if text.strip():
-            pending = Segment(SegmentKind.PENDING, self.builder.user_segment(text), None, Role.USER)
-        base = self._plan(context, with_block=True, block_text=block_text)
-        target = base.tokens
-        if pending is not None:
-            target = self._plan(
-                context, with_block=True, pending=pending, block_text=block_text
-            ).tokens
-        if len(target) >= self.n_ctx:
-            return DraftPrefill(chat_id, skipped="the draft does not fit the context")
-        held = len(self.mirror)
-        common = self.mirror.matching(target)
-        synced = self.mirror.sync(
-            target,
-            need_logits=False,
-            cancel=cancel,
-            chunk=BACKGROUND_CHUNK,
-            progress=progress,
-            step=Step.TYPE_AHEAD,
-        )
-        self._typed_ahead = (chat_id, len(base.tokens)) if pending is not None else None
-        return DraftPrefill(
-            chat_id,
-            evaluated=synced.evaluated,
-            reused=synced.reused,
-            discarded=max(0, held - common),
-            completed=synced.completed,
-            ms=(time.perf_counter() - started) * 1000,
-        )
-
-    def _typed_ahead_tokens(self, chat_id: int, reused: int) -> int:
-        """The message tokens a turn reused because its draft was prefilled while typed."""
-        mark, self._typed_ahead = self._typed_ahead, None
-        if mark is None or mark[0] != chat_id:
-            return 0
-        return max(0, reused - mark[1])
-
-    def _seconds_for(self, tokens: int) -> float | None:
-        rate = self.mirror.prefill_tokens_per_s
-        return tokens / rate if rate else None
-
     # -- a turn -----------------------------------------------------------------------
 
     def _respond(
@@ -637,6 +570,8 @@ class ChatSession(HistoryTrimming, ChatEngine):
             f"message {m.seq}: stored token ids were unreadable; re-tokenized from its text"
             for m in context.messages
             if m.tokens_unreadable
+            or (m.token_ids and m.token_format == self.token_format
+                and not self._stored_tokens_usable(m))
         )
         try:
             synced: SyncResult = self.mirror.sync(
@@ -675,7 +610,6 @@ class ChatSession(HistoryTrimming, ChatEngine):
         metrics.seed = options.seed
         token_ids = self.builder.assistant_segment(reply.tokens) if reply.tokens else None
         return self._store_reply(turn, reply.text, metrics, token_ids)
-
 
     # -- idle-time steps --------------------------------------------------------------
 
