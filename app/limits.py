@@ -58,6 +58,14 @@ def llama_seed(value: int) -> int:
     return LLAMA_RANDOM_SEED if value == RANDOM_SEED else value
 
 
+def alternative_seed(seed: int, index: int) -> int:
+    """Alternative ``index``'s sampler seed: the chat's seed for the first, the next ones
+    after it (replies differ, and the same seed gives the same replies again); -1 stays
+    random."""
+    check_seed(seed)
+    return seed if seed == RANDOM_SEED else (seed + index) % (MAX_SEED + 1)
+
+
 def check_count(name: str, value: int, minimum: int, maximum: int) -> int:
     if not minimum <= value <= maximum:
         raise ValueError(f"{name} {value} is out of range: use {minimum} to {maximum}")

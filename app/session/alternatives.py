@@ -34,14 +34,6 @@ GREEDY_NOTE = (
 )
 
 
-def alternative_seed(seed: int, index: int) -> int:
-    """Reply ``index``'s sampler seed: the chat's seed for the first, the next ones after
-    it (replies differ, and the same seed gives the same replies again); -1 stays random."""
-    if seed == limits.RANDOM_SEED:
-        return seed
-    return (seed + index) % (limits.MAX_SEED + 1)
-
-
 def shares_cells(backend: LlamaBackend, mirror: KVMirror) -> bool:
     """Whether the replies can be sequences sharing the prompt's cells: attention memory
     that drops partial ranges (recurrent state cannot be shared that way)."""
@@ -68,7 +60,7 @@ def sample_together(
     ]
     samplers = [
         backend.make_sampler(
-            options.temperature, alternative_seed(options.seed, index), options.sampling
+            options.temperature, limits.alternative_seed(options.seed, index), options.sampling
         )
         for index in range(count)
     ]
@@ -135,7 +127,7 @@ def sample_one_by_one(
         seeded = GenerationOptions(
             options.max_tokens,
             options.temperature,
-            alternative_seed(options.seed, index),
+            limits.alternative_seed(options.seed, index),
             options.sampling,
         )
         scratch = TurnMetrics()
