@@ -49,6 +49,7 @@ from app.storage.export import export_chat
 from app.storage.records import Chat
 from app.storage.store import StorageError, Store
 from app.ui import theme
+from app.ui.alternatives import AlternativesControl
 from app.ui.bench_window import BenchWindow
 from app.ui.chat_list import ChatListPanel
 from app.ui.chat_view import ChatView
@@ -272,6 +273,7 @@ class MainWindow(QMainWindow):
         self.send_button.clicked.connect(self.send)
         self.stop_button.clicked.connect(self.stop)
         self.regenerate_button.clicked.connect(self.regenerate)
+        self.alternatives = AlternativesControl(self)  # Regenerate ×3, beside Regenerate
         self.chat_view.retry_requested.connect(self.regenerate)
         self.chat_view.edit_requested.connect(self.start_edit)
         self.chat_view.fork_requested.connect(self.fork_at)
@@ -1244,7 +1246,7 @@ class MainWindow(QMainWindow):
         self.chat_view.begin_reply()
         self.pending_text = None
         self._set_busy(True, "Regenerating…")
-        self.host.regenerate(chat_id, self.generation_options())
+        self.host.regenerate(chat_id, self.alternatives.options(self.generation_options()))
 
     def stop(self) -> None:
         if self.busy:
