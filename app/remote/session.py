@@ -432,6 +432,7 @@ class RemoteChatSession(ChatEngine):
             return None
         metrics.alternatives = options.alternatives
         texts: list[str] = []
+        reused: list[int] = []
         for index in range(1, options.alternatives):
             seeded = replace(options, seed=limits.alternative_seed(options.seed, index))
             completion = self._complete(
@@ -446,10 +447,12 @@ class RemoteChatSession(ChatEngine):
             metrics.decode_tokens += completion.completion_tokens or completion.pieces
             metrics.decode_ms += completion.decode_ms
             self.held.tokens = completion.prompt_tokens + completion.completion_tokens
+            reused.append(completion.reused_tokens)
             texts.append(completion.text)
         metrics.notes.append(
             f"server: {options.alternatives} alternatives as {options.alternatives} requests "
-            "one after another, the prompt cached in the slot (the API's n is not used)"
+            f"one after another (the API's n is not used); the later ones found {min(reused)} "
+            f"of the prompt's {metrics.prompt_tokens} tokens cached"
         )
         if options.temperature <= 0:
             metrics.notes.append("temperature 0: every alternative is the same reply")
