@@ -7,16 +7,13 @@ cells); the first is shown and kept, ‹ › shows the others, as for any versio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QEvent, QObject
 from PySide6.QtWidgets import QBoxLayout, QPushButton
 
 from app.session.engine import GenerationOptions
-
-if TYPE_CHECKING:
-    from app.ui.main_window import MainWindow
 
 COUNT = 3
 
@@ -24,9 +21,14 @@ COUNT = 3
 class AlternativesControl(QObject):
     """The Regenerate ×3 button; enabled whenever Regenerate is."""
 
-    def __init__(self, window: MainWindow) -> None:
-        super().__init__(window)
-        self.window = window
+    def __init__(
+        self, parent: QObject, regenerate_button: QPushButton, regenerate: Callable[[], None]
+    ) -> None:
+        """``regenerate``: the window's Regenerate, which asks :meth:`options` for the
+        request's options."""
+        super().__init__(parent)
+        self._regenerate = regenerate
+        self._regenerate_button = regenerate_button
         self._count = 1  # the count of the request being made now
         self.button = QPushButton(f"Regenerate ×{COUNT}")
         self.button.setObjectName("regenerateAlternatives")
@@ -34,19 +36,19 @@ class AlternativesControl(QObject):
             f"{COUNT} new versions of the last reply, sampled together from one prefill; "
             "the first is kept, ‹ › shows the others"
         )
-        regenerate = window.regenerate_button
-        layout = _layout_holding(window.composer.layout(), regenerate)
+        holder = regenerate_button.parentWidget()
+        layout = _layout_holding(holder.layout() if holder else None, regenerate_button)
         if layout is not None:
-            layout.insertWidget(layout.indexOf(regenerate) + 1, self.button)
-        self.button.setEnabled(regenerate.isEnabled())
-        regenerate.installEventFilter(self)
+            layout.insertWidget(layout.indexOf(regenerate_button) + 1, self.button)
+        self.button.setEnabled(regenerate_button.isEnabled())
+        regenerate_button.installEventFilter(self)
         self.button.clicked.connect(self.regenerate)
 
     def regenerate(self) -> None:
         """The window's Regenerate, with COUNT replies for this one request."""
         self._count = COUNT
         try:
-            self.window.regenerate()
+            self._regenerate()
         finally:
             self._count = 1
 
@@ -55,8 +57,8 @@ class AlternativesControl(QObject):
         return replace(options, alternatives=self._count)
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:
-        if event.type() == QEvent.Type.EnabledChange and watched is self.window.regenerate_button:
-            self.button.setEnabled(self.window.regenerate_button.isEnabled())
+        if event.type() == QEvent.Type.EnabledChange and watched is self._regenerate_button:
+            self.button.setEnabled(self._regenerate_button.isEnabled())
         return False
 
 

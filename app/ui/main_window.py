@@ -273,7 +273,7 @@ class MainWindow(QMainWindow):
         self.send_button.clicked.connect(self.send)
         self.stop_button.clicked.connect(self.stop)
         self.regenerate_button.clicked.connect(self.regenerate)
-        self.alternatives = AlternativesControl(self)  # Regenerate ×3, beside Regenerate
+        self.alternatives = AlternativesControl(self, self.regenerate_button, self.regenerate)
         self.chat_view.retry_requested.connect(self.regenerate)
         self.chat_view.edit_requested.connect(self.start_edit)
         self.chat_view.fork_requested.connect(self.fork_at)
