@@ -1,19 +1,16 @@
 """The window's "Regenerate ×3": three new versions of the last reply from one prefill.
 
-The button sits beside Regenerate and runs the window's Regenerate with the count set
-for that one request (the engine samples the replies as sequences sharing the prompt's
-cells); the first is shown and kept, ‹ › shows the others, as for any versions.
+The button sits beside Regenerate and runs the window's Regenerate asking for three
+replies (the engine samples them as sequences sharing the prompt's cells); the first is
+shown and kept, ‹ › shows the others, as for any versions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 from PySide6.QtCore import QEvent, QObject
 from PySide6.QtWidgets import QBoxLayout, QPushButton
-
-from app.session.engine import GenerationOptions
 
 COUNT = 3
 
@@ -22,14 +19,12 @@ class AlternativesControl(QObject):
     """The Regenerate ×3 button; enabled whenever Regenerate is."""
 
     def __init__(
-        self, parent: QObject, regenerate_button: QPushButton, regenerate: Callable[[], None]
+        self, parent: QObject, regenerate_button: QPushButton, regenerate: Callable[[int], None]
     ) -> None:
-        """``regenerate``: the window's Regenerate, which asks :meth:`options` for the
-        request's options."""
+        """``regenerate``: the window's Regenerate, asking for this many replies."""
         super().__init__(parent)
         self._regenerate = regenerate
         self._regenerate_button = regenerate_button
-        self._count = 1  # the count of the request being made now
         self.button = QPushButton(f"Regenerate ×{COUNT}")
         self.button.setObjectName("regenerateAlternatives")
         self.button.setToolTip(
@@ -42,19 +37,7 @@ class AlternativesControl(QObject):
             layout.insertWidget(layout.indexOf(regenerate_button) + 1, self.button)
         self.button.setEnabled(regenerate_button.isEnabled())
         regenerate_button.installEventFilter(self)
-        self.button.clicked.connect(self.regenerate)
-
-    def regenerate(self) -> None:
-        """The window's Regenerate, with COUNT replies for this one request."""
-        self._count = COUNT
-        try:
-            self._regenerate()
-        finally:
-            self._count = 1
-
-    def options(self, options: GenerationOptions) -> GenerationOptions:
-        """The request's options: the window's, with the count of this request."""
-        return replace(options, alternatives=self._count)
+        self.button.clicked.connect(lambda: self._regenerate(COUNT))
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:
         if event.type() == QEvent.Type.EnabledChange and watched is self._regenerate_button:
