@@ -217,15 +217,19 @@ def generate_replies(
 
 
 def kept_replies(
-    replies: list[GeneratedReply], metrics: TurnMetrics
-) -> tuple[GeneratedReply, list[GeneratedReply]]:
-    """The reply to store and the other versions to store with it. Stopped alternatives
-    store nothing: the chat keeps the reply it had (a regenerate's old one)."""
+    replies: list[GeneratedReply],
+    metrics: TurnMetrics,
+    wrap: Callable[[list[int]], tuple[int, ...]],
+) -> tuple[GeneratedReply, tuple[int, ...] | None, list[tuple[str, tuple[int, ...] | None]]]:
+    """The reply to store with its token ids, and the other versions to store with it
+    (text, token ids): ids are tokens ``wrap``-ped in the assistant's markup. Stopped
+    alternatives store nothing: the chat keeps the reply it had (a regenerate's old one)."""
     first, others = replies[0], replies[1:]
     if others and first.finish == FinishReason.CANCELLED:
         metrics.notes.append(
             f"stopped: the {len(replies)} partial alternatives are not stored; "
             "the chat keeps the reply it had"
         )
-        return GeneratedReply(FinishReason.CANCELLED), []
-    return first, others
+        return GeneratedReply(FinishReason.CANCELLED), None, []
+    stored = [(reply.text, wrap(reply.tokens) if reply.tokens else None) for reply in replies]
+    return first, stored[0][1], stored[1:]

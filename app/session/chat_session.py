@@ -605,18 +605,11 @@ class ChatSession(HistoryTrimming, ChatEngine):
                 self.backend, self.mirror, (self._end_token, self._end_text),
                 options, metrics, turn.started, prompt, on_token, cancel,
             )  # fmt: skip
-        reply, others = kept_replies(replies, metrics)
+        reply, token_ids, others = kept_replies(replies, metrics, self.builder.assistant_segment)
         metrics.finish_reason = reply.finish
         metrics.seed = options.seed
-        result = self._store_reply(turn, reply.text, metrics, self._reply_ids(reply))
-        return self._store_alternatives(
-            turn, result, [(other.text, self._reply_ids(other)) for other in others]
-        )
-
-    def _reply_ids(self, reply: GeneratedReply) -> tuple[int, ...] | None:
-        """The stored token ids of a reply: its tokens in the assistant's markup."""
-        return self.builder.assistant_segment(reply.tokens) if reply.tokens else None
-
+        result = self._store_reply(turn, reply.text, metrics, token_ids)
+        return self._store_alternatives(turn, result, others)
 
     # -- idle-time steps --------------------------------------------------------------
 
