@@ -17,6 +17,8 @@ class TurnMetrics:
     engine: str = "local"  # "server": figures reported by an OpenAI-compatible server
     layout: str = "history-first"
     reused_tokens: int = 0
+    #: Of ``reused_tokens``: the message's own tokens, prefilled while it was typed.
+    typed_ahead_tokens: int = 0
     prefill_tokens: int = 0
     background_tokens: int = 0
     commit_tokens: int = 0
@@ -45,6 +47,8 @@ class TurnMetrics:
     finish_reason: str = ""
     seed: int | None = None  # the sampler's seed; a regenerate at temperature > 0 draws a new one
     sampling: dict[str, float] | None = None  # top-k, top-p, min-p, repeat penalty used
+    #: Replies sampled from the one prompt (decode figures cover all of them).
+    alternatives: int = 1
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:

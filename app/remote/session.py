@@ -10,6 +10,12 @@ The idle-time steps keep their meaning:
   with ``max_tokens`` 0, or 1 where the server refuses 0): a chat-completions request
   cannot end on a finished assistant turn, and the warm-up prompt starts with exactly
   what the commit would have evaluated;
+- live prefill (``prefill_draft``, off unless ``live_prefill`` is set: it costs server
+  work per burst of keystrokes) sends the draft the same way, as the pending user
+  message with ``max_tokens`` 0. llama-server evaluates the prompt into the chat's slot
+  (reusing its longest common prefix with what the slot holds, ``cache_prompt``) and
+  answers at once with no token; the slot then holds the draft's prompt, so the send
+  reuses it up to the first token that differs;
 - save writes the chat's llama-server slot to a file on the server
   (``/slots/{id}?action=save``) and the next activation restores it, when the server
   runs with ``--slot-save-path``.
@@ -26,8 +32,9 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from app import limits
 from app.core.chat_template import BLOCK_ACK, BLOCK_LABEL_CLOSE, BLOCK_LABEL_OPEN
 from app.core.metrics import TurnMetrics
 from app.domain import FinishReason, Layout, Sampling, Step
@@ -45,6 +52,7 @@ from app.session.engine import (
     CacheView,
     ChatContext,
     ChatEngine,
+    DraftPrefill,
     EngineDescription,
     GenerationOptions,
     PreparedMessage,
@@ -116,6 +124,8 @@ class RemoteChatSession(ChatEngine):
         self._file_key = hashlib.sha1(identity.encode()).hexdigest()[:12]
         self.model_identity = f"server|{self.info.base_url}|{self.info.model}"
         self._skip_cache_once = False
+        #: Live prefill of drafts (requests that generate nothing): off by default.
+        self.live_prefill = False
 
     # -- facts ------------------------------------------------------------------------
 
@@ -408,7 +418,52 @@ class RemoteChatSession(ChatEngine):
         cache = self.held
         cache.tokens = completion.prompt_tokens + completion.completion_tokens
         cache.changed = True
-        return self._store_reply(turn, completion.text, metrics)
+        others = self._more_alternatives(turn, metrics, cancel)
+        if others is None:  # stopped: nothing is stored, the chat keeps the reply it had
+            metrics.finish_reason = FinishReason.CANCELLED
+            return self._store_reply(turn, "", metrics)
+        result = self._store_reply(turn, completion.text, metrics)
+        return self._store_alternatives(turn, result, [(text, None) for text in others])
+
+    def _more_alternatives(
+        self, turn: Turn, metrics: TurnMetrics, cancel: threading.Event | None
+    ) -> list[str] | None:
+        """Alternatives 2..N: requests one after another for the same prompt, which the
+        slot then holds cached (only the reply is computed again). The server's ``n``
+        (llama-server's ``n_cmpl``) is not asked for: it needs a free slot per reply and
+        streams the replies interleaved. None when stopped (nothing is kept)."""
+        options, user = turn.options, turn.user
+        if options.alternatives == 1:
+            return []
+        if metrics.finish_reason == FinishReason.CANCELLED:
+            return None
+        metrics.alternatives = options.alternatives
+        texts: list[str] = []
+        reused: list[int] = []
+        for index in range(1, options.alternatives):
+            seeded = replace(options, seed=limits.alternative_seed(options.seed, index))
+            completion = self._complete(
+                turn.context, pending=user.text, exclude=user.id,
+                max_tokens=options.max_tokens, options=seeded, cancel=cancel,
+            )  # fmt: skip
+            if cancel is not None and cancel.is_set():
+                metrics.notes.append(
+                    f"stopped: the {options.alternatives} partial alternatives are not stored"
+                )
+                return None
+            metrics.decode_tokens += completion.completion_tokens or completion.pieces
+            metrics.decode_ms += completion.decode_ms
+            self.held.tokens = completion.prompt_tokens + completion.completion_tokens
+            reused.append(completion.reused_tokens)
+            texts.append(completion.text)
+        metrics.notes.append(
+            f"server: {options.alternatives} alternatives as {options.alternatives} requests "
+            f"one after another (the API's n is not used); the later ones found {min(reused)} "
+            f"of the prompt's {metrics.prompt_tokens} tokens cached"
+        )
+        if options.temperature <= 0:
+            metrics.notes.append("temperature 0: every alternative is the same reply")
+        return texts
 
     def _fill_metrics(
         self, metrics: TurnMetrics, completion: ChatCompletion, started: float, sent: float
@@ -475,6 +530,44 @@ class RemoteChatSession(ChatEngine):
         ms = (time.perf_counter() - started) * 1000
         return StepResult(
             Step.WARM_UP, completion.evaluated_tokens, ms, completed=not completion.cancelled
+        )
+
+    def prefill_draft(
+        self,
+        chat_id: int,
+        text: str,
+        *,
+        block_text: str | None = None,
+        cancel: threading.Event | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> DraftPrefill:
+        """The draft's prompt sent with ``max_tokens`` 0 (see the module's notes), when
+        ``live_prefill`` is on; the server's own counts say what it reused."""
+        if not self.live_prefill:
+            return DraftPrefill(chat_id, skipped="live prefill is off for this server")
+        if not self._finish_idle_work(chat_id, cancel) or (cancel and cancel.is_set()):
+            return DraftPrefill(chat_id, completed=False, skipped="cancelled")
+        started = time.perf_counter()
+        context = self._load_context(chat_id)
+        self.activate(chat_id, context)
+        if block_text is not None:
+            context.block_text = block_text
+        options = GenerationOptions(max_tokens=1, temperature=0.0, seed=0)
+        held = self.held.tokens
+        completion = self._complete(
+            context, pending=text if text.strip() else None, exclude=None,
+            max_tokens=self.warmup_max_tokens, options=options, cancel=cancel,
+        )  # fmt: skip
+        cache = self.held
+        cache.tokens = completion.prompt_tokens + completion.completion_tokens
+        cache.changed = True
+        return DraftPrefill(
+            chat_id,
+            evaluated=completion.evaluated_tokens,
+            reused=completion.reused_tokens,
+            discarded=max(0, held - completion.reused_tokens),
+            completed=not completion.cancelled,
+            ms=(time.perf_counter() - started) * 1000,
         )
 
     def prefill_history(

@@ -53,6 +53,7 @@ from app.domain import (
     TemplateChoice,
     TemplateKind,
 )
+from app.session.alternatives import generate_replies, kept_replies, prefill
 from app.session.context_size import ContextTooSmall, check_context_size
 from app.session.engine import (
     BACKGROUND_CHUNK,
@@ -61,6 +62,7 @@ from app.session.engine import (
     ChatContext,
     ChatEngine,
     ContextOverflowError,
+    DraftPrefill,
     EngineDescription,
     GenerationOptions,
     PreparedMessage,
@@ -77,7 +79,8 @@ from app.session.engine import (
     Upkeep,
     chat_started,
 )
-from app.session.generation import GeneratedReply, generate_reply
+from app.session.generation import GeneratedReply
+from app.session.live_prefill import DraftPrefilling
 from app.session.saved_state import SavedStates
 from app.session.trimming import HistoryTrimming
 from app.storage.records import Message
@@ -91,6 +94,7 @@ __all__ = [
     "ChatSession",
     "ContextOverflowError",
     "DecodeError",
+    "DraftPrefill",
     "GenerationOptions",
     "ModelLoadCancelled",
     "SessionError",
@@ -105,7 +109,7 @@ __all__ = [
 ]
 
 
-class ChatSession(HistoryTrimming, ChatEngine):
+class ChatSession(HistoryTrimming, DraftPrefilling, ChatEngine):
     """The local engine: the chats of one store on a model loaded in this process by
     llama.cpp; the cache holds one chat at a time."""
 
@@ -542,10 +546,6 @@ class ChatSession(HistoryTrimming, ChatEngine):
             tokens = self.builder.user_segment(text)
         return PreparedMessage(tokens, self._fit(context, tokens, options, exclude))
 
-    def _seconds_for(self, tokens: int) -> float | None:
-        rate = self.mirror.prefill_tokens_per_s
-        return tokens / rate if rate else None
-
     # -- a turn -----------------------------------------------------------------------
 
     def _respond(
@@ -575,9 +575,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
                 and not self._stored_tokens_usable(m))
         )
         try:
-            synced: SyncResult = self.mirror.sync(
-                prompt, need_logits=True, cancel=cancel, progress=progress
-            )
+            synced: SyncResult = prefill(self.mirror, prompt, options, cancel, progress)
         except NothingToEvaluate as error:
             raise SessionError(str(error)) from error
         if synced.fallback:
@@ -588,6 +586,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
                 "end, so a change below it recomputes from the start"
             )
         metrics.reused_tokens = synced.reused
+        metrics.typed_ahead_tokens = self._typed_ahead_tokens(chat.id, synced.reused)
         metrics.prefill_tokens = synced.evaluated
         metrics.prefill_ms = synced.ms
         if synced.ms > 0 and synced.evaluated:
@@ -600,17 +599,17 @@ class ChatSession(HistoryTrimming, ChatEngine):
             metrics.notes.append(
                 f"system-first: {metrics.history_tokens - synced.reused} history tokens recomputed"
             )
-        reply = GeneratedReply(FinishReason.CANCELLED)
+        replies = [GeneratedReply(FinishReason.CANCELLED)]
         if synced.completed:
-            reply = generate_reply(
-                self.backend, self.mirror, self._end_token, self._end_text,
-                options, metrics, turn.started, on_token, cancel,
-            )
+            replies = generate_replies(
+                self.backend, self.mirror, (self._end_token, self._end_text),
+                options, metrics, turn.started, prompt, on_token, cancel,
+            )  # fmt: skip
+        reply, token_ids, others = kept_replies(replies, metrics, self.builder.assistant_segment)
         metrics.finish_reason = reply.finish
         metrics.seed = options.seed
-        token_ids = self.builder.assistant_segment(reply.tokens) if reply.tokens else None
-        return self._store_reply(turn, reply.text, metrics, token_ids)
-
+        result = self._store_reply(turn, reply.text, metrics, token_ids)
+        return self._store_alternatives(turn, result, others)
 
     # -- idle-time steps --------------------------------------------------------------
 

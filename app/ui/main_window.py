@@ -18,11 +18,13 @@ from PySide6.QtGui import QCloseEvent
 
 from app.domain import TemplateChoice
 from app.storage.records import Chat
+from app.ui.alternatives import AlternativesControl
 from app.ui.bench_window import BenchWindow
 from app.ui.cache_panel import CachePanel
 from app.ui.chat_actions import ChatActions
 from app.ui.instruction_drafts import InstructionDrafts
 from app.ui.instruction_edits import InstructionEdits
+from app.ui.live_prefill import LivePrefill
 from app.ui.model_control import ModelControl
 from app.ui.model_settings import ModelSettingsDialog
 from app.ui.server_dialog import ServerDialog
@@ -70,6 +72,10 @@ class MainWindow(WindowBase):
         self.models.fill_model_combo()
         self._connect_widgets()
         self._connect_worker()
+        self.live_prefill = LivePrefill(
+            self.host, self.input, self.instructions,
+            lambda: self.current_chat_id, lambda: self.model is not None, self,
+        )  # fmt: skip
         self.layout_area.restore(self, self.settings)
         self.first_run_banner = self.layout_area.show_first_run_note(self.settings, self.db_path)
         self._open_first_chat()
@@ -88,6 +94,9 @@ class MainWindow(WindowBase):
         self.send_button.clicked.connect(turns.send)
         self.stop_button.clicked.connect(turns.stop)
         self.regenerate_button.clicked.connect(turns.regenerate)
+        self.alternatives = AlternativesControl(
+            self, self.regenerate_button, turns.regenerate_alternatives
+        )
         self.chat_view.retry_requested.connect(turns.regenerate)
         self.chat_view.edit_requested.connect(turns.start_edit)
         self.composer.edit_cancelled.connect(turns.cancel_edit)
