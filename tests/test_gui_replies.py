@@ -71,9 +71,7 @@ def test_a_cut_reply_offers_continue_which_extends_the_same_message(
     assert "continued a reply of 6 tokens" in " ".join(more.metrics.notes)
 
 
-def test_an_edited_reply_is_a_new_version_and_can_be_continued(
-    qtbot, window: MainWindow
-) -> None:
+def test_an_edited_reply_is_a_new_version_and_can_be_continued(qtbot, window: MainWindow) -> None:
     chat_id = window.current_chat_id or open_new_chat(qtbot, window)
     window.max_tokens_spin.setValue(6)
     cut, _ = send_turn(qtbot, window, "Tell me about the sea.")

@@ -65,7 +65,8 @@ class ReplyEditDialog(QDialog):
 
     def _check(self) -> None:
         empty = not self.editor.toPlainText().strip()
-        self.problem.setText("A reply cannot be empty; Regenerate writes a new one." if empty else "")
+        problem = "A reply cannot be empty; Regenerate writes a new one." if empty else ""
+        self.problem.setText(problem)
         self.save_button.setEnabled(not empty)
         self.continue_button.setEnabled(not empty)
 
