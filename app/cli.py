@@ -136,7 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
         f"do not count; default {limits.DEFAULT_SERVER_TIMEOUT_S:g})",
     )
     chat.add_argument("--json", action="store_true", help="print one JSON object")
-    chat.add_argument("message", help="the user's message ('-' reads standard input)")
+    chat.add_argument(
+        "--continue",
+        dest="continue_reply",
+        action="store_true",
+        help="write more of the chat's last reply (e.g. one cut at --max-tokens), from the "
+        "cache; no message",
+    )
+    chat.add_argument(
+        "message", nargs="?", help="the user's message ('-' reads standard input)"
+    )
 
     history = commands.add_parser("history", help=COMMANDS["history"])
     history.add_argument("--db", required=True)
@@ -238,6 +247,33 @@ def _answer(
     return result, None, warnings
 
 
+def _check_continue(args: argparse.Namespace) -> None:
+    """``chat --continue`` extends a reply that exists: refused before any file is made."""
+    if args.message is not None:
+        raise CliError("--continue takes no message: it writes more of the last reply")
+    if not Path(args.db).expanduser().is_file():
+        raise CliError(f"no chat to continue: {args.db} does not exist")
+
+
+def _continue(
+    engine: ChatEngine, chat_id: int, options: GenerationOptions
+) -> tuple[TurnResult | None, Message | None, list[str]]:
+    """More of the chat's last reply, then the idle steps (as after a turn)."""
+    try:
+        result = engine.continue_reply(chat_id, options)
+    except (StorageError, DecodeError, SessionError) as error:
+        raise CliError(str(error)) from error
+    warnings: list[str] = []
+    try:
+        finished = engine.after_reply(chat_id)
+    except (StorageError, SessionError, DecodeError) as error:
+        warnings.append(f"{error} (the reply was saved; the cache state was not)")
+    else:
+        if finished is not None:
+            result = replace(result, metrics=finished)
+    return result, None, warnings
+
+
 def _check_engine_options(args: argparse.Namespace) -> None:
     """Options that cannot go together, refused before any file is opened."""
     if not args.server:
@@ -305,8 +341,12 @@ class _NewFiles:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    message = _read_stdin() if args.message == "-" else args.message
-    if not message.strip():
+    if args.continue_reply:
+        _check_continue(args)
+        message = ""
+    else:
+        message = _read_stdin() if args.message == "-" else (args.message or "")
+    if not message.strip() and not args.continue_reply:
         raise CliError("the message is empty")
     instructions = args.instructions
     if args.instructions_file:
@@ -349,9 +389,10 @@ def _chat_turn(
     message: str,
     instructions: str | None,
 ) -> int:
-    chat = store.chat_by_name(args.chat) or store.create_chat(
-        args.chat, args.layout or Layout.HISTORY_FIRST
-    )
+    found = store.chat_by_name(args.chat)
+    if found is None and args.continue_reply:
+        raise CliError(f"no chat named {args.chat!r} to continue")
+    chat = found or store.create_chat(args.chat, args.layout or Layout.HISTORY_FIRST)
     if args.layout and chat.layout != args.layout:
         chat = store.update_chat(chat.id, layout=args.layout)
     variables = dict(args.var)
@@ -368,7 +409,10 @@ def _chat_turn(
             args.trim_mode,
         )
     options = GenerationOptions(args.max_tokens, args.temperature, args.seed)
-    result, stored_reply, warnings = _answer(engine, store, chat.id, message, options)
+    if args.continue_reply:
+        result, stored_reply, warnings = _continue(engine, chat.id, options)
+    else:
+        result, stored_reply, warnings = _answer(engine, store, chat.id, message, options)
     template_warning = engine.template_warning()
     if template_warning:
         warnings.insert(0, template_warning)  # never a silent ChatML fallback

@@ -7,6 +7,7 @@ version of it (the old one is kept) whose common prefix stays in the cache.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,3 +203,38 @@ def test_continue_on_a_server_extends_the_same_reply_from_its_slot(
     # The slot held the history and the reply: the server reused it.
     assert more.metrics.reused_tokens > 0
     assert more.metrics.prefill_tokens < more.metrics.reused_tokens
+
+
+# -- the command line -------------------------------------------------------------------
+
+
+def test_cli_chat_continue_extends_the_last_reply_and_refuses_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.cli import main
+
+    db = str(tmp_path / "chats.db")
+    first = ["chat", "--db", db, "--chat", "sea", "--temperature", "0", "--json"]
+    assert main([*first, "--max-tokens", "6", QUESTION]) == 0
+    cut = json.loads(capsys.readouterr().out)
+    assert cut["metrics"]["finish_reason"] == FinishReason.LENGTH
+
+    assert main([*first, "--max-tokens", "8", "--continue"]) == 0
+    more = json.loads(capsys.readouterr().out)
+    assert more["metrics"]["prefill_tokens"] == 1
+    assert more["metrics"]["continued_from_tokens"] == 6
+    with Store(tmp_path / "chats.db") as store:
+        chat = store.chat_by_name("sea")
+        assert chat is not None
+        texts = [m.text for m in store.messages(chat.id)]
+    assert texts == [QUESTION, cut["reply"] + more["reply"]]
+
+    for argv, error in (
+        ([*first, "--continue", "a message"], "--continue takes no message"),
+        (["chat", "--db", db, "--chat", "other", "--continue"], "no chat named 'other'"),
+        (["chat", "--db", str(tmp_path / "new.db"), "--chat", "x", "--continue"], "does not"),
+    ):
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip()
+        assert error in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "new.db").exists()
