@@ -26,9 +26,9 @@ from app.session.engine import (
     SessionError,
     TurnResult,
 )
-from app.storage.export import export_chat
+from app.storage.export import export_chat, export_file_name
 from app.storage.kv_store import DEFAULT_BUDGET_BYTES
-from app.storage.records import Message
+from app.storage.records import Chat, Message
 from app.storage.store import StorageError, Store, valid_chat_name
 
 EXIT_USAGE = 2
@@ -163,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help=COMMANDS["export"])
     export.add_argument("--db", required=True)
     export.add_argument("--chat", required=True)
-    export.add_argument("--out", required=True, metavar="FILE",
-                        help="*.json writes JSON; any other name writes Markdown")
+    export.add_argument("--out", metavar="FILE",
+                        help="*.json writes JSON; any other name writes Markdown (default: "
+                        "the chat's name in your documents folder)")
+    export.add_argument("--all-versions", action="store_true",
+                        help="JSON with every version of the chat (edits, regenerated replies)")
 
     storage = commands.add_parser("storage", help=COMMANDS["storage"])
     storage.add_argument("--db", required=True)
@@ -497,12 +500,26 @@ def run_export(args: argparse.Namespace) -> int:
         chat = store.chat_by_name(args.chat)
         if chat is None:
             raise CliError(f"no chat named {args.chat!r}")
+        out = Path(args.out).expanduser() if args.out else _default_export(store, chat, args)
+        if args.all_versions and out.suffix.lower() != ".json":
+            raise CliError("--all-versions writes JSON: give --out a .json name")
         try:
-            target = export_chat(store, chat.id, Path(args.out).expanduser())
+            target = export_chat(store, chat.id, out, all_versions=args.all_versions)
         except OSError as error:
-            raise CliError(f"cannot write {args.out}: {error.strerror or error}") from error
+            raise CliError(f"cannot write {out}: {error.strerror or error}") from error
     print(target)
     return 0
+
+
+def _default_export(store: Store, chat: Chat, args: argparse.Namespace) -> Path:
+    """The chat's name (its family's, as the window shows it) in the documents folder."""
+    import platformdirs
+
+    suffix = ".json" if args.all_versions else ".md"
+    title = store.chat(chat.family_id).name
+    folder = Path(platformdirs.user_documents_dir())
+    folder = folder if folder.is_dir() else Path.home()  # no documents folder: home
+    return folder / export_file_name(title, suffix)
 
 
 def run_fork(args: argparse.Namespace) -> int:

@@ -50,7 +50,8 @@ from app.storage.records import Chat
 from app.storage.store import StorageError, Store
 from app.ui import theme
 from app.ui.bench_window import BenchWindow
-from app.ui.chat_list import ChatListPanel
+from app.ui.chat_export import EXPORT_KINDS, default_export_path
+from app.ui.chat_list import ChatListPanel, create_numbered_chat
 from app.ui.chat_view import ChatView
 from app.ui.composer import Composer, ElidedLabel
 from app.ui.dialogs import InfoBanner, about_html, storage_note
@@ -333,6 +334,9 @@ class MainWindow(QMainWindow):
         self.export_json_action = QAction("Export chat as &JSON (with metrics)…", self)
         self.export_json_action.triggered.connect(lambda: self.ask_export_chat("json"))
         file_menu.addAction(self.export_json_action)
+        self.export_tree_action = QAction("Export chat with every &version as JSON…", self)
+        self.export_tree_action.triggered.connect(lambda: self.ask_export_chat("tree"))
+        file_menu.addAction(self.export_tree_action)
         file_menu.addSeparator()
         quit_action = QAction("&Quit", self)
         quit_action.setShortcut(QKeySequence.StandardKey.Quit)
@@ -621,20 +625,18 @@ class MainWindow(QMainWindow):
         if chat is None:
             self.statusBar().showMessage("Open a chat to export it.", 4000)
             return
-        suffix, pattern = (
-            (".json", "JSON (*.json)") if kind == "json" else (".md", "Markdown (*.md)")
-        )
-        safe = "".join(c if c.isalnum() or c in " -_" else "_" for c in chat.name).strip() or "chat"
-        path, _ = QFileDialog.getSaveFileName(self, "Export chat", safe + suffix, pattern)
+        proposed = default_export_path(self.store.chat(chat.family_id).name, kind)
+        pattern = EXPORT_KINDS[kind][1]
+        path, _ = QFileDialog.getSaveFileName(self, "Export chat", str(proposed), pattern)
         if path:
-            self.export_chat(path)
+            self.export_chat(path, all_versions=EXPORT_KINDS[kind][2])
 
-    def export_chat(self, path: str | Path) -> Path | None:
+    def export_chat(self, path: str | Path, *, all_versions: bool = False) -> Path | None:
         """The chat on screen as Markdown (or JSON, by the file name), with its metrics."""
         if self.current_chat_id is None:
             return None
         try:
-            target = export_chat(self.store, self.current_chat_id, path)
+            target = export_chat(self.store, self.current_chat_id, path, all_versions=all_versions)
         except (OSError, StorageError) as error:
             self.show_error("Export chat", f"Could not write {path}: {error}")
             return None
@@ -791,12 +793,6 @@ class MainWindow(QMainWindow):
 
     def new_chat(self, then: Callable[[int], None] | None = None) -> None:
         """Create a chat (on the worker) and open it; ``then`` gets its id."""
-        names = {chat.name for chat in self.store.chats()}
-        number = len(names) + 1
-        while f"Chat {number}" in names:
-            number += 1
-        name = f"Chat {number}"
-
         def created(chat: object) -> None:
             if not isinstance(chat, Chat) or self._closed:
                 return
@@ -810,7 +806,7 @@ class MainWindow(QMainWindow):
             if then is not None:
                 then(chat.id)
 
-        self.host.change_store("New chat", lambda store: store.create_chat(name), created)
+        self.host.change_store("New chat", create_numbered_chat, created)
 
     def select_chat(self, chat_id: int) -> None:
         """Show a chat, and restore its saved cache in the background (prefetch)."""
