@@ -54,6 +54,7 @@ from app.storage.migrations import (
     MIGRATIONS,
     SCHEMA_VERSION,
 )
+from app.storage.presets import InstructionPresets
 from app.storage.records import (
     Chat,
     EvalRate,
@@ -201,7 +202,7 @@ def _short(error: Exception) -> str:
     return text[text.rfind("(") + 1 : -1] if text.endswith(")") and "(" in text else text
 
 
-class Store(ChatFamilies):
+class Store(ChatFamilies, InstructionPresets):
     """One open database. Not shared between threads: the engine worker owns it."""
 
     def __init__(

@@ -58,6 +58,7 @@ from app.ui.dialogs import InfoBanner, about_html, storage_note
 from app.ui.inspector import CacheInspector, format_bytes
 from app.ui.instructions import LAYOUT_LABELS, InstructionEditor, describe_edit_cost
 from app.ui.model_settings import ModelSettingsDialog
+from app.ui.presets import PresetsController
 from app.ui.quality_tab import EvalRunner
 from app.ui.reply_actions import ReplyActions
 from app.ui.sampling import SamplingPanel, load_chat_sampling, store_chat_sampling
@@ -167,6 +168,7 @@ class MainWindow(QMainWindow):
         self._build_shortcuts()
         self._connect_worker()
         self.reply_actions = ReplyActions(self)  # Continue and Edit on a reply
+        self.presets = PresetsController(self)  # instruction presets
         self._restore_settings()
         self._show_first_run_note()
         self.refresh_chats()
