@@ -9,8 +9,6 @@ so its tokens are the same in each. The window reads presets; the worker writes 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import (
     QDialog,
@@ -30,9 +28,7 @@ from PySide6.QtWidgets import (
 
 from app.core.variables import BUILTIN_VARIABLES, MissingValue, fill_values, placeholder_names
 from app.storage.presets import Preset, valid_preset_name
-
-if TYPE_CHECKING:
-    from app.ui.main_window import MainWindow
+from app.ui.window_parts import ChatWindow
 
 
 def _sentence(text: str) -> str:
@@ -189,15 +185,15 @@ class PresetsDialog(QDialog):
 class PresetsController(QObject):
     """Opens the dialog from the instruction editor and sends its changes to the worker."""
 
-    def __init__(self, window: MainWindow) -> None:
-        super().__init__(window)
+    def __init__(self, window: ChatWindow) -> None:
+        super().__init__(window.window())
         self.window = window
         self.dialog: PresetsDialog | None = None
         window.instructions.presets_requested.connect(self.show_dialog)
 
     def show_dialog(self) -> PresetsDialog:
         if self.dialog is None:
-            self.dialog = PresetsDialog(self.window)
+            self.dialog = PresetsDialog(self.window.window())
             self.dialog.new_button.clicked.connect(self._from_editor)
             self.dialog.save_requested.connect(self._save)
             self.dialog.delete_requested.connect(self._delete)

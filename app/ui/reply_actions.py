@@ -9,8 +9,6 @@ go to the worker.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from PySide6.QtCore import QObject, Signal
 from PySide6.QtWidgets import (
     QDialog,
@@ -22,8 +20,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-if TYPE_CHECKING:
-    from app.ui.main_window import MainWindow
+from app.ui.window_parts import ChatWindow
 
 
 class ReplyEditDialog(QDialog):
@@ -81,8 +78,8 @@ class ReplyEditDialog(QDialog):
 class ReplyActions(QObject):
     """Continue and Edit for the replies of the chat on screen."""
 
-    def __init__(self, window: MainWindow) -> None:
-        super().__init__(window)
+    def __init__(self, window: ChatWindow) -> None:
+        super().__init__(window.window())
         self.window = window
         self.dialog: ReplyEditDialog | None = None
         window.chat_view.continue_requested.connect(self.continue_reply)
@@ -114,7 +111,7 @@ class ReplyActions(QObject):
         if window.model is None:
             window.statusBar().showMessage("Load a model first: it tokenizes the edit.", 4000)
             return
-        self.dialog = ReplyEditDialog(reply.text, window)
+        self.dialog = ReplyEditDialog(reply.text, window.window())
         self.dialog.save_requested.connect(
             lambda text, then_continue: window.host.edit_reply(chat_id, seq, text, then_continue)
         )
