@@ -50,10 +50,21 @@ class PresetsDialog(QDialog):
         self.value_edits: dict[str, QLineEdit] = {}
         layout = QVBoxLayout(self)
         splitter = QSplitter(Qt.Orientation.Horizontal)
+        library = QWidget()
+        library_layout = QVBoxLayout(library)
+        library_layout.setContentsMargins(0, 0, 0, 0)
+        library_layout.addWidget(QLabel("Saved presets"))
         self.preset_list = QListWidget()
         self.preset_list.setObjectName("presetList")
         self.preset_list.currentRowChanged.connect(self._show_row)
-        splitter.addWidget(self.preset_list)
+        library_layout.addWidget(self.preset_list, 1)
+        self.empty_hint = QLabel(
+            "None yet: write a block (or start from the editor's), name it, Save preset."
+        )
+        self.empty_hint.setObjectName("hint")
+        self.empty_hint.setWordWrap(True)
+        library_layout.addWidget(self.empty_hint)
+        splitter.addWidget(library)
         editor = QWidget()
         form = QVBoxLayout(editor)
         form.setContentsMargins(8, 0, 0, 0)
@@ -111,7 +122,8 @@ class PresetsDialog(QDialog):
         names = [preset.name for preset in presets]
         if select in names:
             self.preset_list.setCurrentRow(names.index(select))
-        self.delete_button.setEnabled(self.selected() is not None)
+        self.empty_hint.setVisible(not presets)
+        self._show_row(self.preset_list.currentRow())
 
     def selected(self) -> Preset | None:
         row = self.preset_list.currentRow()
@@ -120,6 +132,7 @@ class PresetsDialog(QDialog):
     def _show_row(self, _row: int) -> None:
         preset = self.selected()
         self.delete_button.setEnabled(preset is not None)
+        self.use_button.setEnabled(preset is not None)
         if preset is not None:
             self.show_preset(preset.name, preset.text, preset.variables)
 
