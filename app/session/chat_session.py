@@ -54,6 +54,7 @@ from app.domain import (
     TemplateKind,
 )
 from app.session.context_size import ContextTooSmall, check_context_size
+from app.session.continuation import ContinueReply
 from app.session.engine import (
     BACKGROUND_CHUNK,
     IDLE_STEPS,
@@ -105,7 +106,7 @@ __all__ = [
 ]
 
 
-class ChatSession(HistoryTrimming, ChatEngine):
+class ChatSession(ContinueReply, HistoryTrimming, ChatEngine):
     """The local engine: the chats of one store on a model loaded in this process by
     llama.cpp; the cache holds one chat at a time."""
 
@@ -599,66 +600,6 @@ class ChatSession(HistoryTrimming, ChatEngine):
         metrics.seed = options.seed
         token_ids = self.builder.assistant_segment(reply.tokens) if reply.tokens else None
         return self._store_reply(turn, reply.text, metrics, token_ids)
-
-    def _respond_continue(
-        self,
-        turn: Turn,
-        on_token: TokenCallback | None,
-        progress: ProgressCallback | None,
-        cancel: threading.Event | None,
-    ) -> TurnResult:
-        """Continue: the committed history with the last reply left open, then more of it.
-
-        The prompt is what the commit puts in the cache minus the reply's end-of-turn
-        markup, so after the idle steps (or a restore) only the last token is evaluated
-        again, for its logits; right after the reply, what a commit would do is done now.
-        """
-        context, options, continued = turn.context, turn.options, turn.continues
-        assert continued is not None
-        before, after = self.builder.wrapper_sizes(self.markup.assistant)
-        segment = self._message_tokens(continued)
-        content = list(segment[before : len(segment) - after])
-        plan = self._plan(context, with_block=False, exclude=continued.id)
-        prompt = plan.tokens + list(segment[: len(segment) - after])
-        metrics = self._turn_metrics(turn)
-        metrics.prompt_tokens = len(prompt)
-        metrics.history_tokens = len(prompt)
-        metrics.continued_from_tokens = len(content)
-        metrics.notes.append(f"continued a reply of {len(content)} tokens")
-        try:
-            synced = self.mirror.sync(prompt, need_logits=True, cancel=cancel, progress=progress)
-        except NothingToEvaluate as error:
-            raise SessionError(str(error)) from error
-        if synced.fallback:
-            metrics.notes.append(synced.fallback)
-        metrics.reused_tokens = synced.reused
-        metrics.prefill_tokens = synced.evaluated
-        metrics.prefill_ms = synced.ms
-        if synced.ms > 0 and synced.evaluated:
-            metrics.prefill_tokens_per_s = synced.evaluated / (synced.ms / 1000)
-        reply = GeneratedReply(FinishReason.CANCELLED)
-        if synced.completed:
-            reply = generate_reply(
-                self.backend,
-                self.mirror,
-                self._end_token,
-                self._end_text,
-                options,
-                metrics,
-                turn.started,
-                on_token,
-                cancel,
-            )
-        metrics.finish_reason = reply.finish
-        metrics.seed = options.seed
-        token_ids = self.builder.assistant_segment(content + reply.tokens)
-        return self._store_reply(turn, reply.text, metrics, token_ids)
-
-    def _reply_tokens(self, text: str) -> tuple[int, ...]:
-        return self.builder.assistant_segment_from_text(text)
-
-    def _history_tokens(self, message: Message) -> tuple[int, ...]:
-        return self._message_tokens(message)
 
     # -- idle-time steps --------------------------------------------------------------
 
