@@ -97,3 +97,21 @@ def test_an_edited_reply_is_a_new_version_and_can_be_continued(qtbot, window: Ma
     assert window.store.messages(chat_id)[-1].text == cut.reply  # nothing lost
     bubble = window.chat_view.bubbles[-1]
     qtbot.waitUntil(lambda: bubble.version_label.text() == "2/2", timeout=TURN_TIMEOUT_MS)
+
+
+def test_a_cut_replys_buttons_stay_inside_the_chat_column_at_1024_px(
+    qtbot, window: MainWindow
+) -> None:
+    window.current_chat_id or open_new_chat(qtbot, window)
+    window.max_tokens_spin.setValue(4)
+    send_turn(qtbot, window, "Tell me about the sea.", background=False)
+    window.resize(1024, 640)
+    bubble = window.chat_view.bubbles[-1]
+    viewport = window.chat_view.viewport()
+    qtbot.waitUntil(lambda: viewport.width() < 420, timeout=TURN_TIMEOUT_MS)
+    qtbot.wait(50)  # the bubble's layout follows the resize on the next loop turn
+    for button in (bubble.edit_button, bubble.continue_button, bubble.copy_button):
+        assert button.isVisibleTo(window)
+        right = button.mapTo(viewport, button.rect().topRight()).x()
+        assert right <= viewport.width(), (button.text(), right, viewport.width())
+    assert bubble.tag_label.toolTip() == bubble.tag_label.text()  # elided, said in full

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 
 from app.storage.records import Message
 from app.ui import theme
+from app.ui.composer import ElidedLabel
 from app.ui.markdown import Block, CodeBlock, TextBlock, markdown_blocks, plain_to_html
 
 RENDER_INTERVAL_MS = 40
@@ -225,9 +226,10 @@ class MessageBubble(QFrame):
         self.role_label = QLabel("You" if role == "user" else "Assistant")
         self.role_label.setObjectName("bubbleRole")
         header.addWidget(self.role_label)
-        self.tag_label = QLabel()
+        # Elided when the column is narrow (1024 px): the buttons beside it stay whole.
+        self.tag_label = ElidedLabel()
         self.tag_label.setObjectName("bubbleTag")
-        header.addWidget(self.tag_label)
+        header.addWidget(self.tag_label, 1)
         header.addStretch(1)
         self.previous_version = _link_button("‹", "The previous version of this message")
         self.version_label = QLabel()
