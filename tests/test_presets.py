@@ -22,7 +22,7 @@ from gui_helpers import (
 from app.core.variables import MissingValue, fill_values
 from app.domain import Layout, SegmentKind
 from app.session.chat_session import ChatSession
-from app.storage import migrations
+from app.storage import connection, migrations
 from app.storage.store import Store
 from app.ui.main_window import MainWindow
 
@@ -36,11 +36,10 @@ def test_a_database_from_before_presets_gains_the_table_and_keeps_its_chats(
     path = tmp_path / "old.db"
     with monkeypatch.context() as old:
         old.setattr("app.storage.store.MIGRATIONS", migrations.MIGRATIONS[:8])
-        old.setattr("app.storage.store.SCHEMA_VERSION", 8)
         with Store(path) as store:
             store.create_chat("kept")
             assert store.schema_version() == 8
-            assert "instruction_presets" not in store.db.table_names()
+            assert "instruction_presets" not in connection.table_names(store.db)
     with Store(path) as store:
         assert store.schema_version() == migrations.SCHEMA_VERSION >= 9
         assert [chat.name for chat in store.chats()] == ["kept"]

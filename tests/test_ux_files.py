@@ -96,8 +96,8 @@ def test_the_export_dialog_proposes_the_visible_title_in_the_documents_folder(
     monkeypatch.setattr(QFileDialog, "getSaveFileName", answer)
     try:
         window.select_chat(branch_id)
-        window.export_tree_action.trigger()
-        window.export_markdown_action.trigger()
+        window.menus.export_tree_action.trigger()
+        window.menus.export_markdown_action.trigger()
     finally:
         close_window(window)
     assert [Path(p).name for p in proposed] == ["Trip (Rome) 🇮🇹.json", "Trip (Rome) 🇮🇹.md"]

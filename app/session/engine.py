@@ -424,7 +424,9 @@ class Turn(IdleWork):
         """Prefill what the cache lacks, generate and store the reply (the critical path)."""
         if self.stage != TurnStage.NEW:
             raise SessionError(f"this turn has already replied (stage {self.stage})")
-        self.result = self.session._respond(self, on_token, progress, cancel)
+        session = self.session
+        respond = session._respond if self.continues is None else session._respond_continue
+        self.result = respond(self, on_token, progress, cancel)
         self.stage = TurnStage.REPLIED
         return self.result
 
@@ -637,6 +639,17 @@ class ChatEngine(ABC):
         cancel: threading.Event | None,
     ) -> TurnResult:
         """Evaluate the prompt, generate and store the reply."""
+
+    @abstractmethod
+    def _respond_continue(
+        self,
+        turn: Turn,
+        on_token: TokenCallback | None,
+        progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+    ) -> TurnResult:
+        """Continue: evaluate the history ending on the open reply, generate and store more
+        of it (the same message)."""
 
     @abstractmethod
     def _cache_moved(self, from_chat_id: int, to_chat_id: int) -> None:

@@ -257,13 +257,7 @@ class MessageBubble(QFrame):
         self.retry_button.clicked.connect(self.retry_clicked)
         self.retry_button.hide()
         header.addWidget(self.retry_button)
-        self.continue_button = QPushButton("Continue")
-        self.continue_button.setObjectName("bubbleRetry")
-        self.continue_button.setToolTip("Write more of this reply, from the cache")
-        self.continue_button.setCursor(Qt.CursorShape.PointingHandCursor)
-        self.continue_button.clicked.connect(self.continue_clicked)
-        self.continue_button.hide()
-        self.continue_offered = False
+        self.continue_button = self._continue_button()
         header.addWidget(self.continue_button)
         self.copy_button = QPushButton("Copy")
         self.copy_button.setObjectName("bubbleCopy")
@@ -281,6 +275,17 @@ class MessageBubble(QFrame):
         self._update_message_actions()
         self.set_text(text)
         self._update_tags()
+
+    def _continue_button(self) -> QPushButton:
+        """Continue: offered on the chat's last reply when it was cut at max tokens."""
+        button = QPushButton("Continue")
+        button.setObjectName("bubbleRetry")
+        button.setToolTip("Write more of this reply, from the cache")
+        button.setCursor(Qt.CursorShape.PointingHandCursor)
+        button.clicked.connect(self.continue_clicked)
+        button.hide()
+        self.continue_offered = False
+        return button
 
     def set_text(self, text: str) -> None:
         self.text = text

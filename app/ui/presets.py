@@ -9,7 +9,7 @@ so its tokens are the same in each. The window reads presets; the worker writes 
 
 from __future__ import annotations
 
-from PySide6.QtCore import QObject, Qt, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
@@ -28,7 +28,10 @@ from PySide6.QtWidgets import (
 
 from app.core.variables import BUILTIN_VARIABLES, MissingValue, fill_values, placeholder_names
 from app.storage.presets import Preset, valid_preset_name
-from app.ui.window_parts import ChatWindow
+from app.ui.chat_actions import ChatActions
+from app.ui.instruction_edits import InstructionEdits
+from app.ui.window_base import WindowBase
+from app.ui.window_part import WindowPart
 
 
 def _sentence(text: str) -> str:
@@ -195,18 +198,21 @@ class PresetsDialog(QDialog):
         self.use_requested.emit(preset.id, values)
 
 
-class PresetsController(QObject):
+class PresetsController(WindowPart):
     """Opens the dialog from the instruction editor and sends its changes to the worker."""
 
-    def __init__(self, window: ChatWindow) -> None:
-        super().__init__(window.window())
-        self.window = window
+    def __init__(
+        self, window: WindowBase, chats: ChatActions, instruction_edits: InstructionEdits
+    ) -> None:
+        super().__init__(window)
+        self.chats = chats
+        self.instruction_edits = instruction_edits
         self.dialog: PresetsDialog | None = None
         window.instructions.presets_requested.connect(self.show_dialog)
 
     def show_dialog(self) -> PresetsDialog:
         if self.dialog is None:
-            self.dialog = PresetsDialog(self.window.window())
+            self.dialog = PresetsDialog(self.window)
             self.dialog.new_button.clicked.connect(self._from_editor)
             self.dialog.save_requested.connect(self._save)
             self.dialog.delete_requested.connect(self._delete)
@@ -222,7 +228,7 @@ class PresetsController(QObject):
             self.dialog.show_preset("", editor.text(), editor.variables())
 
     def _refresh(self, select: str | None = None) -> None:
-        if self.dialog is not None and not self.window._closed:
+        if self.dialog is not None and not self.closed:
             self.dialog.set_presets(self.window.store.presets(), select)
 
     def _save(self, name: str, text: str, values: dict[str, str]) -> None:
@@ -244,9 +250,11 @@ class PresetsController(QObject):
             window.host.change_store(
                 "Use preset",
                 lambda store: store.use_preset(chat_id, preset_id, values),
-                lambda version: window._on_instructions_saved(chat_id, version, True),
+                lambda version: self.instruction_edits._on_instructions_saved(
+                    chat_id, version, True
+                ),
             )
 
-        window.with_chat(use)
+        self.chats.with_chat(use)
         if self.dialog is not None:
             self.dialog.accept()

@@ -9,7 +9,7 @@ go to the worker.
 
 from __future__ import annotations
 
-from PySide6.QtCore import QObject, Signal
+from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
@@ -20,7 +20,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.ui.window_parts import ChatWindow
+from app.ui.chat_actions import ChatActions
+from app.ui.turn_control import TurnControl
+from app.ui.window_base import WindowBase
+from app.ui.window_part import WindowPart, unless_closed
 
 
 class ReplyEditDialog(QDialog):
@@ -75,12 +78,13 @@ class ReplyEditDialog(QDialog):
         self.accept()
 
 
-class ReplyActions(QObject):
+class ReplyActions(WindowPart):
     """Continue and Edit for the replies of the chat on screen."""
 
-    def __init__(self, window: ChatWindow) -> None:
-        super().__init__(window.window())
-        self.window = window
+    def __init__(self, window: WindowBase, chats: ChatActions, turns: TurnControl) -> None:
+        super().__init__(window)
+        self.chats = chats
+        self.turns = turns
         self.dialog: ReplyEditDialog | None = None
         window.chat_view.continue_requested.connect(self.continue_reply)
         window.chat_view.edit_reply_requested.connect(self.edit_reply)
@@ -94,9 +98,9 @@ class ReplyActions(QObject):
             return
         if window.chat_view.continue_last_reply() is None:
             return
-        window.pending_text = None
-        window._set_busy(True, "Continuing the reply…")
-        window.host.continue_reply(chat_id, window.generation_options())
+        self.turns.pending_text = None
+        self.turns.set_busy(True, "Continuing the reply…")
+        window.host.continue_reply(chat_id, self.turns.generation_options())
 
     def edit_reply(self, seq: int) -> None:
         """Open the reply ``seq`` of the chat on screen in the edit dialog."""
@@ -111,18 +115,19 @@ class ReplyActions(QObject):
         if window.model is None:
             window.statusBar().showMessage("Load a model first: it tokenizes the edit.", 4000)
             return
-        self.dialog = ReplyEditDialog(reply.text, window.window())
+        self.dialog = ReplyEditDialog(reply.text, window)
         self.dialog.save_requested.connect(
             lambda text, then_continue: window.host.edit_reply(chat_id, seq, text, then_continue)
         )
         self.dialog.open()
 
+    @unless_closed
     def _on_reply_edited(self, chat_id: int, branch_id: int, then_continue: bool) -> None:
         window = self.window
-        if window._closed or chat_id != window.current_chat_id:
+        if chat_id != window.current_chat_id:
             return
-        window.select_chat(branch_id)
-        window.refresh_chats()
+        self.chats.select_chat(branch_id)
+        self.chats.refresh_chats()
         window.statusBar().showMessage("The edited reply is saved as a new version.", 5000)
         if then_continue:
             self.continue_reply()
