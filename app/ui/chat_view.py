@@ -230,7 +230,6 @@ class MessageBubble(QFrame):
         self.tag_label = ElidedLabel()
         self.tag_label.setObjectName("bubbleTag")
         header.addWidget(self.tag_label, 1)
-        header.addStretch(1)
         self.previous_version = _link_button("‹", "The previous version of this message")
         self.version_label = QLabel()
         self.version_label.setObjectName("bubbleTag")
