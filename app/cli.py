@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="abandon a reply after this long without data from the server (keep-alives "
         f"do not count; default {limits.DEFAULT_SERVER_TIMEOUT_S:g})",
     )
+    chat.add_argument(
+        "--alternatives",
+        type=arguments.alternatives,
+        default=1,
+        metavar="N",
+        help=f"sample N replies (1 to {limits.MAX_ALTERNATIVES}) from the one prompt, stored as "
+        "versions of the reply; the first is kept",
+    )
     chat.add_argument("--json", action="store_true", help="print one JSON object")
     chat.add_argument(
         "--continue",
@@ -254,6 +262,8 @@ def _check_continue(args: argparse.Namespace) -> None:
     """``chat --continue`` extends a reply that exists: refused before any file is made."""
     if args.message is not None:
         raise CliError("--continue takes no message: it writes more of the last reply")
+    if args.alternatives != 1:
+        raise CliError("--continue writes more of one reply: --alternatives does not apply")
     if not Path(args.db).expanduser().is_file():
         raise CliError(f"no chat to continue: {args.db} does not exist")
 
@@ -411,7 +421,9 @@ def _chat_turn(
             args.trim_tokens if args.trim_tokens is not None else chat.trim_tokens,
             args.trim_mode,
         )
-    options = GenerationOptions(args.max_tokens, args.temperature, args.seed)
+    options = GenerationOptions(
+        args.max_tokens, args.temperature, args.seed, alternatives=args.alternatives
+    )
     if args.continue_reply:
         result, stored_reply, warnings = _continue(engine, chat.id, options)
     else:
@@ -423,8 +435,15 @@ def _chat_turn(
     metrics = result.metrics.as_dict() if result is not None else {}
     if warnings and metrics:
         metrics["notes"] = [*metrics.get("notes", []), *warnings]
+    replies = [a.text for a in result.alternatives] if result is not None else []
     if args.json:
-        print(json.dumps({"reply": reply, "metrics": metrics}, ensure_ascii=False))
+        payload = {"reply": reply, "metrics": metrics}
+        if args.alternatives > 1:
+            payload["replies"] = replies or ([reply] if reply else [])
+        print(json.dumps(payload, ensure_ascii=False))
+    elif len(replies) > 1:
+        for number, text in enumerate(replies, 1):
+            print(f"[{number}/{len(replies)}{', kept' if number == 1 else ''}]\n{text}")
     else:
         print(reply)
         if result is not None:

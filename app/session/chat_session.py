@@ -53,6 +53,7 @@ from app.domain import (
     TemplateChoice,
     TemplateKind,
 )
+from app.session.alternatives import generate_replies, kept_replies, prefill
 from app.session.context_size import ContextTooSmall, check_context_size
 from app.session.continuation import ContinueReply
 from app.session.engine import (
@@ -78,7 +79,7 @@ from app.session.engine import (
     Upkeep,
     chat_started,
 )
-from app.session.generation import GeneratedReply, generate_reply
+from app.session.generation import GeneratedReply
 from app.session.saved_state import SavedStates
 from app.session.trimming import HistoryTrimming
 from app.storage.records import Message
@@ -576,9 +577,7 @@ class ChatSession(ContinueReply, HistoryTrimming, ChatEngine):
                 and not self._stored_tokens_usable(m))
         )
         try:
-            synced: SyncResult = self.mirror.sync(
-                prompt, need_logits=True, cancel=cancel, progress=progress
-            )
+            synced: SyncResult = prefill(self.mirror, prompt, options, cancel, progress)
         except NothingToEvaluate as error:
             raise SessionError(str(error)) from error
         if synced.fallback:
@@ -601,16 +600,17 @@ class ChatSession(ContinueReply, HistoryTrimming, ChatEngine):
             metrics.notes.append(
                 f"system-first: {metrics.history_tokens - synced.reused} history tokens recomputed"
             )
-        reply = GeneratedReply(FinishReason.CANCELLED)
+        replies = [GeneratedReply(FinishReason.CANCELLED)]
         if synced.completed:
-            reply = generate_reply(
-                self.backend, self.mirror, self._end_token, self._end_text,
-                options, metrics, turn.started, on_token, cancel,
-            )
+            replies = generate_replies(
+                self.backend, self.mirror, (self._end_token, self._end_text),
+                options, metrics, turn.started, prompt, on_token, cancel,
+            )  # fmt: skip
+        reply, token_ids, others = kept_replies(replies, metrics, self.builder.assistant_segment)
         metrics.finish_reason = reply.finish
         metrics.seed = options.seed
-        token_ids = self.builder.assistant_segment(reply.tokens) if reply.tokens else None
-        return self._store_reply(turn, reply.text, metrics, token_ids)
+        result = self._store_reply(turn, reply.text, metrics, token_ids)
+        return self._store_alternatives(turn, result, others)
 
     # -- idle-time steps --------------------------------------------------------------
 

@@ -126,16 +126,30 @@ class GenerationOptions:
     temperature: float = 0.7
     seed: int = 0  # -1: random (see app.limits)
     sampling: Sampling = field(default_factory=Sampling)
+    #: Replies sampled from the one prompt, stored as versions of the reply; the first
+    #: is the one the turn keeps (see :meth:`Turn.keep`).
+    alternatives: int = 1
 
     def __post_init__(self) -> None:
         # Refused here, before a turn stores the user's message.
         limits.check_max_tokens(self.max_tokens)
+        limits.check_alternatives(self.alternatives)
         limits.check_temperature(self.temperature)
         limits.check_seed(self.seed)
         sampling = self.sampling
         limits.check_sampling(
             sampling.top_k, sampling.top_p, sampling.min_p, sampling.repeat_penalty
         )
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One reply of alternatives, stored as a version of the reply (its chat: the branch
+    of the family that holds it)."""
+
+    chat_id: int
+    message_id: int
+    text: str
 
 
 @dataclass
@@ -152,6 +166,8 @@ class TurnResult:
     #: Regenerate: the chat whose reply this one is a new version of (the reply is in a
     #: branch of its family, ``chat_id``; the old reply stays in that chat).
     version_of: int | None = None
+    #: Alternatives: every reply stored, the kept one (this result's) first.
+    alternatives: list[Alternative] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -429,6 +445,21 @@ class Turn(IdleWork):
         self.result = respond(self, on_token, progress, cancel)
         self.stage = TurnStage.REPLIED
         return self.result
+
+    def keep(self, index: int) -> Alternative:
+        """Keep alternative ``index`` instead of the first: the idle steps then commit and
+        save its chat (the prompt's cells are reused, its reply is evaluated on them)."""
+        choices = self.result.alternatives if self.result is not None else []
+        if self.stage != TurnStage.REPLIED or not 0 <= index < len(choices):
+            raise SessionError("only a replied turn's alternatives can be kept, before commit")
+        chosen = choices[index]
+        if chosen.chat_id != self.chat_id:
+            self.session._cache_moved(self.chat_id, chosen.chat_id)
+            self.chat_id = chosen.chat_id
+            self.context = self.session._load_context(chosen.chat_id)
+            self.user = self.context.messages[-2]
+        self.session.store.touch_chat(chosen.chat_id)  # the family opens on it
+        return chosen
 
     def advance(self, cancel: threading.Event | None = None) -> StepResult | None:
         if self.stage == TurnStage.NEW:
@@ -724,6 +755,34 @@ class ChatEngine(ABC):
             turn.regenerated,
             turn.version_of,
         )
+
+    def _store_alternatives(
+        self,
+        turn: Turn,
+        result: TurnResult,
+        others: Sequence[tuple[str, Sequence[int] | None]],
+    ) -> TurnResult:
+        """Store the other replies of alternatives (text, token ids) as versions of the
+        kept one, ``result``'s: each a branch of the family, written at once; the family
+        still opens on the kept one."""
+        if result.reply_message_id is None or not others:
+            return result
+        kept = self.store.message(result.reply_message_id)
+        versions = [Alternative(turn.chat_id, kept.id, result.reply)]
+        for text, token_ids in others:
+            if not text and not token_ids:
+                result.metrics.notes.append("an alternative ended at once: not stored")
+                continue
+            branch, message = self.store.add_reply_version(
+                turn.chat_id, kept.seq, text,
+                token_ids=list(token_ids) if token_ids is not None else None,
+                token_format=self.token_format if token_ids is not None else None,
+                status=MessageStatus.COMPLETE,
+            )  # fmt: skip
+            versions.append(Alternative(branch.id, message.id, text))
+        self.store.touch_chat(turn.chat_id)
+        result.alternatives = versions
+        return result
 
     # -- the turn API (the same for every engine) --------------------------------------
 
