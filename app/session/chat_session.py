@@ -55,6 +55,7 @@ from app.domain import (
 )
 from app.session.alternatives import generate_replies, kept_replies, prefill
 from app.session.context_size import ContextTooSmall, check_context_size
+from app.session.continuation import ContinueReply
 from app.session.engine import (
     BACKGROUND_CHUNK,
     IDLE_STEPS,
@@ -109,7 +110,7 @@ __all__ = [
 ]
 
 
-class ChatSession(HistoryTrimming, DraftPrefilling, ChatEngine):
+class ChatSession(ContinueReply, HistoryTrimming, DraftPrefilling, ChatEngine):
     """The local engine: the chats of one store on a model loaded in this process by
     llama.cpp; the cache holds one chat at a time."""
 
@@ -706,4 +707,3 @@ class ChatSession(HistoryTrimming, DraftPrefilling, ChatEngine):
             store_bytes=self.store.kv.total_bytes(),
             budget_bytes=self.store.kv.budget_bytes,
         )
-

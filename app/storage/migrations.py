@@ -175,6 +175,23 @@ def _v8_kv_signing_key(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO kv_signing_key (id, key) VALUES (1, ?)", [secrets.token_bytes(32)])
 
 
+def _v9_instruction_presets(db: sqlite3.Connection) -> None:
+    """A library of instruction blocks any chat can start from (see app/storage/presets.py):
+    the text with its {{placeholders}} and the values they default to (JSON)."""
+    db.execute(
+        """
+        CREATE TABLE instruction_presets (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE CHECK (length(trim(name)) > 0),
+            text TEXT NOT NULL,
+            variables TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """
+    )
+
+
 #: MIGRATIONS[i] upgrades a database at version i to version i + 1.
 MIGRATIONS: list[Migration] = [
     _v1_initial,
@@ -185,6 +202,7 @@ MIGRATIONS: list[Migration] = [
     _v6_model_templates,
     _v7_eval_rates,
     _v8_kv_signing_key,
+    _v9_instruction_presets,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
