@@ -69,8 +69,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m app", description="KV Chat command line")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-
     chat = commands.add_parser("chat", help=COMMANDS["chat"])
+    _add_chat_options(chat)
+    _add_reply_options(chat)
+    _add_server_options(chat)
+    _add_reading_commands(commands)
+    _add_measuring_commands(commands)
+    return parser
+
+
+def _add_chat_options(chat: argparse.ArgumentParser) -> None:
+    """Which chat, which model, and how its prompt is laid out."""
     chat.add_argument("--db", required=True, help="SQLite database file (created if missing)")
     chat.add_argument("--chat", required=True, help="chat name (created if missing)")
     _add_model_options(chat)
@@ -94,6 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="instruction variable; fills {{KEY}} in the block",
     )
     chat.add_argument(
+        "--trim-tokens",
+        type=arguments.trim_tokens,
+        help=f"limit of cached history tokens (1 to {limits.MAX_TRIM_TOKENS})",
+    )
+    chat.add_argument(
+        "--trim-mode", choices=list(TrimMode), help="how trimmed turns leave the cache"
+    )
+    chat.add_argument("--json", action="store_true", help="print one JSON object")
+    chat.add_argument(
+        "message", nargs="?", help="the user's message ('-' reads standard input)"
+    )
+
+
+def _add_reply_options(chat: argparse.ArgumentParser) -> None:
+    """How the reply is sampled, how long it may be, and how many are drawn."""
+    chat.add_argument(
         "--max-tokens",
         type=arguments.max_tokens,
         default=128,
@@ -113,13 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"0 (always the most likely token) to {limits.MAX_TEMPERATURE:g}",
     )
     chat.add_argument(
-        "--trim-tokens",
-        type=arguments.trim_tokens,
-        help=f"limit of cached history tokens (1 to {limits.MAX_TRIM_TOKENS})",
+        "--alternatives",
+        type=arguments.alternatives,
+        default=1,
+        metavar="N",
+        help=f"sample N replies (1 to {limits.MAX_ALTERNATIVES}) from the one prompt, stored as "
+        "versions of the reply; the first is kept",
     )
     chat.add_argument(
-        "--trim-mode", choices=list(TrimMode), help="how trimmed turns leave the cache"
+        "--continue",
+        dest="continue_reply",
+        action="store_true",
+        help="write more of the chat's last reply (e.g. one cut at --max-tokens), from the "
+        "cache; no message",
     )
+
+
+def _add_server_options(chat: argparse.ArgumentParser) -> None:
+    """The same chat on an OpenAI-compatible server instead of the local model."""
     chat.add_argument(
         "--server",
         metavar="URL",
@@ -135,26 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="abandon a reply after this long without data from the server (keep-alives "
         f"do not count; default {limits.DEFAULT_SERVER_TIMEOUT_S:g})",
     )
-    chat.add_argument(
-        "--alternatives",
-        type=arguments.alternatives,
-        default=1,
-        metavar="N",
-        help=f"sample N replies (1 to {limits.MAX_ALTERNATIVES}) from the one prompt, stored as "
-        "versions of the reply; the first is kept",
-    )
-    chat.add_argument("--json", action="store_true", help="print one JSON object")
-    chat.add_argument(
-        "--continue",
-        dest="continue_reply",
-        action="store_true",
-        help="write more of the chat's last reply (e.g. one cut at --max-tokens), from the "
-        "cache; no message",
-    )
-    chat.add_argument(
-        "message", nargs="?", help="the user's message ('-' reads standard input)"
-    )
 
+
+def _add_reading_commands(commands: Any) -> None:
+    """Commands that read or copy stored chats and never load a model."""
     history = commands.add_parser("history", help=COMMANDS["history"])
     history.add_argument("--db", required=True)
     history.add_argument("--chat", required=True)
@@ -183,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="keep at most this much KV storage (evicts least recently used)")
     storage.add_argument("--json", action="store_true")
 
+
+def _add_measuring_commands(commands: Any) -> None:
+    """The bench and the answer-quality eval, whose options live with them."""
     from app.bench.cli import add_bench_arguments  # local: keeps start-up light
 
     bench = commands.add_parser("bench", help=COMMANDS["bench"])
@@ -196,7 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(evaluation)
     add_eval_arguments(evaluation)
-    return parser
 
 
 def _open_store(path: str) -> Store:
