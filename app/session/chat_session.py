@@ -41,6 +41,7 @@ from app.core.models import (
     legacy_model_identity,
     model_file_identity,
 )
+from app.core.metrics import TurnMetrics
 from app.core.prompt import PromptBuilder, PromptPlan, Segment
 from app.core.sequences import common_prefix_length
 from app.domain import (
@@ -80,6 +81,7 @@ from app.session.engine import (
 from app.session.generation import GeneratedReply, generate_reply
 from app.session.saved_state import SavedStates
 from app.session.trimming import HistoryTrimming
+from app.storage.errors import ChatNotFound
 from app.storage.records import Message
 from app.storage.store import Store
 
@@ -384,9 +386,12 @@ class ChatSession(HistoryTrimming, ChatEngine):
             # A new branch or fork of the chat in the cache: its messages begin with the
             # same token ids, so those cells are kept as they are (no restore at all).
             kept = self.mirror.sync(hint[:shared], need_logits=False)
+            note = (
+                f"{shared} tokens shared with the cache of the previous chat"
+                f" ({self._chat_name(self.cache_chat_id)}) are reused"
+            )
             self.cache_chat_id = chat_id
             self.mirror.changed = True  # the branch has no state of its own yet
-            note = f"{len(self.mirror)} tokens shared with the previous chat's cache are reused"
             if kept.fallback:
                 note += f" ({kept.fallback})"
             return StateLoad(restored=False, tokens=len(self.mirror), note=note)
@@ -407,6 +412,15 @@ class ChatSession(HistoryTrimming, ChatEngine):
             self.bytes_per_token = load.bytes / load.tokens
             self.mirror.checkpoint()  # recurrent memory: what a commit goes back to
         return load
+
+    def _chat_name(self, chat_id: int | None) -> str:
+        """A chat's name for a note (its id if it is gone)."""
+        if chat_id is None:
+            return "none"
+        try:
+            return repr(self.store.chat(chat_id).name)
+        except ChatNotFound:
+            return f"#{chat_id}"
 
     def _cache_moved(self, from_chat_id: int, to_chat_id: int) -> None:
         """A regenerated reply went into a branch: the cells (shared prefix and new reply)
@@ -484,6 +498,9 @@ class ChatSession(HistoryTrimming, ChatEngine):
         opening = self.builder.opening(layout, block, chat_started(context.messages))
         plan = PromptPlan(layout, [opening])
         plan.segments.extend(
+            self.builder.document_segment(d.name, d.text) for d in context.documents
+        )
+        plan.segments.extend(
             Segment(SegmentKind.MESSAGE, self._message_tokens(m), m.id, m.role)
             for m in context.cached_messages
             if m.id != exclude
@@ -529,7 +546,16 @@ class ChatSession(HistoryTrimming, ChatEngine):
             tokens = self._message_tokens(self.store.message(exclude))
         else:
             tokens = self.builder.user_segment(text)
-        return PreparedMessage(tokens, self._fit(context, tokens, options, exclude))
+        try:
+            return PreparedMessage(tokens, self._fit(context, tokens, options, exclude))
+        except ContextOverflowError as error:
+            if not context.documents:
+                raise
+            size = sum(
+                len(self.builder.document_segment(d.name, d.text).tokens)
+                for d in context.documents
+            )
+            raise ContextOverflowError(error.over, error.n_ctx, documents=size) from error
 
     def _seconds_for(self, tokens: int) -> float | None:
         rate = self.mirror.prefill_tokens_per_s
@@ -561,12 +587,30 @@ class ChatSession(HistoryTrimming, ChatEngine):
             for m in context.messages
             if m.tokens_unreadable
         )
-        try:
-            synced: SyncResult = self.mirror.sync(
-                prompt, need_logits=True, cancel=cancel, progress=progress
+        metrics.document_tokens = plan.count(SegmentKind.DOCUMENT)
+        if chat.no_history and context.messages[:-1]:
+            metrics.notes.append(
+                "each question starts from the documents: the"
+                f" {len(context.messages) - 1} earlier messages are not in the prompt"
             )
+        try:
+            documents = self._evaluate_documents(plan, metrics, cancel, progress)
+            if documents is not None and not documents.completed:
+                synced: SyncResult = documents  # cancelled within the documents
+            else:
+                synced = self.mirror.sync(
+                    prompt, need_logits=True, cancel=cancel, progress=progress
+                )
         except NothingToEvaluate as error:
             raise SessionError(str(error)) from error
+        if documents is not None and synced is not documents:  # the prefill counts both
+            synced = replace(
+                synced,
+                reused=documents.reused,
+                evaluated=synced.evaluated + documents.evaluated,
+                ms=synced.ms + documents.ms,
+                completed=synced.completed and documents.completed,
+            )
         if synced.fallback:
             metrics.notes.append(synced.fallback)
         if self.mirror.recomputed_for_window:
@@ -599,6 +643,29 @@ class ChatSession(HistoryTrimming, ChatEngine):
         return self._store_reply(turn, reply.text, metrics, token_ids)
 
 
+    def _evaluate_documents(
+        self,
+        plan: PromptPlan,
+        metrics: TurnMetrics,
+        cancel: threading.Event | None,
+        progress: ProgressCallback | None,
+    ) -> SyncResult | None:
+        """Evaluate the prompt's fixed region up to its last document on its own (timed
+        as the document's eval), when the cache lacks part of it; None otherwise."""
+        end = 0
+        for index, segment in enumerate(plan.segments):
+            if segment.kind == SegmentKind.DOCUMENT:
+                end = sum(len(s.tokens) for s in plan.segments[: index + 1])
+        prompt = plan.tokens
+        if not end or common_prefix_length(self.mirror.tokens, prompt) >= end:
+            return None
+        synced = self.mirror.sync(
+            prompt[:end], need_logits=False, cancel=cancel, progress=progress
+        )
+        metrics.document_eval_tokens = synced.evaluated
+        metrics.document_eval_ms = synced.ms
+        return synced
+
     # -- idle-time steps --------------------------------------------------------------
 
     def _commit(self, context: ChatContext, cancel: threading.Event | None) -> StepResult:
@@ -608,6 +675,11 @@ class ChatSession(HistoryTrimming, ChatEngine):
         user message and the reply are evaluated on top of the history.
         """
         self.activate(context.chat.id)
+        if context.chat.no_history:
+            # Each question starts from the documents: nothing joins the cached prompt;
+            # the warm-up takes the cache back to preamble · documents · block.
+            return StepResult(Step.COMMIT, notes=("skipped: each question starts from the"
+                                                  " documents",))
         turns, tokens = self._enforce_limit(context)
         synced = self.mirror.sync(
             self._plan(context, with_block=False).tokens,
@@ -672,6 +744,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
             label = {
                 SegmentKind.PREAMBLE: "preamble",
                 SegmentKind.BLOCK: "instruction block",
+                SegmentKind.DOCUMENT: "document",
             }.get(segment.kind, "history")
             if segments and segments[-1][0] == label:
                 segments[-1] = (label, segments[-1][1] + len(segment.tokens))

@@ -28,7 +28,7 @@ from app import limits
 from app.core.metrics import TurnMetrics
 from app.core.prompt import render_instructions
 from app.domain import FinishReason, MessageStatus, Role, Sampling, Step, TemplateChoice
-from app.storage.records import Chat, Message, unanswered_ids
+from app.storage.records import Chat, Document, Message, unanswered_ids
 from app.storage.store import Store
 
 if TYPE_CHECKING:  # a type only: this module never loads llama.cpp
@@ -111,11 +111,19 @@ class SessionError(Exception):
 
 
 class ContextOverflowError(SessionError):
-    def __init__(self, over: int, n_ctx: int) -> None:
-        super().__init__(
-            f"the message is {over} tokens over the context size of {n_ctx} tokens; "
-            "shorten it or open the model with a larger context"
-        )
+    def __init__(self, over: int, n_ctx: int, *, documents: int = 0) -> None:
+        if documents:
+            text = (
+                f"the attached documents ({documents} tokens) and the message are {over} "
+                f"tokens over the context size of {n_ctx} tokens; detach a document or "
+                "open the model with a larger context"
+            )
+        else:
+            text = (
+                f"the message is {over} tokens over the context size of {n_ctx} tokens; "
+                "shorten it or open the model with a larger context"
+            )
+        super().__init__(text)
         self.over = over
         self.n_ctx = n_ctx
 
@@ -205,11 +213,15 @@ class ChatContext:
     messages: list[Message]
     block_text: str
     instruction_version: int | None
+    documents: list[Document] = field(default_factory=list)
 
     @property
     def cached_messages(self) -> list[Message]:
         """History in the cache: from the trim point on, without unanswered user messages,
-        so a prompt never holds two user messages in a row (Retry answers those)."""
+        so a prompt never holds two user messages in a row (Retry answers those). None
+        when each question starts from the documents (the replies are kept, not prompted)."""
+        if self.chat.no_history:
+            return []
         unanswered = unanswered_ids(self.messages)
         return [
             m
@@ -234,7 +246,9 @@ def chat_started(messages: list[Message]) -> datetime.datetime | None:
 def load_chat_context(store: Store, chat_id: int) -> ChatContext:
     """A chat, its messages and its block, read once for one piece of work."""
     block, version = current_block(store, chat_id)
-    return ChatContext(store.chat(chat_id), store.messages(chat_id), block, version)
+    return ChatContext(
+        store.chat(chat_id), store.messages(chat_id), block, version, store.documents(chat_id)
+    )
 
 
 def group_turns(messages: list[Message]) -> list[list[Message]]:

@@ -46,6 +46,7 @@ from app.storage.errors import (
     UniqueConflict,
     describe_error,
 )
+from app.storage.documents import ChatDocuments
 from app.storage.families import ChatFamilies
 from app.storage.kv_store import KEY_SIZE, KVFileOfAnotherDatabase, KVStore, file_is_truncated
 from app.storage.migrations import (
@@ -83,7 +84,7 @@ PAGE_SIZE = 65536
 #: Bytes the WAL may keep on disk after a checkpoint resets it.
 JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
 OUR_TABLES = frozenset({"chats", "messages"})
-_CHAT_FIELDS = {"name", "layout", "trim_tokens", "trim_mode", "cache_start_seq"}
+_CHAT_FIELDS = {"name", "layout", "trim_tokens", "trim_mode", "cache_start_seq", "no_history"}
 
 
 def valid_chat_name(name: str) -> str:
@@ -201,7 +202,7 @@ def _short(error: Exception) -> str:
     return text[text.rfind("(") + 1 : -1] if text.endswith(")") and "(" in text else text
 
 
-class Store(ChatFamilies):
+class Store(ChatFamilies, ChatDocuments):
     """One open database. Not shared between threads: the engine worker owns it."""
 
     def __init__(
