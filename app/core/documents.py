@@ -48,10 +48,7 @@ def read_document(path: str | Path) -> DocumentText:
         data = file.read_bytes()
     except OSError as error:
         raise DocumentError(f"cannot read {file}: {error.strerror or error}") from error
-    if data.startswith(b"%PDF-"):
-        text = _pdf_text(file.name, data)
-    else:
-        text = _plain_text(file.name, data)
+    text = _pdf_text(file.name, data) if data.startswith(b"%PDF-") else _plain_text(file.name, data)
     if not text.strip():
         raise DocumentError(f"{file.name} holds no text")
     if len(text) > MAX_TEXT_CHARS:

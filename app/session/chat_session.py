@@ -35,13 +35,13 @@ from app.core.llama_backend import (
     builtin_template_names,
     llama_cpp_version,
 )
+from app.core.metrics import TurnMetrics
 from app.core.models import (
     IdentityCancelled,
     default_model_path,
     legacy_model_identity,
     model_file_identity,
 )
-from app.core.metrics import TurnMetrics
 from app.core.prompt import PromptBuilder, PromptPlan, Segment
 from app.core.sequences import common_prefix_length
 from app.domain import (

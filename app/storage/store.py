@@ -35,6 +35,7 @@ from typing import Any
 import sqlite_utils
 
 from app.domain import Layout, MessageStatus, TemplateChoice, TemplateKind, TrimMode
+from app.storage.documents import ChatDocuments
 from app.storage.errors import (
     ChatNotFound,
     DatabaseCorrupt,
@@ -46,7 +47,6 @@ from app.storage.errors import (
     UniqueConflict,
     describe_error,
 )
-from app.storage.documents import ChatDocuments
 from app.storage.families import ChatFamilies
 from app.storage.kv_store import KEY_SIZE, KVFileOfAnotherDatabase, KVStore, file_is_truncated
 from app.storage.migrations import (
