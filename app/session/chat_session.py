@@ -387,7 +387,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
             # same token ids, so those cells are kept as they are (no restore at all).
             kept = self.mirror.sync(hint[:shared], need_logits=False)
             note = (
-                f"{shared} tokens shared with the cache of the previous chat"
+                f"{shared} tokens shared with the previous chat's cache"
                 f" ({self._chat_name(self.cache_chat_id)}) are reused"
             )
             self.cache_chat_id = chat_id

@@ -166,8 +166,9 @@ class SavedStates:
             if held:
                 names = ", ".join(sources) or "another chat"
                 note = (
-                    f"restored {held} tokens ({held // self.page_tokens} pages found by chain"
-                    f" hash, signatures checked) from pages saved by {names}"
+                    f"restored {held} tokens from pages shared with another chat: saved by"
+                    f" {names} ({held // self.page_tokens} pages found by chain hash, each"
+                    " signature checked)"
                 )
             elapsed = (time.perf_counter() - started) * 1000
             return StateLoad(held > 0, held, elapsed if held else None, None, size, note)
