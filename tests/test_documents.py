@@ -20,10 +20,10 @@ from app.storage.store import Store
 
 FACT = "The ferry to the north island leaves at 7:45 every morning from pier 9."
 QUESTION = "When does the ferry to the north island leave?"
-_WORDS = (
-    "river city bridge council budget harbor ferry station library museum park school "
-    "tower market garden street square festival lantern orchard"
-).split()
+_WORDS = [
+    "river", "city", "bridge", "council", "budget", "harbor", "ferry", "station", "library",
+    "museum", "park", "school", "tower", "market", "garden", "street", "square", "festival",
+]  # fmt: skip
 
 
 def document_file(folder: Path, sentences: int, name: str = "town.txt") -> Path:
