@@ -228,6 +228,7 @@ class ShareDelegate(QStyledItemDelegate):
 def phase_rows(turn: dict[str, Any]) -> list[tuple[str, float | None, str, str]]:
     """(phase, ms, tokens, rate) for the profiler table, in the order phases happen."""
     tokens = {
+        "document eval": turn.get("document_eval_tokens"),
         "prefill": turn.get("prefill_tokens"),
         "decode": turn.get("decode_tokens"),
         "commit": turn.get("commit_tokens"),
@@ -240,6 +241,8 @@ def phase_rows(turn: dict[str, Any]) -> list[tuple[str, float | None, str, str]]
     rows = []
     for name, key in PHASES:
         ms = turn.get(key)
+        if name == "document eval" and not turn.get("document_tokens"):
+            ms = None  # no document in this turn's prompt
         count = tokens.get(name)
         if name == "save state" and turn.get("state_bytes"):
             size = format_bytes(float(turn["state_bytes"]))
