@@ -766,5 +766,9 @@ class ChatSession(HistoryTrimming, ChatEngine):
             saved_shared_bytes=usage[0].shared_bytes if usage else 0,
             store_bytes=self.store.kv.total_bytes(),
             budget_bytes=self.store.kv.budget_bytes,
+            documents=[
+                (d.id, len(self.builder.document_segment(d.name, d.text).tokens))
+                for d in context.documents
+            ],
         )
 

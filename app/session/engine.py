@@ -203,6 +203,8 @@ class CacheView:
     #: Every chat's saved states (each page once) and the budget they are kept under.
     store_bytes: int = 0
     budget_bytes: int = 0
+    #: The chat's attached documents in prompt order: (document id, tokens).
+    documents: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass

@@ -53,6 +53,7 @@ COLOURS = {
     "preamble": "#6e7781",
     "history": "#2da44e",
     "instruction block": "#bf8700",
+    "document": "#a475f9",
     "new message + reply": "#0969da",
     "cache_tokens": "#0969da",
     "state_bytes": "#bf8700",

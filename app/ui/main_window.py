@@ -54,6 +54,7 @@ from app.ui.chat_list import ChatListPanel
 from app.ui.chat_view import ChatView
 from app.ui.composer import Composer, ElidedLabel
 from app.ui.dialogs import InfoBanner, about_html, storage_note
+from app.ui.documents import DocumentsController
 from app.ui.inspector import CacheInspector, format_bytes
 from app.ui.instructions import LAYOUT_LABELS, InstructionEditor, describe_edit_cost
 from app.ui.model_settings import ModelSettingsDialog
@@ -164,6 +165,7 @@ class MainWindow(QMainWindow):
         self._build_menus()
         self._build_shortcuts()
         self._connect_worker()
+        self.documents = DocumentsController(self)  # attach, drop, detach, the chat's option
         self._restore_settings()
         self._show_first_run_note()
         self.refresh_chats()
@@ -832,6 +834,7 @@ class MainWindow(QMainWindow):
         self._set_context_used(None)
         self.context_label.setToolTip("")
         self.reload_chat()
+        self.documents.refresh()
         versions = self.store.instruction_versions(chat_id)
         self.instructions.load(versions, chat.layout)
         if same_chat_draft is not None:
