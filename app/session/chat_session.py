@@ -26,7 +26,6 @@ from app.core.kv_mirror import (
     KVMirror,
     NothingToEvaluate,
     ProgressCallback,
-    SyncResult,
 )
 from app.core.llama_backend import (
     BuiltinTemplateRenderer,
@@ -35,7 +34,6 @@ from app.core.llama_backend import (
     builtin_template_names,
     llama_cpp_version,
 )
-from app.core.metrics import TurnMetrics
 from app.core.models import (
     IdentityCancelled,
     default_model_path,
@@ -55,6 +53,14 @@ from app.domain import (
     TemplateKind,
 )
 from app.session.context_size import ContextTooSmall, check_context_size
+from app.session.documents import (
+    COMMIT_SKIPPED,
+    chat_label,
+    document_sizes,
+    independent_question_notes,
+    sync_prompt,
+    with_documents,
+)
 from app.session.engine import (
     BACKGROUND_CHUNK,
     IDLE_STEPS,
@@ -81,7 +87,6 @@ from app.session.engine import (
 from app.session.generation import GeneratedReply, generate_reply
 from app.session.saved_state import SavedStates
 from app.session.trimming import HistoryTrimming
-from app.storage.errors import ChatNotFound
 from app.storage.records import Message
 from app.storage.store import Store
 
@@ -386,10 +391,8 @@ class ChatSession(HistoryTrimming, ChatEngine):
             # A new branch or fork of the chat in the cache: its messages begin with the
             # same token ids, so those cells are kept as they are (no restore at all).
             kept = self.mirror.sync(hint[:shared], need_logits=False)
-            note = (
-                f"{shared} tokens shared with the previous chat's cache"
-                f" ({self._chat_name(self.cache_chat_id)}) are reused"
-            )
+            previous = chat_label(self.store, self.cache_chat_id)
+            note = f"{shared} tokens shared with the previous chat's cache ({previous}) are reused"
             self.cache_chat_id = chat_id
             self.mirror.changed = True  # the branch has no state of its own yet
             if kept.fallback:
@@ -412,15 +415,6 @@ class ChatSession(HistoryTrimming, ChatEngine):
             self.bytes_per_token = load.bytes / load.tokens
             self.mirror.checkpoint()  # recurrent memory: what a commit goes back to
         return load
-
-    def _chat_name(self, chat_id: int | None) -> str:
-        """A chat's name for a note (its id if it is gone)."""
-        if chat_id is None:
-            return "none"
-        try:
-            return repr(self.store.chat(chat_id).name)
-        except ChatNotFound:
-            return f"#{chat_id}"
 
     def _cache_moved(self, from_chat_id: int, to_chat_id: int) -> None:
         """A regenerated reply went into a branch: the cells (shared prefix and new reply)
@@ -549,13 +543,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
         try:
             return PreparedMessage(tokens, self._fit(context, tokens, options, exclude))
         except ContextOverflowError as error:
-            if not context.documents:
-                raise
-            size = sum(
-                len(self.builder.document_segment(d.name, d.text).tokens)
-                for d in context.documents
-            )
-            raise ContextOverflowError(error.over, error.n_ctx, documents=size) from error
+            raise with_documents(error, self.builder, context.documents) from error
 
     def _seconds_for(self, tokens: int) -> float | None:
         rate = self.mirror.prefill_tokens_per_s
@@ -587,30 +575,11 @@ class ChatSession(HistoryTrimming, ChatEngine):
             for m in context.messages
             if m.tokens_unreadable
         )
-        metrics.document_tokens = plan.count(SegmentKind.DOCUMENT)
-        if chat.no_history and context.messages[:-1]:
-            metrics.notes.append(
-                "each question starts from the documents: the"
-                f" {len(context.messages) - 1} earlier messages are not in the prompt"
-            )
+        metrics.notes.extend(independent_question_notes(context))
         try:
-            documents = self._evaluate_documents(plan, metrics, cancel, progress)
-            if documents is not None and not documents.completed:
-                synced: SyncResult = documents  # cancelled within the documents
-            else:
-                synced = self.mirror.sync(
-                    prompt, need_logits=True, cancel=cancel, progress=progress
-                )
+            synced = sync_prompt(self.mirror, plan, metrics, cancel, progress)
         except NothingToEvaluate as error:
             raise SessionError(str(error)) from error
-        if documents is not None and synced is not documents:  # the prefill counts both
-            synced = replace(
-                synced,
-                reused=documents.reused,
-                evaluated=synced.evaluated + documents.evaluated,
-                ms=synced.ms + documents.ms,
-                completed=synced.completed and documents.completed,
-            )
         if synced.fallback:
             metrics.notes.append(synced.fallback)
         if self.mirror.recomputed_for_window:
@@ -642,30 +611,6 @@ class ChatSession(HistoryTrimming, ChatEngine):
         token_ids = self.builder.assistant_segment(reply.tokens) if reply.tokens else None
         return self._store_reply(turn, reply.text, metrics, token_ids)
 
-
-    def _evaluate_documents(
-        self,
-        plan: PromptPlan,
-        metrics: TurnMetrics,
-        cancel: threading.Event | None,
-        progress: ProgressCallback | None,
-    ) -> SyncResult | None:
-        """Evaluate the prompt's fixed region up to its last document on its own (timed
-        as the document's eval), when the cache lacks part of it; None otherwise."""
-        end = 0
-        for index, segment in enumerate(plan.segments):
-            if segment.kind == SegmentKind.DOCUMENT:
-                end = sum(len(s.tokens) for s in plan.segments[: index + 1])
-        prompt = plan.tokens
-        if not end or common_prefix_length(self.mirror.tokens, prompt) >= end:
-            return None
-        synced = self.mirror.sync(
-            prompt[:end], need_logits=False, cancel=cancel, progress=progress
-        )
-        metrics.document_eval_tokens = synced.evaluated
-        metrics.document_eval_ms = synced.ms
-        return synced
-
     # -- idle-time steps --------------------------------------------------------------
 
     def _commit(self, context: ChatContext, cancel: threading.Event | None) -> StepResult:
@@ -676,10 +621,8 @@ class ChatSession(HistoryTrimming, ChatEngine):
         """
         self.activate(context.chat.id)
         if context.chat.no_history:
-            # Each question starts from the documents: nothing joins the cached prompt;
-            # the warm-up takes the cache back to preamble · documents · block.
-            return StepResult(Step.COMMIT, notes=("skipped: each question starts from the"
-                                                  " documents",))
+            # Nothing joins the prompt: the warm-up goes back to preamble · documents · block.
+            return StepResult(Step.COMMIT, notes=(COMMIT_SKIPPED,))
         turns, tokens = self._enforce_limit(context)
         synced = self.mirror.sync(
             self._plan(context, with_block=False).tokens,
@@ -766,9 +709,6 @@ class ChatSession(HistoryTrimming, ChatEngine):
             saved_shared_bytes=usage[0].shared_bytes if usage else 0,
             store_bytes=self.store.kv.total_bytes(),
             budget_bytes=self.store.kv.budget_bytes,
-            documents=[
-                (d.id, len(self.builder.document_segment(d.name, d.text).tokens))
-                for d in context.documents
-            ],
+            documents=document_sizes(self.builder, context.documents),
         )
 

@@ -36,6 +36,7 @@ from app.core.state_pages import (
     parse_state,
     split_bounds,
 )
+from app.session.documents import chat_label
 from app.session.engine import StateLoad, StateSave
 from app.storage.errors import DatabaseCorrupt
 from app.storage.kv_store import KVStore, StateRecord, StoredPage
@@ -276,11 +277,7 @@ class SavedStates:
 
     def _owners(self, page_hash: bytes) -> list[str]:
         """Names of the chats whose saved states list a page (for the turn's notes)."""
-        names = []
-        for chat_id in self.kv.page_owners(page_hash)[:3]:
-            chat = self.store.chat_or_none(chat_id)
-            names.append(repr(chat.name) if chat is not None else f"#{chat_id}")
-        return names
+        return [chat_label(self.store, chat_id) for chat_id in self.kv.page_owners(page_hash)[:3]]
 
     # -- save -------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ from app.ui.chat_list import ChatListPanel
 from app.ui.chat_view import ChatView
 from app.ui.composer import Composer, ElidedLabel
 from app.ui.dialogs import InfoBanner, about_html, storage_note
-from app.ui.documents import DocumentsController
+from app.ui.documents import DocumentsController, WindowHooks
 from app.ui.inspector import CacheInspector, format_bytes
 from app.ui.instructions import LAYOUT_LABELS, InstructionEditor, describe_edit_cost
 from app.ui.model_settings import ModelSettingsDialog
@@ -165,7 +165,11 @@ class MainWindow(QMainWindow):
         self._build_menus()
         self._build_shortcuts()
         self._connect_worker()
-        self.documents = DocumentsController(self)  # attach, drop, detach, the chat's option
+        self.documents = DocumentsController(  # attach, drop, detach, the chat's option
+            self, WindowHooks(self.host, self.store, self.chat_view, lambda: self.current_chat_id,
+                              self.select_chat, self.new_chat, self.show_error),
+        )  # fmt: skip
+        self.cache_view_shown.connect(self.documents.show_cache_view)
         self._restore_settings()
         self._show_first_run_note()
         self.refresh_chats()
