@@ -216,3 +216,16 @@ def _pdf_with_text(lines: list[str]) -> bytes:
     out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\n".encode()
     out += f"startxref\n{xref}\n%%EOF\n".encode()
     return bytes(out)
+
+
+def test_documents_with_a_server_are_refused_before_any_file_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = document_file(tmp_path, 3)
+    db = tmp_path / "chats.db"
+    code = main(["chat", "--db", str(db), "--chat", "c", "--server", "http://127.0.0.1:9/v1",
+                 "--document", str(path), "--no-history", "hello"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "--document and --no-history are not available with --server" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
