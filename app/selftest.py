@@ -20,7 +20,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:  # imported where used: the import itself is a timed step
+    from app.session.chat_session import ChatSession, GenerationOptions
+    from app.storage.store import Store
 
 T = TypeVar("T")
 
@@ -105,92 +109,122 @@ def _llama_library() -> str:
 
 
 def _run(options: argparse.Namespace, report: _Report) -> None:
+    """The steps in the order a user meets them: import, model, a session that chats and
+    saves, then a second session on the same file that must restore and reuse it."""
     _environment(report)
     report.timed("import", _llama_library, str)
+    model = _find_model(options, report)
+    with _data_dir() as folder:
+        db_path = folder / "chats.db"
+        chat_id = _chat_and_save(db_path, model, options, report)
+        report.line("close", f"engine and database closed ({db_path.stat().st_size / 1e6:.2f} MB)")
+        _reopen_and_reuse(db_path, model, chat_id, options, report)
 
+
+def _greedy(options: argparse.Namespace) -> GenerationOptions:
+    from app.session.chat_session import GenerationOptions
+
+    return GenerationOptions(max_tokens=options.max_tokens, temperature=0.0, seed=0)
+
+
+def _find_model(options: argparse.Namespace, report: _Report) -> Path:
+    """The GGUF named on the command line (checked), or the embedded model."""
     from app.core.models import check_gguf_file, default_model_path
-    from app.session.chat_session import ChatSession, GenerationOptions
-    from app.storage.store import Store
 
-    model = report.timed(
+    return report.timed(
         "model",
         lambda: check_gguf_file(options.model) if options.model else default_model_path(),
         lambda path: f"{path} ({path.stat().st_size / 1e6:.1f} MB)",
     )
-    greedy = GenerationOptions(max_tokens=options.max_tokens, temperature=0.0, seed=0)
 
-    with _data_dir() as folder:
-        db_path = folder / "chats.db"
-        with Store(db_path, exclusive=True) as store:
-            engine = report.timed(
-                "load",
-                lambda: ChatSession(store, model, n_ctx=options.n_ctx),
-                lambda made: f"{made.backend.info.description}, n_ctx {made.n_ctx}",
+
+def _open_session(
+    step: str,
+    store: Store,
+    model: Path,
+    options: argparse.Namespace,
+    report: _Report,
+    describe: Callable[[ChatSession], str],
+) -> ChatSession:
+    from app.session.chat_session import ChatSession
+
+    return report.timed(step, lambda: ChatSession(store, model, n_ctx=options.n_ctx), describe)
+
+
+def _chat_and_save(db_path: Path, model: Path, options: argparse.Namespace, report: _Report) -> int:
+    """Load the model, one turn, then commit + warm-up + save; returns the chat's id."""
+    from app.storage.store import Store
+
+    with Store(db_path, exclusive=True) as store:
+        engine = _open_session(
+            "load", store, model, options, report,
+            lambda made: f"{made.backend.info.description}, n_ctx {made.n_ctx}",
+        )  # fmt: skip
+        try:
+            chat_id = store.create_chat("self-test").id
+            first = report.timed(
+                "turn 1",
+                lambda: engine.send(chat_id, FIRST_MESSAGE, _greedy(options)),
+                lambda result: (
+                    f"prefilled {result.metrics.prefill_tokens}, "
+                    f"generated {result.metrics.decode_tokens} tokens: {result.reply.strip()!r}"
+                ),
             )
-            try:
-                chat_id = store.create_chat("self-test").id
-                first = report.timed(
-                    "turn 1",
-                    lambda: engine.send(chat_id, FIRST_MESSAGE, greedy),
-                    lambda result: (
-                        f"prefilled {result.metrics.prefill_tokens}, "
-                        f"generated {result.metrics.decode_tokens} tokens: {result.reply.strip()!r}"
-                    ),
-                )
-                _check(first.metrics.decode_tokens > 0, "turn 1: the model generated no tokens")
-                metrics = report.timed(
-                    "save",
-                    lambda: engine.after_reply(chat_id),
-                    lambda done: (
-                        f"commit {done.commit_tokens} + warm-up {done.warmup_tokens} tokens, "
-                        f"state {done.state_bytes / 1e6:.2f} MB for {done.cache_tokens} tokens"
-                        if done
-                        else "no metrics"
-                    ),
-                )
-                _check(
-                    metrics is not None and metrics.state_bytes > 0,
-                    "save: no KV state was written",
-                )
-            finally:
-                engine.close()
-
-        report.line("close", f"engine and database closed ({db_path.stat().st_size / 1e6:.2f} MB)")
-
-        with Store(db_path, exclusive=True) as store:
-            engine = report.timed(
-                "reopen",
-                lambda: ChatSession(store, model, n_ctx=options.n_ctx),
-                lambda _made: "new ChatSession + Store on the same file",
+            _check(first.metrics.decode_tokens > 0, "turn 1: the model generated no tokens")
+            metrics = report.timed(
+                "save",
+                lambda: engine.after_reply(chat_id),
+                lambda done: (
+                    f"commit {done.commit_tokens} + warm-up {done.warmup_tokens} tokens, "
+                    f"state {done.state_bytes / 1e6:.2f} MB for {done.cache_tokens} tokens"
+                    if done
+                    else "no metrics"
+                ),
             )
-            try:
-                load = report.timed(
-                    "restore",
-                    lambda: engine.activate(chat_id),
-                    lambda state: (
-                        f"restored {state.tokens} tokens"
-                        if state.restored
-                        else f"not restored ({state.rejected or 'no saved state'})"
-                    ),
-                )
-                _check(
-                    load.restored, f"restore: the saved state was not restored ({load.rejected})"
-                )
-                second = report.timed(
-                    "turn 2",
-                    lambda: engine.send(chat_id, SECOND_MESSAGE, greedy),
-                    lambda result: (
-                        f"reused {result.metrics.reused_tokens}, "
-                        f"prefilled {result.metrics.prefill_tokens} tokens, "
-                        f"TTFT {result.metrics.ttft_ms:.0f} ms"
-                    ),
-                )
-                _check(
-                    second.metrics.reused_tokens > 0,
-                    "turn 2: no cached tokens were reused after the restart",
-                )
-            finally:
-                engine.close()
+            _check(metrics is not None and metrics.state_bytes > 0, "save: no KV state was written")
+        finally:
+            engine.close()
+    return chat_id
+
+
+def _reopen_and_reuse(
+    db_path: Path, model: Path, chat_id: int, options: argparse.Namespace, report: _Report
+) -> None:
+    """A "restart": a new session and store on the same file restore the saved state and
+    the next turn reuses it."""
+    from app.storage.store import Store
+
+    with Store(db_path, exclusive=True) as store:
+        engine = _open_session(
+            "reopen", store, model, options, report,
+            lambda _made: "new ChatSession + Store on the same file",
+        )  # fmt: skip
+        try:
+            load = report.timed(
+                "restore",
+                lambda: engine.activate(chat_id),
+                lambda state: (
+                    f"restored {state.tokens} tokens"
+                    if state.restored
+                    else f"not restored ({state.rejected or 'no saved state'})"
+                ),
+            )
+            _check(load.restored, f"restore: the saved state was not restored ({load.rejected})")
+            second = report.timed(
+                "turn 2",
+                lambda: engine.send(chat_id, SECOND_MESSAGE, _greedy(options)),
+                lambda result: (
+                    f"reused {result.metrics.reused_tokens}, "
+                    f"prefilled {result.metrics.prefill_tokens} tokens, "
+                    f"TTFT {result.metrics.ttft_ms:.0f} ms"
+                ),
+            )
+            _check(
+                second.metrics.reused_tokens > 0,
+                "turn 2: no cached tokens were reused after the restart",
+            )
+        finally:
+            engine.close()
 
 
 def run_self_test(args: list[str]) -> int:

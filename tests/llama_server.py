@@ -58,8 +58,10 @@ class LlamaServer:
         log: Path,
         n_ctx: int = SERVER_CTX,
         parallel: int = 1,
+        extra: tuple[str, ...] = (),
     ) -> None:
         self.binary = binary
+        self.extra = extra
         self.parallel = parallel
         self.n_ctx = n_ctx
         self.model = model
@@ -87,6 +89,7 @@ class LlamaServer:
             "--cache-ram", "0",  # no host-memory prompt cache: the slot alone is measured
             "--slot-save-path", f"{self.slot_dir}/",
             "--threads", "2",
+            *self.extra,
         ]  # fmt: skip
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -361,7 +361,6 @@ def test_a_database_from_before_the_eval_gains_the_rates_table(
     path = tmp_path / "before.db"
     version = migrations.MIGRATIONS.index(migrations._v7_eval_rates)
     monkeypatch.setattr("app.storage.store.MIGRATIONS", migrations.MIGRATIONS[:version])
-    monkeypatch.setattr("app.storage.store.SCHEMA_VERSION", version)
     with Store(path) as old:
         chat = old.create_chat("kept")
         old.add_message(chat.id, "user", "hello")

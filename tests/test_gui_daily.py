@@ -83,7 +83,7 @@ def test_preempted_idle_steps_are_redone_so_the_saved_state_covers_the_history(
     history = sum(len(m.token_ids) for m in window.store.messages(chat_id))
     log = log_of(window)
     seen = len(log.backgrounds)
-    window._apply_trim(8, "exact")  # keep almost nothing: the saved state shrinks
+    window.apply_trim(8, "exact")  # keep almost nothing: the saved state shrinks
     qtbot.waitUntil(
         lambda: any(b.completed for b in log.backgrounds[seen:] if b.chat_id == chat_id),
         timeout=TURN_TIMEOUT_MS,
@@ -92,7 +92,7 @@ def test_preempted_idle_steps_are_redone_so_the_saved_state_covers_the_history(
     other = open_new_chat(qtbot, window)
     window.select_chat(chat_id)
     seen = len(log.backgrounds)
-    window._apply_trim(None, "exact")  # remove the limit: the re-warm starts...
+    window.apply_trim(None, "exact")  # remove the limit: the re-warm starts...
     window.host.delete_chat(other)  # ...and is pre-empted at once
     qtbot.waitUntil(
         lambda: any(not b.completed for b in log.backgrounds[seen:] if b.chat_id == chat_id),

@@ -25,6 +25,7 @@ from app.core.state_pages import (
 from app.domain import Role
 from app.session.chat_session import ChatSession
 from app.storage import kv_store
+from app.storage.sqlite_file import PAGE_SIZE
 from app.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +274,7 @@ def test_a_first_version_page_store_is_upgraded_with_its_pages_and_their_use(
 ) -> None:
     path = tmp_path / "chats.kv.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute(f"PRAGMA page_size = {kv_store.PAGE_SIZE}")
+    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     for statement in kv_store._SCHEMA:  # the first version's tables, as older files have them
         conn.execute(statement)

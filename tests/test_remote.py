@@ -383,3 +383,79 @@ def test_window_connects_to_the_server_and_back_keeping_the_chat(
         assert engines == ["server", "local"]
     finally:
         close_window(window)
+
+
+# -- a chat template that refuses a late system message ----------------------------------
+
+#: Gemma 2's chat template as published: no system role, and roles must alternate.
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+#: The tests' llama-server build, word for word: its answer to user, assistant, system,
+#: user under that template, and to a prompt longer than its context.
+LATE_SYSTEM_REFUSED = (
+    b'{"error":{"code":400,"message":"Unable to generate parser for this template. Automatic'
+    b" parser generation failed: \\n------------\\nWhile executing CallExpression at line 1,"
+    b" column 226 in source:\\n...op.index0 % 2 == 0) %}{{ raise_exception('Conversation"
+    b" roles must alternate user...\\n                                           ^\\nError:"
+    b" Jinja Exception: Conversation roles must alternate user/assistant/user/assistant/...\","
+    b'"type":"invalid_request_error"}}'
+)
+CONTEXT_EXCEEDED = (
+    b'{"error":{"code":400,"message":"request (609 tokens) exceeds the available context size'
+    b' (256 tokens), try increasing it","type":"exceed_context_size_error",'
+    b'"n_prompt_tokens":609,"n_ctx":256}}'
+)
+
+
+def test_a_template_refusal_is_read_from_the_servers_error_json_alone() -> None:
+    from app.remote import schema
+
+    refused = schema.decode(LATE_SYSTEM_REFUSED, schema.ErrorAnswer).text()
+    assert refused.endswith("Conversation roles must alternate user/assistant/user/assistant/...")
+    assert schema.refuses_roles(refused)
+    too_long = schema.decode(CONTEXT_EXCEEDED, schema.ErrorAnswer).text()
+    assert too_long.startswith("request (609 tokens) exceeds")
+    assert not schema.refuses_roles(too_long)
+
+
+def test_a_template_that_refuses_a_late_system_message_gets_the_block_as_a_user_turn(
+    tmp_path: Path, store: Store
+) -> None:
+    from app.remote.client import ServerClient, ServerRefused
+
+    template = tmp_path / "gemma-2.jinja"
+    template.write_text(GEMMA2_TEMPLATE)
+    (tmp_path / "slots").mkdir()
+    server = LlamaServer(
+        llama_server_binary(), default_model_path(), tmp_path / "slots", tmp_path / "server.log",
+        extra=("--chat-template-file", str(template)),
+    )  # fmt: skip
+    server.start()
+    try:
+        client = ServerClient(server.base_url)
+        roles = ("user", "assistant", "system", "user")
+        late = [{"role": role, "content": "Hi"} for role in roles]
+        with pytest.raises(ServerRefused) as raised:
+            client.chat(late, max_tokens=4)
+        client.close()
+        assert raised.value.status == 400 and raised.value.refused_roles
+        session = RemoteChatSession(store, server.base_url)
+        try:
+            chat_id = _chat(store, "gemma 2", Layout.HISTORY_FIRST, "Be brief.")
+            _turn(session, chat_id, "Name a fruit.", idle=False)
+            second = _turn(session, chat_id, "Name a colour.", idle=False)
+            assert session.block_role == "user+ack"  # system, then user, were refused
+        finally:
+            session.close()
+    finally:
+        server.stop()
+    assert second.reply
+    assert [m.role for m in store.messages(chat_id)] == ["user", "assistant"] * 2

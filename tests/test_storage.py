@@ -53,7 +53,6 @@ def test_failed_migration_leaves_the_previous_version(tmp_path: Path, monkeypatc
         raise RuntimeError("migration failed midway")
 
     monkeypatch.setattr("app.storage.store.MIGRATIONS", [*migrations.MIGRATIONS, broken])
-    monkeypatch.setattr("app.storage.store.SCHEMA_VERSION", len(migrations.MIGRATIONS) + 1)
     with pytest.raises(RuntimeError, match="midway"):
         Store(path)
     conn = sqlite3.connect(path)
@@ -174,7 +173,7 @@ def test_disk_full_keeps_the_previous_state_and_messages(store: Store) -> None:
     chat = store.create_chat("full")
     store.add_message(chat.id, "user", "before")
     _save_state(store, chat.id, b"old state")
-    for conn in (store.db.conn, store.kv.conn):  # SQLite's real SQLITE_FULL path
+    for conn in (store.db, store.kv.conn):  # SQLite's real SQLITE_FULL path
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         conn.execute(f"PRAGMA max_page_count = {pages + 2}")
     with pytest.raises(StorageWriteError, match="disk is full"):
@@ -203,7 +202,6 @@ def test_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
 def test_old_databases_upgrade_to_branches(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "v4.db"
     monkeypatch.setattr("app.storage.store.MIGRATIONS", migrations.MIGRATIONS[:4])
-    monkeypatch.setattr("app.storage.store.SCHEMA_VERSION", 4)
     with Store(path) as old:
         chat = old.create_chat("before branches")
         old.add_message(chat.id, "user", "hello")
@@ -258,7 +256,6 @@ def test_old_databases_upgrade_to_templates_chosen_per_model(
 ) -> None:
     path = tmp_path / "v5.db"
     monkeypatch.setattr("app.storage.store.MIGRATIONS", migrations.MIGRATIONS[:5])
-    monkeypatch.setattr("app.storage.store.SCHEMA_VERSION", 5)
     with Store(path) as old:
         chat = old.create_chat("before templates")
         old.add_message(chat.id, "user", "hello")

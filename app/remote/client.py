@@ -51,6 +51,7 @@ __all__ = [
     "ServerClient",
     "ServerError",
     "ServerInfo",
+    "ServerRefused",
     "StreamDropped",
     "api_key_for",
 ]
@@ -60,15 +61,38 @@ T = TypeVar("T")
 
 def _connect_failure(base_url: str, error: httpx.ConnectError) -> str:
     """A sentence a person can act on, not "[Errno 111] Connection refused"."""
-    reason = str(error)
-    if "refused" in reason.lower():
-        return f"Connection refused: is the server running at {base_url}?"
-    reason = re.sub(r"^\[Errno -?\d+\]\s*", "", reason) or type(error).__name__
+    cause: BaseException | None = error
+    for _ in range(8):  # httpx wraps httpcore's error, which wraps the socket's
+        if cause is None:
+            break
+        if isinstance(cause, ConnectionRefusedError):
+            return f"Connection refused: is the server running at {base_url}?"
+        cause = cause.__cause__ or cause.__context__
+    reason = re.sub(r"^\[Errno -?\d+\]\s*", "", str(error)) or type(error).__name__
     return f"cannot connect to {base_url}: {reason}"
 
 
 class ServerError(SessionError):
     """The server could not be reached or refused a request (one line)."""
+
+
+class ServerRefused(ServerError):
+    """The server answered a request with an HTTP error status.
+
+    ``status`` and ``server_message`` (its own words, decoded from its error JSON) are
+    kept apart from the one-line text, so callers decide by them, never by the line.
+    """
+
+    def __init__(self, what: str, status: int, reason: str, server_message: str) -> None:
+        said = f": {_one_line(server_message)}" if server_message else ""
+        super().__init__(f"{what}: the server answered {status} {reason}{said}")
+        self.status = status
+        self.server_message = server_message
+
+    @property
+    def refused_roles(self) -> bool:
+        """The chat template refused the messages' roles (see :func:`schema.refuses_roles`)."""
+        return schema.refuses_roles(self.server_message)
 
 
 class StreamDropped(ServerError):
@@ -233,23 +257,20 @@ def _lines(chunks: Iterator[bytes], cap: int = MAX_BODY_BYTES) -> Iterator[bytes
         yield b"".join(pending)
 
 
-def _error_text(response: httpx.Response) -> str:
-    """The server's own error message, shortened to one line."""
+def _refusal(response: httpx.Response, what: str) -> ServerRefused:
+    """The error answer as a :class:`ServerRefused`: its status and the server's own
+    message (decoded from its error JSON; else the body's start)."""
     try:
         body = _read_capped(response, 64 << 10)
     except (_TooLarge, httpx.HTTPError):
         body = b""
     try:
-        answer = schema.decode(body, schema.ErrorAnswer)
+        message = schema.decode(body, schema.ErrorAnswer).text()
     except msgspec.MsgspecError:
-        answer = schema.ErrorAnswer()
-    error = answer.error
-    message = error if isinstance(error, str) else error.message if error else ""
-    message = message or answer.detail or answer.message or ""
+        message = ""
     if not message:
         message = body[:200].decode("utf-8", "replace")
-    message = _one_line(message)
-    return f"{response.status_code} {response.reason_phrase}" + (f": {message}" if message else "")
+    return ServerRefused(what, response.status_code, response.reason_phrase, message)
 
 
 def _shut(sock: socket.socket) -> None:
@@ -479,7 +500,7 @@ class ServerClient:
     ) -> bytes:
         with self._failures(what), client.stream(method, url, **kwargs) as response:
             if response.status_code >= 400:
-                raise ServerError(f"{what}: the server answered {_error_text(response)}")
+                raise _refusal(response, what)
             return _read_capped(response)
 
     def _request(self, method: str, url: str, what: str, shape: type[T], **kwargs: Any) -> T:
@@ -646,9 +667,7 @@ class ServerClient:
                     extensions={"trace": watch.trace},
                 ) as response:
                     if response.status_code >= 400:
-                        raise ServerError(
-                            f"chat completion: the server answered {_error_text(response)}"
-                        )
+                        raise _refusal(response, "chat completion")
                     reader.started = True
                     reader.read(_lines(response.iter_bytes()), watch)
             except (httpx.HTTPError, httpx.InvalidURL, _TooLarge) as error:

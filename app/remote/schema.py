@@ -22,6 +22,7 @@ __all__ = [
     "Tokens",
     "decode",
     "is_llama_props",
+    "refuses_roles",
 ]
 
 T = TypeVar("T")
@@ -68,6 +69,32 @@ class ErrorAnswer(msgspec.Struct):
     error: ErrorBody | str | None = None
     detail: str | None = None
     message: str | None = None
+
+    def text(self) -> str:
+        """The server's own message, whichever of the shapes it used ("" if none)."""
+        error = self.error
+        found = error if isinstance(error, str) else error.message if error else ""
+        return found or self.detail or self.message or ""
+
+
+#: Words of a chat template's refusal of the roles it was given.
+_ROLE_REFUSAL_WORDS = ("system", "template", "role", "alternate")
+
+
+def refuses_roles(message: str) -> bool:
+    """True when a server's error message says its chat template refused the messages'
+    roles (a system message after the first, two user turns in a row).
+
+    This is the one place that reads an error's words, because the words are all there
+    is: a template refuses through its own ``raise_exception('…')``, and servers pass its
+    text on inside an ordinary bad-request answer (llama-server: 400
+    ``invalid_request_error``, "… Jinja Exception: Conversation roles must alternate
+    user/assistant/…"; older builds and vLLM: 400 or 500 with the template's words), with
+    no code of its own. Call it only with the message of an error answer
+    (:attr:`app.remote.client.ServerRefused.server_message`).
+    """
+    text = message.lower()
+    return any(word in text for word in _ROLE_REFUSAL_WORDS)
 
 
 class Chunk(msgspec.Struct):

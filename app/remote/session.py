@@ -37,6 +37,7 @@ from app.remote.client import (
     ServerClient,
     ServerError,
     ServerInfo,
+    ServerRefused,
     StreamDropped,
 )
 from app.session.engine import (
@@ -329,20 +330,17 @@ class RemoteChatSession(ChatEngine):
                     on_text=on_text,
                     cancel=cancel,
                 )
-            except StreamDropped:
-                raise
-            except ServerError as error:
+            except ServerRefused as error:
                 if not self._refused_block(error, context):
                     raise
                 self.block_role = BLOCK_ROLES[BLOCK_ROLES.index(self.block_role) + 1]
 
-    def _refused_block(self, error: ServerError, context: ChatContext) -> bool:
-        text = str(error).lower()
+    def _refused_block(self, error: ServerRefused, context: ChatContext) -> bool:
+        """The template refused the late instruction block's role: try the next role."""
         return (
-            self._has_late_block(context)
+            error.refused_roles
+            and self._has_late_block(context)
             and self.block_role != BLOCK_ROLES[-1]
-            and "answered" in text
-            and any(word in text for word in ("system", "template", "role", "alternate"))
         )
 
     def _count(self, text: str, cancel: threading.Event | None = None) -> int:

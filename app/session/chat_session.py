@@ -461,8 +461,19 @@ class ChatSession(HistoryTrimming, ChatEngine):
 
     # -- prompt plans -----------------------------------------------------------------
 
+    def _stored_tokens_usable(self, message: Message) -> bool:
+        """Stored ids are used only if they were written for this model and template and
+        name tokens the model has: ids edited into the database must not block the chat."""
+        ids = message.token_ids
+        return (
+            message.token_format == self.token_format
+            and bool(ids)
+            and min(ids) >= 0
+            and max(ids) < self.backend.n_vocab
+        )
+
     def _message_tokens(self, message: Message) -> tuple[int, ...]:
-        if message.token_format == self.token_format and message.token_ids:
+        if self._stored_tokens_usable(message):
             return tuple(message.token_ids)
         # Another model or template wrote these tokens: only now is text re-tokenized.
         if message.role == Role.USER:
@@ -574,6 +585,8 @@ class ChatSession(HistoryTrimming, ChatEngine):
             f"message {m.seq}: stored token ids were unreadable; re-tokenized from its text"
             for m in context.messages
             if m.tokens_unreadable
+            or (m.token_ids and m.token_format == self.token_format
+                and not self._stored_tokens_usable(m))
         )
         metrics.notes.extend(independent_question_notes(context))
         try:

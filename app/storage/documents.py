@@ -12,6 +12,8 @@ from app.storage.records import Chat, Document, storable_text
 if TYPE_CHECKING:
     import sqlite3
 
+    from app.storage.connection import Params
+
 
 class ChatDocuments:
     """Attach, list and detach a chat's documents; :class:`Store` supplies the primitives."""
@@ -19,10 +21,8 @@ class ChatDocuments:
     if TYPE_CHECKING:
 
         def transaction(self) -> AbstractContextManager[None]: ...
-        def _write(
-            self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
-        ) -> sqlite3.Cursor: ...
-        def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]: ...
+        def _write(self, sql: str, params: Params = ()) -> sqlite3.Cursor: ...
+        def _rows(self, sql: str, params: Params = ()) -> list[dict[str, Any]]: ...
 
     def chat_or_none(self, chat_id: int) -> Chat | None:
         """A chat, or None when it was deleted (e.g. for a note naming a page's owner)."""

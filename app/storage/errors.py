@@ -6,6 +6,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+from app.storage.sqlite_file import PAGE_SIZE
+
 __all__ = [
     "DatabaseCorrupt",
     "DatabaseInUse",
@@ -49,7 +51,6 @@ class NotOurDatabase(StorageError):
     """Another application's SQLite file: never written to."""
 
 
-PAGE_SIZE = 65536
 #: SQLite primary result codes (sqlite3.h), read from sqlite3.Error.sqlite_errorcode.
 SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR = 5, 6, 8, 10
 SQLITE_CORRUPT, SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_NOTADB = 11, 13, 14, 26

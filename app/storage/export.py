@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.storage.store import SQLITE_MAGIC, StorageError, Store
+from app.storage.sqlite_file import SQLITE_MAGIC
+from app.storage.store import StorageError, Store
 
 #: Files SQLite keeps beside a database.
 SIDE_FILES = ("-wal", "-shm", "-journal")

@@ -14,6 +14,8 @@ from app.storage.records import Chat, InstructionVersion, Message, storable_text
 if TYPE_CHECKING:
     import sqlite3
 
+    from app.storage.connection import Params
+
 
 class ChatFamilies:
     """Fork, branch and version methods; :class:`Store` supplies the primitives below."""
@@ -26,10 +28,8 @@ class ChatFamilies:
         def message(self, message_id: int) -> Message: ...
         def current_instructions(self, chat_id: int) -> InstructionVersion | None: ...
         def transaction(self) -> AbstractContextManager[None]: ...
-        def _write(
-            self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
-        ) -> sqlite3.Cursor: ...
-        def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]: ...
+        def _write(self, sql: str, params: Params = ()) -> sqlite3.Cursor: ...
+        def _rows(self, sql: str, params: Params = ()) -> list[dict[str, Any]]: ...
         def _insert_chat(self, name: str, layout: str) -> int: ...
         def _copy_documents(self, source_id: int, copy_id: int) -> None: ...
         def _insert_message(
@@ -52,9 +52,7 @@ class ChatFamilies:
         of the original and restores from the pages they share.
         """
         source = self.chat(chat_id)
-        kept = [m for m in self.messages(chat_id) if m.seq <= at_seq]
-        if not kept or kept[-1].seq != at_seq:
-            raise ValueError(f"{source.name!r} has no message with seq {at_seq}")
+        self._require_message(source, at_seq, None, "message")
         return self._copy_chat(source, at_seq, name)
 
     def branch_chat(self, chat_id: int, at_seq: int) -> Chat:
@@ -64,9 +62,7 @@ class ChatFamilies:
         same KV pages) and the current instructions; the caller then sends the new text.
         """
         source = self.chat(chat_id)
-        edited = [m for m in self.messages(chat_id) if m.seq == at_seq]
-        if not edited or edited[0].role != "user":
-            raise ValueError(f"{source.name!r} has no user message with seq {at_seq}")
+        self._require_message(source, at_seq, "user", "user message")
         with self.transaction():
             branch_id = self._branch_rows(source, at_seq)
         return self.chat(branch_id)
@@ -86,9 +82,7 @@ class ChatFamilies:
         transaction. The chat and its old reply stay as they were: nothing is lost, and
         ‹ › switches between the versions (see :meth:`branches`)."""
         source = self.chat(chat_id)
-        replaced = [m for m in self.messages(chat_id) if m.seq == at_seq]
-        if not replaced or replaced[0].role != "assistant":
-            raise ValueError(f"{source.name!r} has no reply with seq {at_seq}")
+        self._require_message(source, at_seq, "assistant", "reply")
         with self.transaction():
             branch_id = self._branch_rows(source, at_seq)
             has_block = self.current_instructions(branch_id) is not None
@@ -97,6 +91,13 @@ class ChatFamilies:
                 status=status, instruction_version=1 if has_block else None,
             )  # fmt: skip
         return self.chat(branch_id), self.message(reply_id)
+
+    def _require_message(self, source: Chat, at_seq: int, role: str | None, what: str) -> None:
+        """ValueError (naming ``what``) unless ``source`` has a message ``at_seq`` of
+        ``role`` (any role for None): a fork, branch or version starts at one."""
+        found = [m for m in self.messages(source.id) if m.seq == at_seq]
+        if not found or (role is not None and found[0].role != role):
+            raise ValueError(f"{source.name!r} has no {what} with seq {at_seq}")
 
     def _branch_rows(self, source: Chat, at_seq: int) -> int:
         """A branch of ``source``'s family holding its messages before ``at_seq`` (inside

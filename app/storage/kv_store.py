@@ -30,19 +30,19 @@ import json
 import sqlite3
 import struct
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from app.storage import connection
+from app.storage.connection import Migration
 from app.storage.errors import StorageError, describe_error
 from app.storage.records import pack_tokens, unpack_tokens
 
-KV_SCHEMA_VERSION = 3
 KV_APPLICATION_ID = 0x4B564B56  # "KVKV": marks the file as a KV Chat page store
 DEFAULT_BUDGET_BYTES = 2 * 1024**3
 JOURNAL_LIMIT_BYTES = 64 * 1024**2  # the WAL is truncated back to this after a checkpoint
-PAGE_SIZE = 65536
 
 _SCHEMA = (
     """
@@ -85,6 +85,13 @@ _SCHEMA = (
 )
 
 
+def _v1_page_store(conn: sqlite3.Connection) -> None:
+    """The first version's tables, marked as a KV Chat page store."""
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    conn.execute(f"PRAGMA application_id = {KV_APPLICATION_ID}")
+
+
 def _v2_page_use(conn: sqlite3.Connection) -> None:
     """When each page was last used, in a table of its own.
 
@@ -112,8 +119,10 @@ def _v3_signed_states(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE states ADD COLUMN mac BLOB")
 
 
-#: Ordered upgrades of the page store; entry i brings user_version i + 1 to i + 2.
-_MIGRATIONS = (_v2_page_use, _v3_signed_states)
+#: The page store's ordered migrations: entry i brings user_version i to i + 1 (run by
+#: :func:`app.storage.connection.migrate`, as the chats database's are).
+KV_MIGRATIONS: tuple[Migration, ...] = (_v1_page_store, _v2_page_use, _v3_signed_states)
+KV_SCHEMA_VERSION = len(KV_MIGRATIONS)
 
 MAC_SIZE = 32
 KEY_SIZE = 32
@@ -212,36 +221,6 @@ def _as_bytes(value: object) -> bytes:
     raise TypeError(f"a {type(value).__name__} where text or bytes belong")
 
 
-def file_is_truncated(path: Path) -> str | None:
-    """Why the SQLite file at ``path`` is cut short (its header counts more pages than
-    it holds), or None: a truncated KV file is set aside instead of read."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            header = handle.read(100)
-    except OSError:
-        return None
-    if size == 0 or len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
-        return None if size == 0 else "it is not a SQLite file"
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages = int.from_bytes(header[28:32], "big")
-    if page_size * pages > size:
-        return f"it is truncated ({size} of {page_size * pages} bytes)"
-    return None
-
-
-def _read_only_uri(path: Path) -> str:
-    """mode=ro; immutable when a WAL-mode file has no WAL, so no -wal/-shm is created."""
-    wal_mode = False
-    with contextlib.suppress(OSError), path.open("rb") as handle:
-        header = handle.read(20)
-        wal_mode = len(header) == 20 and header[18] == 2
-    has_wal = path.with_name(path.name + "-wal").exists()
-    uri = path.resolve().as_uri() + "?mode=ro"
-    return uri + "&immutable=1" if wal_mode and not has_wal else uri
-
-
 class KVStore:
     """One open page store. Owned by the thread that owns the model (the only writer).
 
@@ -264,24 +243,18 @@ class KVStore:
         self.last_gap: str | None = None
         self.damaged_pages: list[bytes] = []
         try:
-            if read_only:
-                self.conn = sqlite3.connect(
-                    _read_only_uri(self.path), uri=True, timeout=5.0, isolation_level=None,
-                    check_same_thread=False,
-                )
-                self._check_kind()
-            else:
-                self.conn = sqlite3.connect(
-                    self.path, timeout=5.0, isolation_level=None, check_same_thread=False
-                )
-                self._configure()
+            self.conn = connection.connect(self.path, read_only=read_only)
+            self._check_kind()
+            if not read_only:
+                connection.configure_writer(self.conn, self.path, journal_limit=JOURNAL_LIMIT_BYTES)
+                connection.migrate(self.conn, self.path, KV_MIGRATIONS)
             stored = self._query("SELECT value FROM settings WHERE key = 'budget_bytes'")
-        except (sqlite3.Error, StorageError) as error:
+        except Exception as error:  # a failed migration too: never leave the file open
             with contextlib.suppress(sqlite3.Error, AttributeError):
                 self.conn.close()
-            if isinstance(error, StorageError):
-                raise
-            raise describe_error(error, self.path) from error
+            if isinstance(error, sqlite3.Error):
+                raise describe_error(error, self.path) from error
+            raise
         self.budget_bytes = int(stored[0][0]) if stored else DEFAULT_BUDGET_BYTES
         if key is not None and not read_only:
             self._claim(database_id(key))
@@ -317,70 +290,29 @@ class KVStore:
         self.budget_bytes = budget_bytes
         self.enforce_budget()
 
-    def _check_kind(self) -> tuple[int, int]:
-        """(user_version, number of schema objects) of a file that is a page store of ours."""
+    def _check_kind(self) -> None:
+        """Refuse a file that is not a page store of ours, or one too new to read."""
         conn = self.conn
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
         application = conn.execute("PRAGMA application_id").fetchone()[0]
         tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if tables and application != KV_APPLICATION_ID:
             raise StorageError(f"{self.path} is not a KV Chat page store; move it away")
-        if version > KV_SCHEMA_VERSION:
-            raise StorageError(f"{self.path} was written by a newer KV Chat")
+        connection.check_version(conn, self.path, len(KV_MIGRATIONS))
         if self.read_only and not tables:
             raise StorageError(f"{self.path} holds no KV pages yet")
-        return version, tables
-
-    def _configure(self) -> None:
-        conn = self.conn
-        version, tables = self._check_kind()
-        if not tables:
-            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only before the first table
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_LIMIT_BYTES}")
-        if version == 0:
-            with self.transaction():
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA application_id = {KV_APPLICATION_ID}")
-                conn.execute("PRAGMA user_version = 1")
-            version = 1
-        for target in range(version + 1, KV_SCHEMA_VERSION + 1):
-            with self.transaction():
-                _MIGRATIONS[target - 2](conn)
-                conn.execute(f"PRAGMA user_version = {target}")
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
             self.conn.close()
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as error:
-            raise describe_error(error, self.path) from error
-        try:
-            yield
-        except BaseException as error:
-            with contextlib.suppress(sqlite3.Error):
-                self.conn.execute("ROLLBACK")
-            if isinstance(error, sqlite3.Error):
-                raise describe_error(error, self.path) from error
-            raise
-        try:
-            self.conn.execute("COMMIT")
-        except sqlite3.Error as error:
-            with contextlib.suppress(sqlite3.Error):
-                self.conn.execute("ROLLBACK")
-            raise describe_error(error, self.path) from error
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """One atomic write: everything inside commits together or not at all."""
+        return connection.transaction(self.conn, self.path)
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cursor = connection.execute(self.conn, self.path, sql, params)
         try:
-            return self.conn.execute(sql, tuple(params)).fetchall()
+            return cursor.fetchall()
         except sqlite3.Error as error:
             raise describe_error(error, self.path) from error
 

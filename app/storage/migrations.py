@@ -1,19 +1,18 @@
-"""Ordered schema migrations.
+"""The chats database's ordered schema migrations.
 
-The schema version lives in ``PRAGMA user_version``. Each migration moves the
-database from version ``i`` to ``i + 1`` and runs inside one transaction together
-with the version bump, so a crash leaves the database at a whole version.
+``MIGRATIONS[i]`` moves the database from version ``i`` to ``i + 1``;
+:func:`app.storage.connection.migrate` runs each in one transaction with the version bump.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+import sqlite3
 
-import sqlite_utils
+from app.storage.connection import Migration
 
 
-def _v1_initial(db: sqlite_utils.Database) -> None:
+def _v1_initial(db: sqlite3.Connection) -> None:
     db.execute(
         """
         CREATE TABLE chats (
@@ -90,12 +89,12 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX metrics_by_chat ON turn_metrics(chat_id, id)")
 
 
-def _v2_drop_history_tokens(db: sqlite_utils.Database) -> None:
+def _v2_drop_history_tokens(db: sqlite3.Connection) -> None:
     """The saved state's history length was never read: the token ids say it all."""
     db.execute("ALTER TABLE saved_states DROP COLUMN history_tokens")
 
 
-def _v3_states_move_to_the_kv_store(db: sqlite_utils.Database) -> None:
+def _v3_states_move_to_the_kv_store(db: sqlite3.Connection) -> None:
     """Saved states now live as pages in their own file; old whole blobs are recomputed."""
     db.execute("DROP TABLE saved_states")
 
@@ -106,7 +105,7 @@ APPLICATION_ID = 0x4B564354
 AUTO_VACUUM_INCREMENTAL = 2
 
 
-def _v4_mark_as_ours(db: sqlite_utils.Database) -> None:
+def _v4_mark_as_ours(db: sqlite3.Connection) -> None:
     """Mark the file as ours, so another application's file is never taken for one.
 
     The switch to incremental auto-vacuum needs a VACUUM outside any transaction: the
@@ -116,7 +115,7 @@ def _v4_mark_as_ours(db: sqlite_utils.Database) -> None:
     db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
 
-def _v5_branches(db: sqlite_utils.Database) -> None:
+def _v5_branches(db: sqlite3.Connection) -> None:
     """Chats form trees: an edited message starts a branch, a chat of the same family
     that holds the messages before the edit (their token ids too, so the branch's prompt
     begins with exactly the original's tokens and restores from the same KV pages)."""
@@ -128,7 +127,7 @@ def _v5_branches(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX chats_by_root ON chats (root_chat_id)")
 
 
-def _v6_model_templates(db: sqlite_utils.Database) -> None:
+def _v6_model_templates(db: sqlite3.Connection) -> None:
     """A chat template chosen per model (by its file identity), used instead of the
     GGUF's own template or ChatML: a llama.cpp built-in name or a Jinja source."""
     db.execute(
@@ -144,7 +143,7 @@ def _v6_model_templates(db: sqlite_utils.Database) -> None:
     )
 
 
-def _v7_eval_rates(db: sqlite_utils.Database) -> None:
+def _v7_eval_rates(db: sqlite3.Connection) -> None:
     """The last instruction-following rates measured per model (by its file identity) and
     eval layout, shown next to each layout in the chat's layout menu."""
     db.execute(
@@ -165,7 +164,7 @@ def _v7_eval_rates(db: sqlite_utils.Database) -> None:
     )
 
 
-def _v8_kv_signing_key(db: sqlite_utils.Database) -> None:
+def _v8_kv_signing_key(db: sqlite3.Connection) -> None:
     """A random 32-byte secret that keys the MACs of the saved states and pages in the KV
     file. It lives here, never in the KV file: whoever edits that file cannot sign what
     they put in it. States saved before it are rejected once and recomputed."""
@@ -176,7 +175,7 @@ def _v8_kv_signing_key(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO kv_signing_key (id, key) VALUES (1, ?)", [secrets.token_bytes(32)])
 
 
-def _v9_documents(db: sqlite_utils.Database) -> None:
+def _v9_documents(db: sqlite3.Connection) -> None:
     """Documents attached to a chat: their text sits in the prompt's fixed region (after
     the preamble, before the history), in ``seq`` order, so a chat with the same document
     at the same place restores the same KV pages. ``no_history``: every question is
@@ -201,7 +200,7 @@ def _v9_documents(db: sqlite_utils.Database) -> None:
 
 
 #: MIGRATIONS[i] upgrades a database at version i to version i + 1.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+MIGRATIONS: list[Migration] = [
     _v1_initial,
     _v2_drop_history_tokens,
     _v3_states_move_to_the_kv_store,

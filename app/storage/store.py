@@ -12,9 +12,9 @@ commands open with ``mode=ro`` and write nothing. Growth is bounded: incremental
 auto-vacuum returns the pages of deleted chats and states to the file system, and
 the WAL is checkpointed and truncated after large writes and deletes.
 
-sqlite-utils holds the connection and answers queries; writes are hand-written SQL
-because each must sit inside one explicit transaction with its neighbours, which its
-table helpers do not expose.
+The standard library's sqlite3 does the work: every write is hand-written SQL inside one
+explicit transaction with its neighbours (:mod:`app.storage.connection` holds the
+transaction helper and the migration runner this file shares with the KV store).
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ import secrets
 import sqlite3
 import time
 import unicodedata
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from app.domain import Layout, MessageStatus, TemplateChoice, TemplateKind, TrimMode
+from app.storage import connection
+from app.storage.connection import Params
 from app.storage.documents import ChatDocuments
 from app.storage.errors import (
     ChatNotFound,
@@ -48,13 +47,8 @@ from app.storage.errors import (
     describe_error,
 )
 from app.storage.families import ChatFamilies
-from app.storage.kv_store import KEY_SIZE, KVFileOfAnotherDatabase, KVStore, file_is_truncated
-from app.storage.migrations import (
-    APPLICATION_ID,
-    AUTO_VACUUM_INCREMENTAL,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-)
+from app.storage.kv_store import KEY_SIZE, KVFileOfAnotherDatabase, KVStore
+from app.storage.migrations import APPLICATION_ID, AUTO_VACUUM_INCREMENTAL, MIGRATIONS
 from app.storage.records import (
     Chat,
     EvalRate,
@@ -65,6 +59,7 @@ from app.storage.records import (
     storable_text,
     unanswered_ids,
 )
+from app.storage.sqlite_file import application_id, read_only_uri, truncation
 
 __all__ = [
     "DatabaseCorrupt",
@@ -80,7 +75,6 @@ __all__ = [
 ]
 
 
-PAGE_SIZE = 65536
 #: Bytes the WAL may keep on disk after a checkpoint resets it.
 JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
 OUR_TABLES = frozenset({"chats", "messages"})
@@ -102,44 +96,24 @@ def valid_chat_name(name: str) -> str:
     return name
 
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
 def _check_file_header(path: Path) -> None:
     """Catch a foreign or truncated file before SQLite half-reads it."""
     try:
-        size = path.stat().st_size
+        cause = truncation(path)
     except FileNotFoundError:
         return
     except OSError as error:
         raise StorageWriteError(f"cannot open {path}: {error.strerror}") from error
-    if size == 0:
-        return
+    if cause is not None:
+        raise DatabaseCorrupt(f"{path}: {cause}; it cannot be read safely")
+
+
+def _kv_file_damage(path: Path) -> str | None:
+    """Why the KV file cannot be read safely (it is then set aside), or None."""
     try:
-        with path.open("rb") as handle:
-            header = handle.read(100)
-    except OSError as error:
-        raise StorageError(f"cannot read {path}: {error.strerror}") from error
-    if not header.startswith(SQLITE_MAGIC) or len(header) < 100:
-        raise DatabaseCorrupt(f"{path} is not a SQLite database")
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages = int.from_bytes(header[28:32], "big")
-    if page_size * pages > size:
-        raise DatabaseCorrupt(
-            f"{path} is truncated ({size} of {page_size * pages} bytes); it cannot be read safely"
-        )
-
-
-def _read_only_uri(path: Path, *, immutable: bool = False) -> str:
-    uri = path.resolve().as_uri() + "?mode=ro"
-    return uri + "&immutable=1" if immutable else uri
-
-
-def _header_field(path: Path, offset: int) -> int:
-    with path.open("rb") as handle:
-        handle.seek(offset)
-        return int.from_bytes(handle.read(4), "big")
+        return truncation(path)
+    except OSError:  # missing (a fresh one is made) or unreadable (its open says why)
+        return None
 
 
 def check_ours(path: Path) -> None:
@@ -150,18 +124,18 @@ def check_ours(path: Path) -> None:
     """
     if not path.exists() or path.stat().st_size == 0:
         return
-    application_id = _header_field(path, 68)
-    if application_id == APPLICATION_ID:
+    found_id = application_id(path)
+    if found_id == APPLICATION_ID:
         return
     foreign = NotOurDatabase(
         f"{path} is not a KV Chat database (another application's SQLite file); "
         "it was left untouched: choose another file"
     )
-    if application_id != 0:
+    if found_id != 0:
         raise foreign
     # immutable: read the main file only, create no -wal/-shm beside someone else's file.
     try:
-        conn = sqlite3.connect(_read_only_uri(path, immutable=True), uri=True)
+        conn = sqlite3.connect(read_only_uri(path, immutable=True), uri=True)
     except sqlite3.Error as error:
         raise describe_error(error, path) from error
     try:
@@ -229,31 +203,23 @@ class Store(ChatFamilies, ChatDocuments):
         check_ours(self.path)
         if exclusive and not read_only:
             self._take_process_lock()
+        if read_only and not self.path.exists():
+            raise StorageError(f"database not found: {self.path}")
         try:
-            if read_only:
-                conn = sqlite3.connect(
-                    self._read_only_target(), uri=True, timeout=5.0, isolation_level=None,
-                    check_same_thread=False,
-                )
-            else:
-                conn = sqlite3.connect(
-                    self.path, timeout=5.0, isolation_level=None, check_same_thread=False
-                )
+            self.db = connection.connect(self.path, read_only=read_only, live=live)
         except sqlite3.Error as error:
             self._release_process_lock()
             raise describe_error(error, self.path) from error
-        self.db = sqlite_utils.Database(conn)
         try:
             if read_only:
                 self._check_readable()
             else:
                 self._configure()
                 self._migrate()
-        except sqlite3.Error as error:
+        except Exception as error:  # a failed migration too: close, release the lock
             self.close()
-            raise describe_error(error, self.path) from error
-        except StorageError:
-            self.close()
+            if isinstance(error, sqlite3.Error):
+                raise describe_error(error, self.path) from error
             raise
 
     # -- opening --------------------------------------------------------------------
@@ -283,58 +249,20 @@ class Store(ChatFamilies, ChatDocuments):
                 os.close(self._lock_file)
             self._lock_file = None
 
-    def _read_only_target(self) -> str:
-        """mode=ro; immutable when a WAL-mode file has no WAL (nothing to read from one,
-        and SQLite would otherwise create -wal/-shm files and leave them behind)."""
-        if not self.path.exists():
-            raise StorageError(f"database not found: {self.path}")
-        wal_mode = self.path.stat().st_size >= 100 and _header_field(self.path, 16) >> 8 & 0xFF == 2
-        has_wal = self.path.with_name(self.path.name + "-wal").exists()
-        return _read_only_uri(self.path, immutable=wal_mode and not has_wal and not self.live)
-
     def _check_readable(self) -> None:
         self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        version = self.schema_version()
-        if version > SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"{self.path} was written by a newer KV Chat (schema {version}, this version "
-                f"reads up to {SCHEMA_VERSION}); update KV Chat or open another database"
-            )
-        if not set(self.db.table_names()) >= OUR_TABLES:
+        connection.check_version(self.db, self.path, len(MIGRATIONS))
+        if not connection.table_names(self.db) >= OUR_TABLES:
             raise StorageError(f"{self.path} holds no chats yet")
 
     def _configure(self) -> None:
-        # Reading the schema first turns "file is not a database" into an error here.
-        self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        self.db.execute("PRAGMA foreign_keys = ON")
-        if self.schema_version() == 0 and not self.db.table_names():
-            # Saved states are tens of MB: 64 KiB pages make their overflow chains 16x shorter.
-            # Only possible before the first table and the switch to WAL; so is
-            # auto_vacuum without a VACUUM.
-            self.db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-            self.db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StorageWriteError(f"cannot use WAL journal for {self.path} (got {mode})")
-        self.db.execute("PRAGMA synchronous = NORMAL")
-        self.db.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-        # With 64 KiB pages SQLite's default (1000 pages) lets the WAL reach 64 MB.
-        self.db.execute(f"PRAGMA wal_autocheckpoint = {JOURNAL_SIZE_LIMIT // PAGE_SIZE}")
+        connection.configure_writer(self.db, self.path, journal_limit=JOURNAL_SIZE_LIMIT)
 
     def _migrate(self) -> None:
-        version = self.schema_version()
-        if version > SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"{self.path} was written by a newer KV Chat (schema {version}, this version "
-                f"reads up to {SCHEMA_VERSION}); update KV Chat or open another database"
-            )
-        for target in range(version, SCHEMA_VERSION):
-            with self.transaction():
-                MIGRATIONS[target](self.db)
-                self.db.execute(f"PRAGMA user_version = {target + 1}")
+        version = connection.migrate(self.db, self.path, MIGRATIONS)
         if version > 0:
             # The tables must exist at the version the file claims.
-            missing = OUR_TABLES - set(self.db.table_names())
+            missing = OUR_TABLES - connection.table_names(self.db)
             if missing:
                 raise DatabaseCorrupt(f"{self.path} lacks tables {sorted(missing)}")
         if self.db.execute("PRAGMA auto_vacuum").fetchone()[0] != AUTO_VACUUM_INCREMENTAL:
@@ -344,7 +272,7 @@ class Store(ChatFamilies, ChatDocuments):
             self.db.execute("VACUUM")
 
     def schema_version(self) -> int:
-        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        return connection.schema_version(self.db)
 
     def close(self) -> None:
         if self._kv is not None:
@@ -357,7 +285,7 @@ class Store(ChatFamilies, ChatDocuments):
                 self.db.execute("PRAGMA busy_timeout = 0")  # never wait for other readers
                 self.db.execute("PRAGMA journal_mode = DELETE")
         with contextlib.suppress(sqlite3.Error):
-            self.db.conn.close()
+            self.db.close()
         self._release_process_lock()
 
     def _reclaim_space(self, *, vacuum: bool) -> None:
@@ -368,7 +296,7 @@ class Store(ChatFamilies, ChatDocuments):
         with contextlib.suppress(sqlite3.Error):
             if vacuum:
                 # executescript steps the pragma to the end; execute() frees one page.
-                self.db.conn.executescript("PRAGMA incremental_vacuum")
+                self.db.executescript("PRAGMA incremental_vacuum")
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def __enter__(self) -> Store:
@@ -377,36 +305,19 @@ class Store(ChatFamilies, ChatDocuments):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
         """One atomic write: everything inside commits together or not at all."""
-        conn = self.db.conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as error:
-            raise describe_error(error, self.path) from error
-        try:
-            yield
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as error:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise describe_error(error, self.path) from error
+        return connection.transaction(self.db, self.path)
 
-    def _write(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Cursor:
-        try:
-            return self.db.execute(sql, params)
-        except sqlite3.Error as error:
-            raise describe_error(error, self.path) from error
+    def _write(self, sql: str, params: Params = ()) -> sqlite3.Cursor:
+        return connection.execute(self.db, self.path, sql, params)
 
-    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    def _rows(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+        """The rows as dicts by column name (records are built from them by name)."""
+        cursor = self._write(sql, params)
+        names = [column[0] for column in cursor.description]
         try:
-            return list(self.db.query(sql, params))
+            return [dict(zip(names, row, strict=True)) for row in cursor]
         except sqlite3.Error as error:
             raise describe_error(error, self.path) from error
 
@@ -668,7 +579,7 @@ class Store(ChatFamilies, ChatDocuments):
             if self.read_only:
                 self._kv = KVStore(self.kv_path, read_only=True)
                 return self._kv
-            cause = file_is_truncated(self.kv_path)
+            cause = _kv_file_damage(self.kv_path)
             if cause is None:
                 try:
                     self._kv = KVStore(self.kv_path, key=self.kv_key())

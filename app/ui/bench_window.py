@@ -157,79 +157,19 @@ class BenchWindow(QWidget):
         return spin
 
     def _build(self) -> None:
-        self.history_spin = self._spin(100_000)
-        self.history_spin.setSingleStep(500)
-        self.instruction_spin = self._spin(20_000)
-        self.instruction_spin.setSingleStep(100)
-        self.turns_spin = self._spin(100)
-        self.edit_every_spin = self._spin(100, minimum=0)
-        self.edit_every_spin.setSpecialValueText("never")
-        sizes = QFormLayout()
-        sizes.addRow("History tokens", self.history_spin)
-        sizes.addRow("Instruction tokens", self.instruction_spin)
-        left = QFormLayout()
-        left.addRow("Turns", self.turns_spin)
-        left.addRow("Edit every K turns", self.edit_every_spin)
-
-        self.start_button, self.stop_button, buttons = start_stop_column()
-        controls = QHBoxLayout()
-        controls.addLayout(sizes)
-        controls.addSpacing(16)
-        controls.addLayout(left)
-        controls.addStretch(1)
-        controls.addLayout(buttons)
-
+        controls = self._build_controls()
         self.status_label = QLabel("Ready. Each strategy loads its own copy of the model.")
         self.status_label.setWordWrap(True)
         self.progress = QProgressBar()
         self.progress.setTextVisible(True)
         self.progress.setValue(0)
 
-        self.plot_widget = pg.PlotWidget()
-        self.plot_widget.setMinimumHeight(240)
-        plot = self.plot_widget.getPlotItem()
-        plot.setLogMode(x=False, y=True)
-        plot.showGrid(x=True, y=True, alpha=0.3)
-        plot.setMouseEnabled(x=False, y=False)
-        plot.hideButtons()
-        self.legend = plot.addLegend(offset=(10, 10))
-        self.empty_label = QLabel()
-        self.empty_label.setObjectName("emptyChart")
-        self.empty_label.setWordWrap(True)
-        self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.plot_stack = QStackedWidget()
-        self.plot_stack.addWidget(self.empty_label)
-        self.plot_stack.addWidget(self.plot_widget)
+        self._build_plot()
         self._started_at = 0.0
         theme.notifier.changed.connect(self.apply_theme)
         self.apply_theme(theme.palette())
-
-        self.table = QTableWidget(0, len(TABLE_HEADERS))
-        self.table.setHorizontalHeaderLabels(TABLE_HEADERS)
-        self.table.verticalHeader().setVisible(False)
-        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        header = self.table.horizontalHeader()
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        for column in range(1, len(TABLE_HEADERS)):
-            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
-        rows = len(STRATEGIES)  # fits every strategy without scrolling or empty space
-        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
-        height = (
-            self.table.horizontalHeader().sizeHint().height()
-            + rows * self.table.verticalHeader().defaultSectionSize()
-            + 2 * self.table.frameWidth()
-            + 2
-        )
-        self.table.setFixedHeight(height)
-
-        self.export_png_button = QPushButton("Export PNG…")
-        self.export_csv_button = QPushButton("Export CSV…")
-        self.export_png_button.setEnabled(False)
-        self.export_csv_button.setEnabled(False)
-        export_row = QHBoxLayout()
-        export_row.addStretch(1)
-        export_row.addWidget(self.export_png_button)
-        export_row.addWidget(self.export_csv_button)
+        self._build_table()
+        export_row = self._build_export_row()
 
         speed = QWidget()
         layout = QVBoxLayout(speed)
@@ -255,6 +195,80 @@ class BenchWindow(QWidget):
             spin.valueChanged.connect(self._on_size_changed)
         self.export_png_button.clicked.connect(self.ask_export_png)
         self.export_csv_button.clicked.connect(self.ask_export_csv)
+
+    def _build_controls(self) -> QHBoxLayout:
+        """The run's sizes on the left, Start and Stop on the right."""
+        self.history_spin = self._spin(100_000)
+        self.history_spin.setSingleStep(500)
+        self.instruction_spin = self._spin(20_000)
+        self.instruction_spin.setSingleStep(100)
+        self.turns_spin = self._spin(100)
+        self.edit_every_spin = self._spin(100, minimum=0)
+        self.edit_every_spin.setSpecialValueText("never")
+        sizes = QFormLayout()
+        sizes.addRow("History tokens", self.history_spin)
+        sizes.addRow("Instruction tokens", self.instruction_spin)
+        left = QFormLayout()
+        left.addRow("Turns", self.turns_spin)
+        left.addRow("Edit every K turns", self.edit_every_spin)
+
+        self.start_button, self.stop_button, buttons = start_stop_column()
+        controls = QHBoxLayout()
+        controls.addLayout(sizes)
+        controls.addSpacing(16)
+        controls.addLayout(left)
+        controls.addStretch(1)
+        controls.addLayout(buttons)
+        return controls
+
+    def _build_plot(self) -> None:
+        """The chart (log scale), behind a note while there is nothing to draw."""
+        self.plot_widget = pg.PlotWidget()
+        self.plot_widget.setMinimumHeight(240)
+        plot = self.plot_widget.getPlotItem()
+        plot.setLogMode(x=False, y=True)
+        plot.showGrid(x=True, y=True, alpha=0.3)
+        plot.setMouseEnabled(x=False, y=False)
+        plot.hideButtons()
+        self.legend = plot.addLegend(offset=(10, 10))
+        self.empty_label = QLabel()
+        self.empty_label.setObjectName("emptyChart")
+        self.empty_label.setWordWrap(True)
+        self.empty_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.plot_stack = QStackedWidget()
+        self.plot_stack.addWidget(self.empty_label)
+        self.plot_stack.addWidget(self.plot_widget)
+
+    def _build_table(self) -> None:
+        """One row per strategy, high enough for all of them and no more."""
+        self.table = QTableWidget(0, len(TABLE_HEADERS))
+        self.table.setHorizontalHeaderLabels(TABLE_HEADERS)
+        self.table.verticalHeader().setVisible(False)
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for column in range(1, len(TABLE_HEADERS)):
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+        rows = len(STRATEGIES)  # fits every strategy without scrolling or empty space
+        self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 8)
+        height = (
+            self.table.horizontalHeader().sizeHint().height()
+            + rows * self.table.verticalHeader().defaultSectionSize()
+            + 2 * self.table.frameWidth()
+            + 2
+        )
+        self.table.setFixedHeight(height)
+
+    def _build_export_row(self) -> QHBoxLayout:
+        self.export_png_button = QPushButton("Export PNG…")
+        self.export_csv_button = QPushButton("Export CSV…")
+        self.export_png_button.setEnabled(False)
+        self.export_csv_button.setEnabled(False)
+        export_row = QHBoxLayout()
+        export_row.addStretch(1)
+        export_row.addWidget(self.export_png_button)
+        export_row.addWidget(self.export_csv_button)
+        return export_row
 
     # -- configuration ----------------------------------------------------------------
 

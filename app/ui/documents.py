@@ -9,8 +9,6 @@ limits); one that cannot be attached is one line in the status bar and nothing i
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +19,6 @@ from PySide6.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
     QLabel,
-    QMainWindow,
     QMenu,
     QToolButton,
     QVBoxLayout,
@@ -31,23 +28,12 @@ from PySide6.QtWidgets import (
 from app.core.documents import DocumentError, read_document
 from app.storage.records import Document
 from app.storage.store import Store
+from app.ui.window_part import WindowPart, unless_closed
 
 if TYPE_CHECKING:
     from app.session.engine import CacheView
-    from app.ui.worker import EngineHost
-
-
-@dataclass(frozen=True)
-class WindowHooks:
-    """What the controller uses of the main window, passed in (no import of it)."""
-
-    host: EngineHost
-    store: Store  # the window's read-only connection
-    chat_view: QWidget  # the strip goes above it
-    current_chat: Callable[[], int | None]
-    select_chat: Callable[[int], None]
-    new_chat: Callable[[Callable[[int], None]], None]
-    show_error: Callable[[str, str], None]
+    from app.ui.chat_actions import ChatActions
+    from app.ui.window_base import WindowBase
 
 
 FILE_FILTER = "Documents (*.txt *.md *.markdown *.pdf);;All files (*)"
@@ -113,18 +99,17 @@ class DocumentStrip(QWidget):
                 label.setText(f"\N{PAGE FACING UP} {names[document_id]} · {tokens:,} tokens")
 
 
-class DocumentsController(QObject):
+class DocumentsController(WindowPart):
     """Wires the strip, the File menu's action and drops to the window's chat."""
 
-    def __init__(self, window: QMainWindow, hooks: WindowHooks) -> None:
+    def __init__(self, window: WindowBase, chats: ChatActions) -> None:
         super().__init__(window)
-        self.window = window
-        self.hooks = hooks
+        self.chats = chats
         self.strip = DocumentStrip()
-        parent = hooks.chat_view.parentWidget()
+        parent = window.chat_view.parentWidget()
         column = parent.layout() if parent is not None else None
         assert isinstance(column, QVBoxLayout)  # the chat column: title, chat, composer
-        column.insertWidget(column.indexOf(hooks.chat_view), self.strip)
+        column.insertWidget(column.indexOf(window.chat_view), self.strip)
         self.attach_action = QAction("Attach document…", window)
         self.attach_action.setToolTip("Put a text, Markdown or PDF file before the history")
         self.attach_action.triggered.connect(self.ask_attach)
@@ -133,31 +118,27 @@ class DocumentsController(QObject):
         file_menu.insertAction(file_menu.actions()[1], self.attach_action)
         self.strip.detach_requested.connect(self.detach)
         self.strip.no_history_toggled.connect(self.set_no_history)
+        chats.chat_shown.connect(lambda _chat_id: self.refresh())
+        window.cache_view_shown.connect(self.show_cache_view)
         window.setAcceptDrops(True)
         window.installEventFilter(self)
 
     # -- showing ----------------------------------------------------------------------
 
-    def refresh(self, chat_id: int | None = None) -> None:
-        """Show the current chat's documents (after a change: select it again)."""
-        hooks = self.hooks
-        if chat_id is not None and chat_id == hooks.current_chat():
-            hooks.select_chat(chat_id)  # shows the chat anew, then comes back here
-            return
-        current = hooks.current_chat()
-        if current is None:
+    def refresh(self) -> None:
+        """Show the chat on screen's documents and option."""
+        current = self.window.current_chat_id
+        chat = self.window.store.chat_or_none(current) if current is not None else None
+        if chat is None:
             self.strip.show_documents([], False)
             return
-        store = hooks.store
-        chat = store.chat_or_none(current)
-        documents = store.documents(current) if chat is not None else []
-        self.strip.show_documents(documents, bool(chat and chat.no_history))
+        self.strip.show_documents(self.window.store.documents(chat.id), bool(chat.no_history))
 
     def show_cache_view(self, view: CacheView) -> None:
         """The documents' token counts, from the engine's view of the chat on screen."""
-        if view.chat_id != self.hooks.current_chat() or view.chat_id is None:
+        if view.chat_id != self.window.current_chat_id or view.chat_id is None:
             return
-        names = {d.id: d.name for d in self.hooks.store.documents(view.chat_id)}
+        names = {d.id: d.name for d in self.window.store.documents(view.chat_id)}
         self.strip.show_tokens([c for c in view.documents if c[0] in names], names)
 
     # -- changes ----------------------------------------------------------------------
@@ -175,7 +156,7 @@ class DocumentsController(QObject):
             try:
                 texts.append(read_document(path))
             except DocumentError as error:
-                self.hooks.show_error("Attach document", str(error))
+                self.window.show_error("Attach document", str(error))
         if not texts:
             return
 
@@ -185,35 +166,38 @@ class DocumentsController(QObject):
                     store.attach_document(chat_id, document.name, document.text)
                 return chat_id
 
-            self.hooks.host.change_store("Attach document", write, self._changed)
+            self.window.host.change_store("Attach document", write, self._changed)
 
-        current = self.hooks.current_chat()
+        current = self.window.current_chat_id
         if current is None:
-            self.hooks.new_chat(attach)
+            self.chats.new_chat(attach)
         else:
             attach(current)
 
     def detach(self, document_id: int) -> None:
-        chat_id = self.hooks.current_chat()
+        chat_id = self.window.current_chat_id
 
         def write(store: Store) -> int | None:
             store.detach_document(document_id)
             return chat_id
 
-        self.hooks.host.change_store("Detach document", write, self._changed)
+        self.window.host.change_store("Detach document", write, self._changed)
 
     def set_no_history(self, enabled: bool) -> None:
-        chat_id = self.hooks.current_chat()
+        chat_id = self.window.current_chat_id
         if chat_id is None:
             return
-        self.hooks.host.change_store(
+        self.window.host.change_store(
             "Each question starts from the documents",
             lambda store: store.update_chat(chat_id, no_history=int(enabled)).id,
             self._changed,
         )
 
+    @unless_closed
     def _changed(self, chat_id: object) -> None:
-        self.refresh(chat_id if isinstance(chat_id, int) else None)
+        """A change was written: the chat on screen is shown anew (its prompt changed)."""
+        if isinstance(chat_id, int) and chat_id == self.window.current_chat_id:
+            self.chats.select_chat(chat_id)
 
     # -- drag and drop ----------------------------------------------------------------
 

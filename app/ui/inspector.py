@@ -274,6 +274,28 @@ class CacheInspector(QWidget):
         layout.setContentsMargins(8, 8, 8, 8)
         layout.setSpacing(6)
 
+        self._build_header(layout)
+        self._build_trim_row(layout)
+        self.tabs = QTabWidget()
+        layout.addWidget(self.tabs, 1)
+        self._empty_reason = ""
+        self.tabs.addTab(self._build_charts(), "Charts")
+        self.tabs.addTab(self._build_phases(), "Phases")
+        self._build_export_row(layout)
+        self._build_trim_timers()
+        self.trim_slider.valueChanged.connect(self._on_slider_moved)
+        self.trim_slider.sliderReleased.connect(self.apply_trim_now)
+        self.mode_combo.currentIndexChanged.connect(self._on_mode_changed)
+        self.turn_combo.currentIndexChanged.connect(self._show_phases)
+        self.export_png_button.clicked.connect(self.ask_export_png)
+        self.export_csv_button.clicked.connect(self.ask_export_csv)
+        self.set_trim(None, "exact", 0)
+        self.set_cache_view(None)
+        theme.notifier.changed.connect(self.apply_theme)
+        self.apply_theme(palette())
+
+    def _build_header(self, layout: QVBoxLayout) -> None:
+        """Title and cache size, then the segment bar and its legend."""
         header = QHBoxLayout()
         title = QLabel("Cache inspector")
         title.setObjectName("panelTitle")
@@ -292,6 +314,8 @@ class CacheInspector(QWidget):
         self.legend_label.setWordWrap(True)
         layout.addWidget(self.legend_label)
 
+    def _build_trim_row(self, layout: QVBoxLayout) -> None:
+        """The history limit: slider, value, mode, and what a preview would drop."""
         trim_row = QHBoxLayout()
         trim_row.addWidget(QLabel("Cached history"))
         self.trim_slider = QSlider(Qt.Orientation.Horizontal)
@@ -319,10 +343,8 @@ class CacheInspector(QWidget):
         self.trim_preview_label.hide()  # shown with a preview: no empty row on small screens
         layout.addWidget(self.trim_preview_label)
 
-        self.tabs = QTabWidget()
-        layout.addWidget(self.tabs, 1)
-        self._empty_reason = ""
-        self.tabs.addTab(self._build_charts(), "Charts")
+    def _build_phases(self) -> QWidget:
+        """The Phases tab: one turn's phases, picked from a list."""
         phases = QWidget()
         phases_layout = QVBoxLayout(phases)
         phases_layout.setContentsMargins(4, 4, 4, 4)
@@ -353,8 +375,9 @@ class CacheInspector(QWidget):
         header_view.setSectionResizeMode(4, QHeaderView.ResizeMode.Stretch)
         self.phase_table.setItemDelegateForColumn(4, ShareDelegate(self.phase_table))
         phases_layout.addWidget(self.phase_table, 1)
-        self.tabs.addTab(phases, "Phases")
+        return phases
 
+    def _build_export_row(self, layout: QVBoxLayout) -> None:
         export_row = QHBoxLayout()
         self.turn_count_label = QLabel("")
         export_row.addWidget(self.turn_count_label, 1)
@@ -364,6 +387,8 @@ class CacheInspector(QWidget):
         export_row.addWidget(self.export_csv_button)
         layout.addLayout(export_row)
 
+    def _build_trim_timers(self) -> None:
+        """A slider drag previews (debounced) and applies once it rests."""
         self._preview_timer = QTimer(self)
         self._preview_timer.setSingleShot(True)
         self._preview_timer.setInterval(TRIM_PREVIEW_DEBOUNCE_MS)
@@ -372,16 +397,6 @@ class CacheInspector(QWidget):
         self._apply_timer.setSingleShot(True)
         self._apply_timer.setInterval(TRIM_APPLY_DEBOUNCE_MS)
         self._apply_timer.timeout.connect(self.apply_trim_now)
-        self.trim_slider.valueChanged.connect(self._on_slider_moved)
-        self.trim_slider.sliderReleased.connect(self.apply_trim_now)
-        self.mode_combo.currentIndexChanged.connect(self._on_mode_changed)
-        self.turn_combo.currentIndexChanged.connect(self._show_phases)
-        self.export_png_button.clicked.connect(self.ask_export_png)
-        self.export_csv_button.clicked.connect(self.ask_export_csv)
-        self.set_trim(None, "exact", 0)
-        self.set_cache_view(None)
-        theme.notifier.changed.connect(self.apply_theme)
-        self.apply_theme(palette())
 
     # -- charts ---------------------------------------------------------------------
 
@@ -410,6 +425,18 @@ class CacheInspector(QWidget):
         self.empty_chart.setWordWrap(True)
         self.empty_chart.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.chart_stack.addWidget(self.empty_chart)
+        self._build_chart_plots()
+        self._build_token_bars()
+        self.ttft_curve = self._curve("ttft", "ttft", "o")
+        self.prefill_speed_curve = self._curve("speed", "prefill_speed", "o")
+        self.decode_speed_curve = self._curve("speed", "decode_speed", "s")
+        self.cache_tokens_curve = self._curve("cache", "cache_tokens", "o")
+        self._build_bytes_axis()
+        self.chart_picker.currentIndexChanged.connect(self._show_chart)
+        return page
+
+    def _build_chart_plots(self) -> None:
+        """One plot per chart, stacked: the picker shows one."""
         self.plots: dict[str, pg.PlotItem] = {}
         self.plot_widgets: dict[str, pg.PlotWidget] = {}
         for key, (title, unit, _keys) in CHARTS.items():
@@ -427,6 +454,9 @@ class CacheInspector(QWidget):
             self.plot_widgets[key] = widget
             self.chart_stack.addWidget(widget)
             self.chart_picker.addItem(title, key)
+
+    def _build_token_bars(self) -> None:
+        """Stacked bars per turn: reused, recomputed on the critical path, background."""
         self.bars = {}
         for key, label in (
             ("reused", "reused"),
@@ -444,11 +474,9 @@ class CacheInspector(QWidget):
             )
             self.plots["tokens"].addItem(item)
             self.bars[key] = item
-        self.ttft_curve = self._curve("ttft", "ttft", "o")
-        self.prefill_speed_curve = self._curve("speed", "prefill_speed", "o")
-        self.decode_speed_curve = self._curve("speed", "decode_speed", "s")
-        self.cache_tokens_curve = self._curve("cache", "cache_tokens", "o")
-        # Bytes on a second axis (right): the saved state's size in MB.
+
+    def _build_bytes_axis(self) -> None:
+        """Bytes on a second axis (right) of the cache chart: the saved state's size in MB."""
         cache_plot = self.plots["cache"]
         cache_plot.showAxis("right")
         cache_plot.setLabel("right", "saved MB")
@@ -467,8 +495,6 @@ class CacheInspector(QWidget):
         )
         self.bytes_view.addItem(self.state_mb_curve)
         cache_plot.vb.sigResized.connect(self._align_bytes_view)
-        self.chart_picker.currentIndexChanged.connect(self._show_chart)
-        return page
 
     def _curve(self, chart: str, colour: str, symbol: str) -> pg.PlotDataItem:
         return self.plots[chart].plot(

@@ -173,28 +173,7 @@ class InstructionEditor(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(8, 8, 8, 8)
         layout.setSpacing(6)
-        header = QHBoxLayout()
-        title = QLabel("Instructions")
-        title.setObjectName("panelTitle")
-        header.addWidget(title)
-        header.addStretch(1)
-        header.addWidget(QLabel("Layout"))
-        self.layout_combo = QComboBox()
-        for key, label in LAYOUT_LABELS.items():
-            self.layout_combo.addItem(label, key)
-            self.layout_combo.setItemData(
-                self.layout_combo.count() - 1, LAYOUT_TIPS[key], Qt.ItemDataRole.ToolTipRole
-            )
-        self.layout_combo.setToolTip(
-            "Where the instruction block sits in the prompt. Picking one shows its cost;"
-            " Apply makes it the chat's layout."
-        )
-        header.addWidget(self.layout_combo)
-        self.apply_layout_button = QPushButton("Apply")
-        self.apply_layout_button.setToolTip("Use this layout for the chat (rebuilds the cache)")
-        header.addWidget(self.apply_layout_button)
-        layout.addLayout(header)
-
+        self._build_header(layout)
         self.tabs = QTabWidget()
         self.tabs.setObjectName("instructionTabs")
         self.editor = QPlainTextEdit()
@@ -205,56 +184,11 @@ class InstructionEditor(QWidget):
             " the Variables tab."
         )
         self.tabs.addTab(self.editor, "Text")
-        variables_page = QWidget()
-        variables_layout = QVBoxLayout(variables_page)
-        variables_layout.setContentsMargins(4, 4, 4, 4)
-        variables_layout.setSpacing(4)
-        self.variables_table = VariablesTable()
-        # Small minimums for every page: the tabs' minimum is the largest page's, and on a
-        # 640 px screen the cache inspector (its phases) needs the height more.
-        self.variables_table.setMinimumHeight(MIN_PAGE_HEIGHT)
-        variables_layout.addWidget(self.variables_table, 1)
-        variable_buttons = QHBoxLayout()
-        hint = QLabel("{{name}} in the text is replaced; other rows are listed after it.")
-        hint.setObjectName("hint")
-        hint.setWordWrap(True)
-        variable_buttons.addWidget(hint, 1)
-        self.add_variable_button = QPushButton("Add")
-        self.remove_variable_button = QPushButton("Remove")
-        variable_buttons.addWidget(self.add_variable_button)
-        variable_buttons.addWidget(self.remove_variable_button)
-        variables_layout.addLayout(variable_buttons)
-        self.tabs.addTab(variables_page, "Variables")
-        self.versions = QListWidget()
-        self.versions.setObjectName("versionList")
-        self.versions.setMinimumHeight(MIN_PAGE_HEIGHT)
-        self.versions.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.versions.setTextElideMode(Qt.TextElideMode.ElideRight)
-        self.versions.setToolTip("Click a version to put it back into the editor")
-        self.tabs.addTab(self.versions, "Versions")
+        self.tabs.addTab(self._build_variables_page(), "Variables")
+        self._build_versions_page()
         layout.addWidget(self.tabs, 1)
-
-        self.draft_label = QLabel("Draft: Send saves it ")
-        self.draft_label.setToolTip(
-            "Unsaved instructions: Send saves them as a version and uses them. Switching"
-            " chats or quitting keeps the draft (unused) for next time."
-        )
-        self.draft_label.setObjectName("draftNote")
-        self.draft_label.hide()
-        # Beside the tabs: it costs no height on a 640 px screen.
-        self.tabs.setCornerWidget(self.draft_label, Qt.Corner.TopRightCorner)
-        footer = QHBoxLayout()
-        self.cost_label = QLabel("")
-        self.cost_label.setObjectName("costLabel")
-        self.cost_label.setWordWrap(True)
-        footer.addWidget(self.cost_label, 1)
-        self.revert_button = QPushButton("Revert")
-        self.revert_button.setToolTip("Put the current saved version back into the editor")
-        self.save_button = QPushButton("Save version")
-        self.save_button.setObjectName("primaryButton")
-        footer.addWidget(self.revert_button)
-        footer.addWidget(self.save_button)
-        layout.addLayout(footer)
+        self._build_draft_note()
+        self._build_footer(layout)
 
         self._current: InstructionVersion | None = None
         self._chat_layout = "history-first"
@@ -277,6 +211,89 @@ class InstructionEditor(QWidget):
         self.versions.itemClicked.connect(self._restore_item)
         self.layout_combo.currentIndexChanged.connect(self._on_layout_previewed)
         self._update_buttons()
+
+    def _build_header(self, layout: QVBoxLayout) -> None:
+        """Title, and the layout picker with its Apply button."""
+        header = QHBoxLayout()
+        title = QLabel("Instructions")
+        title.setObjectName("panelTitle")
+        header.addWidget(title)
+        header.addStretch(1)
+        header.addWidget(QLabel("Layout"))
+        self.layout_combo = QComboBox()
+        for key, label in LAYOUT_LABELS.items():
+            self.layout_combo.addItem(label, key)
+            self.layout_combo.setItemData(
+                self.layout_combo.count() - 1, LAYOUT_TIPS[key], Qt.ItemDataRole.ToolTipRole
+            )
+        self.layout_combo.setToolTip(
+            "Where the instruction block sits in the prompt. Picking one shows its cost;"
+            " Apply makes it the chat's layout."
+        )
+        header.addWidget(self.layout_combo)
+        self.apply_layout_button = QPushButton("Apply")
+        self.apply_layout_button.setToolTip("Use this layout for the chat (rebuilds the cache)")
+        header.addWidget(self.apply_layout_button)
+        layout.addLayout(header)
+
+    def _build_variables_page(self) -> QWidget:
+        """The Variables tab: the {{name}} values, with Add and Remove."""
+        variables_page = QWidget()
+        variables_layout = QVBoxLayout(variables_page)
+        variables_layout.setContentsMargins(4, 4, 4, 4)
+        variables_layout.setSpacing(4)
+        self.variables_table = VariablesTable()
+        # Small minimums for every page: the tabs' minimum is the largest page's, and on a
+        # 640 px screen the cache inspector (its phases) needs the height more.
+        self.variables_table.setMinimumHeight(MIN_PAGE_HEIGHT)
+        variables_layout.addWidget(self.variables_table, 1)
+        variable_buttons = QHBoxLayout()
+        hint = QLabel("{{name}} in the text is replaced; other rows are listed after it.")
+        hint.setObjectName("hint")
+        hint.setWordWrap(True)
+        variable_buttons.addWidget(hint, 1)
+        self.add_variable_button = QPushButton("Add")
+        self.remove_variable_button = QPushButton("Remove")
+        variable_buttons.addWidget(self.add_variable_button)
+        variable_buttons.addWidget(self.remove_variable_button)
+        variables_layout.addLayout(variable_buttons)
+        return variables_page
+
+    def _build_versions_page(self) -> None:
+        """The Versions tab: saved versions, one click puts one back into the editor."""
+        self.versions = QListWidget()
+        self.versions.setObjectName("versionList")
+        self.versions.setMinimumHeight(MIN_PAGE_HEIGHT)
+        self.versions.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.versions.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.versions.setToolTip("Click a version to put it back into the editor")
+        self.tabs.addTab(self.versions, "Versions")
+
+    def _build_draft_note(self) -> None:
+        self.draft_label = QLabel("Draft: Send saves it ")
+        self.draft_label.setToolTip(
+            "Unsaved instructions: Send saves them as a version and uses them. Switching"
+            " chats or quitting keeps the draft (unused) for next time."
+        )
+        self.draft_label.setObjectName("draftNote")
+        self.draft_label.hide()
+        # Beside the tabs: it costs no height on a 640 px screen.
+        self.tabs.setCornerWidget(self.draft_label, Qt.Corner.TopRightCorner)
+
+    def _build_footer(self, layout: QVBoxLayout) -> None:
+        """What an edit would cost the cache, Revert and Save version."""
+        footer = QHBoxLayout()
+        self.cost_label = QLabel("")
+        self.cost_label.setObjectName("costLabel")
+        self.cost_label.setWordWrap(True)
+        footer.addWidget(self.cost_label, 1)
+        self.revert_button = QPushButton("Revert")
+        self.revert_button.setToolTip("Put the current saved version back into the editor")
+        self.save_button = QPushButton("Save version")
+        self.save_button.setObjectName("primaryButton")
+        footer.addWidget(self.revert_button)
+        footer.addWidget(self.save_button)
+        layout.addLayout(footer)
 
     # -- state ----------------------------------------------------------------------
 
