@@ -88,6 +88,10 @@ def max_tokens(text: str) -> int:
     return _checked(limits.check_max_tokens, _whole(text))
 
 
+def alternatives(text: str) -> int:
+    return _checked(limits.check_alternatives, _whole(text))
+
+
 def trim_tokens(text: str) -> int:
     return _checked(limits.check_trim_tokens, _whole(text))
 

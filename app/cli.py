@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="each question starts from the documents: replies are kept, not prompted"
         " (kept for the chat)",
     )  # fmt: skip
+    chat.add_argument(
+        "--alternatives",
+        type=arguments.alternatives,
+        default=1,
+        metavar="N",
+        help=f"sample N replies (1 to {limits.MAX_ALTERNATIVES}) from the one prompt, stored as "
+        "versions of the reply; the first is kept",
+    )
     chat.add_argument("--json", action="store_true", help="print one JSON object")
     chat.add_argument("message", help="the user's message ('-' reads standard input)")
 
@@ -389,7 +397,9 @@ def _chat_turn(
             args.trim_tokens if args.trim_tokens is not None else chat.trim_tokens,
             args.trim_mode,
         )
-    options = GenerationOptions(args.max_tokens, args.temperature, args.seed)
+    options = GenerationOptions(
+        args.max_tokens, args.temperature, args.seed, alternatives=args.alternatives
+    )
     result, stored_reply, warnings = _answer(engine, store, chat.id, message, options)
     template_warning = engine.template_warning()
     if template_warning:
@@ -398,8 +408,15 @@ def _chat_turn(
     metrics = result.metrics.as_dict() if result is not None else {}
     if warnings and metrics:
         metrics["notes"] = [*metrics.get("notes", []), *warnings]
+    replies = [a.text for a in result.alternatives] if result is not None else []
     if args.json:
-        print(json.dumps({"reply": reply, "metrics": metrics}, ensure_ascii=False))
+        payload = {"reply": reply, "metrics": metrics}
+        if args.alternatives > 1:
+            payload["replies"] = replies or ([reply] if reply else [])
+        print(json.dumps(payload, ensure_ascii=False))
+    elif len(replies) > 1:
+        for number, text in enumerate(replies, 1):
+            print(f"[{number}/{len(replies)}{', kept' if number == 1 else ''}]\n{text}")
     else:
         print(reply)
         if result is not None:

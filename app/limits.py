@@ -20,6 +20,9 @@ MAX_TOP_K = 1000  # 0 turns top-k off
 MAX_REPEAT_PENALTY = 3.0  # 1.0 turns the penalty off
 MAX_TOKENS = 32_768
 MAX_TRIM_TOKENS = 1 << 24
+#: Replies sampled at once from one prompt (``--alternatives``): each is a sequence of
+#: the cache, and llama.cpp's context is sized for this many.
+MAX_ALTERNATIVES = 8
 #: Below this no chat template fits at all; the exact minimum depends on the template
 #: and is checked when the model is loaded (see ChatSession).
 MIN_N_CTX = 32
@@ -55,6 +58,14 @@ def llama_seed(value: int) -> int:
     return LLAMA_RANDOM_SEED if value == RANDOM_SEED else value
 
 
+def alternative_seed(seed: int, index: int) -> int:
+    """Alternative ``index``'s sampler seed: the chat's seed for the first, the next ones
+    after it (replies differ, and the same seed gives the same replies again); -1 stays
+    random."""
+    check_seed(seed)
+    return seed if seed == RANDOM_SEED else (seed + index) % (MAX_SEED + 1)
+
+
 def check_count(name: str, value: int, minimum: int, maximum: int) -> int:
     if not minimum <= value <= maximum:
         raise ValueError(f"{name} {value} is out of range: use {minimum} to {maximum}")
@@ -63,6 +74,10 @@ def check_count(name: str, value: int, minimum: int, maximum: int) -> int:
 
 def check_max_tokens(value: int) -> int:
     return check_count("max tokens", value, 1, MAX_TOKENS)
+
+
+def check_alternatives(value: int) -> int:
+    return check_count("alternatives", value, 1, MAX_ALTERNATIVES)
 
 
 def check_trim_tokens(value: int) -> int:

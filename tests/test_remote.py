@@ -9,6 +9,7 @@ server; it stands in for no cache logic.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -459,3 +460,21 @@ def test_a_template_that_refuses_a_late_system_message_gets_the_block_as_a_user_
         server.stop()
     assert second.reply
     assert [m.role for m in store.messages(chat_id)] == ["user", "assistant"] * 2
+
+
+def test_alternatives_on_a_server_are_requests_with_the_prompt_cached(
+    remote: RemoteChatSession, store: Store
+) -> None:
+    chat = store.create_chat("alternatives", "history-first")
+    options = GenerationOptions(max_tokens=8, temperature=0.9, seed=5, alternatives=3)
+    result = remote.send(chat.id, "Name a fruit.", options)
+    assert len(result.alternatives) == 3 and result.metrics.alternatives == 3
+    versions = store.branches(chat.id)[store.messages(chat.id)[-1].seq]
+    assert versions == [a.chat_id for a in result.alternatives]
+    assert store.messages(chat.id)[-1].text == result.reply == result.alternatives[0].text
+    note = next(n for n in result.metrics.notes if "one after another" in n)
+    found = re.search(r"found (\d+) of the prompt's (\d+) tokens cached", note)
+    assert found is not None, note
+    cached, prompt = int(found[1]), int(found[2])
+    assert prompt == result.metrics.prompt_tokens > 0
+    assert cached >= prompt - 1  # the server evaluates the last prompt token again at most

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from app.arguments import positive_int, whole_number
+from app.arguments import alternatives, positive_int, whole_number
 from app.bench.config import STRATEGIES, BenchConfig, TurnSample
 from app.bench.strategies import run_benchmark
 
@@ -61,6 +61,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="document size for --documents (default %(default)s)")
     parser.add_argument("--questions", type=positive_int, default=10,
                         help="independent questions for --documents (default %(default)s)")
+    parser.add_argument("--alternatives", type=alternatives, metavar="N",
+                        help="instead: N sampled replies to one prompt against one reply "
+                        "(wall time of each, and the ratio; goal <= 1.6 for N=3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--plot", metavar="FILE.png", help="write a chart of TTFT per turn")
 
@@ -136,6 +139,19 @@ def run_documents(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_alternatives(args: argparse.Namespace) -> int:
+    from app.bench.alternatives import run_alternatives_benchmark
+
+    def show(run: object) -> None:
+        print(f"bench: {run}", file=sys.stderr, flush=True)
+
+    report = run_alternatives_benchmark(
+        getattr(args, "model", None), args.alternatives, n_threads=args.threads, on_run=show
+    )
+    print(json.dumps(report.as_dict()) if args.json else report.format_table())
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """``python -m app bench``: progress on stderr, the table (or one JSON object) on stdout."""
     if args.documents:
@@ -144,6 +160,8 @@ def run_bench(args: argparse.Namespace) -> int:
         return run_saves(args)
     if args.branches:
         return run_branches(args)
+    if args.alternatives:
+        return run_alternatives(args)
     config = config_from_args(args)
     plot_path: Path | None = None
     if args.plot:

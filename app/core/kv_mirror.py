@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.core.errors import ContextFullError, DecodeAborted, DecodeError
-from app.core.llama_backend import LlamaBackend
+from app.core.llama_backend import ALTERNATIVE_SEQ, LlamaBackend
 from app.core.sequences import common_prefix_length
 from app.core.state_pages import ParsedState, parse_state
 from app.domain import Step
@@ -71,6 +71,8 @@ class KVMirror:
         # Learned from llama.cpp too: a refused removal turns it off for good.
         self.partial_removal = bool(backend.partial_removal)
         self.checkpoints: list[Checkpoint] = []
+        #: Other sequences sharing sequence 0's cells (alternatives): id -> next position.
+        self._forks: dict[int, int] = {}
 
     @property
     def tokens(self) -> tuple[int, ...]:
@@ -181,6 +183,7 @@ class KVMirror:
 
     def _clear(self) -> None:
         self.backend.clear()
+        self._forks.clear()
         self._tokens = []
         self._exact_floor = 0
 
@@ -245,6 +248,48 @@ class KVMirror:
         self._tokens.append(token)
         self.changed = True
         return True
+
+    def fork(self, count: int) -> list[int]:
+        """Sequence ids for ``count`` replies sampled from what the cache holds now:
+        0 (this mirror's) and ``count - 1`` others tagged on the same cells (llama.cpp's
+        ``llama_memory_seq_cp``: the prompt is evaluated once for all of them)."""
+        self.join()
+        others = list(range(ALTERNATIVE_SEQ, ALTERNATIVE_SEQ + count - 1))
+        for sequence in others:
+            self.backend.copy_sequence(sequence)
+            self._forks[sequence] = len(self._tokens)
+        return [0, *others]
+
+    def step_forks(self, tokens: dict[int, int]) -> bool:
+        """Evaluate one token for each sequence in ``tokens`` (sequence id -> token) in one
+        llama_decode call; the logits of the i-th are at batch index i. False (nothing
+        evaluated) when the cache has no room for them."""
+        entries = [
+            (token, len(self._tokens) if sequence == 0 else self._forks[sequence], sequence)
+            for sequence, token in tokens.items()
+        ]
+        try:
+            self.backend.decode_sequences(entries)
+        except ContextFullError:
+            return False
+        for token, _, sequence in entries:
+            if sequence == 0:
+                self._tokens.append(token)
+                self.changed = True
+            else:
+                self._forks[sequence] += 1
+        return True
+
+    def join(self) -> None:
+        """Drop every sequence but 0: the cache holds the kept reply only, as the mirror says."""
+        for sequence in self._forks:
+            self.backend.remove_sequence(sequence)
+        self._forks.clear()
+
+    @property
+    def forks(self) -> tuple[int, ...]:
+        """The other sequences held now (empty outside alternatives)."""
+        return tuple(self._forks)
 
     def drop_range(self, start: int, end: int) -> bool:
         """Remove cells [start, end) and slide the later ones down, without recomputing.

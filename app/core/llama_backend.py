@@ -46,6 +46,9 @@ PENALTY_LAST_N = 64  # the repeat penalty looks at this many of the reply's last
 #: llama.cpp serializes a whole sequence, so the cells of a range are serialized by
 #: tagging them with this sequence (no data moves), reading it, and untagging them.
 RANGE_SEQ = 1
+#: Alternatives (several replies sampled at once from one prompt) run as sequences
+#: 0 and ALTERNATIVE_SEQ.. that share the prompt's cells (at most limits.MAX_ALTERNATIVES).
+ALTERNATIVE_SEQ = 2
 #: ``bool (*)(void *)``: llama.cpp's abort callback, polled while a decode runs.
 _ABORT_CALLBACK = llama_cpp.ggml_abort_callback
 KV_TYPES = {KVType.F16: llama_cpp.GGML_TYPE_F16, KVType.Q8_0: llama_cpp.GGML_TYPE_Q8_0}
@@ -221,9 +224,10 @@ class LlamaBackend:
         ctx_params.n_ctx = wanted_ctx
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = n_batch
-        # Two sequences over one unified cache: sequence 0 is the chat, RANGE_SEQ only ever
-        # tags cells of sequence 0 while a range of them is serialized (get_state_from).
-        ctx_params.n_seq_max = 2
+        # Sequences over one unified cache: sequence 0 is the chat, RANGE_SEQ only ever
+        # tags cells of sequence 0 while a range of them is serialized (get_state_from),
+        # and ALTERNATIVE_SEQ.. hold the other replies of alternatives while they are sampled.
+        ctx_params.n_seq_max = ALTERNATIVE_SEQ + limits.MAX_ALTERNATIVES - 1
         ctx_params.kv_unified = True
         ctx_params.n_threads = threads
         ctx_params.n_threads_batch = threads
@@ -443,6 +447,47 @@ class LlamaBackend:
         if status != 0:
             raise DecodeError(f"llama_decode failed with status {status}: {recent_log(2)}")
 
+    def decode_sequences(self, entries: list[tuple[int, int, int]]) -> None:
+        """Evaluate one token per sequence in one llama_decode call: ``entries`` are
+        (token, position, sequence id); logits are kept for each (batch index = entry
+        index), so every sequence's next token is sampled from this one decode."""
+        count = len(entries)
+        if count == 0:
+            return
+        if count > self.n_batch:
+            raise ValueError("decode_sequences() takes at most n_batch tokens")
+        batch = self._batch
+        assert batch is not None, "the backend is closed"
+        for index, (token, position, sequence) in enumerate(entries):
+            if position >= self.n_ctx:
+                raise ContextFullError(f"position {position} is past the context size")
+            batch.token[index] = token
+            batch.pos[index] = position
+            batch.n_seq_id[index] = 1
+            batch.seq_id[index][0] = sequence
+            batch.logits[index] = 1
+        batch.n_tokens = count
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status == 1:
+            raise ContextFullError(f"no free KV cells for {count} tokens ({recent_log(2)})")
+        if status != 0:
+            raise DecodeError(f"llama_decode failed with status {status}: {recent_log(2)}")
+
+    def copy_sequence(self, target: int) -> None:
+        """Tag every cell of sequence 0 with ``target`` too (no data moves: the cells
+        are shared until either sequence writes past them)."""
+        llama_cpp.llama_memory_seq_cp(self._memory, SEQ, target, -1, -1)
+
+    def remove_sequence(self, sequence: int) -> None:
+        """Drop every cell of a sequence other than 0 (cells shared with 0 stay for 0)."""
+        if sequence == SEQ:
+            raise ValueError("sequence 0 is the chat: use remove_cells")
+        llama_cpp.llama_memory_seq_rm(self._memory, sequence, -1, -1)
+
+    def sequence_last_position(self, sequence: int) -> int:
+        """Largest position held for ``sequence``; -1 when it holds nothing."""
+        return int(llama_cpp.llama_memory_seq_pos_max(self._memory, sequence))
+
     def _should_abort(self, user_data: ctypes.c_void_p) -> bool:
         event = self._abort_event
         return event is not None and event.is_set()
@@ -543,8 +588,8 @@ class LlamaBackend:
     ) -> Sampler:
         return Sampler(self, temperature, seed, sampling or Sampling())
 
-    def _sample(self, sampler_ptr: int) -> int:
-        return int(llama_cpp.llama_sampler_sample(sampler_ptr, self._ctx, -1))
+    def _sample(self, sampler_ptr: int, index: int = -1) -> int:
+        return int(llama_cpp.llama_sampler_sample(sampler_ptr, self._ctx, index))
 
     # -- lifetime -------------------------------------------------------------------
 
@@ -610,8 +655,10 @@ class Sampler:
             add(llama_cpp.llama_sampler_init_dist(limits.llama_seed(seed)))
         self._chain = chain
 
-    def sample(self) -> int:
-        return self._backend._sample(self._chain)
+    def sample(self, index: int = -1) -> int:
+        """The next token from the logits of the last decode's ``index``-th token
+        (-1: its last one)."""
+        return self._backend._sample(self._chain, index)
 
     def close(self) -> None:
         if self._chain is not None:

@@ -26,8 +26,9 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from app import limits
 from app.core.chat_template import BLOCK_ACK, BLOCK_LABEL_CLOSE, BLOCK_LABEL_OPEN
 from app.core.metrics import TurnMetrics
 from app.domain import FinishReason, Layout, Sampling, Step
@@ -413,7 +414,52 @@ class RemoteChatSession(ChatEngine):
         cache = self.held
         cache.tokens = completion.prompt_tokens + completion.completion_tokens
         cache.changed = True
-        return self._store_reply(turn, completion.text, metrics)
+        others = self._more_alternatives(turn, metrics, cancel)
+        if others is None:  # stopped: nothing is stored, the chat keeps the reply it had
+            metrics.finish_reason = FinishReason.CANCELLED
+            return self._store_reply(turn, "", metrics)
+        result = self._store_reply(turn, completion.text, metrics)
+        return self._store_alternatives(turn, result, [(text, None) for text in others])
+
+    def _more_alternatives(
+        self, turn: Turn, metrics: TurnMetrics, cancel: threading.Event | None
+    ) -> list[str] | None:
+        """Alternatives 2..N: requests one after another for the same prompt, which the
+        slot then holds cached (only the reply is computed again). The server's ``n``
+        (llama-server's ``n_cmpl``) is not asked for: it needs a free slot per reply and
+        streams the replies interleaved. None when stopped (nothing is kept)."""
+        options, user = turn.options, turn.user
+        if options.alternatives == 1:
+            return []
+        if metrics.finish_reason == FinishReason.CANCELLED:
+            return None
+        metrics.alternatives = options.alternatives
+        texts: list[str] = []
+        reused: list[int] = []
+        for index in range(1, options.alternatives):
+            seeded = replace(options, seed=limits.alternative_seed(options.seed, index))
+            completion = self._complete(
+                turn.context, pending=user.text, exclude=user.id,
+                max_tokens=options.max_tokens, options=seeded, cancel=cancel,
+            )  # fmt: skip
+            if cancel is not None and cancel.is_set():
+                metrics.notes.append(
+                    f"stopped: the {options.alternatives} partial alternatives are not stored"
+                )
+                return None
+            metrics.decode_tokens += completion.completion_tokens or completion.pieces
+            metrics.decode_ms += completion.decode_ms
+            self.held.tokens = completion.prompt_tokens + completion.completion_tokens
+            reused.append(completion.reused_tokens)
+            texts.append(completion.text)
+        metrics.notes.append(
+            f"server: {options.alternatives} alternatives as {options.alternatives} requests "
+            f"one after another (the API's n is not used); the later ones found {min(reused)} "
+            f"of the prompt's {metrics.prompt_tokens} tokens cached"
+        )
+        if options.temperature <= 0:
+            metrics.notes.append("temperature 0: every alternative is the same reply")
+        return texts
 
     def _fill_metrics(
         self, metrics: TurnMetrics, completion: ChatCompletion, started: float, sent: float

@@ -52,15 +52,9 @@ from app.domain import (
     TemplateChoice,
     TemplateKind,
 )
+from app.session.alternatives import generate_replies, kept_replies
 from app.session.context_size import ContextTooSmall, check_context_size
-from app.session.documents import (
-    COMMIT_SKIPPED,
-    chat_label,
-    document_sizes,
-    independent_question_notes,
-    sync_prompt,
-    with_documents,
-)
+from app.session.documents import document_segments, document_sizes, shared_cache_note, sync_prompt
 from app.session.engine import (
     BACKGROUND_CHUNK,
     IDLE_STEPS,
@@ -84,7 +78,7 @@ from app.session.engine import (
     Upkeep,
     chat_started,
 )
-from app.session.generation import GeneratedReply, generate_reply
+from app.session.generation import GeneratedReply
 from app.session.saved_state import SavedStates
 from app.session.trimming import HistoryTrimming
 from app.storage.records import Message
@@ -110,6 +104,14 @@ __all__ = [
     "TurnStage",
     "Upkeep",
 ]
+
+
+#: The inspector's names for the segments of a prompt (any other is "history").
+SEGMENT_LABELS = {
+    SegmentKind.PREAMBLE: "preamble",
+    SegmentKind.BLOCK: "instruction block",
+    SegmentKind.DOCUMENT: "document",
+}
 
 
 class ChatSession(HistoryTrimming, ChatEngine):
@@ -391,8 +393,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
             # A new branch or fork of the chat in the cache: its messages begin with the
             # same token ids, so those cells are kept as they are (no restore at all).
             kept = self.mirror.sync(hint[:shared], need_logits=False)
-            previous = chat_label(self.store, self.cache_chat_id)
-            note = f"{shared} tokens shared with the previous chat's cache ({previous}) are reused"
+            note = shared_cache_note(self.store, self.cache_chat_id, shared)
             self.cache_chat_id = chat_id
             self.mirror.changed = True  # the branch has no state of its own yet
             if kept.fallback:
@@ -501,10 +502,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
         block = context.block_text if block_text is None else block_text
         layout = Layout(chat.layout)
         opening = self.builder.opening(layout, block, chat_started(context.messages))
-        plan = PromptPlan(layout, [opening])
-        plan.segments.extend(
-            self.builder.document_segment(d.name, d.text) for d in context.documents
-        )
+        plan = PromptPlan(layout, [opening, *document_segments(self.builder, context.documents)])
         plan.segments.extend(
             Segment(SegmentKind.MESSAGE, self._message_tokens(m), m.id, m.role)
             for m in context.cached_messages
@@ -551,10 +549,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
             tokens = self._message_tokens(self.store.message(exclude))
         else:
             tokens = self.builder.user_segment(text)
-        try:
-            return PreparedMessage(tokens, self._fit(context, tokens, options, exclude))
-        except ContextOverflowError as error:
-            raise with_documents(error, self.builder, context.documents) from error
+        return PreparedMessage(tokens, self._fit(context, tokens, options, exclude))
 
     def _seconds_for(self, tokens: int) -> float | None:
         rate = self.mirror.prefill_tokens_per_s
@@ -588,9 +583,8 @@ class ChatSession(HistoryTrimming, ChatEngine):
             or (m.token_ids and m.token_format == self.token_format
                 and not self._stored_tokens_usable(m))
         )
-        metrics.notes.extend(independent_question_notes(context))
         try:
-            synced = sync_prompt(self.mirror, plan, metrics, cancel, progress)
+            synced = sync_prompt(self.mirror, plan, metrics, options, cancel, progress)
         except NothingToEvaluate as error:
             raise SessionError(str(error)) from error
         if synced.fallback:
@@ -613,16 +607,17 @@ class ChatSession(HistoryTrimming, ChatEngine):
             metrics.notes.append(
                 f"system-first: {metrics.history_tokens - synced.reused} history tokens recomputed"
             )
-        reply = GeneratedReply(FinishReason.CANCELLED)
+        replies = [GeneratedReply(FinishReason.CANCELLED)]
         if synced.completed:
-            reply = generate_reply(
-                self.backend, self.mirror, self._end_token, self._end_text,
-                options, metrics, turn.started, on_token, cancel,
-            )
+            replies = generate_replies(
+                self.backend, self.mirror, (self._end_token, self._end_text),
+                options, metrics, turn.started, prompt, on_token, cancel,
+            )  # fmt: skip
+        reply, token_ids, others = kept_replies(replies, metrics, self.builder.assistant_segment)
         metrics.finish_reason = reply.finish
         metrics.seed = options.seed
-        token_ids = self.builder.assistant_segment(reply.tokens) if reply.tokens else None
-        return self._store_reply(turn, reply.text, metrics, token_ids)
+        result = self._store_reply(turn, reply.text, metrics, token_ids)
+        return self._store_alternatives(turn, result, others)
 
     # -- idle-time steps --------------------------------------------------------------
 
@@ -633,9 +628,6 @@ class ChatSession(HistoryTrimming, ChatEngine):
         user message and the reply are evaluated on top of the history.
         """
         self.activate(context.chat.id)
-        if context.chat.no_history:
-            # Nothing joins the prompt: the warm-up goes back to preamble · documents · block.
-            return StepResult(Step.COMMIT, notes=(COMMIT_SKIPPED,))
         turns, tokens = self._enforce_limit(context)
         synced = self.mirror.sync(
             self._plan(context, with_block=False).tokens,
@@ -697,11 +689,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
         held = self.mirror.tokens if self.cache_chat_id == chat_id else ()
         segments: list[tuple[str, int]] = []
         for segment in plan.segments:
-            label = {
-                SegmentKind.PREAMBLE: "preamble",
-                SegmentKind.BLOCK: "instruction block",
-                SegmentKind.DOCUMENT: "document",
-            }.get(segment.kind, "history")
+            label = SEGMENT_LABELS.get(segment.kind, "history")
             if segments and segments[-1][0] == label:
                 segments[-1] = (label, segments[-1][1] + len(segment.tokens))
             else:

@@ -9,14 +9,13 @@ from dataclasses import replace
 
 from app.core.kv_mirror import KVMirror, ProgressCallback, SyncResult
 from app.core.metrics import TurnMetrics
-from app.core.prompt import PromptBuilder, PromptPlan
+from app.core.prompt import PromptBuilder, PromptPlan, Segment
 from app.core.sequences import common_prefix_length
 from app.domain import SegmentKind
-from app.session.engine import ChatContext, ContextOverflowError
+from app.session.alternatives import prefill
+from app.session.engine import GenerationOptions
 from app.storage.records import Document
 from app.storage.store import Store
-
-COMMIT_SKIPPED = "skipped: each question starts from the documents"
 
 
 def documents_end(plan: PromptPlan) -> int:
@@ -33,22 +32,24 @@ def sync_prompt(
     mirror: KVMirror,
     plan: PromptPlan,
     metrics: TurnMetrics,
+    options: GenerationOptions,
     cancel: threading.Event | None,
     progress: ProgressCallback | None,
 ) -> SyncResult:
     """Bring the cache to the prompt; what the documents' region lacked is evaluated first
-    and timed as the document's eval. The result counts both parts as the prefill."""
+    and timed as the document's eval, then the rest (``prefill``: alternatives too). The
+    result counts both parts as the prefill."""
     prompt = plan.tokens
     end = documents_end(plan)
     metrics.document_tokens = plan.count(SegmentKind.DOCUMENT)
     if not end or common_prefix_length(mirror.tokens, prompt) >= end:
-        return mirror.sync(prompt, need_logits=True, cancel=cancel, progress=progress)
+        return prefill(mirror, prompt, options, cancel, progress)
     documents = mirror.sync(prompt[:end], need_logits=False, cancel=cancel, progress=progress)
     metrics.document_eval_tokens = documents.evaluated
     metrics.document_eval_ms = documents.ms
     if not documents.completed:
         return documents  # cancelled within the documents
-    rest = mirror.sync(prompt, need_logits=True, cancel=cancel, progress=progress)
+    rest = prefill(mirror, prompt, options, cancel, progress)
     return replace(
         rest,
         reused=documents.reused,
@@ -63,25 +64,17 @@ def document_sizes(builder: PromptBuilder, documents: Sequence[Document]) -> lis
     return [(d.id, len(builder.document_segment(d.name, d.text).tokens)) for d in documents]
 
 
-def with_documents(
-    error: ContextOverflowError, builder: PromptBuilder, documents: Sequence[Document]
-) -> ContextOverflowError:
-    """The overflow said in terms of the documents, when the chat has some."""
-    if not documents:
-        return error
-    size = sum(tokens for _, tokens in document_sizes(builder, documents))
-    return ContextOverflowError(error.over, error.n_ctx, documents=size)
+def document_segments(builder: PromptBuilder, documents: Sequence[Document]) -> list[Segment]:
+    """The documents' segments, in prompt order (each tokenized once per builder)."""
+    return [builder.document_segment(d.name, d.text) for d in documents]
 
 
-def independent_question_notes(context: ChatContext) -> list[str]:
-    """The turn's note when each question starts from the documents and some came before."""
-    earlier = len(context.messages) - 1
-    if not context.chat.no_history or earlier <= 0:
-        return []
-    return [
-        f"each question starts from the documents: the {earlier} earlier messages are not"
-        " in the prompt"
-    ]
+def shared_cache_note(store: Store, previous_chat: int | None, tokens: int) -> str:
+    """The note of a chat that reuses the cells the previous chat left in the cache."""
+    return (
+        f"{tokens} tokens shared with the previous chat's cache"
+        f" ({chat_label(store, previous_chat)}) are reused"
+    )
 
 
 def chat_label(store: Store, chat_id: int | None) -> str:

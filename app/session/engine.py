@@ -38,6 +38,7 @@ BACKGROUND_CHUNK = 128  # tokens per llama_decode call in commit/warm-up: cancel
 #: The idle-time steps after a reply, in the only order that is correct: the history is
 #: committed before the block is warmed up on top of it, and saved once both are done.
 IDLE_STEPS = (Step.COMMIT, Step.WARM_UP, Step.SAVE)
+COMMIT_SKIPPED = "skipped: each question starts from the documents"
 
 TokenCallback = Callable[[str], None]
 #: (phase, done, total) while a prompt is evaluated.
@@ -111,7 +112,7 @@ class SessionError(Exception):
 
 
 class ContextOverflowError(SessionError):
-    def __init__(self, over: int, n_ctx: int, *, documents: int = 0) -> None:
+    def __init__(self, over: int, n_ctx: int, documents: int = 0) -> None:
         if documents:
             text = (
                 f"the attached documents ({documents} tokens) and the message are {over} "
@@ -134,16 +135,30 @@ class GenerationOptions:
     temperature: float = 0.7
     seed: int = 0  # -1: random (see app.limits)
     sampling: Sampling = field(default_factory=Sampling)
+    #: Replies sampled from the one prompt, stored as versions of the reply; the first
+    #: is the one the turn keeps (see :meth:`Turn.keep`).
+    alternatives: int = 1
 
     def __post_init__(self) -> None:
         # Refused here, before a turn stores the user's message.
         limits.check_max_tokens(self.max_tokens)
+        limits.check_alternatives(self.alternatives)
         limits.check_temperature(self.temperature)
         limits.check_seed(self.seed)
         sampling = self.sampling
         limits.check_sampling(
             sampling.top_k, sampling.top_p, sampling.min_p, sampling.repeat_penalty
         )
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One reply of alternatives, stored as a version of the reply (its chat: the branch
+    of the family that holds it)."""
+
+    chat_id: int
+    message_id: int
+    text: str
 
 
 @dataclass
@@ -160,6 +175,8 @@ class TurnResult:
     #: Regenerate: the chat whose reply this one is a new version of (the reply is in a
     #: branch of its family, ``chat_id``; the old reply stays in that chat).
     version_of: int | None = None
+    #: Alternatives: every reply stored, the kept one (this result's) first.
+    alternatives: list[Alternative] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -311,7 +328,11 @@ class IdleWork:
         self.remaining.sort(key=lambda s: order.index(s) if s in order else len(order))
         step = self.remaining[0]
         context = self._context()
-        if step == Step.COMMIT:
+        if step == Step.COMMIT and context.chat.no_history:
+            # Each question starts from the documents: nothing joins the prompt; the
+            # warm-up takes the cache back to preamble · documents · block.
+            result = StepResult(Step.COMMIT, notes=(COMMIT_SKIPPED,))
+        elif step == Step.COMMIT:
             result = self.session._commit(context, cancel)
         elif step == Step.WARM_UP:
             context.block_text, context.instruction_version = self.session._block(context.chat.id)
@@ -433,6 +454,21 @@ class Turn(IdleWork):
         self.result = self.session._respond(self, on_token, progress, cancel)
         self.stage = TurnStage.REPLIED
         return self.result
+
+    def keep(self, index: int) -> Alternative:
+        """Keep alternative ``index`` instead of the first: the idle steps then commit and
+        save its chat (the prompt's cells are reused, its reply is evaluated on them)."""
+        choices = self.result.alternatives if self.result is not None else []
+        if self.stage != TurnStage.REPLIED or not 0 <= index < len(choices):
+            raise SessionError("only a replied turn's alternatives can be kept, before commit")
+        chosen = choices[index]
+        if chosen.chat_id != self.chat_id:
+            self.session._cache_moved(self.chat_id, chosen.chat_id)
+            self.chat_id = chosen.chat_id
+            self.context = self.session._load_context(chosen.chat_id)
+            self.user = self.context.messages[-2]
+        self.session.store.touch_chat(chosen.chat_id)  # the family opens on it
+        return chosen
 
     def advance(self, cancel: threading.Event | None = None) -> StepResult | None:
         if self.stage == TurnStage.NEW:
@@ -675,6 +711,12 @@ class ChatEngine(ABC):
             metrics.notes.append(f"saved state discarded: {load.rejected}")
         if load.note:
             metrics.notes.append(load.note)
+        earlier = len(turn.context.messages) - 1
+        if chat.no_history and earlier > 0:
+            metrics.notes.append(
+                f"each question starts from the documents: the {earlier} earlier messages are"
+                " not in the prompt"
+            )
         return metrics
 
     def _store_reply(
@@ -712,6 +754,34 @@ class ChatEngine(ABC):
             turn.regenerated,
             turn.version_of,
         )
+
+    def _store_alternatives(
+        self,
+        turn: Turn,
+        result: TurnResult,
+        others: Sequence[tuple[str, Sequence[int] | None]],
+    ) -> TurnResult:
+        """Store the other replies of alternatives (text, token ids) as versions of the
+        kept one, ``result``'s: each a branch of the family, written at once; the family
+        still opens on the kept one."""
+        if result.reply_message_id is None or not others:
+            return result
+        kept = self.store.message(result.reply_message_id)
+        versions = [Alternative(turn.chat_id, kept.id, result.reply)]
+        for text, token_ids in others:
+            if not text and not token_ids:
+                result.metrics.notes.append("an alternative ended at once: not stored")
+                continue
+            branch, message = self.store.add_reply_version(
+                turn.chat_id, kept.seq, text,
+                token_ids=list(token_ids) if token_ids is not None else None,
+                token_format=self.token_format if token_ids is not None else None,
+                status=MessageStatus.COMPLETE,
+            )  # fmt: skip
+            versions.append(Alternative(branch.id, message.id, text))
+        self.store.touch_chat(turn.chat_id)
+        result.alternatives = versions
+        return result
 
     # -- the turn API (the same for every engine) --------------------------------------
 

@@ -82,6 +82,51 @@ class ReplyText:
             self.shown = upto
 
 
+class ReplyStream:
+    """One reply being sampled: its tokens, its text (cut at the end-of-turn marker) and
+    why it ended (None while it goes on)."""
+
+    def __init__(
+        self,
+        backend: LlamaBackend,
+        end_token: int | None,
+        end_text: str,
+        on_token: TokenCallback | None,
+    ) -> None:
+        self.backend = backend
+        self.end_token = end_token
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ReplyText(end_text, on_token)
+        self.content: list[int] = []
+        self.finish: FinishReason | None = None
+
+    def take(self, token: int) -> bool:
+        """Add a sampled token; True when the reply ended with it (not to be evaluated)."""
+        backend = self.backend
+        if backend.is_end_of_generation(token) or token == self.end_token:
+            self.finish = FinishReason.STOP
+            return True
+        self.content.append(token)
+        if self.text.add(self.decoder.decode(backend.token_bytes(token))):
+            self.finish = FinishReason.STOP  # the end-of-turn marker, written as text
+            kept = self.text.tokens_before_end()
+            self.content[:] = (
+                self.content[:kept]
+                if kept is not None
+                else backend.tokenize(self.text.text, special=False)
+            )
+            return True
+        return False
+
+    def close(self, finish: FinishReason) -> GeneratedReply:
+        """The reply as stored; ``finish`` unless it ended by itself."""
+        if not self.text.ended:
+            self.text.add(self.decoder.decode(b"", final=True))
+        self.text.flush()
+        self.finish = self.finish or finish
+        return GeneratedReply(self.finish, self.content, self.text.text)
+
+
 def generate_reply(
     backend: LlamaBackend,
     mirror: KVMirror,
@@ -95,9 +140,7 @@ def generate_reply(
 ) -> GeneratedReply:
     """Sample up to ``options.max_tokens`` after the prompt the cache ends with; each
     token but the last is evaluated into the cache. Fills the decode figures and TTFT."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    reply = ReplyText(end_text, on_token)
-    content: list[int] = []
+    stream = ReplyStream(backend, end_token, end_text, on_token)
     finish = FinishReason.LENGTH
     decode_started = time.perf_counter()
     with backend.make_sampler(options.temperature, options.seed, options.sampling) as sampler:
@@ -109,29 +152,17 @@ def generate_reply(
             if index == 0:
                 metrics.ttft_ms = (time.perf_counter() - started) * 1000
                 decode_started = time.perf_counter()
-            if backend.is_end_of_generation(token) or token == end_token:
-                finish = FinishReason.STOP
-                break
-            content.append(token)
-            if reply.add(decoder.decode(backend.token_bytes(token))):
-                finish = FinishReason.STOP  # the end-of-turn marker, written as text
-                kept = reply.tokens_before_end()
-                content[:] = (
-                    content[:kept]
-                    if kept is not None
-                    else backend.tokenize(reply.text, special=False)
-                )
+            if stream.take(token):
                 break
             if index == options.max_tokens - 1:
                 break  # the last token need not be evaluated
             if not mirror.append(token):
                 finish = FinishReason.CONTEXT_FULL
                 break
-    if not reply.ended:
-        reply.add(decoder.decode(b"", final=True))
-    reply.flush()
+    reply = stream.close(finish)
+    content = reply.tokens
     metrics.decode_tokens = len(content)
     metrics.decode_ms = (time.perf_counter() - decode_started) * 1000
     if metrics.decode_ms > 0 and len(content) > 1:
         metrics.decode_tokens_per_s = (len(content) - 1) / (metrics.decode_ms / 1000)
-    return GeneratedReply(finish, content, reply.text)
+    return reply

@@ -18,6 +18,7 @@ from PySide6.QtGui import QCloseEvent
 
 from app.domain import TemplateChoice
 from app.storage.records import Chat
+from app.ui.alternatives import AlternativesControl
 from app.ui.bench_window import BenchWindow
 from app.ui.cache_panel import CachePanel
 from app.ui.chat_actions import ChatActions
@@ -90,6 +91,9 @@ class MainWindow(WindowBase):
         self.send_button.clicked.connect(turns.send)
         self.stop_button.clicked.connect(turns.stop)
         self.regenerate_button.clicked.connect(turns.regenerate)
+        self.alternatives = AlternativesControl(
+            self, self.regenerate_button, turns.regenerate_alternatives
+        )
         self.chat_view.retry_requested.connect(turns.regenerate)
         self.chat_view.edit_requested.connect(turns.start_edit)
         self.composer.edit_cancelled.connect(turns.cancel_edit)

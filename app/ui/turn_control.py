@@ -40,6 +40,7 @@ class TurnControl(WindowPart):
         self._sending = False  # a send waits for its chat or version to be made
         self._stream_pieces = 0  # reply pieces of the turn streaming now (live tok/s)
         self._stream_started: float | None = None
+        self._alternatives = 1  # replies the Regenerate being made asks for
 
     def generation_options(self) -> GenerationOptions:
         return GenerationOptions(
@@ -149,7 +150,16 @@ class TurnControl(WindowPart):
         self.window.chat_view.begin_reply()
         self.pending_text = None
         self.set_busy(True, "Regenerating…")
-        self.window.host.regenerate(chat_id, self.generation_options())
+        options = dataclasses.replace(self.generation_options(), alternatives=self._alternatives)
+        self.window.host.regenerate(chat_id, options)
+
+    def regenerate_alternatives(self, count: int) -> None:
+        """Regenerate with ``count`` replies sampled at once (the window's Regenerate ×3)."""
+        self._alternatives = count
+        try:
+            self.regenerate()
+        finally:
+            self._alternatives = 1
 
     def stop(self) -> None:
         if self.window.busy:
