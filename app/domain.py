@@ -39,6 +39,7 @@ class Step(StrEnum):
     COMMIT = "commit"
     WARM_UP = "warm-up"
     SAVE = "save"
+    TYPE_AHEAD = "type-ahead"  # a draft prefilled while the user types (live prefill)
 
 
 class FinishReason(StrEnum):

@@ -16,7 +16,9 @@ import pytest
 
 from app.bench.config import (
     HISTORY_FIRST,
+    HISTORY_FIRST_LIVE,
     HISTORY_FIRST_WARM,
+    LIMIT,
     NAIVE,
     REOPEN,
     STRATEGIES,
@@ -76,13 +78,23 @@ def _check_reuse(data: dict) -> None:
     assert prefill[SYSTEM_FIRST_PREFIX] > 0.9 * prefill[NAIVE]
     assert data["strategies"][HISTORY_FIRST_WARM]["background_tokens"] > 0
     assert data["strategies"][NAIVE]["background_tokens"] == 0
+    # The floor: the same messages on a warm cache, the block never edited.
+    assert prefill[LIMIT] == prefill[HISTORY_FIRST_WARM]
+    # Typed ahead: send evaluates only the prompt's last token again, for its logits.
+    live = data["strategies"][HISTORY_FIRST_LIVE]
+    assert live["prefill_tokens"] == 1
+    assert all(typed > 0 for typed in live["typed_tokens"])
+    # The correction (a word deleted and retyped) throws tokens away every turn.
+    assert all(thrown > 0 for thrown in live["discarded_tokens"])
+    assert data["ratios"]["vs_limit"][LIMIT] == 1.0
 
 
 def test_api_report_shape_and_reuse(bench_run: tuple[BenchReport, list[TurnSample]]) -> None:
     report, seen = bench_run
     assert len(seen) == 2 * len(STRATEGIES)  # on_turn fired once per strategy and turn
     assert {sample.turn for sample in seen} == {0, 1}
-    assert all(sample.edit for sample in seen)  # edit_every 1 by default
+    # edit_every 1 by default; the floor (limit) never edits its block
+    assert all(sample.edit == (sample.strategy != LIMIT) for sample in seen)
     data = json.loads(report.to_json())
     _check_shape(data, turns=2)
     _check_reuse(data)
@@ -145,6 +157,21 @@ def test_checks_follow_the_goals() -> None:
     assert list(checks.values()) == [True, True, False, True]
     no_edit = compute_checks(summaries, edit_every=0)
     assert [c["met"] for c in no_edit] == [True, False, True]
+
+
+def test_live_checks_compare_with_the_floor() -> None:
+    def sample(name: str, ttft: float) -> TurnSample:
+        return TurnSample(name, 0, True, ttft, 10, 0, 10, ttft, 1, 0, 0.0)
+
+    summaries = {
+        name: summarize(name, [sample(name, ttft)])
+        for name, ttft in ((NAIVE, 10000.0), (HISTORY_FIRST_WARM, 109.0),
+                           (HISTORY_FIRST_LIVE, 60.0), (LIMIT, 100.0))
+    }
+    checks = {c["goal"]: c["met"] for c in compute_checks(summaries, edit_every=1)}
+    assert checks["history-first-live / limit TTFT (x slower)"] is False  # 0.6x > 0.5x
+    assert checks["history-first-live vs naive (x faster)"] is True  # 167x
+    assert checks["history-first-warm / limit TTFT (x slower)"] is True  # 1.09x
 
 
 def test_rejects_bad_config() -> None:

@@ -74,7 +74,8 @@ def test_turn_streams_and_inspector_matches_stored_metrics(qtbot, window: MainWi
         for field in COMPARED_FIELDS:
             assert shown[field] == stored.data[field], field
     series = window.inspector.chart_series()
-    assert series["reused"] == [float(r.data["reused_tokens"]) for r in rows]
+    reused = [a + b for a, b in zip(series["reused"], series["typed_ahead"], strict=True)]
+    assert reused == [float(r.data["reused_tokens"]) for r in rows]
     assert series["prefill"] == [float(r.data["prefill_tokens"]) for r in rows]
     assert series["background"] == [float(r.data["background_tokens"]) for r in rows]
     assert series["ttft_ms"] == [float(r.data["ttft_ms"]) for r in rows]

@@ -386,6 +386,22 @@ def test_window_connects_to_the_server_and_back_keeping_the_chat(
         close_window(window)
 
 
+def test_a_draft_prefilled_on_the_server_leaves_the_send_one_token(
+    remote: RemoteChatSession, store: Store
+) -> None:
+    chat_id = _chat(store, "live", Layout.HISTORY_FIRST, "Be brief.")
+    _turn(remote, chat_id, "Name a fruit.")
+    message = "Name a large city in the south of Spain."
+    off = remote.prefill_draft(chat_id, message)
+    assert off.skipped is not None and off.evaluated == 0  # off by default for servers
+    remote.live_prefill = True
+    draft = remote.prefill_draft(chat_id, message)  # a request that generates nothing
+    assert draft.completed and draft.evaluated > 0
+    metrics = _turn(remote, chat_id, message).metrics
+    assert metrics.message_tokens > 5
+    assert metrics.prefill_tokens == 1  # the server re-evaluates the last token only
+
+
 # -- a chat template that refuses a late system message ----------------------------------
 
 #: Gemma 2's chat template as published: no system role, and roles must alternate.

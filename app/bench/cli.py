@@ -173,7 +173,9 @@ def run_bench(args: argparse.Namespace) -> int:
         print(
             f"turn {sample.turn + 1}{'*' if sample.edit else ' '} {sample.strategy:<20} "
             f"TTFT {sample.ttft_ms:8.0f} ms  prefill {sample.prefill_tokens:5d}  "
-            f"background {sample.background_tokens:5d}",
+            f"background {sample.background_tokens:5d}"
+            + (f"  typed {sample.typed_tokens} (thrown away {sample.discarded_tokens})"
+               if sample.typed_tokens else ""),
             file=sys.stderr,
             flush=True,
         )

@@ -12,7 +12,11 @@ SYSTEM_FIRST_PREFIX = "system-first-prefix"
 HISTORY_FIRST = "history-first"
 HISTORY_FIRST_WARM = "history-first-warm"
 REOPEN = "reopen"
-STRATEGIES = (NAIVE, SYSTEM_FIRST_PREFIX, HISTORY_FIRST, HISTORY_FIRST_WARM, REOPEN)
+HISTORY_FIRST_LIVE = "history-first-live"
+LIMIT = "limit"
+STRATEGIES = (
+    NAIVE, SYSTEM_FIRST_PREFIX, HISTORY_FIRST, HISTORY_FIRST_WARM, REOPEN, HISTORY_FIRST_LIVE, LIMIT
+)
 
 DESCRIPTIONS = {
     NAIVE: "stateless client: whole prompt prefilled every turn",
@@ -20,6 +24,8 @@ DESCRIPTIONS = {
     HISTORY_FIRST: "history-first + commit; block prefilled on the critical path",
     HISTORY_FIRST_WARM: "history-first + commit + idle-time warm-up",
     REOPEN: "history-first-warm restored from SQLite before every turn (load is timed)",
+    HISTORY_FIRST_LIVE: "history-first-warm + the message prefilled while it is typed",
+    LIMIT: "floor of a client that starts at send: only the message, on a warm cache",
 }
 
 
@@ -30,6 +36,8 @@ LAYOUT_OF = {
     HISTORY_FIRST: Layout.HISTORY_FIRST,
     HISTORY_FIRST_WARM: Layout.HISTORY_FIRST,
     REOPEN: Layout.HISTORY_FIRST,
+    HISTORY_FIRST_LIVE: Layout.HISTORY_FIRST,
+    LIMIT: Layout.HISTORY_FIRST,
 }
 
 
@@ -93,4 +101,8 @@ class TurnSample:
     state_save_ms: float | None = None
     state_load_ms: float | None = None
     reply: str = ""
+    #: history-first-live: tokens evaluated while the message was typed, and those of
+    #: them thrown away by the correction (and by BPE merges at the end of the draft).
+    typed_tokens: int = 0
+    discarded_tokens: int = 0
 

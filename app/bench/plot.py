@@ -19,8 +19,10 @@ COLOURS = {
     "history-first": (120, 80, 190),
     "history-first-warm": (30, 140, 60),
     "reopen": (30, 100, 200),
+    "history-first-live": (0, 160, 160),
+    "limit": (110, 110, 110),
 }
-SYMBOLS = ("o", "s", "t", "d", "+")
+SYMBOLS = ("o", "s", "t", "d", "+", "x", "star")
 
 
 def write_ttft_plot(

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from app.bench.config import (
     DESCRIPTIONS,
+    HISTORY_FIRST_LIVE,
     HISTORY_FIRST_WARM,
+    LIMIT,
     NAIVE,
     REOPEN,
     SYSTEM_FIRST_PREFIX,
@@ -26,6 +28,11 @@ GOAL_REOPEN = 50.0
 #: A reopened chat (its state restored when selected) answers about as fast as one that
 #: never left memory.
 GOAL_REOPEN_VS_WARM = 1.2
+#: The message prefilled while it is typed: below the floor of a client that starts at
+#: send, and far below a stateless client; warm-up alone reaches that floor.
+GOAL_LIVE_VS_LIMIT = 0.5
+GOAL_LIVE_VS_NAIVE = 120.0
+GOAL_WARM_VS_LIMIT = 1.1
 
 
 @dataclass
@@ -49,6 +56,9 @@ class StrategySummary:
     state_save_ms: float | None
     state_load_ms: float | None
     ttft_ms: list[float] = field(default_factory=list)
+    #: Live prefill: tokens evaluated while typing, and thrown away, per measured turn.
+    typed_tokens: list[int] = field(default_factory=list)
+    discarded_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -128,6 +138,8 @@ def summarize(name: str, samples: list[TurnSample]) -> StrategySummary:
         state_save_ms=_median(saves),
         state_load_ms=_median(loads),
         ttft_ms=ttft,
+        typed_tokens=[s.typed_tokens for s in samples],
+        discarded_tokens=[s.discarded_tokens for s in samples],
     )
 
 
@@ -152,6 +164,11 @@ def compute_ratios(summaries: dict[str, StrategySummary]) -> dict[str, Any]:
                 name: _ratio(base.median_ttft_edit_ms, s.median_ttft_edit_ms)
                 for name, s in summaries.items()
             }
+    if LIMIT in summaries:
+        floor = summaries[LIMIT].median_ttft_ms
+        ratios["vs_limit"] = {  # < 1: faster than the floor of a client starting at send
+            name: _ratio(s.median_ttft_ms, floor) for name, s in summaries.items()
+        }
     if REOPEN in summaries and NAIVE in summaries:
         ratios["reopen_vs_reprefill"] = _ratio(
             summaries[NAIVE].median_ttft_ms, summaries[REOPEN].median_ttft_ms
@@ -189,7 +206,25 @@ def compute_checks(summaries: dict[str, StrategySummary], edit_every: int) -> li
         add("reopen / history-first-warm TTFT (x slower)",
             _ratio(summaries[REOPEN].median_ttft_ms, warm.median_ttft_ms),
             GOAL_REOPEN_VS_WARM, False)
+    _live_checks(summaries, add)
     return checks
+
+
+def _live_checks(
+    summaries: dict[str, StrategySummary], add: Callable[[str, float | None, float, bool], None]
+) -> None:
+    """The live prefill's goals: against the floor of a client that starts at send."""
+    live, limit = summaries.get(HISTORY_FIRST_LIVE), summaries.get(LIMIT)
+    warm, naive = summaries.get(HISTORY_FIRST_WARM), summaries.get(NAIVE)
+    if live is not None and limit is not None:
+        add("history-first-live / limit TTFT (x slower)",
+            _ratio(live.median_ttft_ms, limit.median_ttft_ms), GOAL_LIVE_VS_LIMIT, False)
+    if live is not None and naive is not None:
+        add("history-first-live vs naive (x faster)",
+            _ratio(naive.median_ttft_ms, live.median_ttft_ms), GOAL_LIVE_VS_NAIVE, True)
+    if warm is not None and limit is not None:
+        add("history-first-warm / limit TTFT (x slower)",
+            _ratio(warm.median_ttft_ms, limit.median_ttft_ms), GOAL_WARM_VS_LIMIT, False)
 
 
 # -- the run -------------------------------------------------------------------------
@@ -259,6 +294,13 @@ def format_report(report: BenchReport) -> str:
         if key in report.ratios and config["edit_every"] > 1:
             values = ", ".join(f"{n} {_fmt_ratio(v)}" for n, v in report.ratios[key].items())
             lines.append(f"{label}: {values}")
+    live = report.summaries.get(HISTORY_FIRST_LIVE)
+    if live is not None and live.typed_tokens:
+        lines.append(
+            f"{HISTORY_FIRST_LIVE} while typing, per turn: evaluated "
+            f"{', '.join(map(str, live.typed_tokens))} tokens; thrown away "
+            f"{', '.join(map(str, live.discarded_tokens))} (the correction and word ends)"
+        )
     if report.ratios.get("reopen_vs_reprefill") is not None:
         lines.append(
             f"reopen vs re-prefill of the same history: "

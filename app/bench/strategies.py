@@ -1,4 +1,4 @@
-"""Benchmark of caching strategies: one scripted chat replayed five ways in one run.
+"""Benchmark of caching strategies: one scripted chat replayed seven ways in one run.
 
 Why: the product claims that the history-first layout with commit and idle-time
 warm-up makes instruction edits cheap, and that saved states make reopening a
@@ -29,6 +29,16 @@ no state save/load lands in another strategy's TTFT):
     before the message is sent. The restore's time is reported apart (load ms), not
     inside TTFT. Its reference is ``naive`` at the same turn: the same history
     prefilled from scratch.
+``history-first-live``
+    as ``history-first-warm``, and the message is revealed word by word before it is
+    sent, with one correction per turn (a word deleted and retyped); after each word the
+    live prefill (``prefill_draft``) settles, as it does at human typing speed. TTFT is
+    measured from send; the tokens evaluated while typing and those the correction threw
+    away are reported per turn.
+``limit``
+    history-first with commit and warm-up and a block that is never edited: only the new
+    message is prefilled, on a warm cache at the same depth. The floor of any client
+    that starts its work at send.
 
 The conversation is deterministic text generated here (no data files): a history
 of about ``history_tokens`` tokens is stored directly as messages in every
@@ -67,12 +77,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.bench.config import (
     HISTORY_FIRST,
+    HISTORY_FIRST_LIVE,
     HISTORY_FIRST_WARM,
     LAYOUT_OF,
+    LIMIT,
     NAIVE,
     REOPEN,
     BenchConfig,
@@ -85,6 +99,10 @@ from app.remote.session import RemoteChatSession
 from app.session.engine import ChatEngine, GenerationOptions
 from app.storage.store import Store
 
+if TYPE_CHECKING:  # llama.cpp is loaded only on the thread that runs the benchmark
+    from app.core.prompt import PromptBuilder
+    from app.session.chat_session import ChatSession
+
 Session = ChatEngine
 
 
@@ -96,9 +114,13 @@ class _Runner:
         self.session = session
         self.chat_id = chat_id
         self.naive = name == NAIVE
-        self.commits = name in (HISTORY_FIRST, HISTORY_FIRST_WARM, REOPEN)
-        self.warm = name in (HISTORY_FIRST_WARM, REOPEN)
+        self.commits = name in (
+            HISTORY_FIRST, HISTORY_FIRST_WARM, REOPEN, HISTORY_FIRST_LIVE, LIMIT
+        )
+        self.warm = name in (HISTORY_FIRST_WARM, REOPEN, HISTORY_FIRST_LIVE, LIMIT)
         self.reopen = name == REOPEN
+        self.live = name == HISTORY_FIRST_LIVE
+        self.never_edits = name == LIMIT  # the floor: nothing but the message at send
         steps = []
         if self.commits:
             steps.append(Step.COMMIT)
@@ -121,6 +143,7 @@ class _Runner:
         session, chat = self.session, self.chat_id
         background_tokens = 0
         background_ms = 0.0
+        edit = edit and not self.never_edits
         if edit:
             session.store.add_instruction_version(chat, block)
             if self.warm:  # idle time while the user types the next message
@@ -135,6 +158,7 @@ class _Runner:
             load_ms = session.prefetch(chat).ms  # selecting the chat restores it
         if self.naive:
             session.drop_cache()
+        typed = self.type_message(message, cancel) if self.live else (0, 0)
         if cancel is not None and cancel.is_set():
             return None
         pipeline = session.start_turn(chat, message, options, idle_steps=self.idle_steps)
@@ -165,7 +189,23 @@ class _Runner:
             state_save_ms=metrics.state_save_ms if saved else None,
             state_load_ms=load_ms if self.reopen else metrics.state_load_ms,
             reply=result.reply,
+            typed_tokens=typed[0],
+            discarded_tokens=typed[1],
         )
+
+    def type_message(self, message: str, cancel: threading.Event | None) -> tuple[int, int]:
+        """Reveal the message word by word, with one word deleted and retyped halfway;
+        the live prefill settles after each word. Returns (evaluated, discarded) tokens."""
+        words = message.split(" ")
+        fix = len(words) // 2
+        drafts = [" ".join(words[:count]) for count in range(1, len(words) + 1)]
+        drafts[fix + 1 : fix + 1] = [" ".join(words[:fix]), drafts[fix]]  # the correction
+        evaluated = discarded = 0
+        for draft in drafts:
+            done = self.session.prefill_draft(self.chat_id, draft, cancel=cancel)
+            evaluated += done.evaluated
+            discarded += done.discarded
+        return evaluated, discarded
 
 
 def _reply_target(remaining: int, message_tokens: int) -> int:
@@ -197,46 +237,56 @@ def run_benchmark(
             store.close()
 
 
-def _run(
-    config: BenchConfig,
-    store: Store,
-    sessions: list[Session],
-    started: float,
-    status: Callable[[str], None],
-    on_turn: Callable[[TurnSample], None] | None,
-    cancel: threading.Event | None,
-) -> BenchReport:
+@dataclass
+class _Script:
+    """The scripted chat in the benchmark model's tokens: rules, history, messages, sizes."""
+
+    rules: str
+    history: list[tuple[str, str]]
+    messages: list[str]
+    history_size: int
+    block_size: int
+    message_size: int
+
+
+def _open_sessions(
+    config: BenchConfig, store: Store, sessions: list[Session], status: Callable[[str], None]
+) -> tuple[ChatSession, list[Session]]:
+    """One engine per strategy (its own KV cache); with a server, the local model only
+    sizes the script. Returns the sizer and the engines that play."""
     # llama.cpp is loaded here, on the thread that runs the benchmark.
     from app.session.chat_session import ChatSession
 
     status("loading the model")
-    locals_: list[ChatSession] = []
+    sizer: ChatSession | None = None
     for _ in config.strategies:
-        locals_.append(
-            ChatSession(store, config.model_path, n_ctx=config.n_ctx, kv_type=config.kv_type,
-                        n_threads=config.n_threads)
-        )
-        sessions.append(locals_[-1])
+        local = ChatSession(store, config.model_path, n_ctx=config.n_ctx,
+                            kv_type=config.kv_type, n_threads=config.n_threads)
+        sizer = sizer or local
+        sessions.append(local)
         if config.server_url:
             break  # the local model only sizes the script; the server plays it
-    sizer = locals_[0]
-    builder = sizer.builder
-    if config.server_url:
-        status(f"connecting to {config.server_url}")
-        for _ in config.strategies:
-            server = RemoteChatSession(store, config.server_url, config.server_model)
-            sessions.append(server)
-        slots = server.info.total_slots
-        if slots < len(config.strategies):
-            status(f"the server has {slots} slot(s) for {len(config.strategies)} strategies: "
-                   "they evict each other (start it with --parallel 5)")
-        players = sessions[1:]
-    else:
-        players = sessions
-    first = players[0]
-    script = Script(builder.content_tokens, config.seed)
+    assert sizer is not None  # validate() refuses an empty strategy list
+    if not config.server_url:
+        return sizer, list(sessions)
+    status(f"connecting to {config.server_url}")
+    servers: list[Session] = []
+    for name in config.strategies:
+        server = RemoteChatSession(store, config.server_url, config.server_model)
+        server.live_prefill = name == HISTORY_FIRST_LIVE  # off by default for servers
+        servers.append(server)
+        sessions.append(server)
+    slots = server.info.total_slots
+    if slots < len(config.strategies):
+        status(f"the server has {slots} slot(s) for {len(config.strategies)} strategies: "
+               "they evict each other (start it with --parallel 5)")
+    return sizer, servers
 
-    # The script: rules, a history of whole turns, then one message per measured turn.
+
+def _write_script(config: BenchConfig, builder: PromptBuilder, first: Session) -> _Script:
+    """Rules, a history of whole turns, then one message per measured turn; refused
+    when it cannot fit the context."""
+    script = Script(builder.content_tokens, config.seed)
     rules = script.rules(config.instruction_tokens)
     history: list[tuple[str, str]] = []
     history_size = 0
@@ -248,8 +298,7 @@ def _run(
         history_size += len(builder.assistant_segment_from_text(reply))
         history.append((user, reply))
     messages = [script.user_message(config.message_tokens) for _ in range(config.turns)]
-    block = block_text(rules, 0)
-    later = builder.later_block(block)
+    later = builder.later_block(block_text(rules, 0))
     block_size = len(later.tokens) if later is not None else 0
     message_size = max(len(builder.user_segment(m)) for m in messages)
     needed = (
@@ -261,24 +310,38 @@ def _run(
             f"the scripted chat needs about {needed} tokens but the context holds {first.n_ctx}; "
             "lower --history-tokens/--turns or raise --n-ctx"
         )
+    return _Script(rules, history, messages, history_size, block_size, message_size)
 
+
+def _make_runners(
+    config: BenchConfig, store: Store, sizer: ChatSession, players: list[Session], script: _Script
+) -> dict[str, _Runner]:
+    """Each strategy's chat, holding the scripted history and the first block."""
     runners: dict[str, _Runner] = {}
     for name, session in zip(config.strategies, players, strict=True):
         chat = store.create_chat(f"bench {name}", LAYOUT_OF[name])
-        store.add_instruction_version(chat.id, block)
-        for user, reply in history:
+        store.add_instruction_version(chat.id, block_text(script.rules, 0))
+        for user, reply in script.history:
             store.add_message(chat.id, Role.USER, user)
             store.add_message(chat.id, Role.ASSISTANT, reply)
         sizer.history_plan(chat.id)  # tokenizes the stored messages, untimed
         runners[name] = _Runner(name, session, chat.id)
+    return runners
 
-    # Untimed prefill of each history (as the chats would hold after a long session).
-    # The history-first chats hold the same tokens: prefill one, copy its saved state.
+
+def _prefill_histories(
+    store: Store,
+    runners: dict[str, _Runner],
+    status: Callable[[str], None],
+    cancel: threading.Event | None,
+) -> bool:
+    """Untimed prefill of each history (as the chats would hold after a long session);
+    the history-first chats hold the same tokens: one is prefilled, its saved state
+    copied. False if cancelled."""
     donor: _Runner | None = None
     for name, runner in runners.items():
         if cancel is not None and cancel.is_set():
-            return _report(config, first, history_size, block_size, message_size, [], started,
-                           time.perf_counter() - started, cancelled=True)
+            return False
         if runner.naive:
             continue
         session = runner.session
@@ -293,32 +356,59 @@ def _run(
         if runner.warm:
             session.prefill_history(runner.chat_id, with_block=True, cancel=cancel)
         session.save_if_changed()
-    setup_s = time.perf_counter() - started
+    return True
 
+
+def _play_turns(
+    config: BenchConfig,
+    runners: dict[str, _Runner],
+    script: _Script,
+    status: Callable[[str], None],
+    on_turn: Callable[[TurnSample], None] | None,
+    cancel: threading.Event | None,
+) -> tuple[list[TurnSample], bool]:
+    """The measured turns, interleaved across strategies in an order rotated every turn;
+    returns the samples and whether the run was cancelled."""
     options = GenerationOptions(max_tokens=config.max_tokens, temperature=0.0, seed=config.seed)
     samples: list[TurnSample] = []
     order = list(runners.values())
-    cancelled = False
     for turn in range(config.turns):
         edit = config.is_edit_turn(turn)
-        text = block_text(rules, turn + 1) if edit else ""
+        text = block_text(script.rules, turn + 1) if edit else ""
         shift = turn % len(order)
         for runner in order[shift:] + order[:shift]:
             if cancel is not None and cancel.is_set():
-                cancelled = True
-                break
+                return samples, True
             status(f"turn {turn + 1}/{config.turns}: {runner.name}")
-            sample = runner.play(turn, edit, text, messages[turn], options, cancel)
+            sample = runner.play(turn, edit, text, script.messages[turn], options, cancel)
             if sample is None:
-                cancelled = True
-                break
+                return samples, True
             samples.append(sample)
             if on_turn is not None:
                 on_turn(sample)
-        if cancelled:
-            break
-    return _report(config, first, history_size, block_size, message_size, samples, started,
-                   setup_s, cancelled=cancelled)
+    return samples, False
+
+
+def _run(
+    config: BenchConfig,
+    store: Store,
+    sessions: list[Session],
+    started: float,
+    status: Callable[[str], None],
+    on_turn: Callable[[TurnSample], None] | None,
+    cancel: threading.Event | None,
+) -> BenchReport:
+    sizer, players = _open_sessions(config, store, sessions, status)
+    first = players[0]
+    script = _write_script(config, sizer.builder, first)
+    runners = _make_runners(config, store, sizer, players, script)
+    sizes = (script.history_size, script.block_size, script.message_size)
+    if not _prefill_histories(store, runners, status, cancel):
+        return _report(config, first, *sizes, [], started, time.perf_counter() - started,
+                       cancelled=True)
+    setup_s = time.perf_counter() - started
+    samples, cancelled = _play_turns(config, runners, script, status, on_turn, cancel)
+    return _report(config, first, *sizes, samples, started, setup_s, cancelled=cancelled)
 
 
 def _report(

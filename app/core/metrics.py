@@ -17,6 +17,8 @@ class TurnMetrics:
     engine: str = "local"  # "server": figures reported by an OpenAI-compatible server
     layout: str = "history-first"
     reused_tokens: int = 0
+    #: Of ``reused_tokens``: the message's own tokens, prefilled while it was typed.
+    typed_ahead_tokens: int = 0
     prefill_tokens: int = 0
     background_tokens: int = 0
     commit_tokens: int = 0

@@ -10,6 +10,12 @@ The idle-time steps keep their meaning:
   with ``max_tokens`` 0, or 1 where the server refuses 0): a chat-completions request
   cannot end on a finished assistant turn, and the warm-up prompt starts with exactly
   what the commit would have evaluated;
+- live prefill (``prefill_draft``, off unless ``live_prefill`` is set: it costs server
+  work per burst of keystrokes) sends the draft the same way, as the pending user
+  message with ``max_tokens`` 0. llama-server evaluates the prompt into the chat's slot
+  (reusing its longest common prefix with what the slot holds, ``cache_prompt``) and
+  answers at once with no token; the slot then holds the draft's prompt, so the send
+  reuses it up to the first token that differs;
 - save writes the chat's llama-server slot to a file on the server
   (``/slots/{id}?action=save``) and the next activation restores it, when the server
   runs with ``--slot-save-path``.
@@ -46,6 +52,7 @@ from app.session.engine import (
     CacheView,
     ChatContext,
     ChatEngine,
+    DraftPrefill,
     EngineDescription,
     GenerationOptions,
     PreparedMessage,
@@ -117,6 +124,8 @@ class RemoteChatSession(ChatEngine):
         self._file_key = hashlib.sha1(identity.encode()).hexdigest()[:12]
         self.model_identity = f"server|{self.info.base_url}|{self.info.model}"
         self._skip_cache_once = False
+        #: Live prefill of drafts (requests that generate nothing): off by default.
+        self.live_prefill = False
 
     # -- facts ------------------------------------------------------------------------
 
@@ -526,6 +535,44 @@ class RemoteChatSession(ChatEngine):
         ms = (time.perf_counter() - started) * 1000
         return StepResult(
             Step.WARM_UP, completion.evaluated_tokens, ms, completed=not completion.cancelled
+        )
+
+    def prefill_draft(
+        self,
+        chat_id: int,
+        text: str,
+        *,
+        block_text: str | None = None,
+        cancel: threading.Event | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> DraftPrefill:
+        """The draft's prompt sent with ``max_tokens`` 0 (see the module's notes), when
+        ``live_prefill`` is on; the server's own counts say what it reused."""
+        if not self.live_prefill:
+            return DraftPrefill(chat_id, skipped="live prefill is off for this server")
+        if not self._finish_idle_work(chat_id, cancel) or (cancel and cancel.is_set()):
+            return DraftPrefill(chat_id, completed=False, skipped="cancelled")
+        started = time.perf_counter()
+        context = self._load_context(chat_id)
+        self.activate(chat_id, context)
+        if block_text is not None:
+            context.block_text = block_text
+        options = GenerationOptions(max_tokens=1, temperature=0.0, seed=0)
+        held = self.held.tokens
+        completion = self._complete(
+            context, pending=text if text.strip() else None, exclude=None,
+            max_tokens=self.warmup_max_tokens, options=options, cancel=cancel,
+        )  # fmt: skip
+        cache = self.held
+        cache.tokens = completion.prompt_tokens + completion.completion_tokens
+        cache.changed = True
+        return DraftPrefill(
+            chat_id,
+            evaluated=completion.evaluated_tokens,
+            reused=completion.reused_tokens,
+            discarded=max(0, held - completion.reused_tokens),
+            completed=not completion.cancelled,
+            ms=(time.perf_counter() - started) * 1000,
         )
 
     def prefill_history(

@@ -62,6 +62,7 @@ from app.session.engine import (
     ChatContext,
     ChatEngine,
     ContextOverflowError,
+    DraftPrefill,
     EngineDescription,
     GenerationOptions,
     PreparedMessage,
@@ -79,6 +80,7 @@ from app.session.engine import (
     chat_started,
 )
 from app.session.generation import GeneratedReply
+from app.session.live_prefill import DraftPrefilling
 from app.session.saved_state import SavedStates
 from app.session.trimming import HistoryTrimming
 from app.storage.records import Message
@@ -92,6 +94,7 @@ __all__ = [
     "ChatSession",
     "ContextOverflowError",
     "DecodeError",
+    "DraftPrefill",
     "GenerationOptions",
     "ModelLoadCancelled",
     "SessionError",
@@ -114,7 +117,7 @@ SEGMENT_LABELS = {
 }
 
 
-class ChatSession(HistoryTrimming, ChatEngine):
+class ChatSession(HistoryTrimming, DraftPrefilling, ChatEngine):
     """The local engine: the chats of one store on a model loaded in this process by
     llama.cpp; the cache holds one chat at a time."""
 
@@ -551,10 +554,6 @@ class ChatSession(HistoryTrimming, ChatEngine):
             tokens = self.builder.user_segment(text)
         return PreparedMessage(tokens, self._fit(context, tokens, options, exclude))
 
-    def _seconds_for(self, tokens: int) -> float | None:
-        rate = self.mirror.prefill_tokens_per_s
-        return tokens / rate if rate else None
-
     # -- a turn -----------------------------------------------------------------------
 
     def _respond(
@@ -595,6 +594,7 @@ class ChatSession(HistoryTrimming, ChatEngine):
                 "end, so a change below it recomputes from the start"
             )
         metrics.reused_tokens = synced.reused
+        metrics.typed_ahead_tokens = self._typed_ahead_tokens(chat.id, synced.reused)
         metrics.prefill_tokens = synced.evaluated
         metrics.prefill_ms = synced.ms
         if synced.ms > 0 and synced.evaluated:

@@ -99,6 +99,22 @@ class TemplateInfo:
 
 
 @dataclass(frozen=True)
+class DraftPrefill:
+    """What one live prefill of a draft did: the prompt the message would be sent as,
+    evaluated on top of the warm cache while the user types, so Send pays only what
+    differs. ``discarded`` counts the tokens an edit (or a BPE merge at the end) threw
+    away: work done while typing that the send will not use."""
+
+    chat_id: int
+    evaluated: int = 0  # tokens computed by this call
+    reused: int = 0  # tokens of the draft's prompt the cache already held
+    discarded: int = 0  # tokens the cache held past the common prefix, dropped
+    completed: bool = True  # False: cancelled between two batches
+    ms: float = 0.0
+    skipped: str | None = None  # why nothing was evaluated (e.g. the setting is off)
+
+
+@dataclass(frozen=True)
 class PreparedMessage:
     """A message made ready for the prompt: its stored token ids (None: the engine does
     not tokenize) and the turns the context had to drop to fit it."""
@@ -638,6 +654,29 @@ class ChatEngine(ABC):
         """Bring the chat's committed history (``with_block``: and its block) into the
         cache now, as after a long session (untimed set-up, e.g. the benchmark's);
         False if cancelled."""
+
+    def prefill_draft(
+        self,
+        chat_id: int,
+        text: str,
+        *,
+        block_text: str | None = None,
+        cancel: threading.Event | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> DraftPrefill:
+        """Evaluate the prompt ``text`` would be sent as (history · block · the message
+        as a user turn with the generation prompt) on top of the warm cache, so that Send
+        pays only what differs. ``text`` empty: only the block (``block_text``: an edited
+        version not stored yet) on top of the history. Cancellable between batches."""
+        return DraftPrefill(chat_id, skipped="this engine does not prefill drafts")
+
+    def _finish_idle_work(self, chat_id: int, cancel: threading.Event | None) -> bool:
+        """Run the chat's pending idle-time steps (commit, warm-up, save): a draft goes on
+        top of what they leave. False if cancelled or superseded first."""
+        work = self._current_work
+        if work is None or work.chat_id != chat_id or work.done:
+            return True
+        return work.run(cancel)
 
     # -- inspector --------------------------------------------------------------------
 

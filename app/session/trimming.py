@@ -65,8 +65,10 @@ class HistoryTrimming:
         ) -> PromptPlan:
             raise NotImplementedError
 
-        def _seconds_for(self, tokens: int) -> float | None:
-            raise NotImplementedError
+    def _seconds_for(self, tokens: int) -> float | None:
+        """Seconds a recompute of ``tokens`` takes at the measured prefill speed."""
+        rate = self.mirror.prefill_tokens_per_s
+        return tokens / rate if rate else None
 
     def _trim_start(self, messages: list[Message], limit: int | None) -> int:
         """First message seq kept so that cached history tokens stay within ``limit``."""

@@ -1,6 +1,6 @@
 """The Benchmark window: runs the benchmark live and plots TTFT per turn per strategy.
 
-Why a window: the caching claims are easiest to believe when you watch the five strategies
+Why a window: the caching claims are easiest to believe when you watch the strategies
 diverge turn by turn on your own machine. The run lives in its own QThread with its own
 Engines (``run_benchmark`` builds them), so it never touches the chat worker's engine;
 its callbacks come back as queued signals and Stop only sets the ``cancel`` event.

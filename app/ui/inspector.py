@@ -45,6 +45,7 @@ pg.setConfigOptions(antialias=True)
 
 COLOURS = {
     "reused": "#2da44e",
+    "typed_ahead": "#1b9aaa",
     "prefill": "#cf222e",
     "background": "#8c959f",
     "ttft": "#8250df",
@@ -63,6 +64,7 @@ TRIM_APPLY_DEBOUNCE_MS = 500
 CSV_FIELDS = (
     "turn",
     "reused_tokens",
+    "typed_ahead_tokens",
     "prefill_tokens",
     "background_tokens",
     "commit_tokens",
@@ -107,7 +109,12 @@ CHARTS = {
     "tokens": (
         "Tokens per turn",
         "tokens",
-        (("reused", "reused"), ("prefill", "recomputed"), ("background", "background")),
+        (
+            ("reused", "reused"),
+            ("typed_ahead", "typed ahead"),
+            ("prefill", "recomputed"),
+            ("background", "background"),
+        ),
     ),
     "ttft": ("Time to first token", "ms", (("ttft", "TTFT"),)),
     "speed": ("Speed", "tok/s", (("prefill_speed", "prefill"), ("decode_speed", "decode"))),
@@ -460,6 +467,7 @@ class CacheInspector(QWidget):
         self.bars = {}
         for key, label in (
             ("reused", "reused"),
+            ("typed_ahead", "typed ahead (prefilled while the message was typed)"),
             ("prefill", "recomputed (critical path)"),
             ("background", "background"),
         ):
@@ -540,9 +548,13 @@ class CacheInspector(QWidget):
         turns = self.turns
         xs = list(range(1, len(turns) + 1))
         reused = [float(t.get("reused_tokens") or 0) for t in turns]
+        # Typed ahead is part of reused: drawn in its own colour on top of the rest.
+        typed = [float(t.get("typed_ahead_tokens") or 0) for t in turns]
         prefill = [float(t.get("prefill_tokens") or 0) for t in turns]
         background = [float(t.get("background_tokens") or 0) for t in turns]
-        self.bars["reused"].setOpts(x=xs, height=reused, y0=[0.0] * len(xs))
+        earlier = [a - b for a, b in zip(reused, typed, strict=True)]
+        self.bars["reused"].setOpts(x=xs, height=earlier, y0=[0.0] * len(xs))
+        self.bars["typed_ahead"].setOpts(x=xs, height=typed, y0=earlier)
         self.bars["prefill"].setOpts(x=xs, height=prefill, y0=reused)
         self.bars["background"].setOpts(
             x=xs, height=background, y0=[a + b for a, b in zip(reused, prefill, strict=True)]
@@ -612,6 +624,7 @@ class CacheInspector(QWidget):
 
         return {
             "reused": heights(self.bars["reused"]),
+            "typed_ahead": heights(self.bars["typed_ahead"]),
             "prefill": heights(self.bars["prefill"]),
             "background": heights(self.bars["background"]),
             "ttft_ms": [

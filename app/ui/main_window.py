@@ -25,6 +25,7 @@ from app.ui.chat_actions import ChatActions
 from app.ui.documents import DocumentsController
 from app.ui.instruction_drafts import InstructionDrafts
 from app.ui.instruction_edits import InstructionEdits
+from app.ui.live_prefill import LivePrefill
 from app.ui.model_control import ModelControl
 from app.ui.model_settings import ModelSettingsDialog
 from app.ui.server_dialog import ServerDialog
@@ -73,6 +74,10 @@ class MainWindow(WindowBase):
         self.models.fill_model_combo()
         self._connect_widgets()
         self._connect_worker()
+        self.live_prefill = LivePrefill(
+            self.host, self.input, self.instructions,
+            lambda: self.current_chat_id, lambda: self.model is not None, self,
+        )  # fmt: skip
         self.layout_area.restore(self, self.settings)
         self.first_run_banner = self.layout_area.show_first_run_note(self.settings, self.db_path)
         self._open_first_chat()

@@ -42,6 +42,7 @@ from app.session.engine import (
     CacheView,
     ChatEngine,
     ContextOverflowError,
+    DraftPrefill,
     EngineDescription,
     GenerationOptions,
     SessionError,
@@ -129,6 +130,7 @@ class EngineWorker(QObject):
     template_changed = Signal(object)  # TemplateInfo, after a choice was applied
     error = Signal(str)
     store_changed = Signal(int, object)  # request id, what the change returned (or None)
+    draft_prefilled = Signal(object)  # DraftPrefill
     _continue_background = Signal(object)
 
     def __init__(
@@ -430,6 +432,30 @@ class EngineWorker(QObject):
         )
         self._schedule_owed_upkeep()
 
+    @Slot(object)
+    def prefill_draft(self, request: DraftRequest) -> None:
+        """Live prefill: the draft's prompt on top of the warm cache, as idle work that
+        any newer request cancels (its flag is set by the host before the request is
+        queued, so a stale draft never starts)."""
+        if self.session is None or self.shutting_down.is_set() or request.cancel.is_set():
+            return
+        block = None
+        if request.block is not None:
+            block = render_instructions(*request.block)
+        try:
+            done: DraftPrefill = self.session.prefill_draft(
+                request.chat_id, request.text, block_text=block, cancel=request.cancel
+            )
+        except (ChatNotFound, SessionError, StorageError, ValueError):
+            return  # a draft is a bet: a chat gone or a refusal costs nothing
+        except DecodeError as error:
+            self.error.emit(f"the live prefill failed: {error}")
+            return
+        except Exception as error:
+            self.error.emit(f"the live prefill failed: {unexpected(error)}")
+            return
+        self.draft_prefilled.emit(done)
+
     def _queue_job(self, job: _IdleJob) -> None:
         self._queued_jobs += 1
         self._continue_background.emit(job)
@@ -607,6 +633,17 @@ class StoreChange:
     apply: Callable[[Store], object]
 
 
+@dataclass(frozen=True)
+class DraftRequest:
+    """A draft to prefill: the composer's text (``block``: an edited instruction block,
+    its text and variables, warmed instead) and the flag a newer request sets."""
+
+    chat_id: int
+    text: str
+    cancel: threading.Event
+    block: tuple[str, dict[str, str]] | None = None
+
+
 @dataclass
 class _IdleJob:
     """A turn's (or an upkeep's) remaining steps and the flag that pre-empts them."""
@@ -633,6 +670,7 @@ class EngineHost(QObject):
     _describe_templates = Signal()
     _set_chat_template = Signal(object)
     _apply_changes = Signal()
+    _prefill_draft = Signal(object)
     _shutdown = Signal()
 
     def __init__(
@@ -674,8 +712,10 @@ class EngineHost(QObject):
         self._describe_templates.connect(self.worker.describe_templates, queued)
         self._set_chat_template.connect(self.worker.set_chat_template, queued)
         self._apply_changes.connect(self.worker.apply_changes, queued)
+        self._prefill_draft.connect(self.worker.prefill_draft, queued)
         self._shutdown.connect(self.worker.shutdown, Qt.ConnectionType.BlockingQueuedConnection)
         self.turn_cancel: threading.Event | None = None
+        self.draft_cancel = threading.Event()
         self.load_cancel = threading.Event()
         self.background_cancel = self.worker.latest_background_cancel
         self._request_ids = 0
@@ -700,10 +740,23 @@ class EngineHost(QObject):
 
         The worker requeues what was cut short (under the new flag) once it is idle again.
         """
+        self.cancel_draft()
         self.background_cancel.set()
         self.background_cancel = threading.Event()
         self.worker.latest_background_cancel = self.background_cancel
         return self.background_cancel
+
+    def prefill_draft(
+        self, chat_id: int, text: str, block: tuple[str, dict[str, str]] | None = None
+    ) -> None:
+        """Prefill a draft in idle time (the previous draft is cancelled: this one is newer)."""
+        self.cancel_draft()
+        self._prefill_draft.emit(DraftRequest(chat_id, text, self.draft_cancel, block))
+
+    def cancel_draft(self) -> None:
+        """Stop the draft being prefilled at its next batch (chat switch, send, newer text)."""
+        self.draft_cancel.set()
+        self.draft_cancel = threading.Event()
 
     def change_store(
         self,
@@ -774,6 +827,7 @@ class EngineHost(QObject):
 
     def prefetch_chat(self, chat_id: int) -> None:
         """Restore the chat's state in the background; the next send pre-empts it."""
+        self.cancel_draft()  # another chat is shown: the draft of the one left is moot
         self._prefetch_chat.emit(chat_id, self.background_cancel)
 
     def request_edit_cost(
@@ -818,6 +872,7 @@ class EngineHost(QObject):
         self.stop()
         self.load_cancel.set()
         self.background_cancel.set()
+        self.draft_cancel.set()
         with contextlib.suppress(RuntimeError):
             self._shutdown.emit()  # blocks until the worker has run it
         self.engine_thread.quit()
