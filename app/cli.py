@@ -27,9 +27,9 @@ from app.session.engine import (
     SessionError,
     TurnResult,
 )
-from app.storage.export import export_chat
+from app.storage.export import export_chat, export_file_name
 from app.storage.kv_store import DEFAULT_BUDGET_BYTES
-from app.storage.records import Message
+from app.storage.records import Chat, Message
 from app.storage.store import StorageError, Store, valid_chat_name
 
 EXIT_USAGE = 2
@@ -155,7 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
         "versions of the reply; the first is kept",
     )
     chat.add_argument("--json", action="store_true", help="print one JSON object")
-    chat.add_argument("message", help="the user's message ('-' reads standard input)")
+    chat.add_argument(
+        "--continue",
+        dest="continue_reply",
+        action="store_true",
+        help="write more of the chat's last reply (e.g. one cut at --max-tokens), from the "
+        "cache; no message",
+    )
+    chat.add_argument(
+        "message", nargs="?", help="the user's message ('-' reads standard input)"
+    )
 
     history = commands.add_parser("history", help=COMMANDS["history"])
     history.add_argument("--db", required=True)
@@ -173,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help=COMMANDS["export"])
     export.add_argument("--db", required=True)
     export.add_argument("--chat", required=True)
-    export.add_argument("--out", required=True, metavar="FILE",
-                        help="*.json writes JSON; any other name writes Markdown")
+    export.add_argument("--out", metavar="FILE",
+                        help="*.json writes JSON; any other name writes Markdown (default: "
+                        "the chat's name in your documents folder)")
+    export.add_argument("--all-versions", action="store_true",
+                        help="JSON with every version of the chat (edits, regenerated replies)")
 
     storage = commands.add_parser("storage", help=COMMANDS["storage"])
     storage.add_argument("--db", required=True)
@@ -257,6 +269,35 @@ def _answer(
     return result, None, warnings
 
 
+def _check_continue(args: argparse.Namespace) -> None:
+    """``chat --continue`` extends a reply that exists: refused before any file is made."""
+    if args.message is not None:
+        raise CliError("--continue takes no message: it writes more of the last reply")
+    if args.alternatives != 1:
+        raise CliError("--continue writes more of one reply: --alternatives does not apply")
+    if not Path(args.db).expanduser().is_file():
+        raise CliError(f"no chat to continue: {args.db} does not exist")
+
+
+def _continue(
+    engine: ChatEngine, chat_id: int, options: GenerationOptions
+) -> tuple[TurnResult | None, Message | None, list[str]]:
+    """More of the chat's last reply, then the idle steps (as after a turn)."""
+    try:
+        result = engine.continue_reply(chat_id, options)
+    except (StorageError, DecodeError, SessionError) as error:
+        raise CliError(str(error)) from error
+    warnings: list[str] = []
+    try:
+        finished = engine.after_reply(chat_id)
+    except (StorageError, SessionError, DecodeError) as error:
+        warnings.append(f"{error} (the reply was saved; the cache state was not)")
+    else:
+        if finished is not None:
+            result = replace(result, metrics=finished)
+    return result, None, warnings
+
+
 def _check_engine_options(args: argparse.Namespace) -> None:
     """Options that cannot go together, refused before any file is opened."""
     if not args.server:
@@ -326,8 +367,12 @@ class _NewFiles:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    message = _read_stdin() if args.message == "-" else args.message
-    if not message.strip():
+    if args.continue_reply:
+        _check_continue(args)
+        message = ""
+    else:
+        message = _read_stdin() if args.message == "-" else (args.message or "")
+    if not message.strip() and not args.continue_reply:
         raise CliError("the message is empty")
     instructions = args.instructions
     if args.instructions_file:
@@ -372,9 +417,10 @@ def _chat_turn(
     instructions: str | None,
     documents: list[DocumentText],
 ) -> int:
-    chat = store.chat_by_name(args.chat) or store.create_chat(
-        args.chat, args.layout or Layout.HISTORY_FIRST
-    )
+    found = store.chat_by_name(args.chat)
+    if found is None and args.continue_reply:
+        raise CliError(f"no chat named {args.chat!r} to continue")
+    chat = found or store.create_chat(args.chat, args.layout or Layout.HISTORY_FIRST)
     if args.layout and chat.layout != args.layout:
         chat = store.update_chat(chat.id, layout=args.layout)
     if args.no_history and not chat.no_history:
@@ -400,7 +446,10 @@ def _chat_turn(
     options = GenerationOptions(
         args.max_tokens, args.temperature, args.seed, alternatives=args.alternatives
     )
-    result, stored_reply, warnings = _answer(engine, store, chat.id, message, options)
+    if args.continue_reply:
+        result, stored_reply, warnings = _continue(engine, chat.id, options)
+    else:
+        result, stored_reply, warnings = _answer(engine, store, chat.id, message, options)
     template_warning = engine.template_warning()
     if template_warning:
         warnings.insert(0, template_warning)  # never a silent ChatML fallback
@@ -492,12 +541,26 @@ def run_export(args: argparse.Namespace) -> int:
         chat = store.chat_by_name(args.chat)
         if chat is None:
             raise CliError(f"no chat named {args.chat!r}")
+        out = Path(args.out).expanduser() if args.out else _default_export(store, chat, args)
+        if args.all_versions and out.suffix.lower() != ".json":
+            raise CliError("--all-versions writes JSON: give --out a .json name")
         try:
-            target = export_chat(store, chat.id, Path(args.out).expanduser())
+            target = export_chat(store, chat.id, out, all_versions=args.all_versions)
         except OSError as error:
-            raise CliError(f"cannot write {args.out}: {error.strerror or error}") from error
+            raise CliError(f"cannot write {out}: {error.strerror or error}") from error
     print(target)
     return 0
+
+
+def _default_export(store: Store, chat: Chat, args: argparse.Namespace) -> Path:
+    """The chat's name (its family's, as the window shows it) in the documents folder."""
+    import platformdirs
+
+    suffix = ".json" if args.all_versions else ".md"
+    title = store.chat(chat.family_id).name
+    folder = Path(platformdirs.user_documents_dir())
+    folder = folder if folder.is_dir() else Path.home()  # no documents folder: home
+    return folder / export_file_name(title, suffix)
 
 
 def run_fork(args: argparse.Namespace) -> int:

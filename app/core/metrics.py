@@ -52,6 +52,8 @@ class TurnMetrics:
     finish_reason: str = ""
     seed: int | None = None  # the sampler's seed; a regenerate at temperature > 0 draws a new one
     sampling: dict[str, float] | None = None  # top-k, top-p, min-p, repeat penalty used
+    #: Continue: the reply's content tokens before this turn extended it (0: a new reply).
+    continued_from_tokens: int = 0
     #: Replies sampled from the one prompt (decode figures cover all of them).
     alternatives: int = 1
     notes: list[str] = field(default_factory=list)

@@ -470,6 +470,41 @@ class RemoteChatSession(ChatEngine):
             metrics.notes.append("temperature 0: every alternative is the same reply")
         return texts
 
+    def _respond_continue(
+        self,
+        turn: Turn,
+        on_token: TokenCallback | None,
+        progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+    ) -> TurnResult:
+        """Continue: the history ending on the open reply, which the server extends (a
+        final assistant message is a prefill to llama-server); its slot already holds the
+        history and the reply, so only what follows is evaluated."""
+        context, options, continued = turn.context, turn.options, turn.continues
+        assert continued is not None
+        metrics = self._turn_metrics(turn)
+        metrics.engine = ENGINE
+        metrics.continued_from_tokens = self._count(continued.text, cancel)
+        metrics.notes.append("continued a reply")
+        sent = time.perf_counter()
+        completion = self.client.chat(
+            self.chat_messages(context, with_block=False),
+            reuse=not self._skip_cache_once,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            seed=options.seed,
+            sampling=_request_sampling(options.sampling),
+            slot=self.slot_for(context.chat.id),
+            on_text=on_token,
+            cancel=cancel,
+        )
+        self._skip_cache_once = False
+        self._fill_metrics(metrics, completion, turn.started, sent)
+        cache = self.held
+        cache.tokens = completion.prompt_tokens + completion.completion_tokens
+        cache.changed = True
+        return self._store_reply(turn, completion.text, metrics)
+
     def _fill_metrics(
         self, metrics: TurnMetrics, completion: ChatCompletion, started: float, sent: float
     ) -> None:

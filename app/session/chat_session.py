@@ -54,6 +54,7 @@ from app.domain import (
 )
 from app.session.alternatives import generate_replies, kept_replies
 from app.session.context_size import ContextTooSmall, check_context_size
+from app.session.continuation import ContinueReply
 from app.session.documents import document_segments, document_sizes, shared_cache_note, sync_prompt
 from app.session.engine import (
     BACKGROUND_CHUNK,
@@ -117,7 +118,7 @@ SEGMENT_LABELS = {
 }
 
 
-class ChatSession(HistoryTrimming, DraftPrefilling, ChatEngine):
+class ChatSession(ContinueReply, HistoryTrimming, DraftPrefilling, ChatEngine):
     """The local engine: the chats of one store on a model loaded in this process by
     llama.cpp; the cache holds one chat at a time."""
 
@@ -712,4 +713,3 @@ class ChatSession(HistoryTrimming, DraftPrefilling, ChatEngine):
             budget_bytes=self.store.kv.budget_bytes,
             documents=document_sizes(self.builder, context.documents),
         )
-

@@ -402,6 +402,7 @@ class Turn(IdleWork):
         regenerated: bool,
         idle_steps: Sequence[Step] = IDLE_STEPS,
         replaces: Message | None = None,
+        continues: Message | None = None,
     ) -> None:
         super().__init__(session, context.chat.id, idle_steps)
         self.context = context
@@ -413,6 +414,8 @@ class Turn(IdleWork):
         self.regenerated = regenerated
         #: Regenerate: the reply the new one is a version of (never deleted).
         self.replaces = replaces
+        #: Continue: the reply this turn extends (the same message, stored longer).
+        self.continues = continues
         self.version_of: int | None = None
         self.stage = TurnStage.NEW
         self.result: TurnResult | None = None
@@ -434,6 +437,13 @@ class Turn(IdleWork):
         so a failed regenerate loses nothing). The turn, and the cache, then continue in
         the branch."""
         store, chat = self.session.store, self.context.chat
+        if self.continues is not None:
+            reply = store.extend_reply(
+                self.continues.id, self.continues.text + text, token_ids=token_ids,
+                token_format=token_format, status=status,
+            )  # fmt: skip
+            self.context.messages[-1] = reply
+            return reply
         if self.replaces is None:
             reply = store.add_message(
                 chat.id, Role.ASSISTANT, text, token_ids=token_ids, token_format=token_format,
@@ -467,7 +477,9 @@ class Turn(IdleWork):
         """Prefill what the cache lacks, generate and store the reply (the critical path)."""
         if self.stage != TurnStage.NEW:
             raise SessionError(f"this turn has already replied (stage {self.stage})")
-        self.result = self.session._respond(self, on_token, progress, cancel)
+        session = self.session
+        respond = session._respond if self.continues is None else session._respond_continue
+        self.result = respond(self, on_token, progress, cancel)
         self.stage = TurnStage.REPLIED
         return self.result
 
@@ -527,6 +539,8 @@ class Turn(IdleWork):
     def _saved(self, save: StateSave) -> None:
         if self.result is None:
             return
+
+
         metrics = self.result.metrics
         metrics.state_bytes = save.bytes
         metrics.state_bytes_written = save.written
@@ -535,8 +549,6 @@ class Turn(IdleWork):
         if save.note:
             metrics.notes.append(save.note)
         self.session.store.update_metrics(self.result.metrics_id, metrics.as_dict())
-
-
 
 
 class ChatEngine(ABC):
@@ -720,6 +732,17 @@ class ChatEngine(ABC):
         """Evaluate the prompt, generate and store the reply."""
 
     @abstractmethod
+    def _respond_continue(
+        self,
+        turn: Turn,
+        on_token: TokenCallback | None,
+        progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+    ) -> TurnResult:
+        """Continue: evaluate the history ending on the open reply, generate and store more
+        of it (the same message)."""
+
+    @abstractmethod
     def _cache_moved(self, from_chat_id: int, to_chat_id: int) -> None:
         """A regenerated reply went into a branch: what the cache holds is the branch's."""
 
@@ -768,14 +791,19 @@ class ChatEngine(ABC):
         """Store the reply (a stopped one as cancelled; nothing when no token came) and the
         turn's metrics row; the reply joins the turn's context for the idle-time steps."""
         reply_id = None
-        if text or token_ids:
+        status = (
+            MessageStatus.CANCELLED
+            if metrics.finish_reason == FinishReason.CANCELLED
+            else MessageStatus.COMPLETE
+        )
+        if turn.continues is not None and not text:
+            status = MessageStatus(turn.continues.status)  # nothing added: nothing changes
+        if text or token_ids or turn.continues is not None:
             reply_id = turn.store_reply(
                 text,
                 token_ids=list(token_ids) if token_ids is not None else None,
                 token_format=self.token_format if token_ids is not None else None,
-                status=MessageStatus.CANCELLED
-                if metrics.finish_reason == FinishReason.CANCELLED
-                else MessageStatus.COMPLETE,
+                status=status,
             ).id
         else:
             turn.keep_replaced()
@@ -914,6 +942,84 @@ class ChatEngine(ABC):
         or the answer to a last unanswered message."""
         turn = self.start_turn(chat_id, None, options)
         return turn.respond(on_token=on_token, progress=progress, cancel=cancel)
+
+    def start_continue(
+        self,
+        chat_id: int,
+        options: GenerationOptions | None = None,
+        *,
+        idle_steps: Sequence[Step] = IDLE_STEPS,
+    ) -> Turn:
+        """Open a turn that extends the chat's last reply (e.g. one cut at max tokens).
+
+        The prompt is the committed history with the reply left open (no end-of-turn
+        markup), so the reply's cells are reused from the cache, as the turn left them or
+        as the saved state restores them. The reply stays one message, stored longer.
+        """
+        started = time.perf_counter()
+        context = self._load_context(chat_id)
+        messages = context.messages
+        if not messages or messages[-1].role != Role.ASSISTANT:
+            raise SessionError("there is no reply to continue: the last message is not one")
+        reply = messages[-1]
+        if reply.seq < context.chat.cache_start_seq:
+            raise SessionError("the reply to continue is outside the cached history")
+        load = self.activate(chat_id, context)
+        options = options or GenerationOptions()
+        # The message the reply answers (the metrics of an empty continuation go nowhere else).
+        user = next((m for m in reversed(messages[:-1]) if m.role == Role.USER), reply)
+        turn = Turn(
+            self, context, user, options, load, started, (0, 0),
+            regenerated=False, idle_steps=idle_steps, continues=reply,
+        )  # fmt: skip
+        self._current_work = turn
+        return turn
+
+    def continue_reply(
+        self,
+        chat_id: int,
+        options: GenerationOptions | None = None,
+        *,
+        on_token: TokenCallback | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TurnResult:
+        """Extend the chat's last reply from the cache (see :meth:`start_continue`)."""
+        turn = self.start_continue(chat_id, options)
+        return turn.respond(on_token=on_token, progress=progress, cancel=cancel)
+
+    def edit_reply(self, chat_id: int, seq: int, text: str) -> tuple[Chat, Upkeep]:
+        """Store ``text`` as a new version of the reply ``seq`` (the old one is kept) and
+        return the branch holding it with the idle-time work that brings the cache to it:
+        the cells of the common prefix stay, only the edited tokens are evaluated.
+
+        The edited reply is complete, so it can be continued (:meth:`continue_reply`).
+        """
+        if not text.strip():
+            raise SessionError("an edited reply cannot be empty; Regenerate writes a new one")
+        context = self._load_context(chat_id)
+        before = [m for m in context.messages if m.seq < seq]
+        if not any(m.seq == seq and m.role == Role.ASSISTANT for m in context.messages):
+            raise SessionError(f"message {seq} of this chat is not a reply")
+        token_ids = self._reply_tokens(text)
+        if token_ids is not None:
+            used = sum(len(self._history_tokens(m)) for m in before)
+            if used + len(token_ids) >= self.n_ctx:
+                raise ContextOverflowError(used + len(token_ids) - self.n_ctx + 1, self.n_ctx)
+        branch, _reply = self.store.add_reply_version(
+            chat_id, seq, text, token_ids=list(token_ids) if token_ids is not None else None,
+            token_format=self.token_format if token_ids is not None else None,
+        )  # fmt: skip
+        self._cache_moved(chat_id, branch.id)
+        return branch, self.upkeep(branch.id)
+
+    def _reply_tokens(self, text: str) -> tuple[int, ...] | None:
+        """A reply's stored token ids for ``text`` (None: the engine does not tokenize)."""
+        return None
+
+    def _history_tokens(self, message: Message) -> tuple[int, ...]:
+        """A message's tokens in the history (empty: the engine does not tokenize)."""
+        return ()
 
     @property
     def current_turn(self) -> Turn | None:

@@ -25,6 +25,21 @@ EXPORT_FORMAT = "kvchat-chat"
 EXPORT_FORMAT_VERSION = 1
 
 
+#: Characters no file name may hold on one of the desktops KV Chat runs on.
+_NOT_IN_FILE_NAMES = set('/\\:*?"<>|')
+MAX_FILE_STEM = 120
+
+
+def export_file_name(title: str, suffix: str) -> str:
+    """A file name for a chat's export: its visible title as it reads (spaces, brackets
+    and letters of any script kept), only the characters a file name cannot hold
+    replaced, and never a hidden or empty name."""
+    stem = "".join(
+        "_" if c in _NOT_IN_FILE_NAMES or not c.isprintable() else c for c in title
+    ).strip(" .")
+    return (stem[:MAX_FILE_STEM].rstrip(" .") or "chat") + suffix
+
+
 def _when(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
@@ -70,6 +85,36 @@ def chat_document(store: Store, chat_id: int) -> dict[str, Any]:
             for message in store.messages(chat_id)
         ],
     }
+
+
+def family_versions(store: Store, chat_id: int) -> list[dict[str, Any]]:
+    """Every version of the chat (its family: the first chat and each branch made by an
+    edit or a Regenerate), each with its messages, so nothing is lost in an export."""
+    versions = []
+    for chat in store.family(chat_id):
+        metrics = {
+            row.message_id: row.data for row in store.metrics(chat.id) if row.message_id
+        }
+        versions.append(
+            {
+                "name": chat.name,
+                "branch_of": chat.root_chat_id and store.chat(chat.root_chat_id).name,
+                "branch_seq": chat.branch_seq,
+                "used_last": chat.id == store.latest_in_family(chat_id).id,
+                "messages": [
+                    {
+                        "seq": m.seq,
+                        "role": m.role,
+                        "text": m.text,
+                        "status": m.status,
+                        "created_at": _when(m.created_at),
+                        "metrics": metrics.get(m.id),
+                    }
+                    for m in store.messages(chat.id)
+                ],
+            }
+        )
+    return versions
 
 
 def _metrics_line(metrics: dict[str, Any]) -> str:
@@ -199,15 +244,21 @@ def _readable(text: str) -> str:
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
-def export_chat(store: Store, chat_id: int, path: str | Path) -> Path:
-    """Write ``.json`` as JSON and anything else as Markdown, checked and atomically.
+def export_chat(
+    store: Store, chat_id: int, path: str | Path, *, all_versions: bool = False
+) -> Path:
+    """Write ``.json`` as JSON and anything else as Markdown, checked and atomically;
+    ``all_versions`` (JSON): every version of the chat too, under ``versions``.
 
     Text that UTF-8 cannot hold (lone surrogates) is kept exactly in JSON, as a ``\\uXXXX``
     escape, and shown as U+FFFD in Markdown.
     """
     target = check_export_target(store, path)
     if target.suffix.lower() == ".json":
-        text = json.dumps(chat_document(store, chat_id), ensure_ascii=False, indent=2)
+        document = chat_document(store, chat_id)
+        if all_versions:
+            document["versions"] = family_versions(store, chat_id)
+        text = json.dumps(document, ensure_ascii=False, indent=2)
         data = (text + "\n").encode("utf-8", errors="backslashreplace")
     else:
         data = (_readable(chat_markdown(store, chat_id)) + "\n").encode("utf-8")

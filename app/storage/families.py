@@ -9,7 +9,7 @@ import time
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
-from app.storage.records import Chat, InstructionVersion, Message, storable_text
+from app.storage.records import Chat, InstructionVersion, Message, pack_tokens, storable_text
 
 if TYPE_CHECKING:
     import sqlite3
@@ -91,6 +91,34 @@ class ChatFamilies:
                 status=status, instruction_version=1 if has_block else None,
             )  # fmt: skip
         return self.chat(branch_id), self.message(reply_id)
+
+    def extend_reply(
+        self,
+        message_id: int,
+        text: str,
+        *,
+        token_ids: list[int] | None,
+        token_format: str | None,
+        status: str,
+    ) -> Message:
+        """Continue: the reply ``message_id`` becomes ``text`` (its old text and more) with
+        these token ids, in place, so it stays one message with one seq."""
+        reply = self.message(message_id)
+        if reply.role != "assistant":
+            raise ValueError(f"message {message_id} is not a reply")
+        if not text.startswith(reply.text):
+            raise ValueError("a continued reply must begin with the reply it continues")
+        packed = pack_tokens(token_ids) if token_ids is not None else None
+        with self.transaction():
+            self._write(
+                "UPDATE messages SET text = ?, token_ids = ?, token_format = ?, status = ?,"
+                " finished_at = ? WHERE id = ?",
+                (storable_text(text), packed, token_format, status, time.time(), message_id),
+            )
+            self._write(
+                "UPDATE chats SET updated_at = ? WHERE id = ?", (time.time(), reply.chat_id)
+            )
+        return self.message(message_id)
 
     def _require_message(self, source: Chat, at_seq: int, role: str | None, what: str) -> None:
         """ValueError (naming ``what``) unless ``source`` has a message ``at_seq`` of

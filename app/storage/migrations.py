@@ -175,7 +175,22 @@ def _v8_kv_signing_key(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO kv_signing_key (id, key) VALUES (1, ?)", [secrets.token_bytes(32)])
 
 
-def _v9_documents(db: sqlite3.Connection) -> None:
+def _v9_instruction_presets(db: sqlite3.Connection) -> None:
+    """A library of instruction blocks any chat can start from (see app/storage/presets.py):
+    the text with its {{placeholders}} and the values they default to (JSON)."""
+    db.execute(
+        """
+        CREATE TABLE instruction_presets (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE CHECK (length(trim(name)) > 0),
+            text TEXT NOT NULL,
+            variables TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """
+    )
+def _v10_documents(db: sqlite3.Connection) -> None:
     """Documents attached to a chat: their text sits in the prompt's fixed region (after
     the preamble, before the history), in ``seq`` order, so a chat with the same document
     at the same place restores the same KV pages. ``no_history``: every question is
@@ -209,7 +224,8 @@ MIGRATIONS: list[Migration] = [
     _v6_model_templates,
     _v7_eval_rates,
     _v8_kv_signing_key,
-    _v9_documents,
+    _v9_instruction_presets,
+    _v10_documents,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

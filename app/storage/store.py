@@ -49,6 +49,7 @@ from app.storage.errors import (
 from app.storage.families import ChatFamilies
 from app.storage.kv_store import KEY_SIZE, KVFileOfAnotherDatabase, KVStore
 from app.storage.migrations import APPLICATION_ID, AUTO_VACUUM_INCREMENTAL, MIGRATIONS
+from app.storage.presets import InstructionPresets
 from app.storage.records import (
     Chat,
     EvalRate,
@@ -176,7 +177,7 @@ def _short(error: Exception) -> str:
     return text[text.rfind("(") + 1 : -1] if text.endswith(")") and "(" in text else text
 
 
-class Store(ChatFamilies, ChatDocuments):
+class Store(ChatFamilies, InstructionPresets, ChatDocuments):
     """One open database. Not shared between threads: the engine worker owns it."""
 
     def __init__(

@@ -18,6 +18,8 @@ from app.storage.errors import ChatNotFound
 from app.storage.export import export_chat
 from app.storage.records import Chat
 from app.storage.store import StorageError
+from app.ui.chat_export import EXPORT_KINDS, default_export_path
+from app.ui.chat_list import create_numbered_chat
 from app.ui.instruction_drafts import InstructionDrafts
 from app.ui.sampling import load_chat_sampling
 from app.ui.window_part import WindowPart, unless_closed
@@ -64,12 +66,6 @@ class ChatActions(WindowPart):
 
     def new_chat(self, then: Callable[[int], None] | None = None) -> None:
         """Create a chat (on the worker) and open it; ``then`` gets its id."""
-        names = {chat.name for chat in self.window.store.chats()}
-        number = len(names) + 1
-        while f"Chat {number}" in names:
-            number += 1
-        name = f"Chat {number}"
-
         def created(chat: object) -> None:
             if not isinstance(chat, Chat) or self.closed:
                 return
@@ -84,7 +80,7 @@ class ChatActions(WindowPart):
             if then is not None:
                 then(chat.id)
 
-        self.window.host.change_store("New chat", lambda store: store.create_chat(name), created)
+        self.window.host.change_store("New chat", create_numbered_chat, created)
 
     def select_chat(self, chat_id: int) -> None:
         """Show a chat, and restore its saved cache in the background (prefetch)."""
@@ -257,20 +253,19 @@ class ChatActions(WindowPart):
         if chat is None:
             self.window.statusBar().showMessage("Open a chat to export it.", 4000)
             return
-        suffix, pattern = (
-            (".json", "JSON (*.json)") if kind == "json" else (".md", "Markdown (*.md)")
-        )
-        safe = "".join(c if c.isalnum() or c in " -_" else "_" for c in chat.name).strip() or "chat"
-        path, _ = QFileDialog.getSaveFileName(self.window, "Export chat", safe + suffix, pattern)
+        proposed = default_export_path(self.window.store.chat(chat.family_id).name, kind)
+        pattern = EXPORT_KINDS[kind][1]
+        path, _ = QFileDialog.getSaveFileName(self.window, "Export chat", str(proposed), pattern)
         if path:
-            self.export_chat(path)
+            self.export_chat(path, all_versions=EXPORT_KINDS[kind][2])
 
-    def export_chat(self, path: str | Path) -> Path | None:
+    def export_chat(self, path: str | Path, *, all_versions: bool = False) -> Path | None:
         """The chat on screen as Markdown (or JSON, by the file name), with its metrics."""
         if self.window.current_chat_id is None:
             return None
         try:
-            target = export_chat(self.window.store, self.window.current_chat_id, path)
+            chat_id = self.window.current_chat_id
+            target = export_chat(self.window.store, chat_id, path, all_versions=all_versions)
         except (OSError, StorageError) as error:
             self.window.show_error("Export chat", f"Could not write {path}: {error}")
             return None

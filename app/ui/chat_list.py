@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 
 from PySide6.QtCore import Qt, QTimer, Signal, SignalInstance
 from PySide6.QtWidgets import (
@@ -17,8 +18,25 @@ from PySide6.QtWidgets import (
 )
 
 from app.storage.records import Chat
+from app.storage.store import Store
 
 SEARCH_DEBOUNCE_MS = 200
+_NUMBERED = re.compile(r"Chat (\d{1,9})")
+
+
+def next_chat_name(taken: Iterable[str]) -> str:
+    """"Chat N" with the lowest N no chat uses: after Chat 2 is deleted, the next new
+    chat is Chat 2 again, so the numbers have no gaps."""
+    used = {int(match[1]) for name in taken if (match := _NUMBERED.fullmatch(name))}
+    number = 1
+    while number in used:
+        number += 1
+    return f"Chat {number}"
+
+
+def create_numbered_chat(store: Store) -> Chat:
+    """A new chat named by :func:`next_chat_name` (on the worker: no name race)."""
+    return store.create_chat(next_chat_name(chat.name for chat in store.chats()))
 
 
 class ChatListPanel(QWidget):

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 
 from app.storage.records import Message
 from app.ui import theme
+from app.ui.composer import ElidedLabel
 from app.ui.markdown import Block, CodeBlock, TextBlock, markdown_blocks, plain_to_html
 
 RENDER_INTERVAL_MS = 40
@@ -192,6 +193,8 @@ class MessageBubble(QFrame):
     edit_clicked = Signal(int)  # seq of this user message
     fork_clicked = Signal(int)  # seq of this message
     branch_clicked = Signal(int)  # chat id of another version of this message
+    edit_reply_clicked = Signal(int)  # seq of this reply
+    continue_clicked = Signal()  # extend this reply (the chat's last, cut at max tokens)
 
     def __init__(
         self,
@@ -223,10 +226,10 @@ class MessageBubble(QFrame):
         self.role_label = QLabel("You" if role == "user" else "Assistant")
         self.role_label.setObjectName("bubbleRole")
         header.addWidget(self.role_label)
-        self.tag_label = QLabel()
+        # Elided when the column is narrow (1024 px): the buttons beside it stay whole.
+        self.tag_label = ElidedLabel()
         self.tag_label.setObjectName("bubbleTag")
-        header.addWidget(self.tag_label)
-        header.addStretch(1)
+        header.addWidget(self.tag_label, 1)
         self.previous_version = _link_button("‹", "The previous version of this message")
         self.version_label = QLabel()
         self.version_label.setObjectName("bubbleTag")
@@ -253,6 +256,8 @@ class MessageBubble(QFrame):
         self.retry_button.clicked.connect(self.retry_clicked)
         self.retry_button.hide()
         header.addWidget(self.retry_button)
+        self.continue_button = self._continue_button()
+        header.addWidget(self.continue_button)
         self.copy_button = QPushButton("Copy")
         self.copy_button.setObjectName("bubbleCopy")
         self.copy_button.setToolTip("Copy this message as plain text")
@@ -269,6 +274,17 @@ class MessageBubble(QFrame):
         self._update_message_actions()
         self.set_text(text)
         self._update_tags()
+
+    def _continue_button(self) -> QPushButton:
+        """Continue: offered on the chat's last reply when it was cut at max tokens."""
+        button = QPushButton("Continue")
+        button.setObjectName("bubbleRetry")
+        button.setToolTip("Write more of this reply, from the cache")
+        button.setCursor(Qt.CursorShape.PointingHandCursor)
+        button.clicked.connect(self.continue_clicked)
+        button.hide()
+        self.continue_offered = False
+        return button
 
     def set_text(self, text: str) -> None:
         self.text = text
@@ -291,7 +307,9 @@ class MessageBubble(QFrame):
 
     def _update_message_actions(self) -> None:
         stored = self.seq is not None
-        self.edit_button.setVisible(stored and self.role == "user")
+        self.edit_button.setVisible(stored)
+        if self.role == "assistant":
+            self.edit_button.setToolTip("Edit this reply (a new version; the old one is kept)")
         self.fork_button.setVisible(stored)
 
     def set_versions(self, chat_ids: list[int], current_chat_id: int) -> None:
@@ -319,7 +337,9 @@ class MessageBubble(QFrame):
             self.branch_clicked.emit(self.versions[target])
 
     def _on_edit(self) -> None:
-        if self.seq is not None:
+        if self.seq is not None and self.role == "assistant":
+            self.edit_reply_clicked.emit(self.seq)
+        elif self.seq is not None:
             self.edit_clicked.emit(self.seq)
 
     def _on_fork(self) -> None:
@@ -328,7 +348,7 @@ class MessageBubble(QFrame):
 
     def set_actions_enabled(self, enabled: bool) -> None:
         """No edit, fork or version switch while a reply is being written."""
-        for button in (self.edit_button, self.fork_button):
+        for button in (self.edit_button, self.fork_button, self.continue_button):
             button.setEnabled(enabled)
         if self.versions:
             self.previous_version.setEnabled(enabled and self.version_index > 0)
@@ -351,6 +371,18 @@ class MessageBubble(QFrame):
         """Why the reply ended (the turn's finish reason): every reply says it."""
         self.finish = reason
         self._update_tags()
+        self.set_continue_offered(self.continue_offered)
+
+    def set_continue_offered(self, offered: bool) -> None:
+        """Continue is offered on the chat's last reply when it was cut at max tokens."""
+        self.continue_offered = offered
+        self.continue_button.setVisible(
+            offered
+            and self.role == "assistant"
+            and self.finish == "length"
+            and self.status == "complete"
+            and self.seq is not None
+        )
 
     def _update_tags(self) -> None:
         tags = []
@@ -386,6 +418,8 @@ class ChatView(QScrollArea):
     edit_requested = Signal(int)  # seq of a user message
     fork_requested = Signal(int)  # seq of a message
     branch_requested = Signal(int)  # chat id of another version
+    edit_reply_requested = Signal(int)  # seq of a reply
+    continue_requested = Signal()  # extend the chat's last reply
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -467,6 +501,7 @@ class ChatView(QScrollArea):
         """Retry answers the chat's last message, so only that bubble offers it."""
         for index, bubble in enumerate(self.bubbles):
             bubble.set_retry_offered(index == len(self.bubbles) - 1)
+            bubble.set_continue_offered(index == len(self.bubbles) - 1)
 
     def sync_messages(self, messages: list[Message], cache_start_seq: int) -> None:
         """Like show_messages, but keeps bubbles whose message is unchanged (cheap after a turn)."""
@@ -529,8 +564,11 @@ class ChatView(QScrollArea):
         bubble.edit_clicked.connect(self.edit_requested)
         bubble.fork_clicked.connect(self.fork_requested)
         bubble.branch_clicked.connect(self.branch_requested)
+        bubble.edit_reply_clicked.connect(self.edit_reply_requested)
+        bubble.continue_clicked.connect(self.continue_requested)
         for earlier in self.bubbles:
             earlier.set_retry_offered(False)
+            earlier.set_continue_offered(False)
         self._placeholder.hide()
         self._layout.insertWidget(self._layout.count() - 1, bubble)
         self.bubbles.append(bubble)
@@ -548,6 +586,18 @@ class ChatView(QScrollArea):
         self.streaming = self._add(MessageBubble("assistant", "", status="streaming"))
         self.scroll_to_end()
         return self.streaming
+
+    def continue_last_reply(self) -> MessageBubble | None:
+        """Stream more text into the last reply's bubble (Continue); None: no reply there."""
+        last = self.bubbles[-1] if self.bubbles else None
+        if last is None or last.role != "assistant":
+            return None
+        self._stream_text = last.text
+        self.streaming = last
+        last.set_continue_offered(False)
+        last.set_status("streaming")
+        self.scroll_to_end()
+        return last
 
     def append_token(self, piece: str) -> None:
         if self.streaming is None:

@@ -166,6 +166,7 @@ class InstructionEditor(QWidget):
     text_edited = Signal()  # text, variables or the previewed layout changed (debounced)
     save_requested = Signal(str, object)  # text, variables
     layout_changed = Signal(str)  # Apply pressed
+    presets_requested = Signal()  # Presets… pressed (app/ui/presets.py)
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -291,6 +292,10 @@ class InstructionEditor(QWidget):
         self.revert_button.setToolTip("Put the current saved version back into the editor")
         self.save_button = QPushButton("Save version")
         self.save_button.setObjectName("primaryButton")
+        self.presets_button = QPushButton("Presets…")
+        self.presets_button.setToolTip("Start from a saved instruction block, or save this one")
+        self.presets_button.clicked.connect(self.presets_requested)
+        footer.addWidget(self.presets_button)
         footer.addWidget(self.revert_button)
         footer.addWidget(self.save_button)
         layout.addLayout(footer)

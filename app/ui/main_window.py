@@ -28,6 +28,8 @@ from app.ui.instruction_edits import InstructionEdits
 from app.ui.live_prefill import LivePrefill
 from app.ui.model_control import ModelControl
 from app.ui.model_settings import ModelSettingsDialog
+from app.ui.presets import PresetsController
+from app.ui.reply_actions import ReplyActions
 from app.ui.server_dialog import ServerDialog
 from app.ui.turn_control import TurnControl
 from app.ui.window_base import WindowBase
@@ -69,6 +71,8 @@ class MainWindow(WindowBase):
         requested = str(model_path) if model_path else None
         self.models = ModelControl(self, self.turns, requested)
         self.menus = WindowMenus(self, self.chats, self.turns, self.models)
+        self.reply_actions = ReplyActions(self, self.chats, self.turns)  # Continue, Edit
+        self.presets = PresetsController(self, self.chats, self.instruction_edits)
         self.documents = DocumentsController(self, self.chats)  # attach, drop, detach, option
         self.model_menu = self.menus.model_menu
         self.models.fill_model_combo()
@@ -189,8 +193,8 @@ class MainWindow(WindowBase):
     def fork_at(self, seq: int) -> None:
         self.chats.fork_at(seq)
 
-    def export_chat(self, path: str | Path) -> Path | None:
-        return self.chats.export_chat(path)
+    def export_chat(self, path: str | Path, *, all_versions: bool = False) -> Path | None:
+        return self.chats.export_chat(path, all_versions=all_versions)
 
     def save_instructions(
         self, text: str, variables: dict[str, str] | None = None, *, warm_up: bool = True

@@ -77,6 +77,10 @@ class WindowMenus(WindowPart):
             "Export chat as &JSON (with metrics)…", lambda: self.chats.ask_export_chat("json")
         )
         menu.addAction(self.export_json_action)
+        self.export_tree_action = self._action(
+            "Export chat with every &version as JSON…", lambda: self.chats.ask_export_chat("tree")
+        )
+        menu.addAction(self.export_tree_action)
         menu.addSeparator()
         quit_keys = QKeySequence(QKeySequence.StandardKey.Quit)
         menu.addAction(self._action("&Quit", window.close, quit_keys))

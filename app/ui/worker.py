@@ -104,6 +104,7 @@ class TurnRequest:
     options: GenerationOptions
     cancel: threading.Event
     background_cancel: threading.Event
+    continues: bool = False  # extend the last reply instead (Continue)
 
 
 class EngineWorker(QObject):
@@ -130,6 +131,7 @@ class EngineWorker(QObject):
     template_changed = Signal(object)  # TemplateInfo, after a choice was applied
     error = Signal(str)
     store_changed = Signal(int, object)  # request id, what the change returned (or None)
+    reply_edited = Signal(int, int, bool)  # chat id, the branch holding the edit, continue next
     draft_prefilled = Signal(object)  # DraftPrefill
     _continue_background = Signal(object)
 
@@ -331,7 +333,10 @@ class EngineWorker(QObject):
                 self.progress.emit(chat_id, phase, done, total)
                 self.apply_changes()
 
-            turn = session.start_turn(chat_id, request.text, request.options)
+            if request.continues:
+                turn = session.start_continue(chat_id, request.options)
+            else:
+                turn = session.start_turn(chat_id, request.text, request.options)
             result = turn.respond(on_token=on_token, progress=on_progress, cancel=request.cancel)
         except ContextOverflowError as error:
             self.turn_failed.emit(chat_id, "overflow", str(error))
@@ -348,6 +353,25 @@ class EngineWorker(QObject):
         # A snapshot: the turn's own metrics keep changing in this thread (commit, warm-up).
         self.reply_finished.emit(replace(result, metrics=copy.deepcopy(result.metrics)))
         self._queue_job(_IdleJob(turn, request.background_cancel))
+
+    @Slot(int, int, str, bool, object)
+    def edit_reply(
+        self, chat_id: int, seq: int, text: str, then_continue: bool, cancel: threading.Event
+    ) -> None:
+        """Store an edited reply as a new version; its cache follows in idle time."""
+        if self.shutting_down.is_set():
+            return
+        try:
+            branch, upkeep = self._require_session().edit_reply(chat_id, seq, text)
+        except (SessionError, StorageError, ValueError) as error:
+            self.error.emit(f"The reply was not edited: {error}")
+            return
+        except Exception as error:
+            self.error.emit(f"The reply was not edited: {unexpected(error)}")
+            return
+        self.reply_edited.emit(chat_id, branch.id, then_continue)
+        if not then_continue:
+            self._queue_job(_IdleJob(upkeep, cancel))
 
     @Slot(int, object)
     def prepare_chat(self, chat_id: int, cancel: threading.Event) -> None:
@@ -667,6 +691,7 @@ class EngineHost(QObject):
     _apply_trim = Signal(int, object, str, object)
     _refresh_cache_view = Signal(int)
     _delete_chat = Signal(int)
+    _edit_reply = Signal(int, int, str, bool, object)
     _describe_templates = Signal()
     _set_chat_template = Signal(object)
     _apply_changes = Signal()
@@ -709,6 +734,7 @@ class EngineHost(QObject):
         self._apply_trim.connect(self.worker.apply_trim, queued)
         self._refresh_cache_view.connect(self.worker.refresh_cache_view, queued)
         self._delete_chat.connect(self.worker.delete_chat, queued)
+        self._edit_reply.connect(self.worker.edit_reply, queued)
         self._describe_templates.connect(self.worker.describe_templates, queued)
         self._set_chat_template.connect(self.worker.set_chat_template, queued)
         self._apply_changes.connect(self.worker.apply_changes, queued)
@@ -816,6 +842,18 @@ class EngineHost(QObject):
         background = self._preempt_background()
         self.turn_cancel = threading.Event()
         self._run_turn.emit(TurnRequest(chat_id, None, options, self.turn_cancel, background))
+
+    def continue_reply(self, chat_id: int, options: GenerationOptions) -> None:
+        """Extend the chat's last reply (Continue); answered like a turn."""
+        background = self._preempt_background()
+        self.turn_cancel = threading.Event()
+        request = TurnRequest(chat_id, None, options, self.turn_cancel, background, True)
+        self._run_turn.emit(request)
+
+    def edit_reply(self, chat_id: int, seq: int, text: str, then_continue: bool) -> None:
+        """Store an edited reply as a new version (answered by ``reply_edited``)."""
+        background = self._preempt_background()
+        self._edit_reply.emit(chat_id, seq, text, then_continue, background)
 
     def stop(self) -> None:
         """Stop the running turn at the next token (its partial reply is kept, marked stopped)."""
