@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from app import arguments, limits
 from app.arguments import COMMANDS, positive_int, whole_number
+from app.core.documents import DocumentText, read_document
 from app.core.errors import DecodeError
 from app.core.models import ModelFileError
 from app.domain import KVType, Layout, MessageStatus, Role, TrimMode
@@ -110,6 +111,16 @@ def _add_chat_options(chat: argparse.ArgumentParser) -> None:
     chat.add_argument(
         "--trim-mode", choices=list(TrimMode), help="how trimmed turns leave the cache"
     )
+    chat.add_argument(
+        "--document", action="append", default=[], metavar="FILE",
+        help="attach a text, Markdown or PDF file to the chat (repeatable; kept for later"
+        " turns; the same file again is not attached twice)",
+    )  # fmt: skip
+    chat.add_argument(
+        "--no-history", action="store_true",
+        help="each question starts from the documents: replies are kept, not prompted"
+        " (kept for the chat)",
+    )  # fmt: skip
     chat.add_argument("--json", action="store_true", help="print one JSON object")
     chat.add_argument(
         "message", nargs="?", help="the user's message ('-' reads standard input)"
@@ -322,6 +333,8 @@ def _check_engine_options(args: argparse.Namespace) -> None:
         )
     if args.trim_tokens is not None or args.trim_mode is not None:
         raise CliError("--trim-tokens and --trim-mode are not available with --server yet")
+    if getattr(args, "document", None) or getattr(args, "no_history", False):
+        raise CliError("--document and --no-history are not available with --server yet")
 
 
 def _open_session(args: argparse.Namespace, store: Store) -> ChatEngine:
@@ -390,6 +403,7 @@ def run_chat(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as error:
             raise CliError(f"cannot read instructions file: {error}") from error
     _check_engine_options(args)
+    documents = [read_document(path) for path in args.document]  # refused before any write
     new_files = _NewFiles(Path(args.db).expanduser())
     try:
         store = _open_store(args.db)
@@ -406,7 +420,7 @@ def run_chat(args: argparse.Namespace) -> int:
         raise
     with store:
         try:
-            return _chat_turn(args, store, engine, message, instructions)
+            return _chat_turn(args, store, engine, message, instructions, documents)
         finally:
             engine.close()
 
@@ -423,6 +437,7 @@ def _chat_turn(
     engine: ChatEngine,
     message: str,
     instructions: str | None,
+    documents: list[DocumentText],
 ) -> int:
     found = store.chat_by_name(args.chat)
     if found is None and args.continue_reply:
@@ -430,6 +445,13 @@ def _chat_turn(
     chat = found or store.create_chat(args.chat, args.layout or Layout.HISTORY_FIRST)
     if args.layout and chat.layout != args.layout:
         chat = store.update_chat(chat.id, layout=args.layout)
+    if args.no_history and not chat.no_history:
+        chat = store.update_chat(chat.id, no_history=1)
+    attached = {(d.name, d.text) for d in store.documents(chat.id)}
+    for document in documents:
+        if (document.name, document.text) not in attached:
+            store.attach_document(chat.id, document.name, document.text)
+            attached.add((document.name, document.text))
     variables = dict(args.var)
     current = store.current_instructions(chat.id)
     if instructions is not None or variables:

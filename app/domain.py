@@ -56,6 +56,7 @@ class SegmentKind(StrEnum):
 
     PREAMBLE = "preamble"
     BLOCK = "block"
+    DOCUMENT = "document"  # an attached file, in the fixed region before the history
     MESSAGE = "message"
     PENDING = "pending"  # the new user message
     GENERATION = "generation"  # the assistant's generation prompt

@@ -204,7 +204,7 @@ def test_phase_rows_follow_the_profiler_order() -> None:
     }
     rows = phase_rows(turn)
     assert [row[0] for row in rows] == [name for name, _ in PHASES]
-    assert rows[1] == ("prefill", 80.0, "31", "388")
+    assert rows[[row[0] for row in rows].index("prefill")] == ("prefill", 80.0, "31", "388")
     assert rows[0][2] == "restored"
     assert rows[-1][2] == "1.9 MB"
     assert phase_rows({"prefill_ms": 1.0})[0][1] is None

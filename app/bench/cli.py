@@ -54,6 +54,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gui-stall", action="store_true",
                         help="instead: how long the window's event loop is blocked during a"
                         " long prefill, a state save and a streaming reply (goal <= 50 ms)")
+    parser.add_argument("--documents", action="store_true",
+                        help="instead: two chats with the same document (second prefill,"
+                        " storage) and independent questions from it (steps, TTFT)")
+    parser.add_argument("--document-tokens", type=positive_int, default=1500,
+                        help="document size for --documents (default %(default)s)")
+    parser.add_argument("--questions", type=positive_int, default=10,
+                        help="independent questions for --documents (default %(default)s)")
     parser.add_argument("--alternatives", type=alternatives, metavar="N",
                         help="instead: N sampled replies to one prompt against one reply "
                         "(wall time of each, and the ratio; goal <= 1.6 for N=3)")
@@ -118,6 +125,20 @@ def run_branches(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_documents(args: argparse.Namespace) -> int:
+    from app.bench.documents import format_documents, run_document_benchmark
+
+    def show(step: object) -> None:
+        print(f"bench: {step}", file=sys.stderr, flush=True)
+
+    report = run_document_benchmark(
+        getattr(args, "model", None), args.document_tokens, args.questions,
+        n_threads=args.threads, on_step=show,
+    )  # fmt: skip
+    print(report.as_json() if args.json else format_documents(report))
+    return 0
+
+
 def run_alternatives(args: argparse.Namespace) -> int:
     from app.bench.alternatives import run_alternatives_benchmark
 
@@ -133,6 +154,8 @@ def run_alternatives(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     """``python -m app bench``: progress on stderr, the table (or one JSON object) on stdout."""
+    if args.documents:
+        return run_documents(args)
     if args.saves:
         return run_saves(args)
     if args.branches:

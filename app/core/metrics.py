@@ -27,6 +27,11 @@ class TurnMetrics:
     message_tokens: int = 0
     block_tokens: int = 0
     history_tokens: int = 0
+    #: Attached documents in the prompt, and what of them this turn evaluated (part of
+    #: the prefill: a document is evaluated before the question, timed on its own).
+    document_tokens: int = 0
+    document_eval_tokens: int = 0
+    document_eval_ms: float = 0.0
     prefill_ms: float = 0.0
     ttft_ms: float = 0.0
     decode_tokens: int = 0
@@ -64,6 +69,7 @@ class TurnMetrics:
 #: Phases shown in the profiler-like table, in the order they happen.
 PHASES = (
     ("load state", "state_load_ms"),
+    ("document eval", "document_eval_ms"),
     ("prefill", "prefill_ms"),
     ("first token", "ttft_ms"),
     ("decode", "decode_ms"),

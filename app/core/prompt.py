@@ -75,6 +75,8 @@ class PromptBuilder:
         self.backend = backend
         self.markup = markup
         self._markup_cache: dict[str, tuple[int, ...]] = {}
+        #: Documents tokenized once per (name, text): every plan of a turn holds them.
+        self._document_cache: dict[tuple[str, str], Segment] = {}
 
     def _special(self, text: str, when: datetime.datetime | None = None) -> tuple[int, ...]:
         if when is not None:
@@ -127,6 +129,25 @@ class PromptBuilder:
         if placement.ack is not None:
             tokens = (*tokens, *self.wrap(placement.ack, self._text(BLOCK_ACK)))
         return tokens
+
+    def document_segment(self, name: str, text: str) -> Segment:
+        """An attached document: a user turn holding its text, and the assistant's short
+        acknowledgement, so any template sees well-formed turns before the history. Its
+        tokens depend only on the name and text, so every chat that attaches the same
+        document after the same opening holds the same tokens (and pages)."""
+        cached = self._document_cache.get((name, text))
+        if cached is not None:
+            return cached
+        body = self._text(f"Document: {name}\n\n{text}")
+        tokens = (
+            *self.wrap(self.markup.user, body),
+            *self.wrap(self.markup.assistant, self._text(BLOCK_ACK)),
+        )
+        if len(self._document_cache) >= 16:  # a few chats' documents, never unbounded
+            self._document_cache.pop(next(iter(self._document_cache)))
+        segment = Segment(SegmentKind.DOCUMENT, tokens)
+        self._document_cache[(name, text)] = segment
+        return segment
 
     def opening(
         self, layout: Layout, block_text: str, started: datetime.datetime | None = None

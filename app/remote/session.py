@@ -368,7 +368,12 @@ class RemoteChatSession(ChatEngine):
         options: GenerationOptions,
         exclude: int | None = None,
     ) -> PreparedMessage:
-        """The server tokenizes (no ids are stored) and fits its own context."""
+        """The server tokenizes (no ids are stored) and fits its own context. Documents
+        are refused before the message is stored: the server engine does not send them."""
+        if context.documents or context.chat.no_history:
+            raise SessionError(
+                "documents and independent questions need the local engine (not a server yet)"
+            )
         return PreparedMessage(None)
 
     def _respond(

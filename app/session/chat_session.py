@@ -26,7 +26,6 @@ from app.core.kv_mirror import (
     KVMirror,
     NothingToEvaluate,
     ProgressCallback,
-    SyncResult,
 )
 from app.core.llama_backend import (
     BuiltinTemplateRenderer,
@@ -53,9 +52,10 @@ from app.domain import (
     TemplateChoice,
     TemplateKind,
 )
-from app.session.alternatives import generate_replies, kept_replies, prefill
+from app.session.alternatives import generate_replies, kept_replies
 from app.session.context_size import ContextTooSmall, check_context_size
 from app.session.continuation import ContinueReply
+from app.session.documents import document_segments, document_sizes, shared_cache_note, sync_prompt
 from app.session.engine import (
     BACKGROUND_CHUNK,
     IDLE_STEPS,
@@ -108,6 +108,14 @@ __all__ = [
     "TurnStage",
     "Upkeep",
 ]
+
+
+#: The inspector's names for the segments of a prompt (any other is "history").
+SEGMENT_LABELS = {
+    SegmentKind.PREAMBLE: "preamble",
+    SegmentKind.BLOCK: "instruction block",
+    SegmentKind.DOCUMENT: "document",
+}
 
 
 class ChatSession(ContinueReply, HistoryTrimming, DraftPrefilling, ChatEngine):
@@ -389,9 +397,9 @@ class ChatSession(ContinueReply, HistoryTrimming, DraftPrefilling, ChatEngine):
             # A new branch or fork of the chat in the cache: its messages begin with the
             # same token ids, so those cells are kept as they are (no restore at all).
             kept = self.mirror.sync(hint[:shared], need_logits=False)
+            note = shared_cache_note(self.store, self.cache_chat_id, shared)
             self.cache_chat_id = chat_id
             self.mirror.changed = True  # the branch has no state of its own yet
-            note = f"{len(self.mirror)} tokens shared with the previous chat's cache are reused"
             if kept.fallback:
                 note += f" ({kept.fallback})"
             return StateLoad(restored=False, tokens=len(self.mirror), note=note)
@@ -498,7 +506,7 @@ class ChatSession(ContinueReply, HistoryTrimming, DraftPrefilling, ChatEngine):
         block = context.block_text if block_text is None else block_text
         layout = Layout(chat.layout)
         opening = self.builder.opening(layout, block, chat_started(context.messages))
-        plan = PromptPlan(layout, [opening])
+        plan = PromptPlan(layout, [opening, *document_segments(self.builder, context.documents)])
         plan.segments.extend(
             Segment(SegmentKind.MESSAGE, self._message_tokens(m), m.id, m.role)
             for m in context.cached_messages
@@ -576,7 +584,7 @@ class ChatSession(ContinueReply, HistoryTrimming, DraftPrefilling, ChatEngine):
                 and not self._stored_tokens_usable(m))
         )
         try:
-            synced: SyncResult = prefill(self.mirror, prompt, options, cancel, progress)
+            synced = sync_prompt(self.mirror, plan, metrics, options, cancel, progress)
         except NothingToEvaluate as error:
             raise SessionError(str(error)) from error
         if synced.fallback:
@@ -682,10 +690,7 @@ class ChatSession(ContinueReply, HistoryTrimming, DraftPrefilling, ChatEngine):
         held = self.mirror.tokens if self.cache_chat_id == chat_id else ()
         segments: list[tuple[str, int]] = []
         for segment in plan.segments:
-            label = {
-                SegmentKind.PREAMBLE: "preamble",
-                SegmentKind.BLOCK: "instruction block",
-            }.get(segment.kind, "history")
+            label = SEGMENT_LABELS.get(segment.kind, "history")
             if segments and segments[-1][0] == label:
                 segments[-1] = (label, segments[-1][1] + len(segment.tokens))
             else:
@@ -706,4 +711,5 @@ class ChatSession(ContinueReply, HistoryTrimming, DraftPrefilling, ChatEngine):
             saved_shared_bytes=usage[0].shared_bytes if usage else 0,
             store_bytes=self.store.kv.total_bytes(),
             budget_bytes=self.store.kv.budget_bytes,
+            documents=document_sizes(self.builder, context.documents),
         )

@@ -28,7 +28,7 @@ from app import limits
 from app.core.metrics import TurnMetrics
 from app.core.prompt import render_instructions
 from app.domain import FinishReason, MessageStatus, Role, Sampling, Step, TemplateChoice
-from app.storage.records import Chat, Message, unanswered_ids
+from app.storage.records import Chat, Document, Message, unanswered_ids
 from app.storage.store import Store
 
 if TYPE_CHECKING:  # a type only: this module never loads llama.cpp
@@ -38,6 +38,7 @@ BACKGROUND_CHUNK = 128  # tokens per llama_decode call in commit/warm-up: cancel
 #: The idle-time steps after a reply, in the only order that is correct: the history is
 #: committed before the block is warmed up on top of it, and saved once both are done.
 IDLE_STEPS = (Step.COMMIT, Step.WARM_UP, Step.SAVE)
+COMMIT_SKIPPED = "skipped: each question starts from the documents"
 
 TokenCallback = Callable[[str], None]
 #: (phase, done, total) while a prompt is evaluated.
@@ -127,11 +128,19 @@ class SessionError(Exception):
 
 
 class ContextOverflowError(SessionError):
-    def __init__(self, over: int, n_ctx: int) -> None:
-        super().__init__(
-            f"the message is {over} tokens over the context size of {n_ctx} tokens; "
-            "shorten it or open the model with a larger context"
-        )
+    def __init__(self, over: int, n_ctx: int, documents: int = 0) -> None:
+        if documents:
+            text = (
+                f"the attached documents ({documents} tokens) and the message are {over} "
+                f"tokens over the context size of {n_ctx} tokens; detach a document or "
+                "open the model with a larger context"
+            )
+        else:
+            text = (
+                f"the message is {over} tokens over the context size of {n_ctx} tokens; "
+                "shorten it or open the model with a larger context"
+            )
+        super().__init__(text)
         self.over = over
         self.n_ctx = n_ctx
 
@@ -227,6 +236,8 @@ class CacheView:
     #: Every chat's saved states (each page once) and the budget they are kept under.
     store_bytes: int = 0
     budget_bytes: int = 0
+    #: The chat's attached documents in prompt order: (document id, tokens).
+    documents: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -237,11 +248,15 @@ class ChatContext:
     messages: list[Message]
     block_text: str
     instruction_version: int | None
+    documents: list[Document] = field(default_factory=list)
 
     @property
     def cached_messages(self) -> list[Message]:
         """History in the cache: from the trim point on, without unanswered user messages,
-        so a prompt never holds two user messages in a row (Retry answers those)."""
+        so a prompt never holds two user messages in a row (Retry answers those). None
+        when each question starts from the documents (the replies are kept, not prompted)."""
+        if self.chat.no_history:
+            return []
         unanswered = unanswered_ids(self.messages)
         return [
             m
@@ -266,7 +281,9 @@ def chat_started(messages: list[Message]) -> datetime.datetime | None:
 def load_chat_context(store: Store, chat_id: int) -> ChatContext:
     """A chat, its messages and its block, read once for one piece of work."""
     block, version = current_block(store, chat_id)
-    return ChatContext(store.chat(chat_id), store.messages(chat_id), block, version)
+    return ChatContext(
+        store.chat(chat_id), store.messages(chat_id), block, version, store.documents(chat_id)
+    )
 
 
 def group_turns(messages: list[Message]) -> list[list[Message]]:
@@ -327,7 +344,11 @@ class IdleWork:
         self.remaining.sort(key=lambda s: order.index(s) if s in order else len(order))
         step = self.remaining[0]
         context = self._context()
-        if step == Step.COMMIT:
+        if step == Step.COMMIT and context.chat.no_history:
+            # Each question starts from the documents: nothing joins the prompt; the
+            # warm-up takes the cache back to preamble · documents · block.
+            result = StepResult(Step.COMMIT, notes=(COMMIT_SKIPPED,))
+        elif step == Step.COMMIT:
             result = self.session._commit(context, cancel)
         elif step == Step.WARM_UP:
             context.block_text, context.instruction_version = self.session._block(context.chat.id)
@@ -752,6 +773,12 @@ class ChatEngine(ABC):
             metrics.notes.append(f"saved state discarded: {load.rejected}")
         if load.note:
             metrics.notes.append(load.note)
+        earlier = len(turn.context.messages) - 1
+        if chat.no_history and earlier > 0:
+            metrics.notes.append(
+                f"each question starts from the documents: the {earlier} earlier messages are"
+                " not in the prompt"
+            )
         return metrics
 
     def _store_reply(

@@ -36,6 +36,7 @@ from app.core.state_pages import (
     parse_state,
     split_bounds,
 )
+from app.session.documents import chat_label
 from app.session.engine import StateLoad, StateSave
 from app.storage.errors import DatabaseCorrupt
 from app.storage.kv_store import KVStore, StateRecord, StoredPage
@@ -161,8 +162,15 @@ class SavedStates:
         self.kv.damaged_pages = []  # filled by this restore's reads only
         record = self.kv.state(chat_id)
         if record is None:
-            held, size = self._restore_shared(hint)
-            note = f"restored {held} tokens from pages shared with another chat" if held else None
+            held, size, sources = self._restore_shared(hint)
+            note = None
+            if held:
+                names = ", ".join(sources) or "another chat"
+                note = (
+                    f"restored {held} tokens from pages shared with another chat: saved by"
+                    f" {names} ({held // self.page_tokens} pages found by chain hash, each"
+                    " signature checked)"
+                )
             elapsed = (time.perf_counter() - started) * 1000
             return StateLoad(held > 0, held, elapsed if held else None, None, size, note)
         reason = self.reject_reason(record)
@@ -236,29 +244,40 @@ class SavedStates:
             note = f"restored {held} of {len(tokens)} saved tokens: {gap}"
         return held, len(blob), reason, note
 
-    def _restore_shared(self, hint: Sequence[int]) -> tuple[int, int]:
-        """Restore the longest stored page run that ``hint`` begins with (single-cache only)."""
+    def _restore_shared(self, hint: Sequence[int]) -> tuple[int, int, list[str]]:
+        """Restore the longest stored page run that ``hint`` begins with (single-cache only).
+
+        Pages are looked up by their chain address among every chat's pages: any chat
+        whose prompt begins with the same tokens (a fork, the same document, the same long
+        instructions) saved them. Each page's MAC is checked as it is read; the run stops
+        at the first that fails (it is dropped). Returns tokens, bytes and the names of
+        the chats whose states list the last page restored.
+        """
         shape = self.kv.any_state_shape(json.dumps(self.fingerprint(), sort_keys=True))
         if shape is None or not hint:
-            return 0, 0
+            return 0, 0, []
         seq_id, descriptions = shape
         formats = [CacheFormat.from_description(f) if f else None for f in descriptions]
         if len(formats) != 1 or formats[0] is None:
-            return 0, 0
+            return 0, 0, []
         full = [b for b in self._bounds(len(hint)) if b[1] == self.page_tokens]
         pages = self.kv.read_pages(self._chain(hint, full), descriptions)
         self.kv.drop_pages(self.kv.damaged_pages)
         if not pages:
-            return 0, 0
+            return 0, 0, []
         held = sum(page.count for page in pages)
         try:
             blob = join_pages(seq_id, formats, [_page(p) for p in pages])
         except ValueError:
-            return 0, 0
+            return 0, 0, []
         if self.mirror.restore(blob, hint[:held]) is not None:
             self.mirror.reset()
-            return 0, 0
-        return held, len(blob)
+            return 0, 0, []
+        return held, len(blob), self._owners(pages[-1].hash)
+
+    def _owners(self, page_hash: bytes) -> list[str]:
+        """Names of the chats whose saved states list a page (for the turn's notes)."""
+        return [chat_label(self.store, chat_id) for chat_id in self.kv.page_owners(page_hash)[:3]]
 
     # -- save -------------------------------------------------------------------------
 

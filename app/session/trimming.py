@@ -153,7 +153,7 @@ class HistoryTrimming:
                 return turns, tokens
             more_turns, more_tokens = self._drop_oldest_turn(context, exclude)
             if not more_turns:
-                raise ContextOverflowError(over, self.n_ctx)
+                raise ContextOverflowError(over, self.n_ctx, plan.count(SegmentKind.DOCUMENT))
             turns += more_turns
             tokens += more_tokens
 

@@ -31,6 +31,7 @@ class ChatFamilies:
         def _write(self, sql: str, params: Params = ()) -> sqlite3.Cursor: ...
         def _rows(self, sql: str, params: Params = ()) -> list[dict[str, Any]]: ...
         def _insert_chat(self, name: str, layout: str) -> int: ...
+        def _copy_documents(self, source_id: int, copy_id: int) -> None: ...
         def _insert_message(
             self,
             chat_id: int,
@@ -154,10 +155,13 @@ class ChatFamilies:
         current = self.current_instructions(source.id)
         copy_id = self._insert_chat(name, source.layout)
         self._write(
-            "UPDATE chats SET trim_tokens = ?, trim_mode = ?, cache_start_seq = ? WHERE id = ?",
+            "UPDATE chats SET trim_tokens = ?, trim_mode = ?, cache_start_seq = ?,"
+            " no_history = ? WHERE id = ?",
             (source.trim_tokens, source.trim_mode,
-             max(0, min(source.cache_start_seq, keep_through + 1)), copy_id),
+             max(0, min(source.cache_start_seq, keep_through + 1)), source.no_history,
+             copy_id),
         )
+        self._copy_documents(source.id, copy_id)
         if current is not None:
             self._write(
                 "INSERT INTO instruction_versions (chat_id, version, text, variables,"

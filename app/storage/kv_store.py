@@ -566,6 +566,14 @@ class KVStore:
         except (TypeError, ValueError):
             return None
 
+    def page_owners(self, page_hash: bytes) -> list[int]:
+        """The chats whose saved states list a page, in chat order."""
+        rows = self._query(
+            "SELECT DISTINCT chat_id FROM state_pages WHERE hash = ? ORDER BY chat_id",
+            (page_hash,),
+        )
+        return [int(row[0]) for row in rows]
+
     def copy_state(self, source: int, target: int) -> None:
         """Give ``target`` the state of ``source`` (its page list; no page is copied),
         signed for ``target``; a source whose MAC does not hold is not copied."""

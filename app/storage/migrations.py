@@ -190,6 +190,28 @@ def _v9_instruction_presets(db: sqlite3.Connection) -> None:
         )
         """
     )
+def _v10_documents(db: sqlite3.Connection) -> None:
+    """Documents attached to a chat: their text sits in the prompt's fixed region (after
+    the preamble, before the history), in ``seq`` order, so a chat with the same document
+    at the same place restores the same KV pages. ``no_history``: every question is
+    answered from preamble, documents and block only (replies are kept, not prompted)."""
+    db.execute(
+        """
+        CREATE TABLE documents (
+            id INTEGER PRIMARY KEY,
+            chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            text TEXT NOT NULL,
+            added_at REAL NOT NULL,
+            UNIQUE (chat_id, seq)
+        )
+        """
+    )
+    db.execute(
+        "ALTER TABLE chats ADD COLUMN no_history INTEGER NOT NULL DEFAULT 0"
+        " CHECK (no_history IN (0, 1))"
+    )
 
 
 #: MIGRATIONS[i] upgrades a database at version i to version i + 1.
@@ -203,6 +225,7 @@ MIGRATIONS: list[Migration] = [
     _v7_eval_rates,
     _v8_kv_signing_key,
     _v9_instruction_presets,
+    _v10_documents,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -78,6 +78,8 @@ class Chat:
     #: the seq of its first own message.
     root_chat_id: int | None = None
     branch_seq: int | None = None
+    #: Each question starts from the documents: the history is kept, never prompted.
+    no_history: int = 0
 
     @property
     def family_id(self) -> int:
@@ -142,6 +144,25 @@ class Message:
             finished_at=row["finished_at"],
             tokens_unreadable=unreadable,
         )
+
+
+@dataclass(frozen=True)
+class Document:
+    """A file's text attached to a chat, in the prompt's fixed region (``seq`` order)."""
+
+    id: int
+    chat_id: int
+    seq: int
+    name: str
+    text: str
+    added_at: float
+
+    @staticmethod
+    def from_row(row: dict[str, Any]) -> Document:
+        return Document(
+            id=row["id"], chat_id=row["chat_id"], seq=row["seq"], name=row["name"],
+            text=loaded_text(row["text"]), added_at=row["added_at"],
+        )  # fmt: skip
 
 
 @dataclass

@@ -34,6 +34,7 @@ from typing import Any
 from app.domain import Layout, MessageStatus, TemplateChoice, TemplateKind, TrimMode
 from app.storage import connection
 from app.storage.connection import Params
+from app.storage.documents import ChatDocuments
 from app.storage.errors import (
     ChatNotFound,
     DatabaseCorrupt,
@@ -78,7 +79,7 @@ __all__ = [
 #: Bytes the WAL may keep on disk after a checkpoint resets it.
 JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
 OUR_TABLES = frozenset({"chats", "messages"})
-_CHAT_FIELDS = {"name", "layout", "trim_tokens", "trim_mode", "cache_start_seq"}
+_CHAT_FIELDS = {"name", "layout", "trim_tokens", "trim_mode", "cache_start_seq", "no_history"}
 
 
 def valid_chat_name(name: str) -> str:
@@ -176,7 +177,7 @@ def _short(error: Exception) -> str:
     return text[text.rfind("(") + 1 : -1] if text.endswith(")") and "(" in text else text
 
 
-class Store(ChatFamilies, InstructionPresets):
+class Store(ChatFamilies, InstructionPresets, ChatDocuments):
     """One open database. Not shared between threads: the engine worker owns it."""
 
     def __init__(

@@ -32,6 +32,7 @@ class ChatActions(WindowPart):
     """Which chat is on screen, and the actions of the chat list and the message menus."""
 
     leaving_chat = Signal()  # another chat is about to be shown: an edit in progress ends
+    chat_shown = Signal(int)  # a chat was shown (e.g. its attached documents follow)
 
     def __init__(self, window: WindowBase, drafts: InstructionDrafts) -> None:
         super().__init__(window)
@@ -119,6 +120,7 @@ class ChatActions(WindowPart):
             self.window.host.prefetch_chat(chat_id)
             self.window.host.refresh_cache_view(chat_id)
         self.window.update_actions()
+        self.chat_shown.emit(chat_id)
 
     def _cache_reason(self) -> str:
         """What the inspector says while it has no cache view for the chat on screen."""

@@ -54,6 +54,7 @@ COLOURS = {
     "preamble": "#6e7781",
     "history": "#2da44e",
     "instruction block": "#bf8700",
+    "document": "#a475f9",
     "new message + reply": "#0969da",
     "cache_tokens": "#0969da",
     "state_bytes": "#bf8700",
@@ -235,6 +236,7 @@ class ShareDelegate(QStyledItemDelegate):
 def phase_rows(turn: dict[str, Any]) -> list[tuple[str, float | None, str, str]]:
     """(phase, ms, tokens, rate) for the profiler table, in the order phases happen."""
     tokens = {
+        "document eval": turn.get("document_eval_tokens"),
         "prefill": turn.get("prefill_tokens"),
         "decode": turn.get("decode_tokens"),
         "commit": turn.get("commit_tokens"),
@@ -247,6 +249,8 @@ def phase_rows(turn: dict[str, Any]) -> list[tuple[str, float | None, str, str]]
     rows = []
     for name, key in PHASES:
         ms = turn.get(key)
+        if name == "document eval" and not turn.get("document_tokens"):
+            ms = None  # no document in this turn's prompt
         count = tokens.get(name)
         if name == "save state" and turn.get("state_bytes"):
             size = format_bytes(float(turn["state_bytes"]))

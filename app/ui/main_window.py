@@ -22,6 +22,7 @@ from app.ui.alternatives import AlternativesControl
 from app.ui.bench_window import BenchWindow
 from app.ui.cache_panel import CachePanel
 from app.ui.chat_actions import ChatActions
+from app.ui.documents import DocumentsController
 from app.ui.instruction_drafts import InstructionDrafts
 from app.ui.instruction_edits import InstructionEdits
 from app.ui.live_prefill import LivePrefill
@@ -72,6 +73,7 @@ class MainWindow(WindowBase):
         self.menus = WindowMenus(self, self.chats, self.turns, self.models)
         self.reply_actions = ReplyActions(self, self.chats, self.turns)  # Continue, Edit
         self.presets = PresetsController(self, self.chats, self.instruction_edits)
+        self.documents = DocumentsController(self, self.chats)  # attach, drop, detach, option
         self.model_menu = self.menus.model_menu
         self.models.fill_model_combo()
         self._connect_widgets()
