@@ -224,7 +224,7 @@ class BenchWindow(QWidget):
     def _build_plot(self) -> None:
         """The chart (log scale), behind a note while there is nothing to draw."""
         self.plot_widget = pg.PlotWidget()
-        self.plot_widget.setMinimumHeight(240)
+        self.plot_widget.setMinimumHeight(200)
         plot = self.plot_widget.getPlotItem()
         plot.setLogMode(x=False, y=True)
         plot.showGrid(x=True, y=True, alpha=0.3)

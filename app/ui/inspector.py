@@ -127,11 +127,12 @@ CHARTS = {
 
 
 def _chart_key(chart: str) -> str:
-    """The colour key of a chart, beside the picker (a legend inside would cover data)."""
+    """The colour key of a chart, beside the picker (a legend inside would cover data).
+    Lines break only between entries, so a narrow window wraps the key, never a label."""
     muted = palette().muted
-    return "&nbsp;&nbsp;".join(
+    return " &nbsp;".join(
         f"<span style='color:{COLOURS[key]}'>&#9632;</span>"
-        f"<span style='color:{muted}'> {label}</span>"
+        f"<span style='color:{muted}'>&nbsp;{label.replace(' ', '&nbsp;')}</span>"
         for key, label in CHARTS[chart][2]
     )
 
@@ -310,7 +311,9 @@ class CacheInspector(QWidget):
         header.addStretch(1)
         self.size_label = QLabel("")
         self.size_label.setObjectName("cacheSize")
-        header.addWidget(self.size_label)
+        self.size_label.setWordWrap(True)  # a narrow window wraps the figures, not the panel
+        self.size_label.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        header.addWidget(self.size_label, 1)
         layout.addLayout(header)
 
         self.segment_bar = SegmentBar()
@@ -420,6 +423,7 @@ class CacheInspector(QWidget):
         self.chart_key = QLabel("")
         self.chart_key.setObjectName("legend")
         self.chart_key.setTextFormat(Qt.TextFormat.RichText)
+        self.chart_key.setWordWrap(True)
         picker_row.addWidget(self.chart_key, 1)
         page_layout.addLayout(picker_row)
         self.chart_stack = QStackedWidget()
@@ -643,8 +647,11 @@ class CacheInspector(QWidget):
             self.legend_label.setText("")
             return
         size = view.cache_tokens * view.bytes_per_token
-        text = f"{view.cache_tokens} / {view.n_ctx} tokens · {format_bytes(size)}"
-        tip = "Tokens held in the KV cache / context size · cache size in memory"
+        text = f"{view.cache_tokens}/{view.n_ctx} tokens"
+        tip = (
+            f"Tokens held in the KV cache / context size; {format_bytes(size)} of cache in"
+            " memory"
+        )
         if view.saved_bytes:
             text += f" · {format_bytes(view.saved_bytes)} saved"
             tip += (
