@@ -94,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             window.background_done.connect(backgrounds.append)
             window.max_tokens_spin.setValue(args.max_tokens)
             window.temperature_spin.setValue(0.0)
-            chat_id = window.new_chat()
+            made: list[int] = []
+            window.new_chat(made.append)  # the worker creates it; the window then opens it
+            wait_for(lambda: bool(made), "the new chat")
+            chat_id = made[0]
             window.rename_chat(chat_id, "Lighthouse notes")
+            wait_for(lambda: window.host.changes_in_flight == 0, "the rename")
 
             def save_and_warm_up(text: str) -> None:
                 """Save a version and let the idle-time warm-up finish, as a user pausing would."""
