@@ -647,13 +647,14 @@ class CacheInspector(QWidget):
             self.legend_label.setText("")
             return
         size = view.cache_tokens * view.bytes_per_token
-        text = f"{view.cache_tokens}/{view.n_ctx} tokens"
+        text = f"{view.cache_tokens}/{view.n_ctx}\u00a0tokens"  # wraps between figures only
         tip = (
             f"Tokens held in the KV cache / context size; {format_bytes(size)} of cache in"
             " memory"
         )
         if view.saved_bytes:
-            text += f" · {format_bytes(view.saved_bytes)} saved"
+            saved = format_bytes(view.saved_bytes).replace(" ", "\u00a0")
+            text += f" · {saved}\u00a0saved"
             tip += (
                 f"\nThis chat's saved state on disk: {format_bytes(view.saved_bytes)}"
                 f" ({format_bytes(view.saved_shared_bytes)} of it shared with other chats)"
