@@ -8,6 +8,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import platformdirs
 import pytest
@@ -22,6 +23,9 @@ if os.environ["QT_QPA_PLATFORM"] == "offscreen":
 from app.core.models import default_model_path
 from app.session.chat_session import ChatSession, GenerationOptions, TurnResult
 from app.storage.store import Store
+
+if TYPE_CHECKING:
+    from PySide6.QtCore import QSettings
 
 TEST_CTX = 2048
 GREEDY = GenerationOptions(max_tokens=12, temperature=0.0, seed=0)
@@ -155,3 +159,22 @@ def flip_page_byte(store: Store, chat_id: int, page_index: int) -> None:
     with store.kv.transaction():
         update = "UPDATE pages SET payload = ? WHERE hash = ?"
         store.kv.conn.execute(update, (bytes(damaged), digest))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> QSettings:
+    """The window's settings in a file of the test's own (GUI tests)."""
+    from gui_helpers import temp_settings  # Qt only for the tests that ask for a window
+
+    return temp_settings(tmp_path)
+
+
+@pytest.fixture
+def window(qtbot, db_path: Path, settings: QSettings):  # type: ignore[no-untyped-def]
+    """The main window on a fresh database; closing it checks that no thread or timer
+    (the live prefill's debounce among them) is left running."""
+    from gui_helpers import close_window, open_window
+
+    opened = open_window(qtbot, db_path, settings)
+    yield opened
+    close_window(opened)

@@ -34,18 +34,6 @@ from app.ui.main_window import MainWindow
 pytestmark = [pytest.mark.gui]
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> QSettings:
-    return temp_settings(tmp_path)
-
-
-@pytest.fixture
-def window(qtbot, db_path: Path, settings: QSettings):  # type: ignore[no-untyped-def]
-    opened = open_window(qtbot, db_path, settings)
-    yield opened
-    close_window(opened)
-
-
 def _context_count(window: MainWindow) -> int:
     return int(window.context_label.text().split()[1])
 

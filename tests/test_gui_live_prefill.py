@@ -4,11 +4,8 @@ holds a keystroke, and the send that follows pays only what was not typed ahead.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-import pytest
-from gui_helpers import TURN_TIMEOUT_MS, close_window, log_of, open_window, send_turn, temp_settings
-from PySide6.QtCore import QSettings
+from gui_helpers import TURN_TIMEOUT_MS, log_of, send_turn
 
 from app.session.engine import DraftPrefill
 from app.ui.live_prefill import DEBOUNCE_MS
@@ -18,18 +15,6 @@ from app.ui.main_window import MainWindow
 #: machine (a prefill of the draft on this thread would take seconds).
 KEYSTROKE_BOUND_MS = 500
 MESSAGE = "What is the tallest mountain in Europe?"
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> QSettings:
-    return temp_settings(tmp_path)
-
-
-@pytest.fixture
-def window(qtbot, db_path: Path, settings: QSettings):  # type: ignore[no-untyped-def]
-    opened = open_window(qtbot, db_path, settings)
-    yield opened
-    close_window(opened)  # also checks that no timer (the debounce's too) is left running
 
 
 def test_typing_prefills_the_draft_after_a_pause_and_send_pays_one_token(

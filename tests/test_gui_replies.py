@@ -7,37 +7,19 @@ one stays behind ‹ ›) that can then be continued.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from gui_helpers import (
     TURN_TIMEOUT_MS,
-    close_window,
     log_of,
     open_new_chat,
-    open_window,
     send_turn,
     settle,
-    temp_settings,
     wait_background,
 )
-from PySide6.QtCore import QSettings
 
 from app.ui.main_window import MainWindow
 
 pytestmark = [pytest.mark.gui]
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> QSettings:
-    return temp_settings(tmp_path)
-
-
-@pytest.fixture
-def window(qtbot, db_path: Path, settings: QSettings):  # type: ignore[no-untyped-def]
-    opened = open_window(qtbot, db_path, settings)
-    yield opened
-    close_window(opened)
 
 
 def _continue(qtbot, window: MainWindow) -> None:  # type: ignore[no-untyped-def]

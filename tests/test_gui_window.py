@@ -45,18 +45,6 @@ COMPARED_FIELDS = (
 )
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> QSettings:
-    return temp_settings(tmp_path)
-
-
-@pytest.fixture
-def window(qtbot, db_path: Path, settings: QSettings):  # type: ignore[no-untyped-def]
-    opened = open_window(qtbot, db_path, settings)
-    yield opened
-    close_window(opened)
-
-
 def test_turn_streams_and_inspector_matches_stored_metrics(qtbot, window: MainWindow) -> None:
     tokens: list[str] = []
     window.host.worker.token.connect(lambda _chat, piece: tokens.append(piece))
