@@ -13,10 +13,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from app.core.models import default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "scripts" / "build_llama_server.sh"
@@ -39,6 +42,17 @@ def llama_server_binary() -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"building llama-server failed:\n{done.stderr[-4000:]}")
     return Path(done.stdout.strip().splitlines()[-1])
+
+
+def serve_default_model(folder: Path) -> Iterator[LlamaServer]:
+    """The embedded model on a llama-server for a test module: slot files and log in
+    ``folder``; stopped when the module's tests are done."""
+    slots = folder / "slots"
+    slots.mkdir()
+    running = LlamaServer(llama_server_binary(), default_model_path(), slots, folder / "server.log")
+    running.start()
+    yield running
+    running.stop()
 
 
 def free_port() -> int:

@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from llama_server import LlamaServer, llama_server_binary
+from llama_server import LlamaServer, serve_default_model
 
-from app.core.models import default_model_path
 from app.domain import FinishReason, Role
 from app.remote.session import RemoteChatSession
 from app.session.chat_session import (
@@ -173,14 +172,7 @@ def test_extend_reply_refuses_text_that_does_not_continue_the_reply(store: Store
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
-    binary = llama_server_binary()
-    folder = tmp_path_factory.mktemp("llama-server")
-    slots = folder / "slots"
-    slots.mkdir()
-    running = LlamaServer(binary, default_model_path(), slots, folder / "server.log")
-    running.start()
-    yield running
-    running.stop()
+    yield from serve_default_model(tmp_path_factory.mktemp("llama-server"))
 
 
 def test_continue_on_a_server_extends_the_same_reply_from_its_slot(

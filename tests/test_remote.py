@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from llama_server import LlamaServer, free_port, llama_server_binary
+from llama_server import LlamaServer, free_port, llama_server_binary, serve_default_model
 
 from app.bench.config import HISTORY_FIRST_WARM, NAIVE, REOPEN, BenchConfig
 from app.bench.strategies import run_benchmark
@@ -38,14 +38,7 @@ MARKUP = 10
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
-    binary = llama_server_binary()
-    folder = tmp_path_factory.mktemp("llama-server")
-    slots = folder / "slots"
-    slots.mkdir()
-    running = LlamaServer(binary, default_model_path(), slots, folder / "server.log")
-    running.start()
-    yield running
-    running.stop()
+    yield from serve_default_model(tmp_path_factory.mktemp("llama-server"))
 
 
 @pytest.fixture
